@@ -1,0 +1,26 @@
+//! `contacts-etl`: bulk export and import of HighLevel (LeadConnector) contacts.
+//!
+//! # Layout
+//! - [`api`]: the HTTP client for the Contacts API: typed calls, the error kinds callers act on,
+//!   and the one retry policy every request goes through.
+//! - [`ratelimit`]: one request pacer per location, sized from the configured limit and
+//!   corrected from the `X-RateLimit-*` headers the server sends.
+//! - [`extract`]: cursor pagination of `GET /contacts/` and business listings as async streams.
+//! - [`fanout`]: per-contact children (tasks, notes, appointments) with bounded concurrency.
+//! - [`schema`]: the Arrow schema of each entity and the JSON-to-Arrow row decoder: one truth
+//!   for both sinks.
+//! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
+//! - [`export`]: the export run: plan, pipeline from extractor to sinks, manifest.
+//! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
+//! - [`cli`]: command-line arguments, progress and logging.
+
+pub mod api;
+pub mod cli;
+pub mod export;
+pub mod extract;
+pub mod fanout;
+pub mod ratelimit;
+pub mod schema;
+pub mod sim;
+pub mod sink;
+pub mod timefmt;
