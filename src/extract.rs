@@ -1,1 +1,250 @@
-//! (work in progress)
+//! Paginated listings as async streams of pages.
+//!
+//! `GET /contacts/` pages newest-first and continues from a cursor: the last item's
+//! `dateAdded` in epoch ms plus its id (`meta.startAfter`, `meta.startAfterId`). Several
+//! contacts can share a millisecond, so the id is part of the cursor. The stream ends on an
+//! empty page or when `meta.nextPage` is null (or, without `meta`, on a short page). A cursor
+//! that does not move forward means the server would loop: that is an error, not a hang.
+//! Ids seen on the previous page are dropped if a server repeats them across a boundary.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::api::{ApiError, Client};
+
+/// Where the contacts listing continues: after the contact with this `dateAdded` and id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Cursor {
+    pub start_after: i64,
+    pub start_after_id: String,
+}
+
+/// One page of contacts, in listing order.
+#[derive(Debug)]
+pub struct Page {
+    pub contacts: Vec<Box<RawValue>>,
+    /// Where to continue after this page; `None` when this was the last one.
+    pub next: Option<Cursor>,
+    /// The server's total for the listing, when it says.
+    pub total: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExtractError {
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("the contacts listing of location {location} did not advance: the server returned cursor startAfter={} startAfterId={} again (or an earlier one); stopping rather than looping. Retry later; if it persists, report it to HighLevel support", .cursor.start_after, .cursor.start_after_id)]
+    CursorLoop { location: String, cursor: Cursor },
+    #[error("the contacts listing of location {location} returned a full page without a usable cursor (no meta.startAfter/startAfterId and no dateAdded/id on the last contact)")]
+    NoCursor { location: String },
+}
+
+/// The few fields of a contact the pipeline itself needs.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ContactHead<'a> {
+    #[serde(borrow, default)]
+    pub id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    pub date_added: Option<Cow<'a, str>>,
+}
+
+impl<'a> ContactHead<'a> {
+    pub fn of(raw: &'a RawValue) -> ContactHead<'a> {
+        serde_json::from_str(raw.get()).unwrap_or_default()
+    }
+}
+
+struct ListState {
+    client: Arc<Client>,
+    location: String,
+    page_size: u32,
+    cursor: Option<Cursor>,
+    /// Cursor ids already used within the cursor's millisecond (a loop inside a tie group).
+    ids_in_ms: HashSet<String>,
+    prev_page_ids: HashSet<String>,
+    done: bool,
+}
+
+/// Streams every contact of a location, starting after `start` (or from the newest).
+pub fn location_contacts(
+    client: Arc<Client>,
+    location_id: String,
+    start: Option<Cursor>,
+    page_size: u32,
+) -> impl Stream<Item = Result<Page, ExtractError>> {
+    let state = ListState {
+        client,
+        location: location_id,
+        page_size: page_size.clamp(1, 100),
+        cursor: start,
+        ids_in_ms: HashSet::new(),
+        prev_page_ids: HashSet::new(),
+        done: false,
+    };
+    futures::stream::try_unfold(state, |mut st| async move {
+        if st.done {
+            return Ok(None);
+        }
+        let after = st
+            .cursor
+            .as_ref()
+            .map(|c| (c.start_after, c.start_after_id.as_str()));
+        let page = st
+            .client
+            .list_contacts(&st.location, st.page_size, after)
+            .await?;
+        let meta = page.meta.unwrap_or_default();
+        let total = meta.total.map(|t| t as u64);
+        let fetched = page.contacts.len();
+        let mut contacts = page.contacts;
+        let this_ids: HashSet<String> = contacts
+            .iter()
+            .filter_map(|c| ContactHead::of(c).id.map(Cow::into_owned))
+            .collect();
+        if !st.prev_page_ids.is_empty() {
+            contacts.retain(|c| {
+                ContactHead::of(c)
+                    .id
+                    .is_none_or(|id| !st.prev_page_ids.contains(id.as_ref()))
+            });
+            if contacts.len() < fetched {
+                tracing::warn!(location = %st.location, repeated = fetched - contacts.len(), "the server repeated contacts across a page boundary; each is exported once");
+            }
+        }
+        st.prev_page_ids = this_ids;
+
+        // An explicit `nextPage: null` ends the listing; without it, a short page does.
+        let last_page = fetched == 0
+            || matches!(meta.next_page, Some(serde_json::Value::Null))
+            || (meta.next_page.is_none() && fetched < st.page_size as usize);
+        let next = if last_page {
+            None
+        } else {
+            let from_meta = match (meta.start_after, meta.start_after_id.as_deref()) {
+                (Some(ms), Some(id)) if !id.is_empty() => Some(Cursor {
+                    start_after: ms as i64,
+                    start_after_id: id.to_owned(),
+                }),
+                _ => None,
+            };
+            let cursor = match from_meta.or_else(|| contacts.last().and_then(|c| cursor_of(c))) {
+                Some(c) => c,
+                None => {
+                    return Err(ExtractError::NoCursor {
+                        location: st.location.clone(),
+                    })
+                }
+            };
+            check_progress(&mut st, &cursor)?;
+            Some(cursor)
+        };
+        st.done = next.is_none();
+        st.cursor = next.clone();
+        Ok(Some((
+            Page {
+                contacts,
+                next,
+                total,
+            },
+            st,
+        )))
+    })
+}
+
+/// The cursor that continues after `raw`: its `dateAdded` in ms and its id.
+fn cursor_of(raw: &RawValue) -> Option<Cursor> {
+    let head = ContactHead::of(raw);
+    let ms = crate::timefmt::parse_iso_millis(head.date_added.as_deref()?)?;
+    Some(Cursor {
+        start_after: ms,
+        start_after_id: head.id?.into_owned(),
+    })
+}
+
+/// Newest-first order means cursors move to older (smaller or equal) milliseconds, never
+/// back; within one millisecond no cursor id may come twice.
+fn check_progress(st: &mut ListState, next: &Cursor) -> Result<(), ExtractError> {
+    if let Some(prev) = &st.cursor {
+        if next.start_after > prev.start_after || next == prev {
+            return Err(ExtractError::CursorLoop {
+                location: st.location.clone(),
+                cursor: next.clone(),
+            });
+        }
+        if next.start_after < prev.start_after {
+            st.ids_in_ms.clear();
+        }
+    }
+    if !st.ids_in_ms.insert(next.start_after_id.clone()) {
+        return Err(ExtractError::CursorLoop {
+            location: st.location.clone(),
+            cursor: next.clone(),
+        });
+    }
+    Ok(())
+}
+
+struct BusinessState {
+    client: Arc<Client>,
+    location: String,
+    business: String,
+    page_size: u32,
+    skip: u64,
+    /// Offset paging can repeat ids when the listing shifts; a business is small enough to
+    /// remember its ids.
+    seen: HashSet<String>,
+    done: bool,
+}
+
+/// Streams the contacts of one business (`GET /contacts/business/:id`, skip/limit paging).
+/// Pages carry no cursor (`next` is `None`); the listing is restarted, not resumed.
+pub fn business_contacts(
+    client: Arc<Client>,
+    location_id: String,
+    business_id: String,
+    page_size: u32,
+) -> impl Stream<Item = Result<Page, ExtractError>> {
+    let state = BusinessState {
+        client,
+        location: location_id,
+        business: business_id,
+        page_size: page_size.clamp(1, 100),
+        skip: 0,
+        seen: HashSet::new(),
+        done: false,
+    };
+    futures::stream::try_unfold(state, |mut st| async move {
+        if st.done {
+            return Ok(None);
+        }
+        let page = st
+            .client
+            .business_contacts(&st.location, &st.business, st.skip, st.page_size)
+            .await?;
+        let fetched = page.contacts.len() as u64;
+        st.skip += fetched;
+        let total = page.count.map(|c| c as u64);
+        st.done = fetched == 0 || total.map_or(fetched < u64::from(st.page_size), |t| st.skip >= t);
+        let mut contacts = page.contacts;
+        contacts.retain(|c| {
+            ContactHead::of(c)
+                .id
+                .is_none_or(|id| st.seen.insert(id.into_owned()))
+        });
+        Ok(Some((
+            Page {
+                contacts,
+                next: None,
+                total,
+            },
+            st,
+        )))
+    })
+}

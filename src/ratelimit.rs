@@ -1,1 +1,414 @@
-//! (work in progress)
+//! Request pacing for one location.
+//!
+//! The API allows `max` requests per `interval` (100 per 10 s) per app and location, and
+//! answers 429 beyond it. Its window semantics are undocumented (fixed, sliding or a bucket),
+//! so the pacer spaces requests evenly, `interval / max` apart plus a small safety margin:
+//! that never exceeds `max` in any window of any kind, sustains ~98% of the limit, and needs
+//! no burst that a stricter server would punish.
+//!
+//! The pacer learns from every response: `X-RateLimit-Max` / `X-RateLimit-Interval-Milliseconds`
+//! stricter than the configured quota replace it; `X-RateLimit-Remaining: 0` pauses briefly;
+//! a 429 pauses for `Retry-After` (or a tenth of the window) and slows the pace by a factor
+//! that decays once the 429s stop. The daily quota (`X-RateLimit-Daily-Remaining`) is recorded
+//! for the caller, who decides when to stop.
+
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// `max` requests per `interval`. A zero quota is unrepresentable.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct Quota {
+    pub max: NonZeroU32,
+    pub interval: Duration,
+}
+
+impl Quota {
+    /// The API's documented burst limit: 100 requests per 10 seconds.
+    pub const API_DEFAULT: Quota = Quota {
+        max: match NonZeroU32::new(100) {
+            Some(n) => n,
+            None => unreachable!(),
+        },
+        interval: Duration::from_secs(10),
+    };
+
+    pub fn per_second(&self) -> f64 {
+        f64::from(self.max.get()) / self.interval.as_secs_f64()
+    }
+
+    fn spacing(&self) -> Duration {
+        self.interval / self.max.get()
+    }
+}
+
+impl std::fmt::Display for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ms = self.interval.as_millis();
+        if ms % 1000 == 0 {
+            write!(f, "{}/{}s", self.max, ms / 1000)
+        } else {
+            write!(f, "{}/{}ms", self.max, ms)
+        }
+    }
+}
+
+/// Parses `100/10s`, `600/1m`, `5/500ms`, `10/s`.
+impl FromStr for Quota {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!("invalid rate limit '{s}': expected REQUESTS/INTERVAL such as 100/10s, 600/1m or 5/500ms (or 'off')")
+        };
+        let (n, per) = s.trim().split_once('/').ok_or_else(bad)?;
+        let max: u32 = n.trim().parse().map_err(|_| bad())?;
+        let max = NonZeroU32::new(max).ok_or_else(|| {
+            format!("invalid rate limit '{s}': the request count must be at least 1")
+        })?;
+        let per = per.trim();
+        let split = per
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(per.len());
+        let (num, unit) = per.split_at(split);
+        let num: f64 = if num.is_empty() {
+            1.0
+        } else {
+            num.parse().map_err(|_| bad())?
+        };
+        let secs = match unit {
+            "ms" => num / 1000.0,
+            "s" | "sec" => num,
+            "m" | "min" => num * 60.0,
+            "h" => num * 3600.0,
+            _ => return Err(bad()),
+        };
+        if !(secs > 0.0 && secs.is_finite()) {
+            return Err(format!(
+                "invalid rate limit '{s}': the interval must be positive"
+            ));
+        }
+        Ok(Quota {
+            max,
+            interval: Duration::from_secs_f64(secs),
+        })
+    }
+}
+
+/// The rate-limit headers of one response; any may be missing.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct RateHeaders {
+    pub max: Option<u32>,
+    pub remaining: Option<u32>,
+    pub interval_ms: Option<u64>,
+    pub daily_limit: Option<u64>,
+    pub daily_remaining: Option<u64>,
+}
+
+impl RateHeaders {
+    /// Reads the `X-RateLimit-*` headers (names are case-insensitive in `HeaderMap`).
+    pub fn from_headers(h: &reqwest::header::HeaderMap) -> Self {
+        fn num<T: FromStr>(h: &reqwest::header::HeaderMap, name: &str) -> Option<T> {
+            h.get(name)?.to_str().ok()?.trim().parse().ok()
+        }
+        RateHeaders {
+            max: num(h, "x-ratelimit-max"),
+            remaining: num(h, "x-ratelimit-remaining"),
+            interval_ms: num(h, "x-ratelimit-interval-milliseconds"),
+            daily_limit: num(h, "x-ratelimit-limit-daily"),
+            daily_remaining: num(h, "x-ratelimit-daily-remaining"),
+        }
+    }
+
+    fn quota(&self) -> Option<Quota> {
+        let max = NonZeroU32::new(self.max?)?;
+        let interval = Duration::from_millis(self.interval_ms.filter(|&ms| ms > 0)?);
+        Some(Quota { max, interval })
+    }
+}
+
+/// Safety margin on the spacing: 2% keeps a window's count one or two below the limit when
+/// requests arrive at the server with some jitter.
+const MARGIN: f64 = 1.02;
+/// Most the 429 penalty may slow the pace.
+const MAX_PENALTY: f64 = 8.0;
+
+#[derive(Debug)]
+struct State {
+    configured: Option<Quota>,
+    /// The quota the server announced, when stricter than the configured one.
+    server: Option<Quota>,
+    /// >= 1; multiplies the spacing after 429s, decays back to 1.
+    penalty: f64,
+    last_penalty_change: Option<Instant>,
+    /// The earliest instant the next request may start.
+    next: Instant,
+    paused_until: Option<Instant>,
+    daily_remaining: Option<u64>,
+    daily_limit: Option<u64>,
+}
+
+impl State {
+    fn effective(&self) -> Option<Quota> {
+        match (self.configured, self.server) {
+            (Some(c), Some(s)) => Some(if s.per_second() < c.per_second() {
+                s
+            } else {
+                c
+            }),
+            (c, s) => c.or(s),
+        }
+    }
+
+    fn spacing(&self) -> Duration {
+        match self.effective() {
+            Some(q) => q.spacing().mul_f64(MARGIN * self.penalty),
+            None if self.penalty > 1.0 => Duration::from_millis(10).mul_f64(self.penalty),
+            None => Duration::ZERO,
+        }
+    }
+
+    fn window(&self) -> Duration {
+        self.effective()
+            .map(|q| q.interval)
+            .unwrap_or(Duration::from_secs(10))
+    }
+}
+
+/// Paces the requests of one location. Shared by every task that calls the API for it.
+#[derive(Debug)]
+pub struct RateLimiter {
+    state: Mutex<State>,
+}
+
+impl RateLimiter {
+    /// `None`: no pacing of our own, but the server's announced limit is still honoured.
+    pub fn new(quota: Option<Quota>) -> Self {
+        RateLimiter {
+            state: Mutex::new(State {
+                configured: quota,
+                server: None,
+                penalty: 1.0,
+                last_penalty_change: None,
+                next: Instant::now(),
+                paused_until: None,
+                daily_remaining: None,
+                daily_limit: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the state inconsistent (plain fields).
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for this request's turn and returns how long it waited.
+    pub async fn acquire(&self) -> Duration {
+        let start = Instant::now();
+        loop {
+            let slot = {
+                let mut st = self.lock();
+                let now = Instant::now();
+                let mut slot = st.next.max(now);
+                if let Some(p) = st.paused_until {
+                    if p > slot {
+                        slot = p;
+                    } else if p <= now {
+                        st.paused_until = None;
+                    }
+                }
+                st.next = slot + st.spacing();
+                slot
+            };
+            if slot > Instant::now() {
+                tokio::time::sleep_until(slot).await;
+            }
+            // A 429 seen while this task slept pauses it too.
+            let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
+            if !paused {
+                return start.elapsed();
+            }
+        }
+    }
+
+    /// Learns from one response's status and headers.
+    pub fn observe(&self, status: u16, h: &RateHeaders, retry_after: Option<Duration>) {
+        let mut st = self.lock();
+        let now = Instant::now();
+        if let Some(q) = h.quota() {
+            let stricter = st
+                .configured
+                .is_none_or(|c| q.per_second() < c.per_second());
+            st.server = stricter.then_some(q);
+        }
+        if h.daily_remaining.is_some() {
+            st.daily_remaining = h.daily_remaining;
+        }
+        if h.daily_limit.is_some() {
+            st.daily_limit = h.daily_limit;
+        }
+        let window = st.window();
+        if status == 429 {
+            let pause = retry_after.unwrap_or(window / 10).min(window * 6);
+            let until = now + pause;
+            st.paused_until = Some(st.paused_until.map_or(until, |p| p.max(until)));
+            // Slow down at most once per window: one burst of 429s is one signal.
+            if st
+                .last_penalty_change
+                .is_none_or(|t| now.duration_since(t) >= window)
+                || st.penalty == 1.0
+            {
+                st.penalty = (st.penalty * 1.25).min(MAX_PENALTY);
+                st.last_penalty_change = Some(now);
+            }
+        } else {
+            if h.remaining == Some(0) {
+                let until = now + st.spacing().max(window / 20);
+                st.paused_until = Some(st.paused_until.map_or(until, |p| p.max(until)));
+            }
+            if st.penalty > 1.0
+                && st
+                    .last_penalty_change
+                    .is_some_and(|t| now.duration_since(t) >= window)
+            {
+                st.penalty = (st.penalty / 1.1).max(1.0);
+                st.last_penalty_change = Some(now);
+            }
+        }
+    }
+
+    /// The pace now in force, in requests per second (`None`: unpaced).
+    pub fn current_rate(&self) -> Option<f64> {
+        let st = self.lock();
+        let s = st.spacing();
+        (!s.is_zero()).then(|| 1.0 / s.as_secs_f64())
+    }
+
+    /// The quota now in force (configured, or the server's when stricter).
+    pub fn effective_quota(&self) -> Option<Quota> {
+        self.lock().effective()
+    }
+
+    /// The last `X-RateLimit-Daily-Remaining` the server sent, and its daily limit.
+    pub fn daily(&self) -> (Option<u64>, Option<u64>) {
+        let st = self.lock();
+        (st.daily_remaining, st.daily_limit)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_quotas() {
+        assert_eq!("100/10s".parse::<Quota>().unwrap(), Quota::API_DEFAULT);
+        assert_eq!(
+            "600/1m".parse::<Quota>().unwrap().interval,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            "5/500ms".parse::<Quota>().unwrap().interval,
+            Duration::from_millis(500)
+        );
+        assert_eq!(
+            "10/s".parse::<Quota>().unwrap().interval,
+            Duration::from_secs(1)
+        );
+        for bad in ["", "100", "0/10s", "x/10s", "100/10", "100/-1s", "100/0s"] {
+            assert!(bad.parse::<Quota>().is_err(), "{bad}");
+        }
+        assert_eq!(Quota::API_DEFAULT.to_string(), "100/10s");
+    }
+
+    /// Counts the most requests started in any window of `window` length.
+    fn max_in_window(times: &[Instant], window: Duration) -> usize {
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..times.len() {
+            while times[hi].duration_since(times[lo]) >= window {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_exceeds_the_quota_in_any_window_and_uses_97_percent() {
+        let lim = std::sync::Arc::new(RateLimiter::new(Some(Quota::API_DEFAULT)));
+        let times = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (lim, times) = (lim.clone(), times.clone());
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..100 {
+                    lim.acquire().await;
+                    times.lock().unwrap().push(Instant::now());
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let mut times = times.lock().unwrap().clone();
+        times.sort();
+        assert_eq!(times.len(), 1600);
+        assert!(max_in_window(&times, Duration::from_secs(10)) <= 100);
+        let rate = 1600.0 / start.elapsed().as_secs_f64();
+        assert!(rate >= 9.7, "sustained {rate:.2} req/s of 10");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adopts_a_stricter_server_quota_from_headers() {
+        let lim = RateLimiter::new(Some(Quota::API_DEFAULT));
+        let h = RateHeaders {
+            max: Some(50),
+            interval_ms: Some(10_000),
+            remaining: Some(49),
+            ..Default::default()
+        };
+        lim.observe(200, &h, None);
+        assert_eq!(lim.effective_quota().unwrap().max.get(), 50);
+        // A looser server quota does not override the user's setting.
+        let h = RateHeaders {
+            max: Some(1000),
+            interval_ms: Some(10_000),
+            ..Default::default()
+        };
+        lim.observe(200, &h, None);
+        assert_eq!(lim.effective_quota().unwrap().max.get(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_429_pauses_everyone_for_retry_after() {
+        let lim = RateLimiter::new(Some(Quota::API_DEFAULT));
+        lim.acquire().await;
+        lim.observe(429, &RateHeaders::default(), Some(Duration::from_secs(3)));
+        let waited = lim.acquire().await;
+        assert!(waited >= Duration::from_secs(3), "{waited:?}");
+        assert!(lim.current_rate().unwrap() < 10.0 / MARGIN);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unpaced_when_off_until_the_server_announces_a_limit() {
+        let lim = RateLimiter::new(None);
+        assert_eq!(lim.acquire().await, Duration::ZERO);
+        assert_eq!(lim.current_rate(), None);
+        lim.observe(
+            200,
+            &RateHeaders {
+                max: Some(100),
+                interval_ms: Some(10_000),
+                ..Default::default()
+            },
+            None,
+        );
+        assert!(lim.current_rate().is_some());
+    }
+}

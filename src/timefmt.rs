@@ -126,7 +126,12 @@ pub fn write_iso_millis(out: &mut String, ms: i64) {
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let (y, m, d) = civil_from_days(days);
-    let (h, mi, s, f) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
+    let (h, mi, s, f) = (
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000,
+    );
     // Writing to a String cannot fail.
     let _ = write!(out, "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{f:03}Z");
 }
@@ -137,25 +142,56 @@ mod tests {
 
     #[test]
     fn round_trips_api_timestamps() {
-        for s in ["2021-07-02T05:18:26.704Z", "1970-01-01T00:00:00.000Z", "1969-12-31T23:59:59.999Z", "2400-02-29T12:00:00.001Z"] {
+        for s in [
+            "2021-07-02T05:18:26.704Z",
+            "1970-01-01T00:00:00.000Z",
+            "1969-12-31T23:59:59.999Z",
+            "2400-02-29T12:00:00.001Z",
+        ] {
             let ms = parse_iso_millis(s).unwrap();
             assert_eq!(format_iso_millis(ms), s);
         }
-        assert_eq!(parse_iso_millis("2021-07-02T05:18:26.704Z"), Some(1_625_203_106_704));
+        assert_eq!(
+            parse_iso_millis("2021-07-02T05:18:26.704Z"),
+            Some(1_625_203_106_704)
+        );
     }
 
     #[test]
     fn parses_zoneless_offsets_and_dates() {
-        assert_eq!(parse_iso_millis("2021-07-16 11:00:00"), parse_iso_millis("2021-07-16T11:00:00.000Z"));
-        assert_eq!(parse_iso_millis("2021-07-16T13:00:00+02:00"), parse_iso_millis("2021-07-16T11:00:00Z"));
-        assert_eq!(parse_iso_millis("2021-07-16T06:30:00-0430"), parse_iso_millis("2021-07-16T11:00:00Z"));
-        assert_eq!(parse_iso_millis("2021-07-16"), parse_iso_millis("2021-07-16T00:00:00Z"));
-        assert_eq!(parse_iso_millis("2021-07-16T11:00:00.123456Z"), Some(parse_iso_millis("2021-07-16T11:00:00Z").unwrap() + 123));
+        assert_eq!(
+            parse_iso_millis("2021-07-16 11:00:00"),
+            parse_iso_millis("2021-07-16T11:00:00.000Z")
+        );
+        assert_eq!(
+            parse_iso_millis("2021-07-16T13:00:00+02:00"),
+            parse_iso_millis("2021-07-16T11:00:00Z")
+        );
+        assert_eq!(
+            parse_iso_millis("2021-07-16T06:30:00-0430"),
+            parse_iso_millis("2021-07-16T11:00:00Z")
+        );
+        assert_eq!(
+            parse_iso_millis("2021-07-16"),
+            parse_iso_millis("2021-07-16T00:00:00Z")
+        );
+        assert_eq!(
+            parse_iso_millis("2021-07-16T11:00:00.123456Z"),
+            Some(parse_iso_millis("2021-07-16T11:00:00Z").unwrap() + 123)
+        );
     }
 
     #[test]
     fn rejects_non_timestamps() {
-        for s in ["", "yesterday", "2021-13-01", "2021-07-16X11:00", "2021-07-16T11:00:00Q", "1625203106704", "2021-07-16T25:00:00Z"] {
+        for s in [
+            "",
+            "yesterday",
+            "2021-13-01",
+            "2021-07-16X11:00",
+            "2021-07-16T11:00:00Q",
+            "1625203106704",
+            "2021-07-16T25:00:00Z",
+        ] {
             assert_eq!(parse_iso_millis(s), None, "{s}");
         }
     }

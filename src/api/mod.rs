@@ -1,1 +1,18 @@
-//! (work in progress)
+//! The Contacts API client: typed calls, error kinds, the retry policy and request counters.
+
+mod client;
+mod error;
+mod models;
+mod retry;
+mod stats;
+
+pub use client::{BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token};
+pub use error::{ApiError, ErrorKind, RequestLabel};
+pub use models::{Contact, ListMeta, Note, Task};
+pub use retry::{Idempotency, RetryPolicy};
+pub use stats::{RequestKind, Stats, StatsSnapshot};
+
+/// The API's production base URL.
+pub const DEFAULT_BASE_URL: &str = "https://services.leadconnectorhq.com";
+/// The `Version` header every Contacts call sends.
+pub const API_VERSION: &str = "2021-07-28";

@@ -1,1 +1,443 @@
-//! (work in progress)
+//! The command line: arguments (the doc comments are the help), logging, and the glue that
+//! turns arguments into a plan and runs it.
+
+pub mod env;
+mod progress;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::api::{Client, ClientConfig, Token, DEFAULT_BASE_URL};
+use crate::export::{ExportPlan, Manifest, Progress};
+use crate::fanout::Include;
+use crate::ratelimit::Quota;
+use crate::sink::Format;
+pub use progress::ProgressReporter;
+
+/// Bulk export of HighLevel (LeadConnector) contacts with their tasks, notes and
+/// appointments, to Parquet or CSV.
+///
+/// Start with `contacts-etl demo`: it runs a full export against the built-in simulator, no
+/// credentials needed. Against the real API, set HL_TOKEN (a Private Integration Token or a
+/// location OAuth access token with the contacts.readonly scope) and run `contacts-etl export`.
+#[derive(Debug, Parser)]
+#[command(name = "contacts-etl", version, max_term_width = 100)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Only errors on stderr: no progress, no summary.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+
+    /// More detail in the logs (-v: debug, -vv: trace). RUST_LOG overrides.
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Export a location's contacts (and their tasks, notes, appointments) to Parquet or CSV.
+    ///
+    /// Output layout: OUT/<entity>/location_id=<id>/part-<n>.<ext> for the entities contacts,
+    /// tasks, notes and appointments, and OUT/_manifest.json (written last: its presence means
+    /// the run completed). Columns keep the API's field names; child tables carry contactId and
+    /// locationId. A rerun into the same OUT replaces that location's files.
+    ///
+    /// Example: HL_TOKEN=pit-... contacts-etl export --location ve9EPM428h8vShlRW1KT --out ./export
+    Export(ExportArgs),
+    /// Run the built-in API simulator (for trying the tool and for tests), until Ctrl-C.
+    ///
+    /// Serves GET /contacts/, business listings, per-contact tasks, notes and appointments and
+    /// the write endpoints, with the real API's envelopes, errors and X-RateLimit-* headers,
+    /// over deterministic synthetic data (including adversarial values). Any bearer token is
+    /// accepted. Point the exporter at it with --base-url http://127.0.0.1:PORT.
+    Sim(SimArgs),
+    /// Export 5,000 simulated contacts to ./demo-out as Parquet: a full run in seconds, with no
+    /// credentials. Prints what it wrote and how to read it.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The location (sub-account) id to export.
+    #[arg(long, env = env::HL_LOCATION_ID)]
+    pub location: String,
+
+    /// Export only the contacts of this business (repeatable). Without it, the whole location.
+    #[arg(long = "business", value_name = "BUSINESS_ID")]
+    pub businesses: Vec<String>,
+
+    /// Children to fetch per contact: a comma-separated subset of tasks,notes,appointments,
+    /// or all, or none. Each costs one request per contact.
+    #[arg(long, default_value = "tasks,notes,appointments", value_parser = parse_include)]
+    pub include: Include,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = FormatArg::Parquet)]
+    pub format: FormatArg,
+
+    /// Output directory (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+
+    #[command(flatten)]
+    pub conn: ConnArgs,
+
+    /// Contacts per part file; a part holds whole pages of contacts with all their children.
+    #[arg(long, default_value_t = 250_000, value_name = "N")]
+    pub part_contacts: u64,
+}
+
+/// How to reach the API: shared by every command that calls it.
+#[derive(Debug, Args)]
+pub struct ConnArgs {
+    /// API base URL. Plain http is refused except to a loopback address.
+    #[arg(long, env = env::HL_BASE_URL, default_value = DEFAULT_BASE_URL)]
+    pub base_url: String,
+
+    /// Read the API token from this file instead of the HL_TOKEN environment variable.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// Most requests in flight at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub concurrency: u16,
+
+    /// The request rate to keep, as REQUESTS/INTERVAL (100/10s is the API's limit per app and
+    /// location), or 'off'. Requests are spaced evenly with a 2% margin, so no 429s are
+    /// provoked; a stricter limit announced by the server's X-RateLimit-* headers wins.
+    #[arg(long, default_value = "100/10s", value_parser = parse_rate)]
+    pub rate_limit: RateArg,
+
+    /// Timeout of one request, in seconds (connect, send, and read the reply).
+    #[arg(long, default_value_t = 60, value_name = "SECS")]
+    pub timeout: u64,
+}
+
+/// `--rate-limit`: a quota, or off.
+#[derive(Copy, Clone, Debug)]
+pub struct RateArg(pub Option<Quota>);
+
+fn parse_rate(s: &str) -> Result<RateArg, String> {
+    if s.trim().eq_ignore_ascii_case("off") {
+        return Ok(RateArg(None));
+    }
+    s.parse::<Quota>().map(|q| RateArg(Some(q)))
+}
+
+fn parse_include(s: &str) -> Result<Include, String> {
+    s.parse()
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Parquet,
+    Csv,
+}
+
+impl From<FormatArg> for Format {
+    fn from(f: FormatArg) -> Format {
+        match f {
+            FormatArg::Parquet => Format::Parquet,
+            FormatArg::Csv => Format::Csv,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimArgs {
+    /// Address to listen on (loopback by default).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port to listen on (0 picks a free one, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Contacts per location.
+    #[arg(long, default_value_t = 5_000)]
+    pub contacts: usize,
+    /// Seed of the synthetic data: the same seed gives the same data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Location id to serve (repeatable; default demoLocation00000001).
+    #[arg(long = "location", value_name = "LOCATION_ID")]
+    pub locations: Vec<String>,
+    /// Businesses per location.
+    #[arg(long, default_value_t = 20)]
+    pub businesses: usize,
+    /// Limit per token, as REQUESTS/INTERVAL, or 'off'.
+    #[arg(long, default_value = "100/10s", value_parser = parse_rate)]
+    pub rate_limit: RateArg,
+    /// Requests per token per day, or 0 for no quota.
+    #[arg(long, default_value_t = 200_000)]
+    pub daily_quota: u64,
+    /// Share of requests answered with a 5xx (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Share of replies whose body is cut off (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub truncate_rate: f64,
+    /// Share of replies delayed by --slow-ms (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub slow_rate: f64,
+    #[arg(long, default_value_t = 2_000)]
+    pub slow_ms: u64,
+    /// Share of connections dropped before a complete reply (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub drop_rate: f64,
+    /// Share of writes applied but answered 502 (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub ambiguous_write_rate: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Contacts in the simulated location.
+    #[arg(long, default_value_t = 5_000)]
+    pub contacts: usize,
+    /// Output directory.
+    #[arg(long, default_value = "demo-out")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = FormatArg::Parquet)]
+    pub format: FormatArg,
+}
+
+/// Sets up logging on stderr: plain text (colour only on a terminal) or JSON lines.
+pub fn init_logging(cli: &Cli) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let level = if cli.quiet {
+        "error"
+    } else {
+        match cli.verbose {
+            0 => "info",
+            1 => "debug",
+            _ => "trace",
+        }
+    };
+    let filter = EnvFilter::try_from_env(env::RUST_LOG)
+        .unwrap_or_else(|_| EnvFilter::new(format!("warn,contacts_etl={level}")));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match cli.log_format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+/// Reads the token from `--token-file` or HL_TOKEN.
+pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
+    match file {
+        Some(path) => {
+            let raw = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
+            Token::new(&raw).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))
+        }
+        None => match std::env::var(env::HL_TOKEN) {
+            Ok(raw) => Token::new(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", env::HL_TOKEN)),
+            Err(_) => bail!(
+                "no API token: set {} or pass --token-file FILE\nhint: use a Private Integration Token or a location OAuth access token with the contacts.readonly scope",
+                env::HL_TOKEN
+            ),
+        },
+    }
+}
+
+impl ConnArgs {
+    pub fn client_config(&self, token: Token) -> ClientConfig {
+        let mut cfg = ClientConfig::new(self.base_url.clone(), token);
+        cfg.rate_limit = self.rate_limit.0;
+        cfg.concurrency = usize::from(self.concurrency);
+        cfg.timeout = Duration::from_secs(self.timeout.max(1));
+        cfg
+    }
+}
+
+/// Runs `export` and prints the closing summary.
+pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manifest> {
+    let token = load_token(args.conn.token_file.as_deref())?;
+    let client = Arc::new(Client::new(args.conn.client_config(token))?);
+    let mut plan = ExportPlan::new(args.location.clone(), args.format.into(), args.out.clone());
+    plan.businesses = args.businesses.clone();
+    plan.include = args.include;
+    plan.part_contacts = args.part_contacts.max(1);
+    plan.window = (usize::from(args.conn.concurrency) * 8).max(plan.page_size as usize + 28);
+    execute(client, &plan, quiet).await
+}
+
+/// Runs a plan with progress display and prints the closing summary.
+pub async fn execute(
+    client: Arc<Client>,
+    plan: &ExportPlan,
+    quiet: bool,
+) -> anyhow::Result<Manifest> {
+    let started = std::time::Instant::now();
+    let progress = Arc::new(Progress::default());
+    let reporter = ProgressReporter::start(
+        progress.clone(),
+        client.stats().clone(),
+        quiet,
+        Duration::from_secs(10),
+    );
+    tracing::info!(location = %plan.location_id, include = %plan.include, format = plan.format.extension(), out = %plan.out.display(), rate = ?client.limiter().effective_quota().map(|q| q.to_string()), "export started");
+    let result = crate::export::run(client.clone(), plan, progress).await;
+    drop(reporter);
+    let manifest = result
+        .with_context(|| format!("export of location {} did not complete", plan.location_id))?;
+    if !quiet {
+        eprintln!(
+            "{}",
+            summary(
+                &manifest,
+                started.elapsed(),
+                client.limiter().effective_quota()
+            )
+        );
+    }
+    Ok(manifest)
+}
+
+/// The closing summary, for people.
+fn summary(m: &Manifest, elapsed: Duration, quota: Option<Quota>) -> String {
+    let secs = elapsed.as_secs_f64().max(0.001);
+    let r = &m.requests;
+    let mut s = format!("export complete in {secs:.1}s: ");
+    let parts: Vec<String> = m
+        .entities
+        .iter()
+        .map(|(name, e)| format!("{} {name}", e.rows))
+        .collect();
+    s.push_str(&parts.join(", "));
+    let contacts = m.entities.get("contacts").map_or(0, |e| e.rows);
+    s.push_str(&format!(
+        "\n  {:.0} contacts/s, {} requests ({:.1}/s), {} retries, {} rate-limited (429), {:.1} MB received",
+        contacts as f64 / secs,
+        r.attempts,
+        r.attempts as f64 / secs,
+        r.retries,
+        r.rate_limited,
+        r.bytes_received as f64 / 1e6
+    ));
+    if let Some(q) = quota {
+        s.push_str(&format!(
+            ", {:.0}% of the {q} limit",
+            100.0 * (r.attempts as f64 / secs) / q.per_second()
+        ));
+    }
+    s.push_str(&format!("\n  manifest: {}", crate::export::MANIFEST));
+    s
+}
+
+/// Builds the simulator configuration from `sim` arguments.
+pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
+    let mut cfg = crate::sim::SimConfig::default();
+    if !args.locations.is_empty() {
+        cfg.locations = args.locations.clone();
+    }
+    cfg.contacts = args.contacts;
+    cfg.seed = args.seed;
+    cfg.businesses = args.businesses;
+    cfg.rate_limit = args.rate_limit.0.map(|q| (q.max.get(), q.interval));
+    cfg.daily_quota = (args.daily_quota > 0).then_some(args.daily_quota);
+    cfg.faults = crate::sim::Faults {
+        error_rate: args.error_rate,
+        truncate_rate: args.truncate_rate,
+        slow_rate: args.slow_rate,
+        slow_delay: Duration::from_millis(args.slow_ms),
+        drop_rate: args.drop_rate,
+        ambiguous_write_rate: args.ambiguous_write_rate,
+    };
+    cfg
+}
+
+/// Runs the simulator until Ctrl-C.
+pub async fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let cfg = sim_config(args);
+    let locations = cfg.locations.join(", ");
+    let sim = crate::sim::Sim::new(cfg);
+    eprintln!("simulator listening on http://{addr} (locations: {locations}; any bearer token is accepted; Ctrl-C stops)");
+    eprintln!("try: HL_TOKEN=demo contacts-etl export --base-url http://{addr} --location {} --out ./sim-out", locations.split(", ").next().unwrap_or_default());
+    crate::sim::serve(listener, sim, async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+    .await?;
+    Ok(())
+}
+
+/// Runs the demo: an in-process simulator on a free loopback port, a full export to `out`.
+pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("cannot listen on a loopback port")?;
+    let addr = listener.local_addr()?;
+    let cfg = crate::sim::SimConfig {
+        contacts: args.contacts,
+        // Raised from the real API's 100/10s so the demo takes seconds; the client learns the
+        // limit from the X-RateLimit-* headers.
+        rate_limit: Some((50_000, Duration::from_secs(10))),
+        daily_quota: None,
+        ..crate::sim::SimConfig::default()
+    };
+    let location = cfg.locations.first().cloned().unwrap_or_default();
+    let sim = crate::sim::Sim::new(cfg);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::sim::serve(listener, sim, async {
+        let _ = stop_rx.await;
+    }));
+
+    let mut cfg = ClientConfig::new(
+        format!("http://{addr}"),
+        Token::new("demo-token").expect("a constant valid token"),
+    );
+    cfg.rate_limit = None;
+    cfg.concurrency = 32;
+    let client = Arc::new(Client::new(cfg)?);
+    let mut plan = ExportPlan::new(location, args.format.into(), args.out.clone());
+    plan.window = 512;
+    let result = execute(client, &plan, quiet).await;
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    let manifest = result?;
+
+    let out = args.out.display();
+    println!("wrote {out}/:");
+    for (name, e) in &manifest.entities {
+        for f in &e.files {
+            println!("  {:<60} {:>8} rows {:>10} bytes", f.path, f.rows, f.bytes);
+        }
+        let _ = name;
+    }
+    println!("  {}", crate::export::MANIFEST);
+    match plan.format {
+        Format::Parquet => {
+            println!("\nread it with DuckDB:");
+            println!("  duckdb -c \"SELECT count(*), count(DISTINCT id) FROM read_parquet('{out}/contacts/*/*.parquet', hive_partitioning=true)\"");
+            println!("or pandas (pyarrow):");
+            println!("  python3 -c \"import pandas as pd; df = pd.read_parquet('{out}/contacts'); print(df.shape); print(df[['id','email','dateAdded','tags']].head())\"");
+        }
+        Format::Csv => {
+            println!("\nread it with DuckDB:");
+            println!("  duckdb -c \"SELECT count(*) FROM read_csv('{out}/contacts/*/*.csv', header=true)\"");
+        }
+    }
+    Ok(())
+}

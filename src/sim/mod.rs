@@ -1,1 +1,294 @@
-//! (work in progress)
+//! An in-process simulator of the HighLevel (LeadConnector) Contacts API, for the demo, the
+//! tests and the benchmarks.
+//!
+//! It speaks the same HTTP as `https://services.leadconnectorhq.com` for contacts: the same
+//! paths, envelopes, status codes, `X-RateLimit-*` headers, 429s and validation errors (see
+//! `/work/shared/API-NOTES.md`), plus seeded faults ([`Faults`]).
+//!
+//! # Layout
+//! - `rng`: splitmix64 and the reversible contact id codec.
+//! - `model`: the served records, serialised directly to bytes.
+//! - `gen`: base data, a pure function of (seed, location, slot); ~10% adversarial values.
+//! - `store`: per-location listing order and the overlay of written records.
+//! - `limit`: per-token burst window and daily quota.
+//! - `faults`: seeded 5xx, truncated bodies, dropped connections, slow and ambiguous replies.
+//! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
+//!   hold the handlers; `mutate` the incremental-export helper.
+//!
+//! Memory stays small because base contacts are never stored: a location of N contacts costs
+//! about 12 bytes per contact until it is written to.
+
+mod faults;
+mod gen;
+mod limit;
+mod model;
+mod mutate;
+mod read;
+mod rng;
+mod routes;
+mod store;
+mod write;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use routes::Kind;
+use store::{read as read_lock, Location, Store};
+
+/// What the simulator serves and how strictly.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Location ids served; any other id gets 403.
+    pub locations: Vec<String>,
+    /// Contacts per location.
+    pub contacts: usize,
+    /// Seed of all generated data and of fault draws.
+    pub seed: u64,
+    /// Businesses per location; about one contact in three belongs to one.
+    pub businesses: usize,
+    /// Per token: at most this many requests per interval; `None` turns the limit off.
+    pub rate_limit: Option<(u32, Duration)>,
+    /// Per token, per day; `None` turns the quota off.
+    pub daily_quota: Option<u64>,
+    pub faults: Faults,
+    /// Largest `limit` honoured on `GET /contacts/`.
+    pub max_page: usize,
+}
+
+impl Default for SimConfig {
+    fn default() -> SimConfig {
+        SimConfig {
+            locations: vec!["demoLocation00000001".into()],
+            contacts: 5_000,
+            seed: 42,
+            businesses: 20,
+            rate_limit: Some((100, Duration::from_secs(10))),
+            daily_quota: Some(200_000),
+            faults: Faults::default(),
+            max_page: 100,
+        }
+    }
+}
+
+/// Shares (0..1) of requests that fail in each way. Error, truncate and drop exclude each
+/// other; slow combines with any of them.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Answered 500/502/503/504 with a JSON error body, without serving the request.
+    pub error_rate: f64,
+    /// Answered 200 with the JSON body cut part-way (`Content-Length` matches the cut body).
+    pub truncate_rate: f64,
+    /// Delayed by `slow_delay` before being answered.
+    pub slow_rate: f64,
+    pub slow_delay: Duration,
+    /// The connection breaks after the headers and part of the body.
+    pub drop_rate: f64,
+    /// Successful writes that are applied but answered 502.
+    pub ambiguous_write_rate: f64,
+}
+
+/// Counters since start, also served at `GET /_sim/stats`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct SimStats {
+    /// API requests received (not counting `/_sim/`).
+    pub requests: u64,
+    /// Requests per route, e.g. `"GET /contacts/:id/tasks"`.
+    pub by_route: BTreeMap<String, u64>,
+    /// Requests answered 429 for the burst limit.
+    pub rate_limited: u64,
+    /// Requests answered 429 for the daily quota.
+    pub quota_exceeded: u64,
+    /// Requests that got a fault (error, truncation, drop, delay or ambiguous write).
+    pub faults_injected: u64,
+    /// The most requests accepted for one token within any sliding window of the rate-limit
+    /// interval (10 s when the limit is off): a well-paced client keeps it at or below the max.
+    pub max_in_window: u64,
+}
+
+/// The simulator's shared state; serve it with [`serve`].
+pub struct Sim {
+    config: SimConfig,
+    store: Store,
+    limiter: limit::Limiter,
+    faults: faults::Injector,
+    counters: Counters,
+    /// Numbers trace ids and the ids of created children.
+    serial: AtomicU64,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    by_route: [AtomicU64; Kind::COUNT],
+    rate_limited: AtomicU64,
+    quota_exceeded: AtomicU64,
+    faults: AtomicU64,
+}
+
+impl Sim {
+    /// Builds the listing index of every location (sorting `contacts` timestamps each).
+    pub fn new(config: SimConfig) -> Arc<Sim> {
+        let codec = rng::IdCodec::new(config.seed);
+        let locations = config
+            .locations
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                let gen = gen::LocationGen::new(config.seed, i as u32, id, config.businesses);
+                Location::new(gen, config.contacts)
+            })
+            .collect();
+        Arc::new(Sim {
+            store: Store::new(locations, codec),
+            limiter: limit::Limiter::new(config.rate_limit, config.daily_quota),
+            faults: faults::Injector::new(config.faults.clone(), config.seed),
+            counters: Counters::default(),
+            serial: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &SimConfig {
+        &self.config
+    }
+
+    pub fn stats(&self) -> SimStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        SimStats {
+            requests: get(&c.requests),
+            by_route: Kind::ALL
+                .iter()
+                .zip(&c.by_route)
+                .filter(|(_, n)| get(n) > 0)
+                .map(|(k, n)| (k.name().to_string(), get(n)))
+                .collect(),
+            rate_limited: get(&c.rate_limited),
+            quota_exceeded: get(&c.quota_exceeded),
+            faults_injected: get(&c.faults),
+            max_in_window: self.limiter.max_in_window(),
+        }
+    }
+
+    /// Starts a new day for every token's quota.
+    pub fn reset_daily_quota(&self) {
+        self.limiter.reset_daily();
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.faults.set(faults);
+    }
+
+    /// Test truth: the exact JSON objects `GET /contacts/` serves for this location, in
+    /// listing order, including writes. Empty for an unknown location.
+    pub fn contacts(&self, location_id: &str) -> Vec<serde_json::Value> {
+        let Some(lock) = self.store.location(location_id) else {
+            return Vec::new();
+        };
+        let l = read_lock(lock);
+        l.listing()
+            .iter()
+            .map(|&s| as_served(&*l.contact(s)))
+            .collect()
+    }
+
+    /// Test truth: what `GET /contacts/:id/tasks` serves in `tasks` (empty if no such contact).
+    pub fn tasks(&self, contact_id: &str) -> Vec<serde_json::Value> {
+        self.children(contact_id, |c| c.tasks.iter().map(as_served).collect())
+    }
+
+    /// Test truth: what `GET /contacts/:id/notes` serves in `notes`.
+    pub fn notes(&self, contact_id: &str) -> Vec<serde_json::Value> {
+        self.children(contact_id, |c| c.notes.iter().map(as_served).collect())
+    }
+
+    /// Test truth: what `GET /contacts/:id/appointments` serves in `events`.
+    pub fn appointments(&self, contact_id: &str) -> Vec<serde_json::Value> {
+        self.children(contact_id, |c| c.events.iter().map(as_served).collect())
+    }
+
+    fn children(
+        &self,
+        contact_id: &str,
+        f: impl FnOnce(&model::Children) -> Vec<serde_json::Value>,
+    ) -> Vec<serde_json::Value> {
+        let Some((lock, slot)) = self.store.locate(contact_id) else {
+            return Vec::new();
+        };
+        let l = read_lock(lock);
+        if !l.exists(slot) {
+            return Vec::new();
+        }
+        f(&l.children(slot))
+    }
+
+    /// Edits `share` (0..1) of a location's contacts as a real edit would (dateUpdated moves
+    /// to now, `city` and a tag change) and deletes `deleted` other contacts, chosen from
+    /// `seed`. Returns (changed ids, deleted ids), for incremental-export tests.
+    pub fn mutate(
+        &self,
+        location_id: &str,
+        share: f64,
+        deleted: usize,
+        seed: u64,
+    ) -> (Vec<String>, Vec<String>) {
+        match self.store.location(location_id) {
+            Some(lock) => mutate::mutate(&mut store::write(lock), share, deleted, seed),
+            None => (Vec::new(), Vec::new()),
+        }
+    }
+
+    fn next_serial(&self) -> u64 {
+        self.serial.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A fresh trace id, formatted like a UUID.
+    fn trace_id(&self) -> String {
+        let h = rng::hex_id(rng::hash(&[self.config.seed, 98, self.next_serial()]), 32);
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..]
+        )
+    }
+
+    /// A fresh 20-character id for a created task or note.
+    fn new_child_id(&self) -> String {
+        rng::opaque_id(rng::hash(&[self.config.seed, 97, self.next_serial()]))
+    }
+}
+
+/// A record as a client sees it: serialised, then parsed back.
+fn as_served<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_vec(v)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Milliseconds since the epoch, now.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Serves the API on a bound listener until `shutdown` resolves. Tests bind `127.0.0.1:0`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    sim: Arc<Sim>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().fallback(routes::handle).with_state(sim);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,1 +1,293 @@
-//! (work in progress)
+//! Part files: Parquet or CSV, written under a temporary name and renamed when complete.
+//!
+//! # Layout
+//! ```text
+//! OUT/<entity>/location_id=<location id>/part-00000.parquet
+//!                                       /.part-00001.parquet.tmp   (being written)
+//! ```
+//! The `location_id=` directory level is Hive-style partitioning, so DuckDB, Spark and pyarrow
+//! read `OUT/contacts/` as one table with a `location_id` column.
+//!
+//! # Durability
+//! A part is written to `.part-<n>.<ext>.tmp` in its final directory, then flushed, fsynced,
+//! renamed to `part-<n>.<ext>`, and the directory fsynced. A part file that exists under its
+//! final name is therefore complete: readers never see half a file, and after a crash only
+//! `*.tmp` files need cleaning ([`clean_temp_files`]). Renaming over an existing part of the
+//! same number replaces it: a resumed export rewrites the part it had not finished.
+//!
+//! Both formats take the same [`RecordBatch`] from [`crate::schema`]. The module docs of
+//! `sink/parquet.rs` and `sink/csv.rs` say how each encodes the columns (the CSV cell
+//! conventions are the ones the README documents).
+
+mod csv;
+mod parquet;
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use arrow::record_batch::RecordBatch;
+
+use crate::schema::Entity;
+
+/// Output file format.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Format {
+    Parquet,
+    Csv,
+}
+
+impl Format {
+    /// The file extension, without the dot.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Parquet => "parquet",
+            Format::Csv => "csv",
+        }
+    }
+}
+
+/// A finished part file, as recorded in the manifest.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct PartInfo {
+    /// Relative to the output root, `/`-separated on every platform.
+    pub path: String,
+    pub rows: u64,
+    /// Size of the file on disk.
+    pub bytes: u64,
+}
+
+/// One part file being written. Dropping it without `finish` leaves only the temporary file
+/// (which `clean_temp_files` removes).
+pub trait PartWriter: Send {
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
+    /// Flushes, fsyncs, renames the temp file to its final name (and fsyncs the directory),
+    /// returns what was written.
+    fn finish(self: Box<Self>) -> Result<PartInfo, SinkError>;
+}
+
+/// A part file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot write Parquet file {}: {source}", path.display())]
+    Parquet {
+        path: PathBuf,
+        source: ::parquet::errors::ParquetError,
+    },
+    #[error("cannot write CSV file {}: {source}", path.display())]
+    Csv { path: PathBuf, source: ::csv::Error },
+    /// A batch whose columns are not the entity's declared schema (a bug in the caller).
+    #[error("{}: batch does not match the {entity} schema: {detail}", path.display())]
+    SchemaMismatch {
+        path: PathBuf,
+        entity: Entity,
+        detail: String,
+    },
+    /// The location id cannot be used as a directory name.
+    #[error(
+        "location id {location_id:?} is not safe as a directory name: only ASCII letters, digits, '-', '_' and '.' are allowed"
+    )]
+    UnsafeLocationId { location_id: String },
+}
+
+impl SinkError {
+    pub(crate) fn io<'p>(
+        action: &'static str,
+        path: &'p Path,
+    ) -> impl FnOnce(io::Error) -> SinkError + 'p {
+        move |source| SinkError::Io {
+            action,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Opens OUT/<entity>/location_id=<location_id>/part-<n:05>.<ext>, written first as
+/// `.part-<n:05>.<ext>.tmp` in the same dir (creating dirs).
+pub fn open_part(
+    out: &Path,
+    format: Format,
+    entity: Entity,
+    location_id: &str,
+    n: u32,
+) -> Result<Box<dyn PartWriter>, SinkError> {
+    let target = PartTarget::new(out, format, entity, location_id, n)?;
+    Ok(match format {
+        Format::Parquet => Box::new(parquet::ParquetPart::create(target)?),
+        Format::Csv => Box::new(csv::CsvPart::create(target)?),
+    })
+}
+
+/// Removes leftover `*.tmp` part files under OUT (after a crash). Returns how many.
+///
+/// Only files named like a part in progress (`.part-*.tmp`) are removed, so temporary files of
+/// other writers sharing the output root (the checkpoint) are left alone. Symbolic links are
+/// not followed. A missing OUT counts as clean.
+pub fn clean_temp_files(out: &Path) -> Result<usize, SinkError> {
+    fn walk(dir: &Path, removed: &mut usize) -> Result<(), SinkError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(SinkError::io("list", dir)(e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(SinkError::io("list", dir))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(SinkError::io("inspect", &path))?;
+            if kind.is_dir() {
+                walk(&path, removed)?;
+            } else if kind.is_file() && is_temp_part_name(&entry.file_name().to_string_lossy()) {
+                match fs::remove_file(&path) {
+                    Ok(()) => *removed += 1,
+                    // Removed meanwhile: the goal is met.
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(SinkError::io("remove", &path)(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+    let mut removed = 0;
+    walk(out, &mut removed)?;
+    Ok(removed)
+}
+
+fn is_temp_part_name(name: &str) -> bool {
+    name.starts_with(".part-") && name.ends_with(".tmp")
+}
+
+/// Rejects a location id that is not a plain directory-name token.
+///
+/// Location ids are short alphanumeric keys; rather than escape unusual characters (and have
+/// two spellings of one location), anything outside `[A-Za-z0-9._-]` is refused, as are `.`
+/// and `..`, so a part can never land outside OUT.
+fn check_location_id(location_id: &str) -> Result<(), SinkError> {
+    let safe = !location_id.is_empty()
+        && location_id.len() <= 128
+        && location_id != "."
+        && location_id != ".."
+        && location_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if safe {
+        Ok(())
+    } else {
+        Err(SinkError::UnsafeLocationId {
+            location_id: crate::schema::truncate_for_message(location_id, 80),
+        })
+    }
+}
+
+/// Where a part is written, and the temp-then-rename steps shared by both formats.
+pub(crate) struct PartTarget {
+    pub(crate) entity: Entity,
+    dir: PathBuf,
+    /// `.part-<n>.<ext>.tmp`, the file being written.
+    pub(crate) tmp: PathBuf,
+    /// `part-<n>.<ext>`.
+    fin: PathBuf,
+    /// `fin` relative to OUT, `/`-separated.
+    rel: String,
+}
+
+impl PartTarget {
+    fn new(
+        out: &Path,
+        format: Format,
+        entity: Entity,
+        location_id: &str,
+        n: u32,
+    ) -> Result<Self, SinkError> {
+        check_location_id(location_id)?;
+        let partition = format!("location_id={location_id}");
+        let name = format!("part-{n:05}.{}", format.extension());
+        let dir = out.join(entity.name()).join(&partition);
+        Ok(PartTarget {
+            entity,
+            tmp: dir.join(format!(".{name}.tmp")),
+            fin: dir.join(&name),
+            rel: format!("{}/{partition}/{name}", entity.name()),
+            dir,
+        })
+    }
+
+    /// Creates the directories and the temp file (truncating a leftover one).
+    fn create(&self) -> Result<File, SinkError> {
+        fs::create_dir_all(&self.dir).map_err(SinkError::io("create directory", &self.dir))?;
+        File::create(&self.tmp).map_err(SinkError::io("create", &self.tmp))
+    }
+
+    /// Makes the written temp file durable under its final name.
+    fn commit(self, file: File, rows: u64) -> Result<PartInfo, SinkError> {
+        file.sync_all().map_err(SinkError::io("fsync", &self.tmp))?;
+        let bytes = file
+            .metadata()
+            .map_err(SinkError::io("inspect", &self.tmp))?
+            .len();
+        drop(file);
+        fs::rename(&self.tmp, &self.fin).map_err(SinkError::io("rename", &self.tmp))?;
+        sync_dir(&self.dir)?;
+        Ok(PartInfo {
+            path: self.rel,
+            rows,
+            bytes,
+        })
+    }
+
+    /// Checks that `batch` has the entity's columns (names, types, nullability).
+    pub(crate) fn check_schema(&self, batch: &RecordBatch) -> Result<(), SinkError> {
+        let expected = self.entity.schema();
+        let got = batch.schema();
+        if got.fields() == expected.fields() {
+            return Ok(());
+        }
+        let detail = match got
+            .fields()
+            .iter()
+            .zip(expected.fields().iter())
+            .find(|(g, e)| g != e)
+        {
+            Some((g, e)) => format!(
+                "column {:?} is {}, expected {:?} {}",
+                g.name(),
+                g.data_type(),
+                e.name(),
+                e.data_type()
+            ),
+            None => format!(
+                "{} columns, expected {}",
+                got.fields().len(),
+                expected.fields().len()
+            ),
+        };
+        Err(SinkError::SchemaMismatch {
+            path: self.tmp.clone(),
+            entity: self.entity,
+            detail,
+        })
+    }
+}
+
+/// Makes a rename in `dir` durable. Directories cannot be opened for fsync on Windows, where
+/// the rename is durable once `MoveFileEx` returns.
+fn sync_dir(dir: &Path) -> Result<(), SinkError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(SinkError::io("fsync directory", dir))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,840 @@
+//! Typed calls of the Contacts API over one pooled HTTP client.
+//!
+//! Every call goes through the same path: a concurrency permit, the location's rate limiter,
+//! one HTTP attempt, classification of the reply into an [`ApiError`] kind, and the single
+//! [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
+//! decode them straight into columns; single-record calls and writes return lenient models.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::sync::Semaphore;
+
+use super::error::{ApiError, RequestLabel};
+use super::models::{Contact, ErrorBody, ListMeta, Note, Task};
+use super::retry::{Idempotency, RetryPolicy};
+use super::stats::{RequestKind, Stats};
+use crate::ratelimit::{Quota, RateHeaders, RateLimiter};
+
+/// A bearer token. Its `Debug` and `Display` never show it.
+#[derive(Clone)]
+pub struct Token(String);
+
+impl Token {
+    /// Accepts a token as read from a variable or file (surrounding whitespace removed).
+    pub fn new(raw: &str) -> Result<Token, String> {
+        let t = raw.trim();
+        if t.is_empty() {
+            return Err("the token is empty".into());
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the token contains spaces or non-ASCII characters".into());
+        }
+        Ok(Token(t.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(***)")
+    }
+}
+
+/// Settings of a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// Scheme, host and optional port (and path prefix), e.g. `https://services.leadconnectorhq.com`.
+    pub base_url: String,
+    pub token: Token,
+    /// The pace to keep for this location (`None`: only what the server announces).
+    pub rate_limit: Option<Quota>,
+    /// Most requests in flight at once.
+    pub concurrency: usize,
+    /// Whole-request timeout (connect, send, read the body).
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl ClientConfig {
+    pub fn new(base_url: impl Into<String>, token: Token) -> Self {
+        ClientConfig {
+            base_url: base_url.into(),
+            token,
+            rate_limit: Some(Quota::API_DEFAULT),
+            concurrency: 16,
+            timeout: Duration::from_secs(60),
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+/// Errors building a client: bad settings, reported before any request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBuildError {
+    #[error("invalid base URL '{0}': {1}")]
+    BadUrl(String, String),
+    #[error("refusing to send the API token over plain http to '{0}': use https (plain http is allowed only to a loopback address such as 127.0.0.1 or localhost)")]
+    InsecureUrl(String),
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+}
+
+/// One page of `GET /contacts/`.
+#[derive(Debug, Deserialize)]
+pub struct ContactsPage {
+    pub contacts: Vec<Box<RawValue>>,
+    #[serde(default)]
+    pub meta: Option<ListMeta>,
+}
+
+/// One page of `GET /contacts/business/:businessId`; `count` is the business's total.
+#[derive(Debug, Deserialize)]
+pub struct BusinessPage {
+    pub contacts: Vec<Box<RawValue>>,
+    #[serde(default)]
+    pub count: Option<f64>,
+}
+
+/// A client for one location's token: one connection pool, one rate limiter, one set of counters.
+#[derive(Debug)]
+pub struct Client {
+    http: reqwest::Client,
+    base: String,
+    auth: HeaderValue,
+    limiter: Arc<RateLimiter>,
+    permits: Semaphore,
+    retry: RetryPolicy,
+    stats: Arc<Stats>,
+}
+
+/// Installs ring as the process's TLS crypto provider (reqwest is built without one).
+fn install_crypto_provider() {
+    // Err means a provider is already installed, which is all we need.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Checks the base URL and returns it without a trailing slash.
+fn checked_base(url: &str) -> Result<String, ClientBuildError> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| ClientBuildError::BadUrl(url.into(), e.to_string()))?;
+    match parsed.scheme() {
+        "https" => {}
+        "http" => {
+            let host = parsed
+                .host_str()
+                .unwrap_or("")
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if !loopback {
+                return Err(ClientBuildError::InsecureUrl(url.into()));
+            }
+        }
+        other => {
+            return Err(ClientBuildError::BadUrl(
+                url.into(),
+                format!("unsupported scheme '{other}'"),
+            ))
+        }
+    }
+    if parsed.query().is_some() || !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(ClientBuildError::BadUrl(
+            url.into(),
+            "the base URL must not carry credentials or a query".into(),
+        ));
+    }
+    Ok(parsed.as_str().trim_end_matches('/').to_owned())
+}
+
+/// Percent-encodes a path segment or query value (everything but RFC 3986 unreserved characters).
+fn enc(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    {
+        return s.into();
+    }
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out.into()
+}
+
+#[derive(Deserialize)]
+struct TasksEnv {
+    tasks: Vec<Box<RawValue>>,
+}
+#[derive(Deserialize)]
+struct NotesEnv {
+    notes: Vec<Box<RawValue>>,
+}
+#[derive(Deserialize)]
+struct EventsEnv {
+    events: Vec<Box<RawValue>>,
+}
+#[derive(Deserialize)]
+struct ContactEnv {
+    contact: Contact,
+}
+#[derive(Deserialize)]
+struct MaybeContactEnv {
+    #[serde(default)]
+    contact: Option<Contact>,
+}
+#[derive(Deserialize)]
+struct TaskEnv {
+    task: Task,
+}
+#[derive(Deserialize)]
+struct NoteEnv {
+    note: Note,
+}
+#[derive(Deserialize)]
+struct TagsEnv {
+    #[serde(default)]
+    tags: Vec<String>,
+}
+#[derive(Deserialize)]
+struct UpsertEnv {
+    #[serde(default)]
+    new: bool,
+    contact: Contact,
+}
+#[derive(Deserialize)]
+struct Ignored {}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Client, ClientBuildError> {
+        Self::with_limiter(
+            config.clone(),
+            Arc::new(RateLimiter::new(config.rate_limit)),
+        )
+    }
+
+    /// A client sharing `limiter` with others for the same location.
+    pub fn with_limiter(
+        config: ClientConfig,
+        limiter: Arc<RateLimiter>,
+    ) -> Result<Client, ClientBuildError> {
+        install_crypto_provider();
+        let base = checked_base(&config.base_url)?;
+        let concurrency = config.concurrency.max(1);
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(Duration::from_secs(15))
+            .pool_max_idle_per_host(concurrency)
+            .tcp_nodelay(true)
+            .user_agent(concat!("contacts-etl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let mut auth = HeaderValue::from_str(&format!("Bearer {}", config.token.0))
+            .map_err(|_| ClientBuildError::Http("the token is not a valid header value".into()))?;
+        auth.set_sensitive(true);
+        Ok(Client {
+            http,
+            base,
+            auth,
+            limiter,
+            permits: Semaphore::new(concurrency),
+            retry: config.retry,
+            stats: Arc::new(Stats::default()),
+        })
+    }
+
+    pub fn stats(&self) -> &Arc<Stats> {
+        &self.stats
+    }
+
+    pub fn limiter(&self) -> &Arc<RateLimiter> {
+        &self.limiter
+    }
+
+    /// `GET /contacts/`: one page, newest first. `after` is the cursor (`meta.startAfter` in
+    /// epoch ms, `meta.startAfterId`) of the previous page.
+    pub async fn list_contacts(
+        &self,
+        location_id: &str,
+        limit: u32,
+        after: Option<(i64, &str)>,
+    ) -> Result<ContactsPage, ApiError> {
+        let mut pq = format!("/contacts/?locationId={}&limit={limit}", enc(location_id));
+        if let Some((ms, id)) = after {
+            pq.push_str(&format!("&startAfter={ms}&startAfterId={}", enc(id)));
+        }
+        self.get_json(RequestKind::List, pq).await
+    }
+
+    /// `GET /contacts/business/:businessId` with offset paging.
+    pub async fn business_contacts(
+        &self,
+        location_id: &str,
+        business_id: &str,
+        skip: u64,
+        limit: u32,
+    ) -> Result<BusinessPage, ApiError> {
+        let pq = format!(
+            "/contacts/business/{}?locationId={}&limit={limit}&skip={skip}",
+            enc(business_id),
+            enc(location_id)
+        );
+        self.get_json(RequestKind::Business, pq).await
+    }
+
+    pub async fn get_contact(&self, contact_id: &str) -> Result<Contact, ApiError> {
+        let env: ContactEnv = self
+            .get_json(
+                RequestKind::Contact,
+                format!("/contacts/{}", enc(contact_id)),
+            )
+            .await?;
+        Ok(env.contact)
+    }
+
+    /// `GET /contacts/:id/tasks`, objects as received.
+    pub async fn tasks_raw(&self, contact_id: &str) -> Result<Vec<Box<RawValue>>, ApiError> {
+        let env: TasksEnv = self
+            .get_json(
+                RequestKind::Tasks,
+                format!("/contacts/{}/tasks", enc(contact_id)),
+            )
+            .await?;
+        Ok(env.tasks)
+    }
+
+    /// `GET /contacts/:id/notes`, objects as received.
+    pub async fn notes_raw(&self, contact_id: &str) -> Result<Vec<Box<RawValue>>, ApiError> {
+        let env: NotesEnv = self
+            .get_json(
+                RequestKind::Notes,
+                format!("/contacts/{}/notes", enc(contact_id)),
+            )
+            .await?;
+        Ok(env.notes)
+    }
+
+    /// `GET /contacts/:id/appointments` (the reply's `events`), objects as received.
+    pub async fn appointments_raw(&self, contact_id: &str) -> Result<Vec<Box<RawValue>>, ApiError> {
+        let env: EventsEnv = self
+            .get_json(
+                RequestKind::Appointments,
+                format!("/contacts/{}/appointments", enc(contact_id)),
+            )
+            .await?;
+        Ok(env.events)
+    }
+
+    pub async fn get_task(&self, contact_id: &str, task_id: &str) -> Result<Task, ApiError> {
+        let env: TaskEnv = self
+            .get_json(
+                RequestKind::Other,
+                format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id)),
+            )
+            .await?;
+        Ok(env.task)
+    }
+
+    pub async fn get_note(&self, contact_id: &str, note_id: &str) -> Result<Note, ApiError> {
+        let env: NoteEnv = self
+            .get_json(
+                RequestKind::Other,
+                format!("/contacts/{}/notes/{}", enc(contact_id), enc(note_id)),
+            )
+            .await?;
+        Ok(env.note)
+    }
+
+    /// `GET /contacts/search/duplicate`: the contact the location's duplicate rule would match.
+    pub async fn find_duplicate(
+        &self,
+        location_id: &str,
+        email: Option<&str>,
+        phone: Option<&str>,
+    ) -> Result<Option<Contact>, ApiError> {
+        let mut pq = format!("/contacts/search/duplicate?locationId={}", enc(location_id));
+        if let Some(e) = email {
+            pq.push_str(&format!("&email={}", enc(e)));
+        }
+        if let Some(p) = phone {
+            pq.push_str(&format!("&number={}", enc(p)));
+        }
+        let env: MaybeContactEnv = self.get_json(RequestKind::Other, pq).await?;
+        Ok(env.contact)
+    }
+
+    /// `POST /contacts/`. Not retried after an ambiguous failure: look the contact up first.
+    pub async fn create_contact(&self, body: &serde_json::Value) -> Result<Contact, ApiError> {
+        let env: ContactEnv = self
+            .write(
+                Method::POST,
+                "/contacts/".into(),
+                body,
+                Idempotency::NonIdempotent,
+            )
+            .await?;
+        Ok(env.contact)
+    }
+
+    /// `PUT /contacts/:id` (no `locationId` in the body; `tags` here replace all tags).
+    pub async fn update_contact(
+        &self,
+        contact_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<Contact, ApiError> {
+        let env: ContactEnv = self
+            .write(
+                Method::PUT,
+                format!("/contacts/{}", enc(contact_id)),
+                body,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(env.contact)
+    }
+
+    pub async fn delete_contact(&self, contact_id: &str) -> Result<(), ApiError> {
+        let _: Ignored = self
+            .write(
+                Method::DELETE,
+                format!("/contacts/{}", enc(contact_id)),
+                &serde_json::Value::Null,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /contacts/upsert`: returns whether a contact was created, and the contact.
+    pub async fn upsert_contact(
+        &self,
+        body: &serde_json::Value,
+    ) -> Result<(bool, Contact), ApiError> {
+        let env: UpsertEnv = self
+            .write(
+                Method::POST,
+                "/contacts/upsert".into(),
+                body,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok((env.new, env.contact))
+    }
+
+    /// `POST /contacts/:id/tags`: adds tags (additive, so safe to repeat); returns all tags.
+    pub async fn add_tags(
+        &self,
+        contact_id: &str,
+        tags: &[String],
+    ) -> Result<Vec<String>, ApiError> {
+        let body = serde_json::json!({ "tags": tags });
+        let env: TagsEnv = self
+            .write(
+                Method::POST,
+                format!("/contacts/{}/tags", enc(contact_id)),
+                &body,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(env.tags)
+    }
+
+    /// `POST /contacts/:id/tasks`. Tasks have no natural key: not retried after an ambiguous failure.
+    pub async fn create_task(
+        &self,
+        contact_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<Task, ApiError> {
+        let env: TaskEnv = self
+            .write(
+                Method::POST,
+                format!("/contacts/{}/tasks", enc(contact_id)),
+                body,
+                Idempotency::NonIdempotent,
+            )
+            .await?;
+        Ok(env.task)
+    }
+
+    pub async fn update_task(
+        &self,
+        contact_id: &str,
+        task_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<Task, ApiError> {
+        let path = format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id));
+        let env: TaskEnv = self
+            .write(Method::PUT, path, body, Idempotency::Idempotent)
+            .await?;
+        Ok(env.task)
+    }
+
+    pub async fn complete_task(
+        &self,
+        contact_id: &str,
+        task_id: &str,
+        completed: bool,
+    ) -> Result<Task, ApiError> {
+        let path = format!(
+            "/contacts/{}/tasks/{}/completed",
+            enc(contact_id),
+            enc(task_id)
+        );
+        let env: TaskEnv = self
+            .write(
+                Method::PUT,
+                path,
+                &serde_json::json!({ "completed": completed }),
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(env.task)
+    }
+
+    pub async fn delete_task(&self, contact_id: &str, task_id: &str) -> Result<(), ApiError> {
+        let path = format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id));
+        let _: Ignored = self
+            .write(
+                Method::DELETE,
+                path,
+                &serde_json::Value::Null,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /contacts/:id/notes`. Not retried after an ambiguous failure.
+    pub async fn create_note(
+        &self,
+        contact_id: &str,
+        body: &serde_json::Value,
+    ) -> Result<Note, ApiError> {
+        let env: NoteEnv = self
+            .write(
+                Method::POST,
+                format!("/contacts/{}/notes", enc(contact_id)),
+                body,
+                Idempotency::NonIdempotent,
+            )
+            .await?;
+        Ok(env.note)
+    }
+
+    async fn get_json<T: DeserializeOwned>(
+        &self,
+        kind: RequestKind,
+        path_and_query: String,
+    ) -> Result<T, ApiError> {
+        self.call(
+            kind,
+            Method::GET,
+            path_and_query,
+            None,
+            Idempotency::Idempotent,
+        )
+        .await
+    }
+
+    async fn write<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: String,
+        body: &serde_json::Value,
+        idem: Idempotency,
+    ) -> Result<T, ApiError> {
+        let body = if body.is_null() {
+            None
+        } else {
+            // Serialising a Value cannot fail.
+            Some(Bytes::from(serde_json::to_vec(body).unwrap_or_default()))
+        };
+        self.call(RequestKind::Write, method, path, body, idem)
+            .await
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        kind: RequestKind,
+        method: Method,
+        path_and_query: String,
+        body: Option<Bytes>,
+        idem: Idempotency,
+    ) -> Result<T, ApiError> {
+        let label = RequestLabel(format!("{method} {path_and_query}"));
+        let url = format!("{}{}", self.base, path_and_query);
+        let result = self
+            .retry
+            .run(
+                idem,
+                || self.attempt(kind, &method, &url, &label, body.clone()),
+                |err, delay| {
+                    self.stats.retry();
+                    tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
+                },
+            )
+            .await;
+        if let Err(e) = &result {
+            tracing::debug!(error = %e, "request failed");
+        }
+        result
+    }
+
+    /// One HTTP attempt: permit, pace, send, read, classify.
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        kind: RequestKind,
+        method: &Method,
+        url: &str,
+        label: &RequestLabel,
+        body: Option<Bytes>,
+    ) -> Result<T, ApiError> {
+        // The semaphore is never closed, so acquire cannot fail.
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| transient(label, "client shut down".into(), None, false, None))?;
+        self.stats.waited(self.limiter.acquire().await);
+        self.stats.attempt();
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .header(AUTHORIZATION, self.auth.clone())
+            .header("Version", super::API_VERSION)
+            .header(ACCEPT, "application/json");
+        if let Some(b) = body {
+            req = req.header(CONTENT_TYPE, "application/json").body(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.network_error();
+                // A connection that was never made cannot have applied anything.
+                let applied = !e.is_connect();
+                return Err(transient(label, describe_reqwest(&e), None, applied, None));
+            }
+        };
+        let status = resp.status().as_u16();
+        let rate = RateHeaders::from_headers(resp.headers());
+        let retry_after = resp
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+        self.limiter.observe(status, &rate, retry_after);
+        let bytes = match resp.bytes().await {
+            Ok(b) => b,
+            Err(e) => {
+                self.stats.network_error();
+                return Err(transient(
+                    label,
+                    format!("reading the reply failed: {}", describe_reqwest(&e)),
+                    None,
+                    true,
+                    Some(status),
+                ));
+            }
+        };
+        if (200..300).contains(&status) {
+            return match serde_json::from_slice::<T>(&bytes) {
+                Ok(v) => {
+                    self.stats.ok(kind, bytes.len());
+                    Ok(v)
+                }
+                Err(e) => {
+                    self.stats.malformed();
+                    Err(transient(
+                        label,
+                        format!(
+                            "HTTP {status} with a malformed body ({e}, {} bytes)",
+                            bytes.len()
+                        ),
+                        None,
+                        true,
+                        Some(status),
+                    ))
+                }
+            };
+        }
+        let err_body: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
+        let trace_id = err_body.trace_id.clone();
+        let messages = err_body.messages();
+        let first = messages
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        Err(match status {
+            401 => ApiError::Unauthorized {
+                request: label.clone(),
+                message: first,
+                trace_id,
+            },
+            404 => ApiError::NotFound {
+                request: label.clone(),
+                message: first,
+                trace_id,
+            },
+            400 if err_body
+                .meta
+                .as_ref()
+                .and_then(|m| m.contact_id.as_ref())
+                .is_some() =>
+            {
+                let meta = err_body.meta.unwrap_or_default();
+                ApiError::Duplicate {
+                    request: label.clone(),
+                    contact_id: meta.contact_id.unwrap_or_default(),
+                    matching_field: meta.matching_field,
+                    trace_id,
+                }
+            }
+            400 if first.to_ascii_lowercase().contains("not found") => ApiError::NotFound {
+                request: label.clone(),
+                message: first,
+                trace_id,
+            },
+            429 if rate.daily_remaining == Some(0) => {
+                self.stats.rate_limited();
+                ApiError::QuotaExhausted {
+                    request: label.clone(),
+                    trace_id,
+                }
+            }
+            429 => {
+                self.stats.rate_limited();
+                transient(
+                    label,
+                    "HTTP 429 rate limited".into(),
+                    retry_after,
+                    false,
+                    Some(status),
+                )
+                .with_trace(trace_id)
+            }
+            408 | 500..=599 => {
+                self.stats.server_error();
+                transient(
+                    label,
+                    format!("HTTP {status} {first}"),
+                    retry_after,
+                    true,
+                    Some(status),
+                )
+                .with_trace(trace_id)
+            }
+            _ => ApiError::Fatal {
+                request: label.clone(),
+                status,
+                messages,
+                trace_id,
+            },
+        })
+    }
+}
+
+fn transient(
+    label: &RequestLabel,
+    reason: String,
+    retry_after: Option<Duration>,
+    maybe_applied: bool,
+    status: Option<u16>,
+) -> ApiError {
+    ApiError::Transient {
+        request: label.clone(),
+        reason,
+        retry_after,
+        maybe_applied,
+        status,
+        trace_id: None,
+    }
+}
+
+impl ApiError {
+    fn with_trace(mut self, id: Option<String>) -> Self {
+        if let ApiError::Transient { trace_id, .. } = &mut self {
+            *trace_id = id;
+        }
+        self
+    }
+}
+
+/// A reqwest error without its URL (which is ours to print, and safe) or any header.
+fn describe_reqwest(e: &reqwest::Error) -> String {
+    let what = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "the reply body broke off"
+    } else if e.is_request() {
+        "the request failed"
+    } else {
+        "HTTP error"
+    };
+    let mut detail = String::new();
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        detail = s.to_string();
+        src = s.source();
+    }
+    if detail.is_empty() {
+        what.to_owned()
+    } else {
+        format!("{what}: {detail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_is_never_printed() {
+        let t = Token::new(" pit-secret-123 \n").unwrap();
+        assert_eq!(format!("{t:?}"), "Token(***)");
+        assert!(Token::new("  ").is_err());
+        assert!(Token::new("a b").is_err());
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        assert!(checked_base("https://services.leadconnectorhq.com").is_ok());
+        assert!(checked_base("http://127.0.0.1:8080/").is_ok());
+        assert!(checked_base("http://localhost:1").is_ok());
+        assert!(checked_base("http://[::1]:1").is_ok());
+        assert!(matches!(
+            checked_base("http://services.leadconnectorhq.com"),
+            Err(ClientBuildError::InsecureUrl(_))
+        ));
+        assert!(matches!(
+            checked_base("http://10.0.0.1"),
+            Err(ClientBuildError::InsecureUrl(_))
+        ));
+        assert!(checked_base("ftp://x").is_err());
+        assert!(checked_base("not a url").is_err());
+        assert_eq!(
+            checked_base("http://127.0.0.1:9/api/").unwrap(),
+            "http://127.0.0.1:9/api"
+        );
+    }
+
+    #[test]
+    fn encodes_path_segments() {
+        assert_eq!(enc("abcXYZ09-_.~"), "abcXYZ09-_.~");
+        assert_eq!(enc("a/b c?&"), "a%2Fb%20c%3F%26");
+    }
+}

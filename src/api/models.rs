@@ -1,0 +1,127 @@
+//! Lenient models of the API's objects: every field optional, unknown fields kept in `extra`.
+//!
+//! The export path does not use these (it decodes raw JSON straight into Arrow columns, see
+//! [`crate::schema`]); they serve single-record calls and the writes.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A contact as the API returns it.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Contact {
+    pub id: Option<String>,
+    pub location_id: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub date_added: Option<String>,
+    pub date_updated: Option<String>,
+    pub custom_fields: Option<Vec<Value>>,
+    /// Everything else, as received.
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Task {
+    pub id: Option<String>,
+    pub title: Option<String>,
+    pub body: Option<String>,
+    pub assigned_to: Option<String>,
+    pub due_date: Option<String>,
+    pub completed: Option<bool>,
+    pub contact_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Note {
+    pub id: Option<String>,
+    pub body: Option<String>,
+    pub user_id: Option<String>,
+    pub date_added: Option<String>,
+    pub contact_id: Option<String>,
+    #[serde(flatten)]
+    pub extra: Map<String, Value>,
+}
+
+/// The `meta` block of `GET /contacts/` (absent from the spec; see API-NOTES).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListMeta {
+    pub total: Option<f64>,
+    pub next_page_url: Option<String>,
+    pub start_after_id: Option<String>,
+    pub start_after: Option<f64>,
+    pub current_page: Option<f64>,
+    /// `None` when absent, `Some(Null)` when explicitly null (the last page).
+    #[serde(default, deserialize_with = "present")]
+    pub next_page: Option<Value>,
+}
+
+/// Deserialises a field that is present (even as `null`) as `Some`.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
+}
+
+/// The body of an error reply: `message` is a string, or an array for 422.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ErrorBody {
+    #[serde(default)]
+    pub message: Option<Value>,
+    #[serde(default)]
+    pub meta: Option<ErrorMeta>,
+    #[serde(default)]
+    pub trace_id: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ErrorMeta {
+    pub contact_id: Option<String>,
+    pub matching_field: Option<String>,
+}
+
+impl ErrorBody {
+    pub fn messages(&self) -> Vec<String> {
+        match &self.message {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
+                .collect(),
+            Some(other) => vec![other.to_string()],
+            None => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_page_tells_absent_from_null() {
+        let m: ListMeta = serde_json::from_str(r#"{"total":3,"nextPage":null}"#).unwrap();
+        assert_eq!(m.next_page, Some(Value::Null));
+        let m: ListMeta = serde_json::from_str(r#"{"total":3}"#).unwrap();
+        assert_eq!(m.next_page, None);
+        let m: ListMeta = serde_json::from_str(r#"{"nextPage":2}"#).unwrap();
+        assert_eq!(m.next_page, Some(Value::from(2)));
+    }
+
+    #[test]
+    fn contact_keeps_unknown_fields() {
+        let c: Contact =
+            serde_json::from_str(r#"{"id":"a","email":null,"someNewField":{"x":1}}"#).unwrap();
+        assert_eq!(c.id.as_deref(), Some("a"));
+        assert_eq!(c.extra["someNewField"]["x"], 1);
+    }
+}

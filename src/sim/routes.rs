@@ -1,0 +1,493 @@
+//! The request pipeline: route, count, authenticate, rate-limit, check the version header,
+//! inject faults, dispatch to a handler, then write headers and body.
+//!
+//! Routing is a match on path segments rather than an axum `Router` per path, so that every
+//! request, including unknown paths and rejected ones, passes through the same pipeline and
+//! carries the same headers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
+use serde_json::json;
+
+use super::faults::{self, Fault};
+use super::limit::{RateHeaders, Verdict};
+use super::{read, write, Sim};
+
+/// The only API version the simulator (and the real v2 API) accepts.
+const API_VERSION: &str = "2021-07-28";
+/// Request bodies above this are refused.
+const MAX_BODY: usize = 8 << 20;
+
+macro_rules! kinds {
+    ($($kind:ident => $name:literal,)*) => {
+        /// Each route the simulator knows, for dispatch and per-route counts.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub(crate) enum Kind { $($kind,)* }
+        impl Kind {
+            pub(crate) const ALL: &'static [Kind] = &[$(Kind::$kind,)*];
+            pub(crate) const COUNT: usize = Kind::ALL.len();
+            pub(crate) fn name(self) -> &'static str {
+                match self { $(Kind::$kind => $name,)* }
+            }
+        }
+    };
+}
+
+kinds! {
+    List => "GET /contacts/",
+    Create => "POST /contacts/",
+    Upsert => "POST /contacts/upsert",
+    Duplicate => "GET /contacts/search/duplicate",
+    Business => "GET /contacts/business/:businessId",
+    Get => "GET /contacts/:id",
+    Update => "PUT /contacts/:id",
+    Delete => "DELETE /contacts/:id",
+    Tasks => "GET /contacts/:id/tasks",
+    CreateTask => "POST /contacts/:id/tasks",
+    GetTask => "GET /contacts/:id/tasks/:taskId",
+    UpdateTask => "PUT /contacts/:id/tasks/:taskId",
+    CompleteTask => "PUT /contacts/:id/tasks/:taskId/completed",
+    DeleteTask => "DELETE /contacts/:id/tasks/:taskId",
+    Notes => "GET /contacts/:id/notes",
+    CreateNote => "POST /contacts/:id/notes",
+    GetNote => "GET /contacts/:id/notes/:id",
+    UpdateNote => "PUT /contacts/:id/notes/:id",
+    DeleteNote => "DELETE /contacts/:id/notes/:id",
+    Appointments => "GET /contacts/:id/appointments",
+    AddTags => "POST /contacts/:id/tags",
+    RemoveTags => "DELETE /contacts/:id/tags",
+    Unknown => "unknown",
+}
+
+impl Kind {
+    fn is_write(self) -> bool {
+        !matches!(
+            self,
+            Kind::List
+                | Kind::Duplicate
+                | Kind::Business
+                | Kind::Get
+                | Kind::Tasks
+                | Kind::GetTask
+                | Kind::Notes
+                | Kind::GetNote
+                | Kind::Appointments
+                | Kind::Unknown
+        )
+    }
+}
+
+/// A parsed request path: the route and its ids (empty when the route has none).
+pub(crate) struct Route {
+    pub kind: Kind,
+    /// Contact id, or business id for [`Kind::Business`].
+    pub id: String,
+    /// Task or note id.
+    pub child: String,
+}
+
+fn parse(method: &Method, path: &str) -> Route {
+    #[derive(PartialEq)]
+    enum M {
+        Get,
+        Post,
+        Put,
+        Delete,
+        Other,
+    }
+    let m = match *method {
+        Method::GET => M::Get,
+        Method::POST => M::Post,
+        Method::PUT => M::Put,
+        Method::DELETE => M::Delete,
+        _ => M::Other,
+    };
+    let mut segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if segs.len() > 1 && segs.last() == Some(&"") {
+        segs.pop();
+    }
+    let (kind, id, child) = match (m, segs.as_slice()) {
+        (M::Get, ["contacts"]) => (Kind::List, "", ""),
+        (M::Post, ["contacts"]) => (Kind::Create, "", ""),
+        (M::Post, ["contacts", "upsert"]) => (Kind::Upsert, "", ""),
+        (M::Get, ["contacts", "search", "duplicate"]) => (Kind::Duplicate, "", ""),
+        (M::Get, ["contacts", "business", b]) => (Kind::Business, *b, ""),
+        (M::Get, ["contacts", id]) => (Kind::Get, *id, ""),
+        (M::Put, ["contacts", id]) => (Kind::Update, *id, ""),
+        (M::Delete, ["contacts", id]) => (Kind::Delete, *id, ""),
+        (M::Get, ["contacts", id, "tasks"]) => (Kind::Tasks, *id, ""),
+        (M::Post, ["contacts", id, "tasks"]) => (Kind::CreateTask, *id, ""),
+        (M::Get, ["contacts", id, "tasks", t]) => (Kind::GetTask, *id, *t),
+        (M::Put, ["contacts", id, "tasks", t]) => (Kind::UpdateTask, *id, *t),
+        (M::Put, ["contacts", id, "tasks", t, "completed"]) => (Kind::CompleteTask, *id, *t),
+        (M::Delete, ["contacts", id, "tasks", t]) => (Kind::DeleteTask, *id, *t),
+        (M::Get, ["contacts", id, "notes"]) => (Kind::Notes, *id, ""),
+        (M::Post, ["contacts", id, "notes"]) => (Kind::CreateNote, *id, ""),
+        (M::Get, ["contacts", id, "notes", n]) => (Kind::GetNote, *id, *n),
+        (M::Put, ["contacts", id, "notes", n]) => (Kind::UpdateNote, *id, *n),
+        (M::Delete, ["contacts", id, "notes", n]) => (Kind::DeleteNote, *id, *n),
+        (M::Get, ["contacts", id, "appointments"]) => (Kind::Appointments, *id, ""),
+        (M::Post, ["contacts", id, "tags"]) => (Kind::AddTags, *id, ""),
+        (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
+        _ => (Kind::Unknown, "", ""),
+    };
+    Route {
+        kind,
+        id: id.to_string(),
+        child: child.to_string(),
+    }
+}
+
+/// A finished JSON reply before headers and faults.
+pub(crate) struct Reply {
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub(crate) fn new<T: Serialize>(status: StatusCode, value: &T) -> Reply {
+        match serde_json::to_vec(value) {
+            Ok(body) => Reply { status, body },
+            Err(e) => Reply {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                body: format!("{{\"statusCode\":500,\"message\":\"serialisation failed: {e}\"}}")
+                    .into_bytes(),
+            },
+        }
+    }
+
+    pub(crate) fn ok<T: Serialize>(value: &T) -> Reply {
+        Reply::new(StatusCode::OK, value)
+    }
+}
+
+/// A one-key JSON object `{key: value}` serialised without building a `Value`.
+pub(crate) struct Env1<'a, T: ?Sized> {
+    pub key: &'static str,
+    pub value: &'a T,
+}
+
+impl<T: Serialize + ?Sized> Serialize for Env1<'_, T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(1))?;
+        map.serialize_entry(self.key, self.value)?;
+        map.end()
+    }
+}
+
+/// The error replies of the API, each with its real status and body shape.
+#[derive(Debug)]
+pub(crate) enum ApiError {
+    /// 400 with a string message.
+    BadRequest(String),
+    Unauthorized,
+    /// 403: the location is not one this token may use.
+    Forbidden,
+    NoRoute(String),
+    /// 422 with an array of messages.
+    Invalid(Vec<String>),
+    /// 400 for a create whose email or phone exists already.
+    Duplicate {
+        contact_id: String,
+        name: String,
+        field: &'static str,
+    },
+}
+
+impl ApiError {
+    /// The API answers 400, not 404, for an unknown contact id.
+    pub(crate) fn contact_not_found(id: &str) -> ApiError {
+        ApiError::BadRequest(format!("Contact with id {id} not found"))
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> ApiError {
+        ApiError::Invalid(vec![msg.into()])
+    }
+
+    fn reply(self, trace_id: String) -> Reply {
+        let (status, body) = match self {
+            ApiError::BadRequest(m) => (
+                StatusCode::BAD_REQUEST,
+                json!({"statusCode": 400, "message": m, "traceId": trace_id}),
+            ),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                json!({"statusCode": 401, "message": "Invalid JWT", "error": "Unauthorized", "traceId": trace_id}),
+            ),
+            ApiError::Forbidden => (
+                StatusCode::FORBIDDEN,
+                json!({"statusCode": 403, "message": "The token does not have access to this location", "traceId": trace_id}),
+            ),
+            ApiError::NoRoute(m) => (
+                StatusCode::NOT_FOUND,
+                json!({"statusCode": 404, "message": m, "error": "Not Found", "traceId": trace_id}),
+            ),
+            ApiError::Invalid(m) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                json!({"statusCode": 422, "message": m, "error": "Unprocessable Entity", "traceId": trace_id}),
+            ),
+            ApiError::Duplicate {
+                contact_id,
+                name,
+                field,
+            } => (
+                StatusCode::BAD_REQUEST,
+                json!({
+                    "statusCode": 400,
+                    "message": "This location does not allow duplicated contacts.",
+                    "meta": {"contactId": contact_id, "contactName": name, "matchingField": field},
+                    "traceId": trace_id,
+                }),
+            ),
+        };
+        Reply::new(status, &body)
+    }
+}
+
+/// Query parameters, decoded.
+pub(crate) type Params = HashMap<String, String>;
+
+/// The one axum handler: every request comes through here.
+pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    if let Some(admin) = path.strip_prefix("/_sim/") {
+        return admin_route(&sim, &parts.method, admin);
+    }
+    let route = parse(&parts.method, path);
+    let c = &sim.counters;
+    bump(&c.requests);
+    if let Some(n) = Kind::ALL
+        .iter()
+        .position(|&k| k == route.kind)
+        .and_then(|i| c.by_route.get(i))
+    {
+        bump(n);
+    }
+
+    let Some(token) = bearer(&parts.headers) else {
+        let reply = ApiError::Unauthorized.reply(sim.trace_id());
+        return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
+    };
+    let (verdict, rate) = sim.limiter.admit(token, tokio::time::Instant::now());
+    match verdict {
+        Verdict::Allowed => {}
+        Verdict::Burst(wait) => {
+            bump(&c.rate_limited);
+            let body = json!({"statusCode": 429, "message": "Too many requests", "traceId": sim.trace_id()});
+            let reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, &body);
+            return respond(reply.status, reply.body, &rate, Some(wait));
+        }
+        Verdict::Daily(wait) => {
+            bump(&c.quota_exceeded);
+            let body = json!({
+                "statusCode": 429,
+                "message": "Daily request limit exceeded for this location. Try again tomorrow.",
+                "traceId": sim.trace_id(),
+            });
+            let reply = Reply::new(StatusCode::TOO_MANY_REQUESTS, &body);
+            return respond(reply.status, reply.body, &rate, Some(wait));
+        }
+    }
+    let version = parts.headers.get("version").and_then(|v| v.to_str().ok());
+    if version.map(str::trim) != Some(API_VERSION) {
+        let body = json!({"statusCode": 400, "message": "Version header is missing or invalid", "traceId": sim.trace_id()});
+        let reply = Reply::new(StatusCode::BAD_REQUEST, &body);
+        return respond(reply.status, reply.body, &rate, None);
+    }
+
+    let plan = sim.faults.plan();
+    if let Some(delay) = plan.slow {
+        bump(&c.faults);
+        tokio::time::sleep(delay).await;
+    }
+    if let Some(Fault::Error(status)) = plan.fault {
+        bump(&c.faults);
+        let body = json!({
+            "statusCode": status.as_u16(),
+            "message": status.canonical_reason().unwrap_or("Server error"),
+            "traceId": sim.trace_id(),
+        });
+        return respond(status, Reply::new(status, &body).body, &rate, None);
+    }
+
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(_) => {
+            let reply = ApiError::BadRequest("request body is unreadable or too large".into())
+                .reply(sim.trace_id());
+            return respond(reply.status, reply.body, &rate, None);
+        }
+    };
+    let params: Params = Query::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let request = Req {
+        sim: &sim,
+        route: &route,
+        params: &params,
+        body: &body,
+        host,
+    };
+    let mut reply = match dispatch(&request) {
+        Ok(r) => r,
+        Err(e) => e.reply(sim.trace_id()),
+    };
+    if route.kind.is_write() && reply.status.is_success() && plan.ambiguous {
+        // The write happened; the client is told it failed.
+        bump(&c.faults);
+        let body = json!({"statusCode": 502, "message": "Bad Gateway", "traceId": sim.trace_id()});
+        reply = Reply::new(StatusCode::BAD_GATEWAY, &body);
+    }
+    if reply.status.is_success() {
+        match plan.fault {
+            Some(Fault::Truncate(at)) => {
+                bump(&c.faults);
+                return respond(reply.status, faults::truncate(reply.body, at), &rate, None);
+            }
+            Some(Fault::Drop(at)) => {
+                bump(&c.faults);
+                let len = reply.body.len();
+                let mut resp = headers(reply.status, len, &rate, None);
+                *resp.body_mut() = faults::dropping(reply.body, at);
+                return resp;
+            }
+            _ => {}
+        }
+    }
+    respond(reply.status, reply.body, &rate, None)
+}
+
+/// Everything a handler needs about one request.
+pub(crate) struct Req<'a> {
+    pub sim: &'a Sim,
+    pub route: &'a Route,
+    pub params: &'a Params,
+    pub body: &'a [u8],
+    pub host: &'a str,
+}
+
+impl Req<'_> {
+    pub(crate) fn param(&self, name: &str) -> Option<&str> {
+        self.params.get(name).map(String::as_str)
+    }
+}
+
+fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
+    match req.route.kind {
+        Kind::List => read::list(req),
+        Kind::Business => read::business(req),
+        Kind::Get => read::contact(req),
+        Kind::Tasks | Kind::GetTask | Kind::Notes | Kind::GetNote | Kind::Appointments => {
+            read::children(req)
+        }
+        Kind::Duplicate => read::duplicate(req),
+        Kind::Create => write::create(req),
+        Kind::Upsert => write::upsert(req),
+        Kind::Update => write::update(req),
+        Kind::Delete => write::delete(req),
+        Kind::AddTags | Kind::RemoveTags => write::tags(req),
+        Kind::CreateTask | Kind::UpdateTask | Kind::CompleteTask | Kind::DeleteTask => {
+            write::task(req)
+        }
+        Kind::CreateNote | Kind::UpdateNote | Kind::DeleteNote => write::note(req),
+        Kind::Unknown => Err(ApiError::NoRoute(
+            "Cannot handle this method and path".into(),
+        )),
+    }
+}
+
+fn admin_route(sim: &Sim, method: &Method, path: &str) -> Response {
+    let no_limits = RateHeaders::default();
+    match (method.as_str(), path) {
+        ("GET", "stats") => {
+            let reply = Reply::ok(&sim.stats());
+            respond(reply.status, reply.body, &no_limits, None)
+        }
+        ("POST", "reset-daily") => {
+            sim.reset_daily_quota();
+            respond(StatusCode::OK, b"{\"ok\":true}".to_vec(), &no_limits, None)
+        }
+        _ => respond(
+            StatusCode::NOT_FOUND,
+            b"{\"statusCode\":404,\"message\":\"unknown admin route\"}".to_vec(),
+            &no_limits,
+            None,
+        ),
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+fn respond(
+    status: StatusCode,
+    body: Vec<u8>,
+    rate: &RateHeaders,
+    retry: Option<Duration>,
+) -> Response {
+    let len = body.len();
+    let mut resp = headers(status, len, rate, retry);
+    *resp.body_mut() = Body::from(body);
+    resp
+}
+
+/// A response with status and headers and an empty body; `len` is the announced length.
+fn headers(
+    status: StatusCode,
+    len: usize,
+    rate: &RateHeaders,
+    retry: Option<Duration>,
+) -> Response {
+    let mut resp = Response::new(Body::empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    let mut put = |name: &'static str, value: u64| {
+        h.insert(HeaderName::from_static(name), HeaderValue::from(value));
+    };
+    if let Some((max, remaining, interval_ms)) = rate.burst {
+        put("x-ratelimit-max", u64::from(max));
+        put("x-ratelimit-remaining", u64::from(remaining));
+        put(
+            "x-ratelimit-interval-milliseconds",
+            u64::try_from(interval_ms).unwrap_or(u64::MAX),
+        );
+    }
+    if let Some((limit, remaining)) = rate.daily {
+        put("x-ratelimit-limit-daily", limit);
+        put("x-ratelimit-daily-remaining", remaining);
+    }
+    if let Some(wait) = retry {
+        // Whole seconds, rounded up so that a client waiting this long is let in.
+        let secs = wait.as_millis().div_ceil(1000).max(1);
+        put("retry-after", u64::try_from(secs).unwrap_or(u64::MAX));
+    }
+    resp
+}
