@@ -25,12 +25,21 @@ pub struct Cursor {
     pub start_after_id: String,
 }
 
+/// Where a listing continues: after a cursor (the location listing), or at an offset of
+/// the `index`-th requested business.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Position {
+    After(Cursor),
+    Business { index: usize, skip: u64 },
+}
+
 /// One page of contacts, in listing order.
 #[derive(Debug)]
 pub struct Page {
     pub contacts: Vec<Box<RawValue>>,
     /// Where to continue after this page; `None` when this was the last one.
-    pub next: Option<Cursor>,
+    pub next: Option<Position>,
     /// The server's total for the listing, when it says.
     pub total: Option<u64>,
 }
@@ -45,19 +54,37 @@ pub enum ExtractError {
     NoCursor { location: String },
 }
 
-/// The few fields of a contact the pipeline itself needs.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(crate) struct ContactHead<'a> {
-    #[serde(borrow, default)]
-    pub id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    pub date_added: Option<Cow<'a, str>>,
+/// The few fields of a contact the pipeline itself needs, read leniently: a field of an
+/// unexpected type is `None`, never an error that would hide the others.
+#[derive(Debug, Default)]
+pub(crate) struct ContactHead {
+    pub id: Option<String>,
+    pub date_added: Option<i64>,
+    pub date_updated: Option<i64>,
 }
 
-impl<'a> ContactHead<'a> {
-    pub fn of(raw: &'a RawValue) -> ContactHead<'a> {
-        serde_json::from_str(raw.get()).unwrap_or_default()
+#[derive(Default, Deserialize)]
+struct RawHead<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "dateAdded")]
+    date_added: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "dateUpdated")]
+    date_updated: Option<&'a RawValue>,
+}
+
+impl ContactHead {
+    pub fn of(raw: &RawValue) -> ContactHead {
+        let head: RawHead<'_> = serde_json::from_str(raw.get()).unwrap_or_default();
+        ContactHead { id: head.id.and_then(|r| serde_json::from_str::<String>(r.get()).ok()), date_added: head.date_added.and_then(millis), date_updated: head.date_updated.and_then(millis) }
+    }
+}
+
+/// An ISO timestamp string or epoch milliseconds.
+fn millis(raw: &RawValue) -> Option<i64> {
+    match serde_json::from_str::<Cow<'_, str>>(raw.get()) {
+        Ok(s) => crate::timefmt::parse_iso_millis(&s),
+        Err(_) => serde_json::from_str::<i64>(raw.get()).ok(),
     }
 }
 
@@ -106,13 +133,13 @@ pub fn location_contacts(
         let mut contacts = page.contacts;
         let this_ids: HashSet<String> = contacts
             .iter()
-            .filter_map(|c| ContactHead::of(c).id.map(Cow::into_owned))
+            .filter_map(|c| ContactHead::of(c).id)
             .collect();
         if !st.prev_page_ids.is_empty() {
             contacts.retain(|c| {
                 ContactHead::of(c)
                     .id
-                    .is_none_or(|id| !st.prev_page_ids.contains(id.as_ref()))
+                    .is_none_or(|id| !st.prev_page_ids.contains(&id))
             });
             if contacts.len() < fetched {
                 tracing::warn!(location = %st.location, repeated = fetched - contacts.len(), "the server repeated contacts across a page boundary; each is exported once");
@@ -150,7 +177,7 @@ pub fn location_contacts(
         Ok(Some((
             Page {
                 contacts,
-                next,
+                next: next.map(Position::After),
                 total,
             },
             st,
@@ -161,10 +188,9 @@ pub fn location_contacts(
 /// The cursor that continues after `raw`: its `dateAdded` in ms and its id.
 fn cursor_of(raw: &RawValue) -> Option<Cursor> {
     let head = ContactHead::of(raw);
-    let ms = crate::timefmt::parse_iso_millis(head.date_added.as_deref()?)?;
     Some(Cursor {
-        start_after: ms,
-        start_after_id: head.id?.into_owned(),
+        start_after: head.date_added?,
+        start_after_id: head.id?,
     })
 }
 
@@ -195,6 +221,7 @@ struct BusinessState {
     client: Arc<Client>,
     location: String,
     business: String,
+    index: usize,
     page_size: u32,
     skip: u64,
     /// Offset paging can repeat ids when the listing shifts; a business is small enough to
@@ -203,20 +230,24 @@ struct BusinessState {
     done: bool,
 }
 
-/// Streams the contacts of one business (`GET /contacts/business/:id`, skip/limit paging).
-/// Pages carry no cursor (`next` is `None`); the listing is restarted, not resumed.
+/// Streams the contacts of one business (`GET /contacts/business/:id`, skip/limit paging),
+/// starting at offset `skip`. `index` is the business's place in the export's list; it goes
+/// into each page's [`Position`] so a resumed run can continue there.
 pub fn business_contacts(
     client: Arc<Client>,
     location_id: String,
     business_id: String,
+    index: usize,
+    skip: u64,
     page_size: u32,
 ) -> impl Stream<Item = Result<Page, ExtractError>> {
     let state = BusinessState {
         client,
         location: location_id,
         business: business_id,
+        index,
         page_size: page_size.clamp(1, 100),
-        skip: 0,
+        skip,
         seen: HashSet::new(),
         done: false,
     };
@@ -236,12 +267,16 @@ pub fn business_contacts(
         contacts.retain(|c| {
             ContactHead::of(c)
                 .id
-                .is_none_or(|id| st.seen.insert(id.into_owned()))
+                .is_none_or(|id| st.seen.insert(id))
+        });
+        let next = (!st.done).then_some(Position::Business {
+            index: st.index,
+            skip: st.skip,
         });
         Ok(Some((
             Page {
                 contacts,
-                next: None,
+                next,
                 total,
             },
             st,

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt, TryStreamExt};
 use serde_json::value::RawValue;
 
 use crate::api::{ApiError, Client, ErrorKind};
-use crate::extract::{ContactHead, Cursor, ExtractError, Page};
+use crate::extract::{ContactHead, ExtractError, Page, Position};
 
 /// Which children to fetch for each contact.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -96,8 +96,16 @@ pub struct Children {
 pub struct ContactUnit {
     pub contact: Box<RawValue>,
     pub id: Option<String>,
+    /// `dateUpdated` in epoch ms, when the contact has a readable one.
+    pub date_updated: Option<i64>,
+    /// False when an incremental run found the contact unchanged: nothing is fetched or
+    /// written for it, it is only recorded as still present.
+    pub changed: bool,
     pub children: Children,
 }
+
+/// Decides from a contact's id and `dateUpdated` whether it changed since the last run.
+pub type ChangeFilter = Arc<dyn Fn(&str, Option<i64>) -> bool + Send + Sync>;
 
 /// What flows from the fan-out to the writer: contacts in listing order, and page ends.
 #[derive(Debug)]
@@ -105,7 +113,7 @@ pub enum Item {
     Contact(ContactUnit),
     /// Every contact of the page (and its children) came before this.
     PageEnd {
-        next: Option<Cursor>,
+        next: Option<Position>,
         total: Option<u64>,
         contacts: usize,
     },
@@ -148,19 +156,21 @@ pub async fn fetch_children(
 enum Pending {
     Contact(Box<RawValue>),
     PageEnd {
-        next: Option<Cursor>,
+        next: Option<Position>,
         total: Option<u64>,
         contacts: usize,
     },
 }
 
 /// Turns a stream of pages into contacts with their children, in order, with at most
-/// `window` contacts in progress.
+/// `window` contacts in progress. With a `filter`, unchanged contacts pass through without
+/// requests.
 pub fn fan_out<S>(
     pages: S,
     client: Arc<Client>,
     include: Include,
     window: usize,
+    filter: Option<ChangeFilter>,
 ) -> impl Stream<Item = Result<Item, ExtractError>>
 where
     S: Stream<Item = Result<Page, ExtractError>>,
@@ -183,6 +193,7 @@ where
         .try_flatten()
         .map(move |pending| {
             let client = client.clone();
+            let filter = filter.clone();
             async move {
                 match pending? {
                     Pending::PageEnd {
@@ -195,16 +206,16 @@ where
                         contacts,
                     }),
                     Pending::Contact(contact) => {
-                        let id = ContactHead::of(&contact).id.map(|c| c.into_owned());
-                        let children = match (&id, include.any()) {
+                        let ContactHead { id, date_updated, .. } = ContactHead::of(&contact);
+                        let changed = match (&filter, &id) {
+                            (Some(f), Some(id)) => f(id, date_updated),
+                            _ => true,
+                        };
+                        let children = match (&id, changed && include.any()) {
                             (Some(id), true) => fetch_children(&client, id, include).await?,
                             _ => Children::default(),
                         };
-                        Ok(Item::Contact(ContactUnit {
-                            contact,
-                            id,
-                            children,
-                        }))
+                        Ok(Item::Contact(ContactUnit { contact, id, date_updated, changed, children }))
                     }
                 }
             }

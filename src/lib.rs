@@ -11,14 +11,18 @@
 //!   for both sinks.
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
 //! - [`export`]: the export run: plan, pipeline from extractor to sinks, manifest.
+//! - [`import`]: the bulk import: CSV validated first, journaled writes, resume, undo.
 //! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
 //! - [`cli`]: command-line arguments, progress and logging.
 
 pub mod api;
+pub mod checkpoint;
 pub mod cli;
 pub mod export;
 pub mod extract;
 pub mod fanout;
+pub mod import;
+pub mod incremental;
 pub mod ratelimit;
 pub mod schema;
 pub mod sim;

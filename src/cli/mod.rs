@@ -2,13 +2,15 @@
 //! turns arguments into a plan and runs it.
 
 pub mod env;
+pub mod exit;
 mod progress;
+mod report;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::{Client, ClientConfig, Token, DEFAULT_BASE_URL};
@@ -17,6 +19,7 @@ use crate::fanout::Include;
 use crate::ratelimit::Quota;
 use crate::sink::Format;
 pub use progress::ProgressReporter;
+pub use report::RunReport;
 
 /// Bulk export of HighLevel (LeadConnector) contacts with their tasks, notes and
 /// appointments, to Parquet or CSV.
@@ -70,6 +73,9 @@ pub enum Command {
     /// Export 5,000 simulated contacts to ./demo-out as Parquet: a full run in seconds, with no
     /// credentials. Prints what it wrote and how to read it.
     Demo(DemoArgs),
+    /// Import contacts, tasks or notes from CSV: validated first, journaled, resumable, never a
+    /// duplicate; `import undo` deletes what an import created.
+    Import(crate::import::cli::ImportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -101,6 +107,51 @@ pub struct ExportArgs {
     /// Contacts per part file; a part holds whole pages of contacts with all their children.
     #[arg(long, default_value_t = 250_000, value_name = "N")]
     pub part_contacts: u64,
+
+    /// Longest time between commits, in seconds. Each commit closes the open part files and
+    /// records the position in the checkpoint: a kill or crash costs at most this much work.
+    #[arg(long, default_value_t = 600, value_name = "SECS")]
+    pub commit_interval: u64,
+
+    /// Continue the unfinished export found in OUT (a rerun of the same command does this
+    /// anyway, and says so). Refused if the checkpoint was made with other settings.
+    #[arg(long, conflicts_with = "restart")]
+    pub resume: bool,
+
+    /// Discard an unfinished export found in OUT and start over.
+    #[arg(long)]
+    pub restart: bool,
+
+    /// Most requests this run may send. When spent, the run commits, checkpoints and exits
+    /// with code 75; rerun the same command to continue.
+    #[arg(long, value_name = "N")]
+    pub daily_budget: Option<u64>,
+
+    /// Share of the location's daily quota (X-RateLimit-Limit-Daily) to leave for its other
+    /// integrations, in percent: the run stops (exit 75) when the quota remaining falls to it.
+    #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
+    pub daily_reserve: f64,
+
+    /// Incremental (nightly) run: list every contact (cheap: one request per 100), but fetch
+    /// tasks, notes and appointments and write rows only for contacts new or changed
+    /// (dateUpdated moved) since the last complete incremental run; write the ids of contacts
+    /// that disappeared to deleted_contacts/. The first run exports everything.
+    #[arg(long)]
+    pub incremental: bool,
+
+    /// With --incremental: export everything and replace the state (run it weekly: a child
+    /// changed without its contact's dateUpdated moving is only caught by a full refresh).
+    #[arg(long, requires = "incremental")]
+    pub full_refresh: bool,
+
+    /// Where --incremental keeps its state between runs (keep it when OUT changes nightly).
+    /// Default: OUT/_state.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Where to write the run report (JSON). Default: OUT/_report.json.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -241,19 +292,20 @@ pub fn init_logging(cli: &Cli) {
     }
 }
 
-/// Reads the token from `--token-file` or HL_TOKEN.
+/// Reads the token from `--token-file` or HL_TOKEN. Problems are usage errors (exit 2).
 pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
+    let usage = |m: String| anyhow::Error::from(exit::UsageError(m));
     match file {
         Some(path) => {
-            let raw = std::fs::read_to_string(path).with_context(|| format!("cannot read the token file {}", path.display()))?;
-            Token::new(&raw).map_err(|e| anyhow::anyhow!("token file {}: {e}", path.display()))
+            let raw = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the token file {}: {e}", path.display())))?;
+            Token::new(&raw).map_err(|e| usage(format!("token file {}: {e}", path.display())))
         }
         None => match std::env::var(env::HL_TOKEN) {
-            Ok(raw) => Token::new(&raw).map_err(|e| anyhow::anyhow!("{}: {e}", env::HL_TOKEN)),
-            Err(_) => bail!(
+            Ok(raw) => Token::new(&raw).map_err(|e| usage(format!("{}: {e}", env::HL_TOKEN))),
+            Err(_) => Err(usage(format!(
                 "no API token: set {} or pass --token-file FILE\nhint: use a Private Integration Token or a location OAuth access token with the contacts.readonly scope",
                 env::HL_TOKEN
-            ),
+            ))),
         },
     }
 }
@@ -270,14 +322,34 @@ impl ConnArgs {
 
 /// Runs `export` and prints the closing summary.
 pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manifest> {
+    if !(0.0..100.0).contains(&args.daily_reserve) {
+        return Err(exit::UsageError(format!("--daily-reserve {} is not a percentage below 100", args.daily_reserve)).into());
+    }
     let token = load_token(args.conn.token_file.as_deref())?;
     let client = Arc::new(Client::new(args.conn.client_config(token))?);
     let mut plan = ExportPlan::new(args.location.clone(), args.format.into(), args.out.clone());
     plan.businesses = args.businesses.clone();
     plan.include = args.include;
     plan.part_contacts = args.part_contacts.max(1);
+    plan.commit_interval = Duration::from_secs(args.commit_interval.max(1));
     plan.window = (usize::from(args.conn.concurrency) * 8).max(plan.page_size as usize + 28);
-    execute(client, &plan, quiet).await
+    plan.restart = args.restart;
+    plan.budget = crate::export::Budget { max_requests: args.daily_budget, reserve: args.daily_reserve / 100.0 };
+    if args.incremental {
+        plan.incremental = Some(crate::export::IncrementalPlan {
+            state_dir: args.state_dir.clone().unwrap_or_else(|| args.out.join("_state")),
+            full_refresh: args.full_refresh,
+        });
+    }
+    let started = (crate::timefmt::format_iso_millis(crate::export::now_millis()), std::time::Instant::now());
+    let progress = Arc::new(Progress::default());
+    let result = execute(client.clone(), &plan, quiet, progress.clone()).await;
+    let report = RunReport::build(&plan, &client, started, &result, progress.resumed_from.load(std::sync::atomic::Ordering::Relaxed));
+    let report_path = args.report.clone().unwrap_or_else(|| args.out.join("_report.json"));
+    if let Err(e) = report.write(&report_path) {
+        tracing::error!(error = %e, "cannot write the run report");
+    }
+    result
 }
 
 /// Runs a plan with progress display and prints the closing summary.
@@ -285,9 +357,9 @@ pub async fn execute(
     client: Arc<Client>,
     plan: &ExportPlan,
     quiet: bool,
+    progress: Arc<Progress>,
 ) -> anyhow::Result<Manifest> {
     let started = std::time::Instant::now();
-    let progress = Arc::new(Progress::default());
     let reporter = ProgressReporter::start(
         progress.clone(),
         client.stats().clone(),
@@ -413,7 +485,7 @@ pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
     let client = Arc::new(Client::new(cfg)?);
     let mut plan = ExportPlan::new(location, args.format.into(), args.out.clone());
     plan.window = 512;
-    let result = execute(client, &plan, quiet).await;
+    let result = execute(client, &plan, quiet, Arc::new(Progress::default())).await;
     let _ = stop_tx.send(());
     let _ = server.await;
     let manifest = result?;

@@ -1,25 +1,34 @@
-//! An export run: listing → fan-out → writer thread → part files → manifest.
+//! An export run: listing → fan-out → writer thread → part files → checkpoint → manifest.
 //!
-//! `OUT/<entity>/location_id=<id>/part-<n>.<ext>` holds the rows; `OUT/_manifest.json` is
-//! written last, so its presence means the run completed.
+//! `OUT/<entity>/location_id=<id>/part-<n>.<ext>` holds the rows; `OUT/_state/location_id=<id>/`
+//! the checkpoint (and, for incremental runs, the `seen` log); `OUT/_manifest.json` is written
+//! last, so its presence means the run completed.
+//!
+//! A run that finds an unfinished checkpoint with the same settings resumes it: it deletes
+//! part files the checkpoint does not list (written after its last commit) and continues the
+//! listing after the committed position. A run stopped by the daily quota, an error or a kill
+//! therefore costs time, never rows.
 
 mod resources;
 mod writer;
-
-pub use resources::Resources;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use resources::Resources;
+
 use crate::api::{Client, StatsSnapshot};
-use crate::extract::{self, ExtractError, Page};
-use crate::fanout::{self, Include, Item};
-use crate::schema::{Entity, SCHEMA_VERSION};
+use crate::checkpoint::{self, Checkpoint, CheckpointError, Settings};
+use crate::extract::{self, ExtractError, Page, Position};
+use crate::fanout::{self, ChangeFilter, Include, Item};
+use crate::incremental::{self, PrevState, SeenLog, StateError};
+use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
 use crate::sink::{self, Format, PartInfo, SinkError};
 
 /// The manifest's file name under the output root.
@@ -42,6 +51,63 @@ pub struct ExportPlan {
     pub batch_rows: usize,
     /// Contacts per part file.
     pub part_contacts: u64,
+    /// Longest time between commits: bounds the work a kill can cost.
+    pub commit_interval: Duration,
+    /// Discard an unfinished checkpoint instead of resuming it.
+    pub restart: bool,
+    pub budget: Budget,
+    /// Fetch children only for new or changed contacts, and report deletions.
+    pub incremental: Option<IncrementalPlan>,
+}
+
+/// When to stop before the location's daily quota is gone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Budget {
+    /// Most requests this run may send.
+    pub max_requests: Option<u64>,
+    /// Stop when `X-RateLimit-Daily-Remaining` falls to this share of the daily limit, leaving
+    /// it to the location's other integrations.
+    pub reserve: f64,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget { max_requests: None, reserve: 0.05 }
+    }
+}
+
+impl Budget {
+    /// Why the run should stop now, if it should.
+    fn exhausted(&self, client: &Client) -> Option<String> {
+        let spent = client.stats().snapshot().attempts;
+        if let Some(max) = self.max_requests {
+            if spent >= max {
+                return Some(format!("this run's budget of {max} requests (--daily-budget) is spent"));
+            }
+        }
+        match client.limiter().daily() {
+            (Some(remaining), Some(limit)) if remaining as f64 <= self.reserve * limit as f64 => {
+                Some(format!("the location's daily quota is down to {remaining} of {limit} requests (the reserve is {:.0}%)", self.reserve * 100.0))
+            }
+            (Some(0), None) => Some("the location's daily quota is spent".into()),
+            _ => None,
+        }
+    }
+}
+
+/// Where incremental state lives, and whether to ignore it this time.
+#[derive(Clone, Debug)]
+pub struct IncrementalPlan {
+    /// Directory of the state kept between runs (contact id → `dateUpdated`).
+    pub state_dir: PathBuf,
+    /// Export everything, then replace the state.
+    pub full_refresh: bool,
+}
+
+impl IncrementalPlan {
+    fn state_file(&self, location_id: &str) -> PathBuf {
+        self.state_dir.join(format!("location_id={location_id}")).join("contacts-state.tsv")
+    }
 }
 
 impl ExportPlan {
@@ -56,6 +122,21 @@ impl ExportPlan {
             window: 256,
             batch_rows: 8192,
             part_contacts: 250_000,
+            commit_interval: Duration::from_secs(600),
+            restart: false,
+            budget: Budget::default(),
+            incremental: None,
+        }
+    }
+
+    fn settings(&self) -> Settings {
+        Settings {
+            location_id: self.location_id.clone(),
+            businesses: self.businesses.clone(),
+            include: self.include.to_string(),
+            format: self.format.extension().into(),
+            page_size: self.page_size,
+            incremental: self.incremental.is_some(),
         }
     }
 }
@@ -66,6 +147,8 @@ pub struct Progress {
     pub contacts: AtomicU64,
     /// The listing's total as the server reports it (0 until known).
     pub total: AtomicU64,
+    /// Contacts already committed by earlier attempts of a resumed run.
+    pub resumed_from: AtomicU64,
 }
 
 /// Rows and files of one entity.
@@ -86,11 +169,19 @@ pub struct Manifest {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub businesses: Vec<String>,
     pub include: String,
+    /// True for an incremental run: `contacts` holds new and changed contacts only, and
+    /// `deleted_contacts` the ids that disappeared since the previous run.
+    pub incremental: bool,
     pub started_at: String,
     pub finished_at: String,
+    /// How many times this run was resumed after a stop.
+    pub resumed: u32,
+    /// Contacts listed (changed or not).
+    pub contacts_listed: u64,
     pub entities: BTreeMap<String, EntityReport>,
     /// Objects skipped because they were not JSON objects.
     pub skipped_objects: u64,
+    /// Requests of the last attempt of the run (a resumed run's earlier attempts not included).
     pub requests: StatsSnapshot,
     /// This process's CPU time and peak memory at the end of the run.
     pub resources: Resources,
@@ -102,11 +193,16 @@ pub enum ExportError {
     Extract(#[from] ExtractError),
     #[error(transparent)]
     Sink(#[from] SinkError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    State(#[from] StateError),
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds an unfinished export made with other settings: {why}\nhint: rerun with the checkpoint's settings to resume it, or pass --restart to discard it and start over")]
+    CheckpointMismatch { path: PathBuf, why: String },
+    #[error("stopped before the daily quota ran out: {reason}. {contacts} contacts are committed.\nhint: HighLevel resets the quota within 24 hours (it does not say when); rerun the same command then to resume")]
+    QuotaStop { reason: String, contacts: u64 },
     #[error("the writer thread stopped unexpectedly")]
     WriterLost,
 }
@@ -122,23 +218,102 @@ impl ExportError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| ExportError::Io { path: path.to_path_buf(), source }
 }
 
-/// Runs one export to completion and returns its manifest (also written to `OUT`).
-pub async fn run(
-    client: Arc<Client>,
-    plan: &ExportPlan,
-    progress: Arc<Progress>,
-) -> Result<Manifest, ExportError> {
-    let started_at = crate::timefmt::format_iso_millis(now_millis());
+/// Runs one export to completion (resuming an unfinished one) and returns its manifest
+/// (also written to `OUT`).
+pub async fn run(client: Arc<Client>, plan: &ExportPlan, progress: Arc<Progress>) -> Result<Manifest, ExportError> {
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
-    prepare_out(plan)?;
+    let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
+    let ck_path = checkpoint::path(&state_dir);
+    let seen_path = state_dir.join("seen.tsv");
+    let ck = begin(plan, &ck_path, &seen_path)?;
+    progress.resumed_from.store(ck.contacts_listed, Relaxed);
+    let manifest_path = plan.out.join(MANIFEST);
+    if manifest_path.exists() {
+        std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
+    }
 
-    let pages = listing(client.clone(), plan).map({
+    let prev = match &plan.incremental {
+        Some(inc) if !inc.full_refresh => PrevState::load(&inc.state_file(&plan.location_id))?.map(Arc::new),
+        _ => None,
+    };
+    if let (Some(_), None) = (&plan.incremental, &prev) {
+        tracing::info!(location = %plan.location_id, "no incremental state (first run or --full-refresh): exporting every contact");
+    }
+    let ck = if ck.listing_done {
+        ck
+    } else {
+        let seen = match plan.incremental {
+            Some(_) => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
+            None => None,
+        };
+        stream(client.clone(), plan, ck, &ck_path, seen, prev.clone(), progress).await?
+    };
+    finish(client, plan, ck, &ck_path, &seen_path, prev.as_deref()).await
+}
+
+/// Resumes the unfinished checkpoint, or starts afresh.
+fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoint, ExportError> {
+    let settings = plan.settings();
+    let cleaned = sink::clean_temp_files(&plan.out)?;
+    if cleaned > 0 {
+        tracing::info!(files = cleaned, "removed temporary files left by an interrupted run");
+    }
+    if let Some(mut ck) = checkpoint::load(ck_path)? {
+        if !ck.complete && !plan.restart {
+            if let Some(why) = settings.mismatch(&ck.settings) {
+                return Err(ExportError::CheckpointMismatch { path: ck_path.to_path_buf(), why });
+            }
+            let listed: Vec<&str> = ck.entities.values().flat_map(|e| e.files.iter().map(|f| f.path.as_str())).collect();
+            let orphans = remove_parts(&plan.out, &plan.location_id, |rel| !listed.contains(&rel))?;
+            ck.resumed += 1;
+            checkpoint::save(ck_path, &ck)?;
+            tracing::info!(
+                location = %plan.location_id,
+                contacts = ck.contacts_listed,
+                parts = listed.len(),
+                discarded_uncommitted_parts = orphans,
+                resumed = ck.resumed,
+                "resuming the unfinished export found in {}",
+                ck_path.display()
+            );
+            return Ok(ck);
+        }
+        if !ck.complete {
+            tracing::info!(location = %plan.location_id, "--restart: discarding the unfinished export in {}", ck_path.display());
+        }
+    }
+    let removed = remove_parts(&plan.out, &plan.location_id, |_| true)?;
+    if removed > 0 {
+        tracing::info!(files = removed, location = %plan.location_id, "replacing the part files of an earlier export of this location");
+    }
+    if seen_path.exists() {
+        std::fs::remove_file(seen_path).map_err(io_err(seen_path))?;
+    }
+    let ck = Checkpoint {
+        settings,
+        started_at: crate::timefmt::format_iso_millis(now_millis()),
+        resumed: 0,
+        position: None,
+        next_part: 0,
+        contacts_listed: 0,
+        entities: BTreeMap::new(),
+        skipped_objects: 0,
+        seen_bytes: 0,
+        listing_done: false,
+        deletions_done: false,
+        complete: false,
+    };
+    checkpoint::save(ck_path, &ck)?;
+    Ok(ck)
+}
+
+/// Lists, fans out and writes until the listing ends, the budget is spent, or an error.
+/// Complete pages are committed in every case.
+async fn stream(client: Arc<Client>, plan: &ExportPlan, ck: Checkpoint, ck_path: &Path, seen: Option<SeenLog>, prev: Option<Arc<PrevState>>, progress: Arc<Progress>) -> Result<Checkpoint, ExportError> {
+    let pages = listing(client.clone(), plan, ck.position.clone()).map({
         let progress = progress.clone();
         move |page| {
             if let Ok(p) = &page {
@@ -149,7 +324,8 @@ pub async fn run(
             page
         }
     });
-    let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window);
+    let filter: Option<ChangeFilter> = prev.map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
+    let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window, filter);
     let (tx, handle) = writer::spawn(
         writer::WriterConfig {
             out: plan.out.clone(),
@@ -158,39 +334,91 @@ pub async fn run(
             include: plan.include,
             batch_rows: plan.batch_rows.max(1),
             part_contacts: plan.part_contacts.max(1),
-            first_part: 0,
+            commit_interval: plan.commit_interval,
+            checkpoint_path: ck_path.to_path_buf(),
+            seen,
         },
+        ck,
         plan.window,
     );
 
     let mut items = std::pin::pin!(items);
     let mut failure = None;
-    while let Some(item) = items.next().await {
-        match item {
-            Ok(item) => {
-                if matches!(item, Item::Contact(_)) {
+    let mut listing_done = false;
+    loop {
+        match items.next().await {
+            None => {
+                listing_done = true;
+                break;
+            }
+            Some(Ok(item)) => {
+                let page_end = matches!(item, Item::PageEnd { .. });
+                if !page_end {
                     progress.contacts.fetch_add(1, Relaxed);
                 }
-                if tx.send(item).await.is_err() {
+                if tx.send(writer::Msg::Item(item)).await.is_err() {
                     break; // the writer failed; its error is collected below
                 }
+                if page_end {
+                    if let Some(reason) = plan.budget.exhausted(&client) {
+                        failure = Some(reason);
+                        break;
+                    }
+                }
             }
-            Err(e) => {
-                failure = Some(ExportError::from(e));
-                break;
+            Some(Err(e)) => {
+                let _ = tx.send(writer::Msg::Finish { listing_done: false }).await;
+                drop(tx);
+                // Complete pages are committed by the writer before this error is reported.
+                let _ = join(handle).await;
+                return Err(e.into());
             }
         }
     }
+    let _ = tx.send(writer::Msg::Finish { listing_done }).await;
     drop(tx);
-    let written = tokio::task::spawn_blocking(move || handle.join())
-        .await
-        .map_err(|_| ExportError::WriterLost)?
-        .map_err(|_| ExportError::WriterLost)?;
-    if let Some(e) = failure {
-        // Parts completed so far stay; the manifest is not written: the run is incomplete.
-        return Err(e);
+    let ck = join(handle).await?;
+    if let Some(reason) = failure {
+        return Err(ExportError::QuotaStop { reason, contacts: ck.contacts_listed });
     }
-    let written = written?;
+    Ok(ck)
+}
+
+async fn join(handle: std::thread::JoinHandle<Result<Checkpoint, ExportError>>) -> Result<Checkpoint, ExportError> {
+    tokio::task::spawn_blocking(move || handle.join()).await.map_err(|_| ExportError::WriterLost)?.map_err(|_| ExportError::WriterLost)?
+}
+
+/// The finishing steps, each safe to repeat after a crash: deletions (incremental), the new
+/// state, the manifest, and the checkpoint marked complete.
+async fn finish(client: Arc<Client>, plan: &ExportPlan, mut ck: Checkpoint, ck_path: &Path, seen_path: &Path, prev: Option<&PrevState>) -> Result<Manifest, ExportError> {
+    if let Some(inc) = &plan.incremental {
+        let (state_body, deleted) = incremental::finish(prev, seen_path)?;
+        if !ck.deletions_done {
+            let mut builder = BatchBuilder::new(Entity::DeletedContacts);
+            let ctx = RowContext { location_id: &plan.location_id, contact_id: None };
+            for (id, ms) in &deleted {
+                let obj = serde_json::json!({ "id": id, "dateUpdated": ms });
+                let raw = serde_json::value::to_raw_value(&obj).unwrap_or_default();
+                if let Err(e) = builder.append(&raw, &ctx) {
+                    tracing::warn!(error = %e, "cannot record a deleted contact");
+                }
+            }
+            let mut part = sink::open_part(&plan.out, plan.format, Entity::DeletedContacts, &plan.location_id, ck.next_part)?;
+            if !builder.is_empty() {
+                part.write(&builder.finish())?;
+            }
+            let info = part.finish()?;
+            let report = ck.entities.entry(Entity::DeletedContacts.name().to_owned()).or_default();
+            *report = EntityReport { rows: info.rows, files: vec![info] };
+            ck.next_part += 1;
+            ck.deletions_done = true;
+            checkpoint::save(ck_path, &ck)?;
+            if !deleted.is_empty() {
+                tracing::info!(location = %plan.location_id, deleted = deleted.len(), "contacts deleted since the previous run");
+            }
+        }
+        incremental::save_state(&inc.state_file(&plan.location_id), &state_body)?;
+    }
 
     let manifest = Manifest {
         schema_version: SCHEMA_VERSION,
@@ -199,100 +427,62 @@ pub async fn run(
         location_id: plan.location_id.clone(),
         businesses: plan.businesses.clone(),
         include: plan.include.to_string(),
-        started_at,
+        incremental: plan.incremental.is_some(),
+        started_at: ck.started_at.clone(),
         finished_at: crate::timefmt::format_iso_millis(now_millis()),
-        entities: written
-            .entities
-            .into_iter()
-            .map(|(e, r)| (e.name().to_owned(), r))
-            .collect(),
-        skipped_objects: written.skipped,
+        resumed: ck.resumed,
+        contacts_listed: ck.contacts_listed,
+        entities: ck.entities.clone(),
+        skipped_objects: ck.skipped_objects,
         requests: client.stats().snapshot(),
         resources: Resources::now(),
     };
-    write_atomic(
-        &plan.out.join(MANIFEST),
-        &serde_json::to_vec_pretty(&manifest).unwrap_or_default(),
-    )?;
+    let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
+    checkpoint::write_atomic(&plan.out.join(MANIFEST), &bytes)?;
+    ck.complete = true;
+    checkpoint::save(ck_path, &ck)?;
     Ok(manifest)
 }
 
-/// The pages to export: the whole location, or the listed businesses one after another.
-fn listing(
-    client: Arc<Client>,
-    plan: &ExportPlan,
-) -> std::pin::Pin<Box<dyn Stream<Item = Result<Page, ExtractError>> + Send>> {
+/// The pages to export, from `from` on: the whole location, or the listed businesses one
+/// after another.
+fn listing(client: Arc<Client>, plan: &ExportPlan, from: Option<Position>) -> std::pin::Pin<Box<dyn Stream<Item = Result<Page, ExtractError>> + Send>> {
     if plan.businesses.is_empty() {
-        Box::pin(extract::location_contacts(
-            client,
-            plan.location_id.clone(),
-            None,
-            plan.page_size,
-        ))
+        let cursor = match from {
+            Some(Position::After(c)) => Some(c),
+            _ => None,
+        };
+        Box::pin(extract::location_contacts(client, plan.location_id.clone(), cursor, plan.page_size))
     } else {
+        let (first, skip) = match from {
+            Some(Position::Business { index, skip }) => (index, skip),
+            _ => (0, 0),
+        };
         let (loc, size) = (plan.location_id.clone(), plan.page_size);
-        Box::pin(
-            futures::stream::iter(plan.businesses.clone()).flat_map(move |b| {
-                extract::business_contacts(client.clone(), loc.clone(), b, size)
-            }),
-        )
+        let businesses: Vec<(usize, String)> = plan.businesses.iter().cloned().enumerate().skip(first).collect();
+        Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| extract::business_contacts(client.clone(), loc.clone(), b, i, if i == first { skip } else { 0 }, size)))
     }
 }
 
-/// Makes `OUT` ready for a fresh run of this location: removes leftover temporary files, the
-/// old manifest, and this location's part files from an earlier run (so a rerun never mixes
-/// old and new rows). Files that are not ours are left alone.
-fn prepare_out(plan: &ExportPlan) -> Result<(), ExportError> {
-    let cleaned = sink::clean_temp_files(&plan.out)?;
-    if cleaned > 0 {
-        tracing::info!(
-            files = cleaned,
-            "removed temporary files left by an interrupted run"
-        );
-    }
-    let manifest = plan.out.join(MANIFEST);
-    if manifest.exists() {
-        std::fs::remove_file(&manifest).map_err(io_err(&manifest))?;
-    }
+/// Removes this location's part files for which `remove(relative path)` holds; returns how many.
+fn remove_parts(out: &Path, location_id: &str, remove: impl Fn(&str) -> bool) -> Result<usize, ExportError> {
     let mut removed = 0;
-    for entity in Entity::ALL {
-        let dir = plan
-            .out
-            .join(entity.name())
-            .join(format!("location_id={}", plan.location_id));
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
+    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+        let rel_dir = format!("{}/location_id={location_id}", entity.name());
+        let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else { continue };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            if name.starts_with("part-") && (name.ends_with(".parquet") || name.ends_with(".csv")) {
+            let ours = name.starts_with("part-") && (name.ends_with(".parquet") || name.ends_with(".csv"));
+            if ours && remove(&format!("{rel_dir}/{name}")) {
                 std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
                 removed += 1;
             }
         }
     }
-    if removed > 0 {
-        tracing::info!(files = removed, location = %plan.location_id, "replaced the part files of an earlier export of this location");
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to `path` atomically: a temporary file, fsync, rename.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ExportError> {
-    use std::io::Write;
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io_err(path))?;
-    Ok(())
+    Ok(removed)
 }
 
 pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

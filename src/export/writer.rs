@@ -1,18 +1,24 @@
-//! The writer thread: decodes contacts and children into column builders and writes parts.
+//! The writer thread: decodes contacts and children into column builders, writes parts, and
+//! commits them together with the checkpoint.
 //!
 //! It runs on its own OS thread (decoding and compression are CPU work that must not stall
 //! the async side) and receives items through a bounded channel, so a slow disk slows the
-//! extractor rather than filling memory. Parts rotate only at page ends, so every part holds
-//! whole pages of contacts with all their children: a part on disk is a unit of progress.
+//! extractor rather than filling memory. Contacts are held back until their page ends: the
+//! builders only ever hold whole pages, so a commit (at a rotation, at the end, or when the
+//! run stops early) always matches a listing position the next run can continue from.
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use super::{EntityReport, ExportError};
-use crate::fanout::{Include, Item};
+use crate::checkpoint::{self, Checkpoint};
+use crate::extract::Position;
+use crate::fanout::{ContactUnit, Include, Item};
+use crate::incremental::SeenLog;
 use crate::schema::{BatchBuilder, Entity, RowContext};
-use crate::sink::{open_part, Format, PartInfo, PartWriter};
+use crate::sink::{open_part, Format, PartWriter};
 
 pub(crate) struct WriterConfig {
     pub out: PathBuf,
@@ -23,50 +29,57 @@ pub(crate) struct WriterConfig {
     pub batch_rows: usize,
     /// Contacts per part before rotating (at the next page end).
     pub part_contacts: u64,
-    /// Number of the first part to write.
-    pub first_part: u32,
+    /// Longest time between commits (at the next page end).
+    pub commit_interval: Duration,
+    pub checkpoint_path: PathBuf,
+    /// The incremental run's log of listed contacts.
+    pub seen: Option<SeenLog>,
 }
 
-/// What the writer produced.
-#[derive(Debug, Default)]
-pub(crate) struct WriterOutput {
-    pub entities: Vec<(Entity, EntityReport)>,
-    /// Objects that were not JSON objects and could not be written (counted, logged).
-    pub skipped: u64,
+/// Messages to the writer.
+#[derive(Debug)]
+pub(crate) enum Msg {
+    Item(Item),
+    /// Commit what is complete and stop. `listing_done`: the listing reached its end.
+    Finish { listing_done: bool },
 }
 
 struct Slot {
     entity: Entity,
     builder: BatchBuilder,
     part: Option<Box<dyn PartWriter>>,
-    report: EntityReport,
 }
 
 struct Writer {
     cfg: WriterConfig,
+    ck: Checkpoint,
     slots: Vec<Slot>,
-    next_part: u32,
+    pending: Vec<ContactUnit>,
+    position: Option<Position>,
     contacts_in_part: u64,
-    skipped: u64,
+    last_commit: Instant,
 }
 
-/// Starts the writer thread. Send items; drop the sender to finish; join for the result.
-pub(crate) fn spawn(
-    cfg: WriterConfig,
-    capacity: usize,
-) -> (
-    mpsc::Sender<Item>,
-    std::thread::JoinHandle<Result<WriterOutput, ExportError>>,
-) {
-    let (tx, mut rx) = mpsc::channel::<Item>(capacity.max(1));
+/// Starts the writer thread from a saved checkpoint. Send items, then `Finish`; join for the
+/// final checkpoint. If the channel closes without `Finish`, complete pages are committed.
+pub(crate) fn spawn(cfg: WriterConfig, ck: Checkpoint, capacity: usize) -> (mpsc::Sender<Msg>, std::thread::JoinHandle<Result<Checkpoint, ExportError>>) {
+    let (tx, mut rx) = mpsc::channel::<Msg>(capacity.max(1));
     let handle = std::thread::Builder::new()
         .name("contacts-etl-writer".into())
         .spawn(move || {
-            let mut w = Writer::new(cfg);
-            while let Some(item) = rx.blocking_recv() {
-                w.handle(item)?;
+            let mut w = Writer::new(cfg, ck);
+            let mut listing_done = false;
+            while let Some(msg) = rx.blocking_recv() {
+                match msg {
+                    Msg::Item(item) => w.handle(item)?,
+                    Msg::Finish { listing_done: done } => {
+                        listing_done = done;
+                        break;
+                    }
+                }
             }
-            w.finish()
+            w.commit(listing_done)?;
+            Ok(w.ck)
         })
         // Spawning a thread fails only when the OS is out of resources.
         .expect("cannot spawn the writer thread");
@@ -74,84 +87,63 @@ pub(crate) fn spawn(
 }
 
 impl Writer {
-    fn new(cfg: WriterConfig) -> Self {
+    fn new(cfg: WriterConfig, ck: Checkpoint) -> Self {
         let mut entities = vec![Entity::Contacts];
-        if cfg.include.tasks {
-            entities.push(Entity::Tasks);
+        for (on, e) in [(cfg.include.tasks, Entity::Tasks), (cfg.include.notes, Entity::Notes), (cfg.include.appointments, Entity::Appointments)] {
+            if on {
+                entities.push(e);
+            }
         }
-        if cfg.include.notes {
-            entities.push(Entity::Notes);
-        }
-        if cfg.include.appointments {
-            entities.push(Entity::Appointments);
-        }
-        let slots = entities
-            .into_iter()
-            .map(|e| Slot {
-                entity: e,
-                builder: BatchBuilder::new(e),
-                part: None,
-                report: EntityReport::default(),
-            })
-            .collect();
-        let next_part = cfg.first_part;
-        Writer {
-            cfg,
-            slots,
-            next_part,
-            contacts_in_part: 0,
-            skipped: 0,
-        }
+        let slots = entities.into_iter().map(|e| Slot { entity: e, builder: BatchBuilder::new(e), part: None }).collect();
+        let position = ck.position.clone();
+        Writer { cfg, ck, slots, pending: Vec::new(), position, contacts_in_part: 0, last_commit: Instant::now() }
     }
 
     fn handle(&mut self, item: Item) -> Result<(), ExportError> {
         match item {
-            Item::Contact(unit) => {
-                let loc = self.cfg.location_id.clone();
-                let ctx = RowContext {
-                    location_id: &loc,
-                    contact_id: None,
-                };
-                self.append(0, &unit.contact, &ctx)?;
-                let child = RowContext {
-                    location_id: &loc,
-                    contact_id: unit.id.as_deref(),
-                };
-                for (entity, rows) in [
-                    (Entity::Tasks, &unit.children.tasks),
-                    (Entity::Notes, &unit.children.notes),
-                    (Entity::Appointments, &unit.children.appointments),
-                ] {
-                    if rows.is_empty() {
-                        continue;
-                    }
-                    let Some(i) = self.slots.iter().position(|s| s.entity == entity) else {
-                        continue;
-                    };
-                    for raw in rows {
-                        self.append(i, raw, &child)?;
-                    }
+            Item::Contact(unit) => self.pending.push(unit),
+            Item::PageEnd { next, .. } => {
+                for unit in std::mem::take(&mut self.pending) {
+                    self.write_contact(&unit)?;
                 }
-                self.contacts_in_part += 1;
-            }
-            Item::PageEnd { .. } => {
-                if self.contacts_in_part >= self.cfg.part_contacts {
-                    self.commit()?;
+                self.position = next;
+                let due = self.contacts_in_part >= self.cfg.part_contacts || self.last_commit.elapsed() >= self.cfg.commit_interval;
+                if due {
+                    self.commit(false)?;
                 }
             }
         }
         Ok(())
     }
 
-    fn append(
-        &mut self,
-        i: usize,
-        raw: &serde_json::value::RawValue,
-        ctx: &RowContext<'_>,
-    ) -> Result<(), ExportError> {
+    fn write_contact(&mut self, unit: &ContactUnit) -> Result<(), ExportError> {
+        self.ck.contacts_listed += 1;
+        if let (Some(seen), Some(id)) = (self.cfg.seen.as_mut(), unit.id.as_deref()) {
+            seen.record(id, unit.date_updated)?;
+        }
+        if !unit.changed {
+            return Ok(());
+        }
+        let loc = self.cfg.location_id.clone();
+        self.append(0, &unit.contact, &RowContext { location_id: &loc, contact_id: None })?;
+        let child = RowContext { location_id: &loc, contact_id: unit.id.as_deref() };
+        for (entity, rows) in [(Entity::Tasks, &unit.children.tasks), (Entity::Notes, &unit.children.notes), (Entity::Appointments, &unit.children.appointments)] {
+            if rows.is_empty() {
+                continue;
+            }
+            let Some(i) = self.slots.iter().position(|s| s.entity == entity) else { continue };
+            for raw in rows {
+                self.append(i, raw, &child)?;
+            }
+        }
+        self.contacts_in_part += 1;
+        Ok(())
+    }
+
+    fn append(&mut self, i: usize, raw: &serde_json::value::RawValue, ctx: &RowContext<'_>) -> Result<(), ExportError> {
         let slot = &mut self.slots[i];
         if let Err(e) = slot.builder.append(raw, ctx) {
-            self.skipped += 1;
+            self.ck.skipped_objects += 1;
             tracing::warn!(error = %e, "skipping an object that cannot be written");
             return Ok(());
         }
@@ -163,72 +155,53 @@ impl Writer {
 
     /// Hands the builder's rows to the entity's open part, opening it if needed.
     fn flush(&mut self, i: usize) -> Result<(), ExportError> {
-        let n = self.next_part;
+        let n = self.ck.next_part;
         let cfg = &self.cfg;
         let slot = &mut self.slots[i];
         if slot.builder.is_empty() {
             return Ok(());
         }
         let batch = slot.builder.finish();
-        if slot.part.is_none() {
-            slot.part = Some(open_part(
-                &cfg.out,
-                cfg.format,
-                slot.entity,
-                &cfg.location_id,
-                n,
-            )?);
-        }
-        if let Some(part) = slot.part.as_mut() {
-            part.write(&batch)?;
-        }
+        let part = match &mut slot.part {
+            Some(p) => p,
+            None => slot.part.insert(open_part(&cfg.out, cfg.format, slot.entity, &cfg.location_id, n)?),
+        };
+        part.write(&batch)?;
         Ok(())
     }
 
-    /// Completes the open parts: every row so far is on disk under its final name.
-    fn commit(&mut self) -> Result<(), ExportError> {
+    /// Completes the open parts, then records them and the listing position in the
+    /// checkpoint. When the listing is done, every entity without a file gets an empty part.
+    fn commit(&mut self, listing_done: bool) -> Result<(), ExportError> {
+        let mut wrote = false;
         for i in 0..self.slots.len() {
             self.flush(i)?;
-            if let Some(part) = self.slots[i].part.take() {
+            let slot = &mut self.slots[i];
+            let report = self.ck.entities.entry(slot.entity.name().to_owned()).or_insert_with(EntityReport::default);
+            let part = match slot.part.take() {
+                Some(p) => Some(p),
+                // An empty part, so readers find the schema and a glob is never empty.
+                None if listing_done && report.files.is_empty() => Some(open_part(&self.cfg.out, self.cfg.format, slot.entity, &self.cfg.location_id, self.ck.next_part)?),
+                None => None,
+            };
+            if let Some(part) = part {
                 let info = part.finish()?;
-                self.slots[i].report.add(info);
+                report.rows += info.rows;
+                report.files.push(info);
+                wrote = true;
             }
         }
-        self.next_part += 1;
+        if let Some(seen) = self.cfg.seen.as_mut() {
+            self.ck.seen_bytes = seen.sync()?;
+        }
+        if wrote {
+            self.ck.next_part += 1;
+        }
+        self.ck.position = if listing_done { None } else { self.position.clone() };
+        self.ck.listing_done = listing_done;
+        checkpoint::save(&self.cfg.checkpoint_path, &self.ck)?;
         self.contacts_in_part = 0;
+        self.last_commit = Instant::now();
         Ok(())
-    }
-
-    fn finish(mut self) -> Result<WriterOutput, ExportError> {
-        self.commit()?;
-        // An entity without rows still gets one empty part, so readers find its schema and
-        // a glob over the entity's folder never comes up empty.
-        for slot in &mut self.slots {
-            if slot.report.files.is_empty() {
-                let part = open_part(
-                    &self.cfg.out,
-                    self.cfg.format,
-                    slot.entity,
-                    &self.cfg.location_id,
-                    self.next_part,
-                )?;
-                slot.report.add(part.finish()?);
-            }
-        }
-        Ok(WriterOutput {
-            entities: self
-                .slots
-                .into_iter()
-                .map(|s| (s.entity, s.report))
-                .collect(),
-            skipped: self.skipped,
-        })
-    }
-}
-
-impl EntityReport {
-    fn add(&mut self, info: PartInfo) {
-        self.rows += info.rows;
-        self.files.push(info);
     }
 }

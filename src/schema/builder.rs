@@ -25,8 +25,7 @@ pub struct BatchBuilder {
     schema: SchemaRef,
     columns: &'static [Column],
     builders: Vec<ColumnBuilder>,
-    /// `(name, column index)` sorted by name, `_extra` left out.
-    lookup: &'static [(&'static str, usize)],
+    lookup: &'static KeyIndex,
     rows: usize,
     /// `_extra` of the row being appended, `{` included once something went in.
     extra: String,
@@ -66,7 +65,7 @@ impl BatchBuilder {
             schema: entity.schema(),
             columns,
             builders: columns.iter().map(|c| ColumnBuilder::new(c.kind)).collect(),
-            lookup: lookup_table(entity),
+            lookup: KeyIndex::of(entity),
             rows: 0,
             extra: String::new(),
             strs: StrScratch::default(),
@@ -134,15 +133,10 @@ impl BatchBuilder {
         value: &'de RawValue,
         ctx: &RowContext<'_>,
     ) {
-        let column = self
-            .lookup
-            .binary_search_by(|(name, _)| (*name).cmp(key.0.as_ref()))
-            .ok();
-        let put = match column {
+        let put = match self.lookup.get(&key.0) {
             // A repeated key: the first value stays in the column.
-            Some(i) if *filled & (1 << self.lookup[i].1) != 0 => Put::Misfit,
-            Some(i) => {
-                let col = self.lookup[i].1;
+            Some(col) if *filled & (1 << col) != 0 => Put::Misfit,
+            Some(col) => {
                 let put = self.put(col, value.get(), ctx);
                 if matches!(put, Put::Filled | Put::FilledKeepRaw) {
                     *filled |= 1 << col;
@@ -270,27 +264,80 @@ fn agrees_with(raw: &str, shape: Shape, expected: Option<&str>) -> Put {
     }
 }
 
-/// The per-entity name lookup, built once.
-fn lookup_table(entity: Entity) -> &'static [(&'static str, usize)] {
-    static TABLES: [OnceLock<Vec<(&'static str, usize)>>; 4] = [
-        OnceLock::new(),
-        OnceLock::new(),
-        OnceLock::new(),
-        OnceLock::new(),
-    ];
-    TABLES[entity as usize].get_or_init(|| {
-        let columns = entity.columns();
-        // The filled-columns set is a u64.
-        assert!(columns.len() <= 64, "{entity}: at most 64 columns");
-        let mut table: Vec<_> = columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.role != Role::Extra)
-            .map(|(i, c)| (c.name, i))
-            .collect();
-        table.sort_unstable();
-        table
-    })
+/// Column names to indices, for one entity: an open-addressing hash table.
+///
+/// Finding the column of each key is the inner loop of `append` (about 40 keys a contact);
+/// a binary search over names spent most of its time in `memcmp`. This hashes a few bytes
+/// and the length, then confirms with one comparison.
+pub(crate) struct KeyIndex {
+    slots: [u8; KeyIndex::SLOTS],
+    columns: &'static [Column],
+}
+
+impl KeyIndex {
+    const SLOTS: usize = 256;
+    const EMPTY: u8 = u8::MAX;
+
+    /// The index of the entity, built once.
+    fn of(entity: Entity) -> &'static KeyIndex {
+        static INDEXES: [OnceLock<KeyIndex>; Entity::COUNT] = [const { OnceLock::new() }; Entity::COUNT];
+        INDEXES[entity as usize].get_or_init(|| {
+            let columns = entity.columns();
+            // The filled-columns set is a u64, and slots hold a u8 below EMPTY.
+            assert!(columns.len() <= 64, "{entity}: at most 64 columns");
+            let mut slots = [Self::EMPTY; Self::SLOTS];
+            for (i, c) in columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.role != Role::Extra)
+            {
+                let mut h = Self::hash(c.name);
+                while slots[h] != Self::EMPTY {
+                    h = (h + 1) % Self::SLOTS;
+                }
+                slots[h] = i as u8;
+            }
+            KeyIndex { slots, columns }
+        })
+    }
+
+    fn hash(key: &str) -> usize {
+        let b = key.as_bytes();
+        let n = b.len();
+        let at = |i: usize| u64::from(b.get(i).copied().unwrap_or(0));
+        let tail = |k: usize| {
+            u64::from(
+                n.checked_sub(k)
+                    .and_then(|i| b.get(i))
+                    .copied()
+                    .unwrap_or(0),
+            )
+        };
+        let x = (n as u64)
+            | at(0) << 8
+            | at(1) << 16
+            | at(4) << 24
+            | tail(1) << 32
+            | tail(2) << 40
+            | tail(5) << 48;
+        (x.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 56) as usize
+    }
+
+    /// The column named `key`, `_extra` excepted.
+    fn get(&self, key: &str) -> Option<usize> {
+        let mut h = Self::hash(key);
+        loop {
+            let slot = self.slots[h];
+            if slot == Self::EMPTY {
+                return None;
+            }
+            let col = usize::from(slot);
+            if self.columns[col].name == key {
+                return Some(col);
+            }
+            h = (h + 1) % Self::SLOTS;
+        }
+    }
 }
 
 impl ColumnBuilder {

@@ -77,19 +77,39 @@ impl Key<'_> {
                 out.push_str(k);
                 out.push('"');
             }
-            Cow::Owned(k) => push_json_str(out, k),
+            Cow::Owned(k) => push_json_string(out, k),
         }
     }
 }
 
-/// Appends `s` as a JSON string literal.
-pub(crate) fn push_json_str(out: &mut String, s: &str) {
-    // Serializing a str into a String cannot fail; fall back to a lossless-enough empty
-    // literal rather than panic if it ever did.
-    match serde_json::to_string(s) {
-        Ok(lit) => out.push_str(&lit),
-        Err(_) => out.push_str("\"\""),
+/// Appends `s` as a JSON string literal: `"`, `\` and control characters escaped, everything
+/// else (non-ASCII included) as is.
+pub(crate) fn push_json_string(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    out.push('"');
+    let mut plain = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[plain..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        plain = i + 1;
     }
+    out.push_str(&s[plain..]);
+    out.push('"');
 }
 
 /// Calls `f` for each member of the JSON object `text`, in input order (duplicates included).

@@ -43,6 +43,7 @@ use std::sync::{Arc, OnceLock};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 pub use builder::BatchBuilder;
+pub(crate) use decode::push_json_string;
 
 /// Version of the column layout below. Bump it when a column is added, removed, renamed or
 /// retyped, so readers of old exports (and the manifest) can tell layouts apart.
@@ -58,6 +59,8 @@ pub enum Entity {
     Tasks,
     Notes,
     Appointments,
+    /// Contacts an incremental run no longer found: `id`, last known `dateUpdated`, `locationId`.
+    DeletedContacts,
 }
 
 impl Entity {
@@ -68,6 +71,9 @@ impl Entity {
         Entity::Appointments,
     ];
 
+    /// Number of variants (sizes per-entity tables indexed by `self as usize`).
+    pub(crate) const COUNT: usize = 5;
+
     /// The table name, also the directory name under the output root.
     pub fn name(self) -> &'static str {
         match self {
@@ -75,17 +81,13 @@ impl Entity {
             Entity::Tasks => "tasks",
             Entity::Notes => "notes",
             Entity::Appointments => "appointments",
+            Entity::DeletedContacts => "deleted_contacts",
         }
     }
 
     /// The declared Arrow schema (built once, then shared).
     pub fn schema(self) -> SchemaRef {
-        static SCHEMAS: [OnceLock<SchemaRef>; 4] = [
-            OnceLock::new(),
-            OnceLock::new(),
-            OnceLock::new(),
-            OnceLock::new(),
-        ];
+        static SCHEMAS: [OnceLock<SchemaRef>; Entity::COUNT] = [const { OnceLock::new() }; Entity::COUNT];
         SCHEMAS[self as usize]
             .get_or_init(|| build_schema(self))
             .clone()
@@ -97,6 +99,7 @@ impl Entity {
             Entity::Tasks => TASKS,
             Entity::Notes => NOTES,
             Entity::Appointments => APPOINTMENTS,
+            Entity::DeletedContacts => DELETED_CONTACTS,
         }
     }
 }
@@ -123,9 +126,6 @@ pub enum DecodeError {
     /// The value is valid JSON but not an object (the caller reports and skips it).
     #[error("{entity}: expected a JSON object, got {found}")]
     NotAnObject { entity: Entity, found: String },
-    /// The object could not be read (should not happen for a valid `RawValue`).
-    #[error("{entity}: cannot read object: {reason}")]
-    Invalid { entity: Entity, reason: String },
 }
 
 /// How a column decodes and stores its values.
@@ -232,6 +232,12 @@ const CONTACTS: &[Column] = &[
     col("additionalPhones", Json),
     col("visitorId", Str),
     EXTRA,
+];
+
+const DELETED_CONTACTS: &[Column] = &[
+    col("id", Str),
+    col("dateUpdated", Ts),
+    ctx("locationId", Role::ContextLocation),
 ];
 
 const TASKS: &[Column] = &[

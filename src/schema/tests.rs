@@ -101,6 +101,25 @@ fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
 }
 
 #[test]
+fn push_json_string_matches_serde_json() {
+    let long = "z".repeat(10_000);
+    let cases = [
+        "plain",
+        "quote \" and \\",
+        "CR\r LF\n TAB\t",
+        "\u{0}\u{1}\u{1f}\u{7f}\u{8}\u{c}",
+        "é 🎉 \u{2028} مرحبا",
+        "",
+        long.as_str(),
+    ];
+    for s in cases {
+        let mut ours = String::new();
+        push_json_string(&mut ours, s);
+        assert_eq!(ours, serde_json::to_string(s).expect("serializes"), "{s:?}");
+    }
+}
+
+#[test]
 fn schemas_declare_columns_in_order_with_arrow_types() {
     let s = Entity::Contacts.schema();
     assert_eq!(s.fields().len(), 42);
@@ -357,6 +376,22 @@ fn wrong_types_and_unknown_keys_go_to_extra_as_received() {
 }
 
 #[test]
+fn whitespace_around_values_is_not_part_of_them() {
+    let o = "{ \"id\" :\t\"c1\" ,\r\n \"dnd\" : true , \"tags\" : [ \"a\" , \"b\" ] , \"odd\" :  { \"k\" : 1 }  }";
+    let b = batch(Entity::Contacts, &LOC, &[o]);
+    assert_eq!(text(&b, "id", 0).as_deref(), Some("c1"));
+    assert_eq!(flag(&b, "dnd", 0), Some(true));
+    assert_eq!(
+        strs(&b, "tags", 0),
+        Some(vec![Some("a".into()), Some("b".into())])
+    );
+    assert_eq!(
+        text(&b, "_extra", 0).as_deref(),
+        Some(r#"{"odd":{ "k" : 1 }}"#)
+    );
+}
+
+#[test]
 fn repeated_key_keeps_first_in_column_and_rest_in_extra() {
     let b = batch(
         Entity::Contacts,
@@ -559,4 +594,16 @@ fn append_timing_report() {
         "append: {per:.2} µs per contact ({} bytes of JSON)",
         contact.len()
     );
+}
+
+#[test]
+fn every_entity_builds_including_deleted_contacts() {
+    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+        let mut b = BatchBuilder::new(entity);
+        let raw = serde_json::value::RawValue::from_string(r#"{"id":"x","dateUpdated":1700000000000}"#.into()).unwrap();
+        b.append(&raw, &RowContext { location_id: "L", contact_id: Some("c") }).unwrap();
+        let batch = b.finish();
+        assert_eq!(batch.num_rows(), 1, "{entity}");
+        assert_eq!(batch.schema().fields().len(), entity.schema().fields().len());
+    }
 }

@@ -10,17 +10,12 @@ pub(crate) type Text = Cow<'static, str>;
 
 /// A field that may be missing from the object, present as `null`, or carry a value: the
 /// API does all three, and clients must cope with each.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) enum F<T> {
+    #[default]
     Absent,
     Null,
     Val(T),
-}
-
-impl<T> Default for F<T> {
-    fn default() -> F<T> {
-        F::Absent
-    }
 }
 
 impl<T> F<T> {

@@ -144,7 +144,7 @@ impl Location {
     pub(crate) fn position_after(&self, ms: i64, id: Option<&str>) -> usize {
         self.listing.partition_point(|&s| {
             let added = self.added(s);
-            added > ms || (added == ms && id.is_some_and(|id| self.contact_id(s).as_str() <= id))
+            added > ms || (added == ms && id.is_none_or(|id| self.contact_id(s).as_str() <= id))
         })
     }
 

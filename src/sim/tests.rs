@@ -232,6 +232,25 @@ async fn limit_is_clamped_and_defaults_to_20() {
 }
 
 #[tokio::test]
+async fn start_after_without_id_skips_the_whole_millisecond() {
+    let (sim, c) = start(unlimited(300)).await;
+    let truth = sim.contacts(LOC);
+    let ms =
+        |v: &Value| crate::timefmt::parse_iso_millis(v["dateAdded"].as_str().unwrap_or_default());
+    let i = (1..truth.len())
+        .find(|&i| ms(&truth[i - 1]) == ms(&truth[i]))
+        .expect("a shared ms");
+    let at = ms(&truth[i]).expect("dateAdded");
+    let v = c
+        .get(&format!(
+            "/contacts/?locationId={LOC}&limit=5&startAfter={at}"
+        ))
+        .await
+        .json();
+    assert!(ms(&v["contacts"][0]).expect("dateAdded") < at);
+}
+
+#[tokio::test]
 async fn children_and_single_contact_match_truth() {
     let (sim, c) = start(unlimited(200)).await;
     let truth = sim.contacts(LOC);

@@ -38,6 +38,7 @@ use arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
+use crate::schema::push_json_string;
 
 /// The `csv` crate's output buffer; larger than its 8 KiB default for fewer syscalls.
 const WRITE_BUFFER: usize = 256 * 1024;
@@ -245,34 +246,4 @@ fn list_range(list: &GenericListArray<i32>, row: usize) -> std::ops::Range<usize
     let start = usize::try_from(offsets[row]).unwrap_or(0);
     let end = usize::try_from(offsets[row + 1]).unwrap_or(start);
     start..end
-}
-
-/// Appends `s` as a JSON string literal: `"`, `\` and control characters escaped, everything
-/// else (non-ASCII included) as is.
-pub(crate) fn push_json_string(out: &mut String, s: &str) {
-    use std::fmt::Write;
-    out.push('"');
-    let mut plain = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0x08 => "\\b",
-            0x0c => "\\f",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.push_str(&s[plain..i]);
-        if escape.is_empty() {
-            let _ = write!(out, "\\u{b:04x}");
-        } else {
-            out.push_str(escape);
-        }
-        plain = i + 1;
-    }
-    out.push_str(&s[plain..]);
-    out.push('"');
 }

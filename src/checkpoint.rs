@@ -1,0 +1,206 @@
+//! The export checkpoint: where a run stands, committed atomically with each part.
+//!
+//! The writer commits in this order: finish the parts (temp file, fsync, rename), then save
+//! the checkpoint (temp file, fsync, rename, fsync the directory). A crash between the two
+//! leaves complete part files the checkpoint does not list: a resumed run deletes them and
+//! rewrites their rows. So after a kill at any instant, the parts the checkpoint lists plus
+//! what the resumed run writes after its cursor are exactly the rows of an uninterrupted run.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::export::EntityReport;
+use crate::extract::Position;
+
+/// The settings a checkpoint was made with; a run resumes it only if they match.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Settings {
+    pub location_id: String,
+    pub businesses: Vec<String>,
+    pub include: String,
+    pub format: String,
+    pub page_size: u32,
+    pub incremental: bool,
+}
+
+impl Settings {
+    /// Why a run with `self` cannot resume a checkpoint made with `other`, if it cannot.
+    pub fn mismatch(&self, other: &Settings) -> Option<String> {
+        let mut diffs = Vec::new();
+        if self.location_id != other.location_id {
+            diffs.push(format!("--location {} (checkpoint: {})", self.location_id, other.location_id));
+        }
+        if self.businesses != other.businesses {
+            diffs.push(format!("--business {:?} (checkpoint: {:?})", self.businesses, other.businesses));
+        }
+        if self.include != other.include {
+            diffs.push(format!("--include {} (checkpoint: {})", self.include, other.include));
+        }
+        if self.format != other.format {
+            diffs.push(format!("--format {} (checkpoint: {})", self.format, other.format));
+        }
+        if self.page_size != other.page_size {
+            diffs.push(format!("page size {} (checkpoint: {})", self.page_size, other.page_size));
+        }
+        if self.incremental != other.incremental {
+            diffs.push(format!("--incremental {} (checkpoint: {})", self.incremental, other.incremental));
+        }
+        (!diffs.is_empty()).then(|| diffs.join(", "))
+    }
+}
+
+/// Where an export of one location stands.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Checkpoint {
+    pub settings: Settings,
+    /// When the run that this checkpoint belongs to first started.
+    pub started_at: String,
+    /// How many times the run was resumed.
+    pub resumed: u32,
+    /// The listing continues after this position; `None` means from the start (or, when
+    /// `complete`, that the listing is done).
+    pub position: Option<Position>,
+    /// Number of the next part file.
+    pub next_part: u32,
+    /// Contacts listed and committed (changed or not).
+    pub contacts_listed: u64,
+    /// Committed part files and rows per entity.
+    pub entities: BTreeMap<String, EntityReport>,
+    /// Objects skipped because they were not JSON objects.
+    #[serde(default)]
+    pub skipped_objects: u64,
+    /// Committed length of the incremental run's `seen` file.
+    #[serde(default)]
+    pub seen_bytes: u64,
+    /// Every page of the listing is committed; only finishing steps remain.
+    #[serde(default)]
+    pub listing_done: bool,
+    /// An incremental run wrote its deletions (before replacing the state they came from).
+    #[serde(default)]
+    pub deletions_done: bool,
+    /// The run finished: the manifest is written.
+    pub complete: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum Versioned {
+    #[serde(rename = "1")]
+    V1(Checkpoint),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a checkpoint this version can read ({source}); move it away or pass --restart")]
+    Corrupt { path: PathBuf, source: serde_json::Error },
+}
+
+/// `OUT/_state/location_id=<id>/`: the checkpoint, the incremental state, and the report.
+pub fn state_dir(out: &Path, location_id: &str) -> PathBuf {
+    out.join("_state").join(format!("location_id={location_id}"))
+}
+
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("checkpoint.json")
+}
+
+pub fn load(path: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(CheckpointError::Io { path: path.into(), source }),
+    };
+    match serde_json::from_slice::<Versioned>(&bytes) {
+        Ok(Versioned::V1(c)) => Ok(Some(c)),
+        Err(source) => Err(CheckpointError::Corrupt { path: path.into(), source }),
+    }
+}
+
+/// Saves atomically: after a crash, the file holds either the old or the new checkpoint.
+pub fn save(path: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError> {
+    let bytes = serde_json::to_vec_pretty(&Versioned::V1(checkpoint.clone())).unwrap_or_default();
+    write_atomic(path, &bytes)
+}
+
+/// Writes a file atomically: temp file in the same directory, fsync, rename, fsync the directory.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| CheckpointError::Io { path: p, source }
+    };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> Settings {
+        Settings { location_id: "L".into(), businesses: vec![], include: "tasks".into(), format: "parquet".into(), page_size: 100, incremental: false }
+    }
+
+    #[test]
+    fn saves_and_loads_a_versioned_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        assert_eq!(load(&p).unwrap(), None);
+        let c = Checkpoint {
+            settings: settings(),
+            started_at: "2026-01-01T00:00:00.000Z".into(),
+            resumed: 0,
+            position: Some(Position::After(crate::extract::Cursor { start_after: 5, start_after_id: "x".into() })),
+            next_part: 3,
+            contacts_listed: 300,
+            entities: BTreeMap::new(),
+            skipped_objects: 0,
+            seen_bytes: 0,
+            listing_done: false,
+            deletions_done: false,
+            complete: false,
+        };
+        save(&p, &c).unwrap();
+        assert_eq!(load(&p).unwrap(), Some(c));
+        assert!(std::fs::read_to_string(&p).unwrap().contains("\"version\": \"1\""));
+        assert!(!dir.path().join("checkpoint.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_corrupt_checkpoint_is_an_error_that_says_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        std::fs::write(&p, b"{\"version\":\"9\"}").unwrap();
+        let e = load(&p).unwrap_err().to_string();
+        assert!(e.contains("--restart"), "{e}");
+    }
+
+    #[test]
+    fn mismatch_names_each_differing_setting() {
+        let a = settings();
+        let mut b = settings();
+        assert_eq!(a.mismatch(&b), None);
+        b.format = "csv".into();
+        b.include = "notes".into();
+        let m = a.mismatch(&b).unwrap();
+        assert!(m.contains("--format parquet (checkpoint: csv)") && m.contains("--include"), "{m}");
+    }
+}

@@ -1,0 +1,61 @@
+//! Exit codes: each means one thing, and the README documents them for schedulers.
+
+use crate::api::{ApiError, ClientBuildError, ErrorKind};
+use crate::export::ExportError;
+
+pub const OK: u8 = 0;
+/// Anything not covered below (I/O errors, bugs).
+pub const FAILURE: u8 = 1;
+/// Bad arguments or settings (clap also exits 2 on usage errors).
+pub const USAGE: u8 = 2;
+/// The API refused the token (401) or its access to the location (403).
+pub const AUTH: u8 = 3;
+/// The API rejected a request for good (4xx) or misbehaved (cursor loop).
+pub const API: u8 = 4;
+/// A transient failure outlasted the retries (5xx, timeouts, 429s): try again later.
+pub const TRANSIENT: u8 = 5;
+/// An import finished, but rejected some rows (they are in its rejects file).
+pub const REJECTED_ROWS: u8 = 6;
+/// The location's daily request quota is spent (or this run's budget): resume after it resets.
+pub const QUOTA: u8 = 75;
+
+/// Marks an error as a usage error (bad settings found before any work).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit code for an error, from the first cause in its chain that decides it.
+pub fn code_for(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(i) = cause.downcast_ref::<crate::import::cli::Incomplete>() {
+            return if i.transient() { TRANSIENT } else { REJECTED_ROWS };
+        }
+        if let Some(e) = cause.downcast_ref::<ExportError>() {
+            return match e {
+                ExportError::QuotaStop { .. } => QUOTA,
+                ExportError::CheckpointMismatch { .. } => USAGE,
+                ExportError::Extract(_) => e.api().map_or(API, api_code),
+                _ => FAILURE,
+            };
+        }
+        if let Some(api) = cause.downcast_ref::<ApiError>() {
+            return api_code(api);
+        }
+        if cause.downcast_ref::<ClientBuildError>().is_some() || cause.downcast_ref::<UsageError>().is_some() {
+            return USAGE;
+        }
+    }
+    FAILURE
+}
+
+fn api_code(err: &ApiError) -> u8 {
+    if err.status() == Some(403) {
+        return AUTH;
+    }
+    match err.kind() {
+        ErrorKind::Reauth => AUTH,
+        ErrorKind::Retry => TRANSIENT,
+        ErrorKind::QuotaExhausted => QUOTA,
+        ErrorKind::Fatal | ErrorKind::NotFound | ErrorKind::Duplicate => API,
+    }
+}

@@ -1,0 +1,485 @@
+//! The import journal: an append-only JSON-lines file of what each row did, fsync'd before
+//! the importer relies on it.
+//!
+//! Why an intent line: the API has no idempotency key, and a create reported as failed (a
+//! timeout, a 5xx after the request was sent, or this process killed mid-request) may have
+//! happened. Before each create the importer appends `intent` and waits for the fsync; after
+//! it, `done` (with the resulting id) or `failed`. On a rerun, a row with an intent but no
+//! `done` is ambiguous: the record is looked up before anything is created again.
+//!
+//! Writes go through one thread that appends every queued line, calls `sync_data` once, and
+//! then acknowledges the whole group (group commit), so concurrent rows share an fsync.
+//! A torn last line (the process killed mid-write) is dropped when the journal is reopened.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::validate::Entity;
+
+/// Version of the record layout (in every `run` line).
+pub const JOURNAL_VERSION: u32 = 1;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Created by this import (undo deletes it).
+    Created,
+    /// An existing record was updated (undo leaves it as it is).
+    Updated,
+    /// An existing record was left alone (`--on-duplicate skip`).
+    Skipped,
+}
+
+/// One journal line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "t", rename_all = "camelCase")]
+pub enum Record {
+    /// Opens each run (each invocation appending to the journal).
+    #[serde(rename_all = "camelCase")]
+    Run {
+        v: u32,
+        run: String,
+        entity: Entity,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        location: Option<String>,
+        input: String,
+        at: String,
+    },
+    /// About to send a create (`at`: epoch ms, before sending). Durable before the request.
+    #[serde(rename_all = "camelCase")]
+    Intent {
+        run: String,
+        row: u64,
+        key: String,
+        action: Action,
+        at: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        contact: Option<String>,
+    },
+    /// The row's record exists: `id` is the contact (or task, note) id.
+    #[serde(rename_all = "camelCase")]
+    Done {
+        run: String,
+        row: u64,
+        key: String,
+        outcome: Outcome,
+        id: String,
+        /// For tasks and notes: their contact.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        contact: Option<String>,
+        /// For contacts imported from another location's export: the id they had there.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source_id: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        email: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        phone: Option<String>,
+    },
+    /// A created task was closed with `PUT …/completed`.
+    #[serde(rename_all = "camelCase")]
+    Closed {
+        run: String,
+        row: u64,
+        id: String,
+    },
+    /// The row failed; `retry`: a rerun may succeed (transient), else the API refused it.
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        run: String,
+        row: u64,
+        key: String,
+        error: String,
+        retry: bool,
+    },
+    /// `import undo` deleted (or found gone) a record this journal created.
+    #[serde(rename_all = "camelCase")]
+    Undone {
+        run: String,
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        contact: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+}
+
+/// What the journal says about one row.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RowState {
+    pub key: String,
+    /// Earliest intent not followed by `done`: the row may have been applied.
+    pub pending_since: Option<i64>,
+    pub done: Option<Done>,
+    pub closed: bool,
+    pub failed: Option<(String, bool)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Done {
+    pub outcome: Outcome,
+    pub id: String,
+    pub contact: Option<String>,
+    pub source_id: Option<String>,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+}
+
+/// The journal replayed.
+#[derive(Clone, Debug, Default)]
+pub struct JournalState {
+    pub entity: Option<Entity>,
+    pub location: Option<String>,
+    pub runs: usize,
+    pub rows: HashMap<u64, RowState>,
+    /// Ids `undo` already deleted.
+    pub undone: HashSet<String>,
+}
+
+impl JournalState {
+    fn apply(&mut self, rec: Record) {
+        match rec {
+            Record::Run { entity, location, .. } => {
+                self.entity.get_or_insert(entity);
+                if self.location.is_none() {
+                    self.location = location;
+                }
+                self.runs += 1;
+            }
+            Record::Intent { row, key, at, .. } => {
+                let r = self.rows.entry(row).or_default();
+                r.key = key;
+                if r.done.is_none() {
+                    r.pending_since = Some(r.pending_since.map_or(at, |p| p.min(at)));
+                }
+            }
+            Record::Done {
+                row,
+                key,
+                outcome,
+                id,
+                contact,
+                source_id,
+                email,
+                phone,
+                ..
+            } => {
+                let r = self.rows.entry(row).or_default();
+                r.key = key;
+                r.pending_since = None;
+                r.failed = None;
+                r.done = Some(Done {
+                    outcome,
+                    id,
+                    contact,
+                    source_id,
+                    email,
+                    phone,
+                });
+            }
+            Record::Closed { row, .. } => self.rows.entry(row).or_default().closed = true,
+            Record::Failed {
+                row,
+                key,
+                error,
+                retry,
+                ..
+            } => {
+                let r = self.rows.entry(row).or_default();
+                r.key = key;
+                r.failed = Some((error, retry));
+            }
+            Record::Undone { id, error: None, .. } => {
+                self.undone.insert(id);
+            }
+            Record::Undone { .. } => {}
+        }
+    }
+
+    /// Child ids already taken by some row: an ambiguous create must not adopt them.
+    pub fn claimed_ids(&self) -> HashSet<String> {
+        self.rows
+            .values()
+            .filter_map(|r| r.done.as_ref().map(|d| d.id.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("journal {path}:{line}: not a journal record ({message}); the file is damaged or not a journal")]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("journal {path}: the journal writer stopped: {message}")]
+    Writer { path: PathBuf, message: String },
+}
+
+/// Reads a journal (missing file = empty). A torn last line is ignored.
+pub fn read(path: &Path) -> Result<(JournalState, u64), JournalError> {
+    let io = |source| JournalError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut state = JournalState::default();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((state, 0)),
+        Err(e) => return Err(io(e)),
+    };
+    let mut reader = BufReader::new(file);
+    let mut good_len = 0u64;
+    let mut buf = Vec::new();
+    let mut line_no = 0;
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(io)?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.last() != Some(&b'\n') {
+            // Torn final write: the record was never acknowledged, so nothing relied on it.
+            break;
+        }
+        let text = &buf[..buf.len() - 1];
+        if text.iter().all(u8::is_ascii_whitespace) {
+            good_len += n as u64;
+            continue;
+        }
+        let rec: Record = serde_json::from_slice(text).map_err(|e| JournalError::Corrupt {
+            path: path.to_owned(),
+            line: line_no,
+            message: e.to_string(),
+        })?;
+        state.apply(rec);
+        good_len += n as u64;
+    }
+    Ok((state, good_len))
+}
+
+type Ack = tokio::sync::oneshot::Sender<Result<(), String>>;
+
+/// An open journal: appends go through one writer thread with group commit.
+pub struct Journal {
+    path: PathBuf,
+    run: String,
+    tx: Option<std::sync::mpsc::Sender<(Vec<u8>, Ack)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Journal {
+    /// Opens (or creates) the journal, replays it, drops a torn tail, and appends a `run` line.
+    pub async fn open(
+        path: &Path,
+        entity: Entity,
+        location: Option<&str>,
+        input: &Path,
+    ) -> Result<(Journal, JournalState), JournalError> {
+        let (state, good_len) = read(path)?;
+        let io = |source| JournalError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io)?;
+        if file.metadata().map_err(io)?.len() != good_len {
+            file.set_len(good_len).map_err(io)?;
+        }
+        file.seek(SeekFrom::End(0)).map_err(io)?;
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Ack)>();
+        let thread = std::thread::Builder::new()
+            .name("import-journal".into())
+            .spawn(move || writer(file, rx))
+            .map_err(io)?;
+        let run = format!("{}-{}", now_ms(), std::process::id());
+        let journal = Journal {
+            path: path.to_owned(),
+            run: run.clone(),
+            tx: Some(tx),
+            thread: Some(thread),
+        };
+        journal
+            .append(&Record::Run {
+                v: JOURNAL_VERSION,
+                run,
+                entity,
+                location: location.map(str::to_owned),
+                input: input.display().to_string(),
+                at: crate::timefmt::format_iso_millis(now_ms()),
+            })
+            .await?;
+        Ok((journal, state))
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.run
+    }
+
+    /// Appends a record and returns once it is on disk.
+    pub async fn append(&self, rec: &Record) -> Result<(), JournalError> {
+        let mut line = serde_json::to_vec(rec).map_err(|e| self.writer_err(e.to_string()))?;
+        line.push(b'\n');
+        let (ack, done) = tokio::sync::oneshot::channel();
+        self.tx
+            .as_ref()
+            .ok_or_else(|| self.writer_err("closed".into()))?
+            .send((line, ack))
+            .map_err(|_| self.writer_err("the writer thread is gone".into()))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(m)) => Err(self.writer_err(m)),
+            Err(_) => Err(self.writer_err("the writer thread is gone".into())),
+        }
+    }
+
+    fn writer_err(&self, message: String) -> JournalError {
+        JournalError::Writer {
+            path: self.path.clone(),
+            message,
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer after it has written what was queued.
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn writer(mut file: File, rx: std::sync::mpsc::Receiver<(Vec<u8>, Ack)>) {
+    let mut failed: Option<String> = None;
+    while let Ok(first) = rx.recv() {
+        let mut group = vec![first];
+        while group.len() < 512 {
+            match rx.try_recv() {
+                Ok(m) => group.push(m),
+                Err(_) => break,
+            }
+        }
+        let result = match &failed {
+            Some(m) => Err(m.clone()),
+            None => {
+                let mut bytes = Vec::with_capacity(group.iter().map(|(l, _)| l.len()).sum());
+                for (line, _) in &group {
+                    bytes.extend_from_slice(line);
+                }
+                file.write_all(&bytes)
+                    .and_then(|()| file.sync_data())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        if let Err(m) = &result {
+            // After a failed write the file's tail is unknown: refuse everything that follows.
+            failed = Some(m.clone());
+        }
+        for (_, ack) in group {
+            let _ = ack.send(result.clone());
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A short stable digest (FNV-1a, 64 bits) for keys built from long text.
+pub(crate) fn digest(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done(row: u64, id: &str) -> Record {
+        Record::Done {
+            run: "r".into(),
+            row,
+            key: format!("k{row}"),
+            outcome: Outcome::Created,
+            id: id.into(),
+            contact: None,
+            source_id: None,
+            email: None,
+            phone: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn replay_marks_intents_without_outcome_as_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        {
+            let (j, state) = Journal::open(&path, Entity::Contacts, Some("L"), Path::new("in.csv")).await.unwrap();
+            assert_eq!(state.runs, 0);
+            for (row, at) in [(2, 100), (3, 200)] {
+                let key = format!("k{row}");
+                j.append(&Record::Intent { run: j.run_id().into(), row, key, action: Action::Create, at, contact: None }).await.unwrap();
+            }
+            j.append(&done(2, "c2")).await.unwrap();
+        }
+        let (state, _) = read(&path).unwrap();
+        assert_eq!(state.runs, 1);
+        assert_eq!(state.entity, Some(Entity::Contacts));
+        assert_eq!(state.rows[&2].done.as_ref().unwrap().id, "c2");
+        assert_eq!(state.rows[&2].pending_since, None);
+        assert_eq!(state.rows[&3].pending_since, Some(200));
+        assert!(state.claimed_ids().contains("c2"));
+    }
+
+    #[tokio::test]
+    async fn torn_last_line_is_dropped_and_appends_continue_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let mut text = serde_json::to_string(&done(2, "c2")).unwrap();
+        text.push('\n');
+        text.push_str("{\"t\":\"done\",\"run\":\"r\",\"ro");
+        std::fs::write(&path, text).unwrap();
+        {
+            let (j, state) = Journal::open(&path, Entity::Contacts, None, Path::new("x")).await.unwrap();
+            assert_eq!(state.rows.len(), 1);
+            j.append(&done(3, "c3")).await.unwrap();
+        }
+        let (state, _) = read(&path).unwrap();
+        assert_eq!(state.rows.len(), 2);
+        std::fs::write(&path, "garbage\n{}\n").unwrap();
+        assert!(matches!(read(&path), Err(JournalError::Corrupt { line: 1, .. })));
+    }
+}

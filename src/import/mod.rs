@@ -1,0 +1,517 @@
+//! Bulk import: CSV rows to contacts, tags, tasks and notes, validated first, journaled,
+//! resumable, and never a duplicate.
+//!
+//! A run reads the input twice. The first pass validates every row ([`validate`]) and writes
+//! the rejects file; nothing is sent unless the header is usable. The second pass writes the
+//! valid rows with bounded concurrency through the one [`Client`] (its rate limiter and retry
+//! policy), journaling each row ([`journal`]). A rerun with the same journal skips finished
+//! rows and looks up rows whose create may have happened before creating them again.
+//!
+//! # Layout
+//! - `input`: CSV reading (BOM, delimiter sniffing, quoted newlines) and the mapping file.
+//! - `validate`: columns to API fields, per-row checks, request bodies.
+//! - `journal`: the append-only, fsync'd journal and its replay.
+//! - `write`: one contact row (create, duplicates, updates, ambiguous failures).
+//! - `children`: one task or note row.
+//! - `undo`: delete what a journal says was created.
+//! - `report`: rejects CSV, JSON summary, printed report.
+//! - `cli`: the `import` subcommands' arguments and glue.
+
+pub mod cli;
+mod children;
+mod input;
+mod journal;
+mod report;
+mod undo;
+mod validate;
+mod write;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+pub use input::{InputError, Mapping};
+pub use journal::{read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState};
+pub use report::{ImportReport, ProblemEntry};
+pub use undo::{undo, UndoReport};
+pub use validate::{Country, Entity, Reason};
+
+use crate::api::{ApiError, Client};
+use input::{open_csv, CsvInput, RawRecord};
+use journal::Journal;
+use report::{reason_text, Rejects};
+use validate::{ColumnPlan, Row, Rules, Validator};
+use write::{classify, ContactWriter, RowResult};
+
+/// `--on-duplicate`: what to do when a create matches an existing contact (the API's 400
+/// "does not allow duplicated contacts", or a contact found after an ambiguous failure that
+/// predates the import).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnDuplicate {
+    /// Update the existing contact (`PUT` without tags, then add the row's tags).
+    #[default]
+    Update,
+    /// Leave the existing contact as it is.
+    Skip,
+    /// Reject the row (it goes to the rejects file).
+    Fail,
+}
+
+/// `--dry-run`: validate and report, write nothing.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum DryRun {
+    /// No API call at all.
+    Offline,
+    /// Read-only lookups (`GET /contacts/search/duplicate`, `GET /contacts/:id`) to tell
+    /// creates from updates.
+    Lookup,
+}
+
+/// The input side, shared by every import.
+#[derive(Clone, Debug)]
+pub struct SourceOptions {
+    pub input: PathBuf,
+    /// `None`: sniffed from the header line (`,` `;` tab `|`).
+    pub delimiter: Option<u8>,
+    pub mapping: Mapping,
+    pub default_country: Option<Country>,
+    /// Keep leading and trailing spaces of free-text cells.
+    pub keep_spaces: bool,
+    /// Leave unknown columns out instead of refusing to write.
+    pub ignore_unknown_columns: bool,
+    pub dry_run: Option<DryRun>,
+    pub journal: PathBuf,
+    pub rejects: PathBuf,
+    /// Rows in progress at once (requests are further bounded by the client).
+    pub concurrency: usize,
+}
+
+impl SourceOptions {
+    /// Defaults next to the input: `FILE.journal.jsonl` and `FILE.rejects.csv`.
+    pub fn new(input: impl Into<PathBuf>) -> SourceOptions {
+        let input = input.into();
+        let beside = |suffix: &str| {
+            let mut s = input.clone().into_os_string();
+            s.push(suffix);
+            PathBuf::from(s)
+        };
+        SourceOptions {
+            journal: beside(".journal.jsonl"),
+            rejects: beside(".rejects.csv"),
+            input,
+            delimiter: None,
+            mapping: Mapping::default(),
+            default_country: None,
+            keep_spaces: false,
+            ignore_unknown_columns: false,
+            dry_run: None,
+            concurrency: 8,
+        }
+    }
+}
+
+/// `import contacts`.
+#[derive(Clone, Debug)]
+pub struct ContactImportOptions {
+    pub location_id: String,
+    pub source: SourceOptions,
+    pub on_duplicate: OnDuplicate,
+    /// Never use the `id` column as an update target (it is still recorded for `--id-map`).
+    pub ignore_ids: bool,
+    /// The key of a custom field's value in request bodies: `field_value` (the spec), `value`
+    /// or `fieldValue` (v3).
+    pub custom_field_value_key: String,
+}
+
+impl ContactImportOptions {
+    pub fn new(location_id: impl Into<String>, source: SourceOptions) -> Self {
+        ContactImportOptions {
+            location_id: location_id.into(),
+            source,
+            on_duplicate: OnDuplicate::Update,
+            ignore_ids: false,
+            custom_field_value_key: "field_value".into(),
+        }
+    }
+}
+
+/// `import tasks` and `import notes`.
+#[derive(Clone, Debug)]
+pub struct ChildImportOptions {
+    pub entity: Entity,
+    /// Where `email`/`phone` keys are looked up.
+    pub location_id: String,
+    pub source: SourceOptions,
+    /// A contacts import journal: maps the export's contact ids (and emails, phones) to the
+    /// contacts it created or updated, without a lookup per row.
+    pub id_map: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("{path}: the header cannot be imported as it is:\n  {}\nhint: nothing was written; --dry-run lists every problem", problems.join("\n  "))]
+    Columns { path: PathBuf, problems: Vec<String> },
+    #[error("journal {path}: {message}\nhint: use the journal of this import, or a new --journal for a new import")]
+    JournalMismatch { path: PathBuf, message: String },
+    #[error("journal {0}: no import recorded in it")]
+    EmptyJournal(PathBuf),
+    #[error("rejects file {path}: {source}")]
+    Rejects {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the import stopped early ({} created, {} updated so far); rerun the same command to resume", report.created, report.updated)]
+    Stopped {
+        report: Box<ImportReport>,
+        #[source]
+        source: ApiError,
+    },
+    #[error(transparent)]
+    Api(#[from] ApiError),
+}
+
+/// Imports contacts. Validation problems and rows the API refused are in the report (and the
+/// rejects file), not errors; errors stop the run (unreadable input, journal failure, token
+/// refused, quota spent).
+pub async fn import_contacts(
+    client: Arc<Client>,
+    opts: &ContactImportOptions,
+) -> Result<ImportReport, ImportError> {
+    let rules = Rules {
+        default_country: opts.source.default_country.clone(),
+        keep_spaces: opts.source.keep_spaces,
+        location_id: opts.location_id.clone(),
+        ignore_ids: opts.ignore_ids,
+    };
+    let (mut report, rejects, plan) = validate_all(Entity::Contacts, &opts.source, &rules)?;
+    if let Some(mode) = opts.source.dry_run {
+        finish_rejects(rejects, &opts.source)?;
+        if mode == DryRun::Lookup {
+            dry_lookup(&client, opts, &rules, &plan, &mut report).await?;
+        }
+        return Ok(report);
+    }
+    let (journal, state) = open_journal(&opts.source, Entity::Contacts, &opts.location_id).await?;
+    report.journal = Some(opts.source.journal.clone());
+    let writer = ContactWriter {
+        client: &client,
+        journal: &journal,
+        location_id: &opts.location_id,
+        on_duplicate: opts.on_duplicate,
+        value_key: &opts.custom_field_value_key,
+    };
+    let state = &state;
+    let writer = &writer;
+    let work = |rec: RawRecord, row: Row| async move {
+        let Row::Contact(c) = row else {
+            unreachable!("a contacts validator yields contacts")
+        };
+        let prior = state.rows.get(&rec.line);
+        if let Some(p) = prior {
+            if !p.key.is_empty() && p.key != c.key() {
+                return (rec, Err(mismatch(&c.key(), p)));
+            }
+            if p.done.is_some() {
+                return (rec, Ok(Step::AlreadyDone));
+            }
+        }
+        let r = writer.write(&c, prior).await.map(Step::Wrote).map_err(ImportError::from);
+        (rec, r)
+    };
+    write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
+    Ok(report)
+}
+
+/// Imports tasks or notes (see [`ChildImportOptions`]).
+pub async fn import_children(
+    client: Arc<Client>,
+    opts: &ChildImportOptions,
+) -> Result<ImportReport, ImportError> {
+    let rules = Rules {
+        default_country: opts.source.default_country.clone(),
+        keep_spaces: opts.source.keep_spaces,
+        location_id: opts.location_id.clone(),
+        ignore_ids: true,
+    };
+    let (mut report, rejects, plan) = validate_all(opts.entity, &opts.source, &rules)?;
+    if opts.source.dry_run.is_some() {
+        finish_rejects(rejects, &opts.source)?;
+        return Ok(report);
+    }
+    let map = match &opts.id_map {
+        Some(p) => {
+            let (s, _) = journal::read(p)?;
+            if s.entity != Some(Entity::Contacts) {
+                return Err(ImportError::JournalMismatch {
+                    path: p.clone(),
+                    message: "--id-map needs the journal of a contacts import".into(),
+                });
+            }
+            children::id_map(&s)
+        }
+        None => Default::default(),
+    };
+    let (journal, state) = open_journal(&opts.source, opts.entity, &opts.location_id).await?;
+    report.journal = Some(opts.source.journal.clone());
+    let resolver = children::ContactResolver::new(&client, &opts.location_id, map);
+    let writer = children::ChildWriter::new(&client, &journal, opts.entity, state.claimed_ids());
+    let (state, resolver, writer) = (&state, &resolver, &writer);
+    let work = |rec: RawRecord, row: Row| async move {
+        let Row::Child(c) = row else {
+            unreachable!("a children validator yields children")
+        };
+        let prior = state.rows.get(&rec.line);
+        let mut known_contact = None;
+        if let Some(p) = prior {
+            if let Some(d) = &p.done {
+                if p.closed || !c.completed {
+                    return (rec, Ok(Step::AlreadyDone));
+                }
+                known_contact = d.contact.clone();
+            }
+        }
+        let contact = match known_contact {
+            Some(id) => id,
+            None => match resolver.resolve(&c.contact).await {
+                Ok(Some(id)) => id,
+                Ok(None) => {
+                    let what = c.contact.key().replacen(':', " ", 1);
+                    let failed = RowResult::Failed {
+                        error: format!("no contact with {what} in location {}", resolver.location_id),
+                        retry: false,
+                    };
+                    return (rec, Ok(Step::Wrote(failed)));
+                }
+                Err(e) => return (rec, Ok(Step::Wrote(classify(e)))),
+            },
+        };
+        let r = writer.write(&c, &contact, prior).await.map(Step::Wrote).map_err(ImportError::from);
+        (rec, r)
+    };
+    write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
+    Ok(report)
+}
+
+enum Step {
+    AlreadyDone,
+    Wrote(RowResult),
+}
+
+fn mismatch(key: &str, prior: &RowState) -> ImportError {
+    ImportError::JournalMismatch {
+        path: PathBuf::new(),
+        message: format!(
+            "the journal's row has key '{}' but the input's row has '{key}': the input changed since the journal was written",
+            prior.key
+        ),
+    }
+}
+
+/// Pass 1: every row validated, rejects written, the header checked.
+fn validate_all(
+    entity: Entity,
+    source: &SourceOptions,
+    rules: &Rules,
+) -> Result<(ImportReport, Rejects, ColumnPlan), ImportError> {
+    let mut input = open_csv(&source.input, source.delimiter)?;
+    let plan = ColumnPlan::new(entity, &input.headers, &source.mapping);
+    let mut report = ImportReport {
+        entity: Some(entity),
+        input: source.input.clone(),
+        dry_run: source.dry_run.is_some(),
+        looked_up: source.dry_run == Some(DryRun::Lookup) && entity == Entity::Contacts,
+        rejects: source.rejects.clone(),
+        skipped_columns: plan.skipped.clone(),
+        unknown_columns: plan.unknown.clone(),
+        ..ImportReport::default()
+    };
+    let mut file_problems = plan.header_problems.clone();
+    if !source.ignore_unknown_columns {
+        file_problems = plan.file_problems();
+    }
+    report.problems.extend(file_problems.iter().map(Into::into));
+    if !file_problems.is_empty() && source.dry_run.is_none() {
+        return Err(ImportError::Columns {
+            path: source.input.clone(),
+            problems: file_problems.iter().map(ToString::to_string).collect(),
+        });
+    }
+    let mut rejects = Rejects::create(&source.rejects, &input.headers, input.delimiter)
+        .map_err(|e| rejects_err(source, e))?;
+    let mut v = Validator::new(plan.clone(), rules.clone());
+    while let Some(rec) = input.next_record() {
+        let rec = rec?;
+        report.rows += 1;
+        match v.check(&rec) {
+            Ok(_) => report.valid += 1,
+            Err(problems) => {
+                report.add_problems(&problems);
+                rejects
+                    .push(&rec, &reason_text(&problems))
+                    .map_err(|e| rejects_err(source, e))?;
+            }
+        }
+    }
+    Ok((report, rejects, plan))
+}
+
+fn rejects_err(source: &SourceOptions, e: std::io::Error) -> ImportError {
+    ImportError::Rejects {
+        path: source.rejects.clone(),
+        source: e,
+    }
+}
+
+fn finish_rejects(rejects: Rejects, source: &SourceOptions) -> Result<(), ImportError> {
+    rejects.finish().map_err(|e| rejects_err(source, e))
+}
+
+/// The valid rows of a second read of the input, with their records.
+fn valid_rows(
+    input: CsvInput,
+    mut v: Validator,
+) -> impl Iterator<Item = Result<(RawRecord, Row), InputError>> {
+    let mut input = input;
+    std::iter::from_fn(move || loop {
+        match input.next_record()? {
+            Err(e) => return Some(Err(e)),
+            Ok(rec) => {
+                if let Ok(row) = v.check(&rec) {
+                    return Some(Ok((rec, row)));
+                }
+            }
+        }
+    })
+}
+
+async fn open_journal(
+    source: &SourceOptions,
+    entity: Entity,
+    location: &str,
+) -> Result<(Journal, JournalState), ImportError> {
+    let (journal, state) = Journal::open(&source.journal, entity, Some(location), &source.input).await?;
+    let mismatch = |message: String| ImportError::JournalMismatch {
+        path: source.journal.clone(),
+        message,
+    };
+    if let Some(e) = state.entity.filter(|e| *e != entity) {
+        return Err(mismatch(format!("it records a {} import, not {}", e.name(), entity.name())));
+    }
+    if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
+        return Err(mismatch(format!("it records an import into location {l}, not {location}")));
+    }
+    if state.runs > 0 {
+        tracing::info!(journal = %source.journal.display(), earlier_runs = state.runs, rows = state.rows.len(), "resuming from the journal");
+    }
+    Ok((journal, state))
+}
+
+/// Pass 2: valid rows through `work` with bounded concurrency; outcomes counted, refusals
+/// added to the rejects file.
+async fn write_all<F, Fut>(
+    source: &SourceOptions,
+    rules: &Rules,
+    plan: ColumnPlan,
+    report: &mut ImportReport,
+    mut rejects: Rejects,
+    work: F,
+) -> Result<(), ImportError>
+where
+    F: Fn(RawRecord, Row) -> Fut,
+    Fut: std::future::Future<Output = (RawRecord, Result<Step, ImportError>)>,
+{
+    let input = open_csv(&source.input, source.delimiter)?;
+    let rows = valid_rows(input, Validator::new(plan, rules.clone()));
+    let mut results = std::pin::pin!(futures::stream::iter(rows)
+        .map(|r| {
+            let fut = r.map(|(rec, row)| work(rec, row));
+            async move {
+                match fut {
+                    Ok(f) => Ok(f.await),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .buffer_unordered(source.concurrency.max(1)));
+    let mut last_log = Instant::now();
+    let mut abort = None;
+    let mut finished = 0u64;
+    while let Some(item) = results.next().await {
+        let (rec, step) = item?;
+        finished += 1;
+        match step? {
+            Step::AlreadyDone => report.already_done += 1,
+            Step::Wrote(RowResult::Done(o, _)) => match o {
+                Outcome::Created => report.created += 1,
+                Outcome::Updated => report.updated += 1,
+                Outcome::Skipped => report.skipped += 1,
+            },
+            Step::Wrote(RowResult::Failed { error, retry: true }) => {
+                report.failed_retryable += 1;
+                tracing::warn!(line = rec.line, %error, "row failed; a rerun with the same journal retries it");
+            }
+            Step::Wrote(RowResult::Failed { error, retry: false }) => {
+                let p = validate::Problem {
+                    line: rec.line,
+                    field: None,
+                    reason: Reason::Api,
+                    message: error.clone(),
+                };
+                report.add_problems(std::slice::from_ref(&p));
+                rejects.push(&rec, &error).map_err(|e| rejects_err(source, e))?;
+            }
+            Step::Wrote(RowResult::Abort(e)) => {
+                abort = Some(e);
+                break;
+            }
+        }
+        if last_log.elapsed() >= Duration::from_secs(10) {
+            last_log = Instant::now();
+            tracing::info!(rows = finished, of = report.valid, created = report.created, updated = report.updated, "importing");
+        }
+    }
+    drop(results);
+    finish_rejects(rejects, source)?;
+    if let Some(e) = abort {
+        report.stopped = Some(e.to_string());
+        return Err(ImportError::Stopped {
+            report: Box::new(report.clone()),
+            source: e,
+        });
+    }
+    Ok(())
+}
+
+/// Dry run with lookups: tells creates from updates, read-only.
+async fn dry_lookup(
+    client: &Client,
+    opts: &ContactImportOptions,
+    rules: &Rules,
+    plan: &ColumnPlan,
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    let input = open_csv(&opts.source.input, opts.source.delimiter)?;
+    let rows: Vec<_> = valid_rows(input, Validator::new(plan.clone(), rules.clone())).collect::<Result<_, _>>()?;
+    let location = opts.location_id.as_str();
+    let mut results = std::pin::pin!(futures::stream::iter(rows)
+        .map(|(_, row)| async move {
+            match row {
+                Row::Contact(c) => write::would_update(client, location, &c).await,
+                Row::Child(_) => Ok(false),
+            }
+        })
+        .buffer_unordered(opts.source.concurrency.max(1)));
+    while let Some(r) = results.next().await {
+        match r? {
+            true => report.would_update += 1,
+            false => report.would_create += 1,
+        }
+    }
+    Ok(())
+}

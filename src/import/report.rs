@@ -1,0 +1,237 @@
+//! What an import reports: the rejects CSV (each rejected row as read, plus its line and
+//! reason), the JSON summary, and the report printed for people.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::input::RawRecord;
+use super::validate::{Entity, Problem};
+
+/// Most problems kept in the summary (all of them are in the rejects file).
+pub(crate) const MAX_PROBLEMS: usize = 10_000;
+
+/// One problem as the summary shows it.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct ProblemEntry {
+    pub line: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub reason: String,
+    pub message: String,
+}
+
+impl From<&Problem> for ProblemEntry {
+    fn from(p: &Problem) -> Self {
+        ProblemEntry {
+            line: p.line,
+            field: p.field.clone(),
+            reason: p.reason.as_str().to_owned(),
+            message: p.message.clone(),
+        }
+    }
+}
+
+/// The JSON summary of a run (also what `--summary FILE` holds).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportReport {
+    pub entity: Option<Entity>,
+    pub input: PathBuf,
+    pub dry_run: bool,
+    /// Dry run only: whether existing contacts were looked up to tell creates from updates.
+    pub looked_up: bool,
+    pub journal: Option<PathBuf>,
+    pub rejects: PathBuf,
+    /// Data rows read (blank lines and the header not counted).
+    pub rows: u64,
+    /// Rows that passed validation.
+    pub valid: u64,
+    /// Rows rejected by validation, and at write time by the API.
+    pub rejected: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub created: u64,
+    pub updated: u64,
+    pub skipped: u64,
+    /// Rows an earlier run with this journal already finished.
+    pub already_done: u64,
+    /// Rows that failed transiently: a rerun with the same journal retries them.
+    pub failed_retryable: u64,
+    /// Dry run: valid rows that would create or update (when looked up).
+    pub would_create: u64,
+    pub would_update: u64,
+    /// Columns read but not sent (export-only fields, ignored in the mapping).
+    pub skipped_columns: Vec<String>,
+    pub unknown_columns: Vec<String>,
+    /// Every problem found (up to 10,000; the rejects file has them all), by line.
+    pub problems: Vec<ProblemEntry>,
+    pub problems_truncated: bool,
+    /// Set when the run stopped early (token refused, quota spent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
+}
+
+impl ImportReport {
+    /// True when every row was written (or was already): the exit code is 0.
+    pub fn complete(&self) -> bool {
+        self.rejected == 0 && self.failed_retryable == 0 && self.stopped.is_none()
+    }
+
+    pub(crate) fn add_problems(&mut self, problems: &[Problem]) {
+        self.rejected += 1;
+        let mut reasons: Vec<&str> = problems.iter().map(|p| p.reason.as_str()).collect();
+        reasons.dedup();
+        for r in reasons {
+            *self.rejected_by_reason.entry(r.to_owned()).or_default() += 1;
+        }
+        for p in problems {
+            if self.problems.len() < MAX_PROBLEMS {
+                self.problems.push(p.into());
+            } else {
+                self.problems_truncated = true;
+            }
+        }
+    }
+
+    /// The report for people.
+    pub fn render(&self) -> String {
+        let what = self.entity.map_or("rows", Entity::name);
+        let mut s = String::new();
+        if self.dry_run {
+            s.push_str(&format!(
+                "dry run of {what} import from {}: nothing was written to the API{}\n",
+                self.input.display(),
+                if self.looked_up {
+                    " (existing contacts were looked up, read-only)"
+                } else {
+                    " (no API call made)"
+                }
+            ));
+        } else {
+            s.push_str(&format!("{what} import from {}\n", self.input.display()));
+        }
+        s.push_str(&format!(
+            "  rows: {} read, {} valid, {} rejected\n",
+            self.rows, self.valid, self.rejected
+        ));
+        if self.dry_run {
+            if self.looked_up {
+                s.push_str(&format!(
+                    "  would create {}, would update {}\n",
+                    self.would_create, self.would_update
+                ));
+            }
+        } else {
+            s.push_str(&format!(
+                "  created {}, updated {}, skipped {}, already done by an earlier run {}, failed (rerun to retry) {}\n",
+                self.created, self.updated, self.skipped, self.already_done, self.failed_retryable
+            ));
+        }
+        if !self.rejected_by_reason.is_empty() {
+            s.push_str("  rejected by reason:\n");
+            for (r, n) in &self.rejected_by_reason {
+                s.push_str(&format!("    {r}: {n}\n"));
+            }
+        }
+        if !self.skipped_columns.is_empty() {
+            s.push_str(&format!(
+                "  columns read but not sent (export-only or ignored): {}\n",
+                self.skipped_columns.join(", ")
+            ));
+        }
+        if !self.problems.is_empty() {
+            s.push_str("  problems:\n");
+            for p in &self.problems {
+                match &p.field {
+                    Some(f) => s.push_str(&format!("    line {}, {f}: {}\n", p.line, p.message)),
+                    None => s.push_str(&format!("    line {}: {}\n", p.line, p.message)),
+                }
+            }
+            if self.problems_truncated {
+                s.push_str("    … more in the rejects file\n");
+            }
+        }
+        if self.rejected > 0 {
+            s.push_str(&format!("  rejected rows: {}\n", self.rejects.display()));
+        }
+        if let Some(j) = &self.journal {
+            s.push_str(&format!("  journal: {}\n", j.display()));
+        }
+        if let Some(why) = &self.stopped {
+            s.push_str(&format!("  stopped early: {why}\n"));
+        }
+        s
+    }
+}
+
+/// The rejects CSV, written under a temporary name and renamed when complete.
+pub(crate) struct Rejects {
+    path: PathBuf,
+    tmp: PathBuf,
+    writer: csv::Writer<std::fs::File>,
+}
+
+impl Rejects {
+    pub(crate) fn create(path: &Path, headers: &[String], delimiter: u8) -> std::io::Result<Rejects> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let name = path.file_name().map_or_else(|| "rejects.csv".into(), |n| n.to_string_lossy().into_owned());
+        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        let mut writer = csv::WriterBuilder::new()
+            .delimiter(delimiter)
+            .flexible(true)
+            .from_path(&tmp)
+            .map_err(csv_io)?;
+        let mut header: Vec<String> = headers.to_vec();
+        for extra in ["line", "reason"] {
+            let mut name = extra.to_owned();
+            while header.contains(&name) {
+                name.insert(0, '_');
+            }
+            header.push(name);
+        }
+        writer.write_record(&header).map_err(csv_io)?;
+        Ok(Rejects {
+            path: path.to_owned(),
+            tmp,
+            writer,
+        })
+    }
+
+    pub(crate) fn push(&mut self, rec: &RawRecord, reason: &str) -> std::io::Result<()> {
+        let line = rec.line.to_string();
+        let fields = rec
+            .cells
+            .iter()
+            .map(String::as_str)
+            .chain([line.as_str(), reason]);
+        self.writer.write_record(fields).map_err(csv_io)
+    }
+
+    pub(crate) fn finish(mut self) -> std::io::Result<()> {
+        self.writer.flush()?;
+        self.writer.get_ref().sync_all()?;
+        std::fs::rename(&self.tmp, &self.path)
+    }
+}
+
+fn csv_io(e: csv::Error) -> std::io::Error {
+    match e.into_kind() {
+        csv::ErrorKind::Io(e) => e,
+        other => std::io::Error::other(format!("{other:?}")),
+    }
+}
+
+/// A row's problems as one reason cell.
+pub(crate) fn reason_text(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| match &p.field {
+            Some(f) => format!("{f}: {}", p.message),
+            None => p.message.clone(),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}

@@ -1,0 +1,165 @@
+//! `import undo`: delete what an import created, as its journal records it.
+//!
+//! Contacts are deleted with `DELETE /contacts/:id`, tasks with `DELETE …/tasks/:taskId`.
+//! Nothing that was only updated or skipped is touched: the journal does not hold the values
+//! before the update, so they cannot be restored. Notes cannot be deleted through this client
+//! (it has no note delete call); a contacts undo removes them with their contact.
+//!
+//! Rows left ambiguous (an intent, no outcome) are looked up like a resumed import would, and
+//! deleted when the contact found was added after the intent. Each deletion is journaled, so
+//! an interrupted undo can be run again.
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use super::journal::{self, Journal, Outcome, Record};
+use super::validate::Entity;
+use super::write::{added_since, key_part};
+use super::ImportError;
+use crate::api::{ApiError, Client, ErrorKind};
+
+/// What `undo` did.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UndoReport {
+    pub entity: Option<Entity>,
+    /// Records deleted now.
+    pub deleted: u64,
+    /// Records already gone (deleted by an earlier undo, or by someone else).
+    pub already_gone: u64,
+    /// Deletions that failed; rerun `undo` to retry them.
+    pub failed: u64,
+    /// Records this import updated or skipped: left as they are (not restored).
+    pub left_updated: u64,
+    /// Notes created by the import that were not deleted (no note delete call in the client).
+    pub notes_not_deleted: u64,
+    /// Ambiguous rows checked against the API.
+    pub ambiguous_checked: u64,
+    pub errors: Vec<String>,
+}
+
+impl UndoReport {
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "undo of a {} import: {} deleted, {} already gone, {} failed; {} updated or skipped records left as they are (undo does not restore updates)",
+            self.entity.map_or("?", Entity::name),
+            self.deleted,
+            self.already_gone,
+            self.failed,
+            self.left_updated
+        );
+        if self.notes_not_deleted > 0 {
+            s.push_str(&format!(
+                "\n  {} notes not deleted: notes can only be removed with their contact (undo the contacts import)",
+                self.notes_not_deleted
+            ));
+        }
+        for e in self.errors.iter().take(20) {
+            s.push_str(&format!("\n  {e}"));
+        }
+        s
+    }
+}
+
+enum Target {
+    Contact(String),
+    Task { contact: String, id: String },
+}
+
+/// Deletes what the journal's import created. `concurrency` bounds the deletions in flight.
+pub async fn undo(
+    client: &Client,
+    journal_path: &std::path::Path,
+    concurrency: usize,
+) -> Result<UndoReport, ImportError> {
+    let (state, _) = journal::read(journal_path)?;
+    let Some(entity) = state.entity else {
+        return Err(ImportError::EmptyJournal(journal_path.to_owned()));
+    };
+    let mut report = UndoReport {
+        entity: Some(entity),
+        ..UndoReport::default()
+    };
+    let (journal, _) = Journal::open(journal_path, entity, state.location.as_deref(), std::path::Path::new("undo")).await?;
+    let mut targets = Vec::new();
+    for (line, r) in &state.rows {
+        match &r.done {
+            Some(d) if d.outcome == Outcome::Created => {
+                if state.undone.contains(&d.id) {
+                    continue;
+                }
+                match (entity, &d.contact) {
+                    (Entity::Contacts, _) => targets.push(Target::Contact(d.id.clone())),
+                    (Entity::Tasks, Some(c)) => targets.push(Target::Task {
+                        contact: c.clone(),
+                        id: d.id.clone(),
+                    }),
+                    _ => report.notes_not_deleted += 1,
+                }
+            }
+            Some(_) => report.left_updated += 1,
+            None => {
+                let (Some(since), Entity::Contacts, Some(location)) = (r.pending_since, entity, state.location.as_deref()) else {
+                    continue;
+                };
+                report.ambiguous_checked += 1;
+                let found = client
+                    .find_duplicate(location, key_part(&r.key, "email"), key_part(&r.key, "phone"))
+                    .await;
+                match found {
+                    Ok(Some(c)) if added_since(c.date_added.as_deref(), since) => {
+                        if let Some(id) = c.id.filter(|id| !state.undone.contains(id)) {
+                            targets.push(Target::Contact(id));
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        report.failed += 1;
+                        report.errors.push(format!("line {line}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+    let results: Vec<(Target, Result<(), ApiError>)> = futures::stream::iter(targets)
+        .map(|t| async move {
+            let r = match &t {
+                Target::Contact(id) => client.delete_contact(id).await,
+                Target::Task { contact, id } => client.delete_task(contact, id).await,
+            };
+            (t, r)
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    for (t, r) in results {
+        let (id, contact) = match t {
+            Target::Contact(id) => (id, None),
+            Target::Task { contact, id } => (id, Some(contact)),
+        };
+        let error = match r {
+            Ok(()) => {
+                report.deleted += 1;
+                None
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                report.already_gone += 1;
+                None
+            }
+            Err(e) => {
+                report.failed += 1;
+                report.errors.push(e.to_string());
+                Some(e.to_string())
+            }
+        };
+        journal
+            .append(&Record::Undone {
+                run: journal.run_id().to_owned(),
+                id,
+                contact,
+                error,
+            })
+            .await?;
+    }
+    Ok(report)
+}
