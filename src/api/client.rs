@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio::sync::Semaphore;
 
+use super::auth::{StaticToken, TokenSource};
 use super::error::{ApiError, RequestLabel};
 use super::models::{Contact, ErrorBody, ListMeta, Note, Task};
 use super::retry::{Idempotency, RetryPolicy};
@@ -27,6 +28,20 @@ use crate::ratelimit::{Quota, RateHeaders, RateLimiter};
 pub struct Token(String);
 
 impl Token {
+    /// The `Authorization` header value for this token, marked sensitive so it is never
+    /// printed by the HTTP stack.
+    pub fn header_value(&self) -> HeaderValue {
+        // Token::new admits only visible ASCII, which is always a valid header value.
+        let mut h = HeaderValue::from_str(&format!("Bearer {}", self.0)).unwrap_or(HeaderValue::from_static("Bearer"));
+        h.set_sensitive(true);
+        h
+    }
+
+    /// The token itself, for code that must send it elsewhere (an OAuth token store).
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+
     /// Accepts a token as read from a variable or file (surrounding whitespace removed).
     pub fn new(raw: &str) -> Result<Token, String> {
         let t = raw.trim();
@@ -51,7 +66,8 @@ impl std::fmt::Debug for Token {
 pub struct ClientConfig {
     /// Scheme, host and optional port (and path prefix), e.g. `https://services.leadconnectorhq.com`.
     pub base_url: String,
-    pub token: Token,
+    /// Supplies the bearer token (static, or refreshing).
+    pub token: Arc<dyn TokenSource>,
     /// The pace to keep for this location (`None`: only what the server announces).
     pub rate_limit: Option<Quota>,
     /// Most requests in flight at once.
@@ -65,7 +81,7 @@ impl ClientConfig {
     pub fn new(base_url: impl Into<String>, token: Token) -> Self {
         ClientConfig {
             base_url: base_url.into(),
-            token,
+            token: Arc::new(StaticToken::new(&token)),
             rate_limit: Some(Quota::API_DEFAULT),
             concurrency: 16,
             timeout: Duration::from_secs(60),
@@ -106,7 +122,7 @@ pub struct BusinessPage {
 pub struct Client {
     http: reqwest::Client,
     base: String,
-    auth: HeaderValue,
+    auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
     retry: RetryPolicy,
@@ -240,13 +256,10 @@ impl Client {
             .user_agent(concat!("contacts-etl/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
-        let mut auth = HeaderValue::from_str(&format!("Bearer {}", config.token.0))
-            .map_err(|_| ClientBuildError::Http("the token is not a valid header value".into()))?;
-        auth.set_sensitive(true);
         Ok(Client {
             http,
             base,
-            auth,
+            auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),
             retry: config.retry,
@@ -574,17 +587,30 @@ impl Client {
     ) -> Result<T, ApiError> {
         let label = RequestLabel(format!("{method} {path_and_query}"));
         let url = format!("{}{}", self.base, path_and_query);
-        let result = self
-            .retry
-            .run(
-                idem,
-                || self.attempt(kind, &method, &url, &label, body.clone()),
-                |err, delay| {
-                    self.stats.retry();
-                    tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
-                },
-            )
-            .await;
+        let mut refreshed = false;
+        let result = loop {
+            let auth = self.auth.current().await?;
+            let result = self
+                .retry
+                .run(
+                    idem,
+                    || self.attempt(kind, &method, &url, &label, &auth, body.clone()),
+                    |err, delay| {
+                        self.stats.retry();
+                        tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
+                    },
+                )
+                .await;
+            // One refresh per call on a 401: an expired access token is renewed and the
+            // request sent again; a second 401 is final.
+            if let Err(ApiError::Unauthorized { .. }) = &result {
+                if !refreshed && self.auth.refresh(&auth).await? {
+                    refreshed = true;
+                    continue;
+                }
+            }
+            break result;
+        };
         if let Err(e) = &result {
             tracing::debug!(error = %e, "request failed");
         }
@@ -598,6 +624,7 @@ impl Client {
         method: &Method,
         url: &str,
         label: &RequestLabel,
+        auth: &HeaderValue,
         body: Option<Bytes>,
     ) -> Result<T, ApiError> {
         // The semaphore is never closed, so acquire cannot fail.
@@ -611,7 +638,7 @@ impl Client {
         let mut req = self
             .http
             .request(method.clone(), url)
-            .header(AUTHORIZATION, self.auth.clone())
+            .header(AUTHORIZATION, auth.clone())
             .header("Version", super::API_VERSION)
             .header(ACCEPT, "application/json");
         if let Some(b) = body {

@@ -1,11 +1,13 @@
 //! The Contacts API client: typed calls, error kinds, the retry policy and request counters.
 
+mod auth;
 mod client;
 mod error;
 mod models;
 mod retry;
 mod stats;
 
+pub use auth::{StaticToken, TokenSource};
 pub use client::{BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token};
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use models::{Contact, ListMeta, Note, Task};
