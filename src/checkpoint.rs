@@ -32,22 +32,40 @@ impl Settings {
     pub fn mismatch(&self, other: &Settings) -> Option<String> {
         let mut diffs = Vec::new();
         if self.location_id != other.location_id {
-            diffs.push(format!("--location {} (checkpoint: {})", self.location_id, other.location_id));
+            diffs.push(format!(
+                "--location {} (checkpoint: {})",
+                self.location_id, other.location_id
+            ));
         }
         if self.businesses != other.businesses {
-            diffs.push(format!("--business {:?} (checkpoint: {:?})", self.businesses, other.businesses));
+            diffs.push(format!(
+                "--business {:?} (checkpoint: {:?})",
+                self.businesses, other.businesses
+            ));
         }
         if self.include != other.include {
-            diffs.push(format!("--include {} (checkpoint: {})", self.include, other.include));
+            diffs.push(format!(
+                "--include {} (checkpoint: {})",
+                self.include, other.include
+            ));
         }
         if self.format != other.format {
-            diffs.push(format!("--format {} (checkpoint: {})", self.format, other.format));
+            diffs.push(format!(
+                "--format {} (checkpoint: {})",
+                self.format, other.format
+            ));
         }
         if self.page_size != other.page_size {
-            diffs.push(format!("page size {} (checkpoint: {})", self.page_size, other.page_size));
+            diffs.push(format!(
+                "page size {} (checkpoint: {})",
+                self.page_size, other.page_size
+            ));
         }
         if self.incremental != other.incremental {
-            diffs.push(format!("--incremental {} (checkpoint: {})", self.incremental, other.incremental));
+            diffs.push(format!(
+                "--incremental {} (checkpoint: {})",
+                self.incremental, other.incremental
+            ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
     }
@@ -60,6 +78,10 @@ pub struct Checkpoint {
     pub settings: Settings,
     /// When the run that this checkpoint belongs to first started.
     pub started_at: String,
+    /// The `export_date=` partition the run writes to (fixed at its start, so a run resumed
+    /// the next day finishes in the same partition).
+    #[serde(default)]
+    pub export_date: Option<String>,
     /// How many times the run was resumed.
     pub resumed: u32,
     /// The listing continues after this position; `None` means from the start (or, when
@@ -97,14 +119,23 @@ enum Versioned {
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
-    #[error("{path}: not a checkpoint this version can read ({source}); move it away or pass --restart")]
-    Corrupt { path: PathBuf, source: serde_json::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: not a checkpoint this version can read ({source}); move it away or pass --restart"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
 }
 
 /// `OUT/_state/location_id=<id>/`: the checkpoint, the incremental state, and the report.
 pub fn state_dir(out: &Path, location_id: &str) -> PathBuf {
-    out.join("_state").join(format!("location_id={location_id}"))
+    out.join("_state")
+        .join(format!("location_id={location_id}"))
 }
 
 pub fn path(state_dir: &Path) -> PathBuf {
@@ -115,11 +146,19 @@ pub fn load(path: &Path) -> Result<Option<Checkpoint>, CheckpointError> {
     let bytes = match std::fs::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(CheckpointError::Io { path: path.into(), source }),
+        Err(source) => {
+            return Err(CheckpointError::Io {
+                path: path.into(),
+                source,
+            })
+        }
     };
     match serde_json::from_slice::<Versioned>(&bytes) {
         Ok(Versioned::V1(c)) => Ok(Some(c)),
-        Err(source) => Err(CheckpointError::Corrupt { path: path.into(), source }),
+        Err(source) => Err(CheckpointError::Corrupt {
+            path: path.into(),
+            source,
+        }),
     }
 }
 
@@ -156,7 +195,14 @@ mod tests {
     use super::*;
 
     fn settings() -> Settings {
-        Settings { location_id: "L".into(), businesses: vec![], include: "tasks".into(), format: "parquet".into(), page_size: 100, incremental: false }
+        Settings {
+            location_id: "L".into(),
+            businesses: vec![],
+            include: "tasks".into(),
+            format: "parquet".into(),
+            page_size: 100,
+            incremental: false,
+        }
     }
 
     #[test]
@@ -167,8 +213,12 @@ mod tests {
         let c = Checkpoint {
             settings: settings(),
             started_at: "2026-01-01T00:00:00.000Z".into(),
+            export_date: None,
             resumed: 0,
-            position: Some(Position::After(crate::extract::Cursor { start_after: 5, start_after_id: "x".into() })),
+            position: Some(Position::After(crate::extract::Cursor {
+                start_after: 5,
+                start_after_id: "x".into(),
+            })),
             next_part: 3,
             contacts_listed: 300,
             entities: BTreeMap::new(),
@@ -180,7 +230,9 @@ mod tests {
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), Some(c));
-        assert!(std::fs::read_to_string(&p).unwrap().contains("\"version\": \"1\""));
+        assert!(std::fs::read_to_string(&p)
+            .unwrap()
+            .contains("\"version\": \"1\""));
         assert!(!dir.path().join("checkpoint.json.tmp").exists());
     }
 
@@ -201,6 +253,9 @@ mod tests {
         b.format = "csv".into();
         b.include = "notes".into();
         let m = a.mismatch(&b).unwrap();
-        assert!(m.contains("--format parquet (checkpoint: csv)") && m.contains("--include"), "{m}");
+        assert!(
+            m.contains("--format parquet (checkpoint: csv)") && m.contains("--include"),
+            "{m}"
+        );
     }
 }

@@ -76,7 +76,13 @@ struct RawHead<'a> {
 impl ContactHead {
     pub fn of(raw: &RawValue) -> ContactHead {
         let head: RawHead<'_> = serde_json::from_str(raw.get()).unwrap_or_default();
-        ContactHead { id: head.id.and_then(|r| serde_json::from_str::<String>(r.get()).ok()), date_added: head.date_added.and_then(millis), date_updated: head.date_updated.and_then(millis) }
+        ContactHead {
+            id: head
+                .id
+                .and_then(|r| serde_json::from_str::<String>(r.get()).ok()),
+            date_added: head.date_added.and_then(millis),
+            date_updated: head.date_updated.and_then(millis),
+        }
     }
 }
 
@@ -264,11 +270,7 @@ pub fn business_contacts(
         let total = page.count.map(|c| c as u64);
         st.done = fetched == 0 || total.map_or(fetched < u64::from(st.page_size), |t| st.skip >= t);
         let mut contacts = page.contacts;
-        contacts.retain(|c| {
-            ContactHead::of(c)
-                .id
-                .is_none_or(|id| st.seen.insert(id))
-        });
+        contacts.retain(|c| ContactHead::of(c).id.is_none_or(|id| st.seen.insert(id)));
         let next = (!st.done).then_some(Position::Business {
             index: st.index,
             skip: st.skip,

@@ -206,7 +206,9 @@ where
                         contacts,
                     }),
                     Pending::Contact(contact) => {
-                        let ContactHead { id, date_updated, .. } = ContactHead::of(&contact);
+                        let ContactHead {
+                            id, date_updated, ..
+                        } = ContactHead::of(&contact);
                         let changed = match (&filter, &id) {
                             (Some(f), Some(id)) => f(id, date_updated),
                             _ => true,
@@ -215,7 +217,13 @@ where
                             (Some(id), true) => fetch_children(&client, id, include).await?,
                             _ => Children::default(),
                         };
-                        Ok(Item::Contact(ContactUnit { contact, id, date_updated, changed, children }))
+                        Ok(Item::Contact(ContactUnit {
+                            contact,
+                            id,
+                            date_updated,
+                            changed,
+                            children,
+                        }))
                     }
                 }
             }

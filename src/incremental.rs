@@ -23,7 +23,10 @@ pub struct StateError {
 }
 
 fn err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
-    move |source| StateError { path: path.to_path_buf(), source }
+    move |source| StateError {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The previous run's contacts, sorted by id.
@@ -95,7 +98,11 @@ impl PrevState {
 
 fn parse_line(line: &str) -> Option<(&str, i64)> {
     let (id, ms) = line.split_once('\t')?;
-    let ms = if ms.is_empty() { UNKNOWN } else { ms.parse().ok()? };
+    let ms = if ms.is_empty() {
+        UNKNOWN
+    } else {
+        ms.parse().ok()?
+    };
     (!id.is_empty()).then_some((id, ms))
 }
 
@@ -111,10 +118,19 @@ impl SeenLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(err(dir))?;
         }
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(path).map_err(err(path))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err(path))?;
         f.set_len(committed).map_err(err(path))?;
         f.seek(SeekFrom::Start(committed)).map_err(err(path))?;
-        Ok(SeenLog { path: path.to_path_buf(), out: BufWriter::new(f) })
+        Ok(SeenLog {
+            path: path.to_path_buf(),
+            out: BufWriter::new(f),
+        })
     }
 
     /// Records a listed contact. Ids that cannot be stored (tab or newline) are skipped: such
@@ -142,7 +158,10 @@ impl SeenLog {
 /// Reads a complete `seen` log: returns the new state's text (sorted, one line per contact)
 /// and the contacts of `prev` that were not seen (the deletions, with their last known
 /// `dateUpdated`). Nothing is written: save the deletions first, then [`save_state`].
-pub fn finish(prev: Option<&PrevState>, seen: &Path) -> Result<(String, Vec<(String, Option<i64>)>), StateError> {
+pub fn finish(
+    prev: Option<&PrevState>,
+    seen: &Path,
+) -> Result<(String, Vec<(String, Option<i64>)>), StateError> {
     let text = std::fs::read_to_string(seen).map_err(err(seen))?;
     let mut rows: Vec<(&str, i64)> = text.lines().filter_map(parse_line).collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
@@ -157,7 +176,10 @@ pub fn finish(prev: Option<&PrevState>, seen: &Path) -> Result<(String, Vec<(Str
                 j += 1;
             }
             if j >= rows.len() || rows[j].0 != key {
-                deleted.push((key.to_owned(), (prev.ms[i] != UNKNOWN).then_some(prev.ms[i])));
+                deleted.push((
+                    key.to_owned(),
+                    (prev.ms[i] != UNKNOWN).then_some(prev.ms[i]),
+                ));
             }
         }
     }
@@ -178,7 +200,10 @@ pub fn finish(prev: Option<&PrevState>, seen: &Path) -> Result<(String, Vec<(Str
 pub fn save_state(path: &Path, body: &str) -> Result<(), StateError> {
     crate::checkpoint::write_atomic(path, body.as_bytes()).map_err(|e| match e {
         crate::checkpoint::CheckpointError::Io { path, source } => StateError { path, source },
-        crate::checkpoint::CheckpointError::Corrupt { path, .. } => StateError { path, source: std::io::Error::other("corrupt") },
+        crate::checkpoint::CheckpointError::Corrupt { path, .. } => StateError {
+            path,
+            source: std::io::Error::other("corrupt"),
+        },
     })
 }
 
@@ -212,7 +237,10 @@ mod tests {
         log.record("d", Some(4)).unwrap();
         log.sync().unwrap();
         let (_, deleted) = finish(Some(&prev), &seen2).unwrap();
-        assert_eq!(deleted, vec![("b".to_owned(), Some(2)), ("c".to_owned(), None)]);
+        assert_eq!(
+            deleted,
+            vec![("b".to_owned(), Some(2)), ("c".to_owned(), None)]
+        );
     }
 
     #[test]

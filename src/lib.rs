@@ -12,10 +12,13 @@
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
 //! - [`export`]: the export run: plan, pipeline from extractor to sinks, manifest.
 //! - [`import`]: the bulk import: CSV validated first, journaled writes, resume, undo.
+//! - [`auth`]: OAuth 2.0 for Marketplace apps: login, the 0600 token store, refreshing token
+//!   sources, agency-to-location tokens.
 //! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
 //! - [`cli`]: command-line arguments, progress and logging.
 
 pub mod api;
+pub mod auth;
 pub mod checkpoint;
 pub mod cli;
 pub mod export;
@@ -23,6 +26,7 @@ pub mod extract;
 pub mod fanout;
 pub mod import;
 pub mod incremental;
+pub mod pipeline;
 pub mod ratelimit;
 pub mod schema;
 pub mod sim;

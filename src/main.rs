@@ -10,10 +10,15 @@ use contacts_etl::cli::exit;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     cli::init_logging(&cli);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The client side is I/O-bound and runs on one thread: the CPU work (decoding into
+    // columns, compression) has its own writer thread, and a single-threaded runtime avoids
+    // the cross-thread wake-ups that dominate CPU time when requests are paced. The simulator
+    // (alone or in the demo) serves many connections and gets the multi-threaded runtime.
+    let mut builder = match cli.command {
+        Command::Sim(_) | Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -38,6 +43,13 @@ async fn run(cli: &Cli) -> anyhow::Result<()> {
         Command::Sim(args) => cli::run_sim(args).await,
         Command::Demo(args) => cli::run_demo(args, cli.quiet).await,
         Command::Import(args) => contacts_etl::import::cli::run(args, cli.quiet).await,
+        Command::Auth(args) => contacts_etl::auth::cli::run(args, cli.quiet).await,
+        Command::Run(args) => cli::run_pipeline(args, cli.quiet).await,
+        Command::Validate(args) => cli::run_validate(args),
+        Command::Completions(args) => {
+            cli::run_completions(args);
+            Ok(())
+        }
     }
 }
 

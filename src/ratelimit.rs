@@ -147,6 +147,8 @@ struct State {
     /// The earliest instant the next request may start.
     next: Instant,
     paused_until: Option<Instant>,
+    /// When the most recent requests were actually released, newest last (at most `max`).
+    sent: std::collections::VecDeque<Instant>,
     daily_remaining: Option<u64>,
     daily_limit: Option<u64>,
 }
@@ -195,6 +197,7 @@ impl RateLimiter {
                 last_penalty_change: None,
                 next: Instant::now(),
                 paused_until: None,
+                sent: std::collections::VecDeque::new(),
                 daily_remaining: None,
                 daily_limit: None,
             }),
@@ -229,10 +232,45 @@ impl RateLimiter {
             }
             // A 429 seen while this task slept pauses it too.
             let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
-            if !paused {
-                return start.elapsed();
+            if paused {
+                continue;
+            }
+            match self.window_guard() {
+                None => return start.elapsed(),
+                Some(until) => tokio::time::sleep_until(until).await,
             }
         }
+    }
+
+    /// Even spacing alone can bunch up: a task that wakes late (a busy thread, a slow disk)
+    /// sends next to the one after it. This guard counts actual release times over the last
+    /// window and holds a request while the window is full, so no window of the quota's
+    /// length ever holds more than the quota less the safety margin. Returns when to retry,
+    /// or `None` after recording the release.
+    fn window_guard(&self) -> Option<Instant> {
+        let mut st = self.lock();
+        let Some(q) = st.effective() else {
+            st.sent.clear();
+            return None;
+        };
+        let now = Instant::now();
+        let window = q.interval.mul_f64(st.penalty);
+        let allowed = ((f64::from(q.max.get()) / MARGIN).floor() as usize).max(1);
+        while st
+            .sent
+            .front()
+            .is_some_and(|&t| now.duration_since(t) >= window)
+        {
+            st.sent.pop_front();
+        }
+        while st.sent.len() > allowed {
+            st.sent.pop_front();
+        }
+        if st.sent.len() >= allowed {
+            return st.sent.front().map(|&t| t + window);
+        }
+        st.sent.push_back(now);
+        None
     }
 
     /// Learns from one response's status and headers.
@@ -362,6 +400,25 @@ mod tests {
         assert!(max_in_window(&times, Duration::from_secs(10)) <= 100);
         let rate = 1600.0 / start.elapsed().as_secs_f64();
         assert!(rate >= 9.7, "sustained {rate:.2} req/s of 10");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_wakeups_do_not_bunch_requests_into_one_window() {
+        let lim = RateLimiter::new(Some(Quota::API_DEFAULT));
+        let mut times = Vec::new();
+        for _ in 0..300 {
+            // As if every reserved slot had been missed by a late wake-up: spacing alone would
+            // now release everything at once.
+            lim.lock().next = Instant::now() - Duration::from_secs(5);
+            lim.acquire().await;
+            times.push(Instant::now());
+        }
+        assert!(
+            max_in_window(&times, Duration::from_secs(10)) <= 98,
+            "{}",
+            max_in_window(&times, Duration::from_secs(10))
+        );
+        assert!(times.last().unwrap().duration_since(times[0]) >= Duration::from_secs(20));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,12 +15,23 @@ const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 
 fn export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args(["--quiet", "export", "--location", &sim.location(), "--out", out.to_str().unwrap(), "--rate-limit", "off", "--concurrency", "16"])
-        .args(extra)
-        .env("HL_TOKEN", "test-token")
-        .env("HL_BASE_URL", &sim.base_url)
-        .env_remove("RUST_LOG")
-        .kill_on_drop(true);
+    cmd.args([
+        "--quiet",
+        "export",
+        "--location",
+        &sim.location(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rate-limit",
+        "off",
+        "--concurrency",
+        "16",
+    ])
+    .args(extra)
+    .env("HL_TOKEN", "test-token")
+    .env("HL_BASE_URL", &sim.base_url)
+    .env_remove("RUST_LOG")
+    .kill_on_drop(true);
     cmd
 }
 
@@ -42,7 +53,11 @@ fn assert_exactly_the_truth(out: &Path, sim: &TestSim) {
     let truth = truth(&sim.sim, &loc);
     for entity in Entity::ALL {
         let got = keyed(entity, read_parquet(out, entity, &loc));
-        assert_same_rows(entity.name(), &truth.get(&entity).cloned().unwrap_or_default(), &got);
+        assert_same_rows(
+            entity.name(),
+            &truth.get(&entity).cloned().unwrap_or_default(),
+            &got,
+        );
     }
 }
 
@@ -89,17 +104,25 @@ async fn resume_after_kill_9_at_20_random_instants_writes_each_row_exactly_once(
     assert_exactly_the_truth(&out, &sim);
     // No temporary or orphaned files remain.
     for entity in Entity::ALL {
-        let dir = out.join(entity.name()).join(format!("location_id={}", sim.location()));
+        let dir = out
+            .join(entity.name())
+            .join(format!("location_id={}", sim.location()));
         for f in std::fs::read_dir(&dir).unwrap() {
             let name = f.unwrap().file_name().into_string().unwrap();
-            assert!(name.starts_with("part-") && name.ends_with(".parquet"), "{name}");
+            assert!(
+                name.starts_with("part-") && name.ends_with(".parquet"),
+                "{name}"
+            );
         }
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_quota_stops_with_exit_75_and_resumes_after_reset() {
-    let cfg = SimConfig { daily_quota: Some(9_000), ..fast_sim(5_000, 31) };
+    let cfg = SimConfig {
+        daily_quota: Some(9_000),
+        ..fast_sim(5_000, 31)
+    };
     let sim = TestSim::start(cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
@@ -111,13 +134,25 @@ async fn daily_quota_stops_with_exit_75_and_resumes_after_reset() {
             Some(75) => {
                 stops += 1;
                 let err = stderr(&o);
-                assert!(err.contains("daily quota") && err.contains("rerun the same command"), "{err}");
+                assert!(
+                    err.contains("daily quota") && err.contains("rerun the same command"),
+                    "{err}"
+                );
                 let r = report(&out);
                 assert_eq!(r["status"], "stopped");
                 assert_eq!(r["exitCode"], 75);
-                assert!(r["dailyRemaining"].as_u64().unwrap() <= 9_000 / 20 + 1, "stopped at the 5% reserve: {r}");
-                assert!(!out.join("_manifest.json").exists(), "an unfinished run has no manifest");
-                assert!(sim.sim.stats().quota_exceeded == 0, "the reserve kept the run from hitting the quota");
+                assert!(
+                    r["dailyRemaining"].as_u64().unwrap() <= 9_000 / 20 + 1,
+                    "stopped at the 5% reserve: {r}"
+                );
+                assert!(
+                    !out.join("_manifest.json").exists(),
+                    "an unfinished run has no manifest"
+                );
+                assert!(
+                    sim.sim.stats().quota_exceeded == 0,
+                    "the reserve kept the run from hitting the quota"
+                );
                 sim.sim.reset_daily_quota(); // the next day
             }
             other => panic!("unexpected exit {other:?}: {}", stderr(&o)),
@@ -135,17 +170,28 @@ async fn a_checkpoint_from_other_settings_is_refused_until_restart() {
     let sim = TestSim::start(fast_sim(2_000, 41)).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = run_to_end(&sim, &out, &["--daily-budget", "300", "--part-contacts", "50"]).await;
+    let o = run_to_end(
+        &sim,
+        &out,
+        &["--daily-budget", "300", "--part-contacts", "50"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
     let o = run_to_end(&sim, &out, &["--format", "csv"]).await;
     assert_eq!(o.status.code(), Some(2));
     let err = stderr(&o);
-    assert!(err.contains("--format csv (checkpoint: parquet)") && err.contains("--restart"), "{err}");
+    assert!(
+        err.contains("--format csv (checkpoint: parquet)") && err.contains("--restart"),
+        "{err}"
+    );
     let o = run_to_end(&sim, &out, &["--format", "csv", "--restart"]).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let rows = read_csv(&out, Entity::Contacts, &sim.location());
     assert_eq!(keyed(Entity::Contacts, rows).len(), 2_000);
-    assert!(part_files(&out, Entity::Contacts, &sim.location(), "parquet").is_empty(), "the discarded run's parts are gone");
+    assert!(
+        part_files(&out, Entity::Contacts, &sim.location(), "parquet").is_empty(),
+        "the discarded run's parts are gone"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,38 +201,83 @@ async fn incremental_run_fetches_only_changed_contacts_and_reports_deletions() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let night1 = dir.path().join("night1");
-    let o = run_to_end(&sim, &night1, &["--incremental", "--state-dir", state.to_str().unwrap()]).await;
+    let o = run_to_end(
+        &sim,
+        &night1,
+        &["--incremental", "--state-dir", state.to_str().unwrap()],
+    )
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(report(&night1)["rows"]["contacts"], n as u64);
 
     let loc = sim.location();
     let (changed, deleted) = sim.sim.mutate(&loc, 0.01, 7, 99);
-    assert!((20..=80).contains(&changed.len()), "about 1% changed: {}", changed.len());
+    assert!(
+        (20..=80).contains(&changed.len()),
+        "about 1% changed: {}",
+        changed.len()
+    );
     let night2 = dir.path().join("night2");
-    let o = run_to_end(&sim, &night2, &["--incremental", "--state-dir", state.to_str().unwrap()]).await;
+    let o = run_to_end(
+        &sim,
+        &night2,
+        &["--incremental", "--state-dir", state.to_str().unwrap()],
+    )
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
 
     let r = report(&night2);
     let req = &r["requests"];
     let pages = (n - deleted.len()).div_ceil(100) as u64;
-    assert!(req["list"].as_u64().unwrap() <= pages + 1, "about N/100 list calls: {req}");
+    assert!(
+        req["list"].as_u64().unwrap() <= pages + 1,
+        "about N/100 list calls: {req}"
+    );
     for kind in ["tasks", "notes", "appointments"] {
-        assert_eq!(req[kind].as_u64().unwrap(), changed.len() as u64, "one {kind} call per changed contact: {req}");
+        assert_eq!(
+            req[kind].as_u64().unwrap(),
+            changed.len() as u64,
+            "one {kind} call per changed contact: {req}"
+        );
     }
-    let got: std::collections::BTreeSet<String> = keyed(Entity::Contacts, read_parquet(&night2, Entity::Contacts, &loc)).into_keys().collect();
+    let got: std::collections::BTreeSet<String> = keyed(
+        Entity::Contacts,
+        read_parquet(&night2, Entity::Contacts, &loc),
+    )
+    .into_keys()
+    .collect();
     assert_eq!(got, changed.iter().cloned().collect());
     // Children: exactly the changed contacts' children, as the simulator has them.
     let truth = truth(&sim.sim, &loc);
     for entity in [Entity::Tasks, Entity::Notes, Entity::Appointments] {
-        let expected = truth[&entity].iter().filter(|(k, _)| changed.iter().any(|c| k.starts_with(&format!("{c}/")))).map(|(k, v)| (k.clone(), v.clone())).collect();
-        assert_same_rows(entity.name(), &expected, &keyed(entity, read_parquet(&night2, entity, &loc)));
+        let expected = truth[&entity]
+            .iter()
+            .filter(|(k, _)| changed.iter().any(|c| k.starts_with(&format!("{c}/"))))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_same_rows(
+            entity.name(),
+            &expected,
+            &keyed(entity, read_parquet(&night2, entity, &loc)),
+        );
     }
     let deleted_rows = read_parquet_ids(&night2, "deleted_contacts", &loc);
-    assert_eq!(deleted_rows, deleted.iter().cloned().collect::<std::collections::BTreeSet<_>>());
+    assert_eq!(
+        deleted_rows,
+        deleted
+            .iter()
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+    );
 
     // Nothing changed since: a third night lists, fetches no children, writes no contacts.
     let night3 = dir.path().join("night3");
-    let o = run_to_end(&sim, &night3, &["--incremental", "--state-dir", state.to_str().unwrap()]).await;
+    let o = run_to_end(
+        &sim,
+        &night3,
+        &["--incremental", "--state-dir", state.to_str().unwrap()],
+    )
+    .await;
     assert!(o.status.success(), "{}", stderr(&o));
     let r = report(&night3);
     assert_eq!(r["rows"]["contacts"], 0);
@@ -201,9 +292,17 @@ fn read_parquet_ids(out: &Path, entity: &str, loc: &str) -> std::collections::BT
     let mut ids = std::collections::BTreeSet::new();
     for f in std::fs::read_dir(dir).unwrap() {
         let file = std::fs::File::open(f.unwrap().path()).unwrap();
-        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap().build().unwrap() {
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
             let batch = batch.unwrap();
-            let col = batch.column_by_name("id").unwrap().as_string::<i32>().clone();
+            let col = batch
+                .column_by_name("id")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
             for i in 0..col.len() {
                 ids.insert(col.value(i).to_owned());
             }

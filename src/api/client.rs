@@ -32,7 +32,8 @@ impl Token {
     /// printed by the HTTP stack.
     pub fn header_value(&self) -> HeaderValue {
         // Token::new admits only visible ASCII, which is always a valid header value.
-        let mut h = HeaderValue::from_str(&format!("Bearer {}", self.0)).unwrap_or(HeaderValue::from_static("Bearer"));
+        let mut h = HeaderValue::from_str(&format!("Bearer {}", self.0))
+            .unwrap_or(HeaderValue::from_static("Bearer"));
         h.set_sensitive(true);
         h
     }
@@ -75,6 +76,8 @@ pub struct ClientConfig {
     /// Whole-request timeout (connect, send, read the body).
     pub timeout: Duration,
     pub retry: RetryPolicy,
+    /// A cap shared with other clients (a pipeline's global concurrency across locations).
+    pub global_permits: Option<Arc<Semaphore>>,
 }
 
 impl ClientConfig {
@@ -86,6 +89,7 @@ impl ClientConfig {
             concurrency: 16,
             timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
+            global_permits: None,
         }
     }
 }
@@ -125,6 +129,7 @@ pub struct Client {
     auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
+    global_permits: Option<Arc<Semaphore>>,
     retry: RetryPolicy,
     stats: Arc<Stats>,
 }
@@ -262,6 +267,7 @@ impl Client {
             auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),
+            global_permits: config.global_permits,
             retry: config.retry,
             stats: Arc::new(Stats::default()),
         })
@@ -633,6 +639,14 @@ impl Client {
             .acquire()
             .await
             .map_err(|_| transient(label, "client shut down".into(), None, false, None))?;
+        let _global = match &self.global_permits {
+            Some(g) => Some(
+                g.acquire()
+                    .await
+                    .map_err(|_| transient(label, "client shut down".into(), None, false, None))?,
+            ),
+            None => None,
+        };
         self.stats.waited(self.limiter.acquire().await);
         self.stats.attempt();
         let mut req = self

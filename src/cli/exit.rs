@@ -18,6 +18,8 @@ pub const TRANSIENT: u8 = 5;
 pub const REJECTED_ROWS: u8 = 6;
 /// The location's daily request quota is spent (or this run's budget): resume after it resets.
 pub const QUOTA: u8 = 75;
+/// A pipeline over many locations finished some and failed others (see its report).
+pub const PARTIAL: u8 = 7;
 
 /// Marks an error as a usage error (bad settings found before any work).
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +30,11 @@ pub struct UsageError(pub String);
 pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if let Some(i) = cause.downcast_ref::<crate::import::cli::Incomplete>() {
-            return if i.transient() { TRANSIENT } else { REJECTED_ROWS };
+            return if i.transient() {
+                TRANSIENT
+            } else {
+                REJECTED_ROWS
+            };
         }
         if let Some(e) = cause.downcast_ref::<ExportError>() {
             return match e {
@@ -38,10 +44,15 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 _ => FAILURE,
             };
         }
+        if let Some(p) = cause.downcast_ref::<super::PipelineExit>() {
+            return p.0;
+        }
         if let Some(api) = cause.downcast_ref::<ApiError>() {
             return api_code(api);
         }
-        if cause.downcast_ref::<ClientBuildError>().is_some() || cause.downcast_ref::<UsageError>().is_some() {
+        if cause.downcast_ref::<ClientBuildError>().is_some()
+            || cause.downcast_ref::<UsageError>().is_some()
+        {
             return USAGE;
         }
     }

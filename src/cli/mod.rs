@@ -76,6 +76,44 @@ pub enum Command {
     /// Import contacts, tasks or notes from CSV: validated first, journaled, resumable, never a
     /// duplicate; `import undo` deletes what an import created.
     Import(crate::import::cli::ImportArgs),
+    /// OAuth for Marketplace apps: `auth login` (consent in a browser, tokens saved to a
+    /// 0600 token store), `auth status`, `auth locations`.
+    Auth(crate::auth::cli::AuthArgs),
+    /// Run a pipeline file: an export over one or many locations, or an import.
+    ///
+    /// Pipeline files (see pipelines/ for commented examples to copy) name the locations,
+    /// where each one's token comes from (an environment variable or a file: never the token
+    /// itself), and what to do. Each location has its own rate limiter and daily quota, as the
+    /// API counts them; max_concurrency caps requests across all of them. One location failing
+    /// does not stop the others. Two runs of one pipeline never overlap (a lock in
+    /// OUT/_state; a lock left by a dead run is taken over). HL_BASE_URL overrides the file's
+    /// base_url. Writes OUT/_pipeline_report.json; exit 0 all complete, 7 some locations
+    /// failed (partial), 75 stopped for the daily quota, otherwise as for export.
+    Run(RunArgs),
+    /// Check a pipeline file without running it: every problem is reported with its line and
+    /// key.
+    Validate(ValidateArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    ///
+    /// Example: contacts-etl completions bash > /etc/bash_completion.d/contacts-etl
+    Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The pipeline file (TOML).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The pipeline file (TOML).
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
 }
 
 #[derive(Debug, Args)]
@@ -323,7 +361,11 @@ impl ConnArgs {
 /// Runs `export` and prints the closing summary.
 pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manifest> {
     if !(0.0..100.0).contains(&args.daily_reserve) {
-        return Err(exit::UsageError(format!("--daily-reserve {} is not a percentage below 100", args.daily_reserve)).into());
+        return Err(exit::UsageError(format!(
+            "--daily-reserve {} is not a percentage below 100",
+            args.daily_reserve
+        ))
+        .into());
     }
     let token = load_token(args.conn.token_file.as_deref())?;
     let client = Arc::new(Client::new(args.conn.client_config(token))?);
@@ -334,18 +376,38 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
     plan.commit_interval = Duration::from_secs(args.commit_interval.max(1));
     plan.window = (usize::from(args.conn.concurrency) * 8).max(plan.page_size as usize + 28);
     plan.restart = args.restart;
-    plan.budget = crate::export::Budget { max_requests: args.daily_budget, reserve: args.daily_reserve / 100.0 };
+    plan.budget = crate::export::Budget {
+        max_requests: args.daily_budget,
+        reserve: args.daily_reserve / 100.0,
+    };
     if args.incremental {
         plan.incremental = Some(crate::export::IncrementalPlan {
-            state_dir: args.state_dir.clone().unwrap_or_else(|| args.out.join("_state")),
+            state_dir: args
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| args.out.join("_state")),
             full_refresh: args.full_refresh,
         });
     }
-    let started = (crate::timefmt::format_iso_millis(crate::export::now_millis()), std::time::Instant::now());
+    let started = (
+        crate::timefmt::format_iso_millis(crate::export::now_millis()),
+        std::time::Instant::now(),
+    );
     let progress = Arc::new(Progress::default());
     let result = execute(client.clone(), &plan, quiet, progress.clone()).await;
-    let report = RunReport::build(&plan, &client, started, &result, progress.resumed_from.load(std::sync::atomic::Ordering::Relaxed));
-    let report_path = args.report.clone().unwrap_or_else(|| args.out.join("_report.json"));
+    let report = RunReport::build(
+        &plan,
+        &client,
+        started,
+        &result,
+        progress
+            .resumed_from
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+    let report_path = args
+        .report
+        .clone()
+        .unwrap_or_else(|| args.out.join("_report.json"));
     if let Err(e) = report.write(&report_path) {
         tracing::error!(error = %e, "cannot write the run report");
     }
@@ -512,4 +574,109 @@ pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `contacts-etl validate FILE`.
+pub fn run_validate(args: &ValidateArgs) -> anyhow::Result<()> {
+    let p = crate::pipeline::load(&args.file).map_err(|e| exit::UsageError(e.to_string()))?;
+    let what = match &p.job {
+        crate::pipeline::Job::Export(j) => format!(
+            "export ({}, include {}{}) to {}",
+            j.format.extension(),
+            j.include,
+            if j.incremental { ", incremental" } else { "" },
+            j.out.display()
+        ),
+        crate::pipeline::Job::Import(a) => format!("contacts-etl {}", a.join(" ")),
+    };
+    println!(
+        "{}: ok: pipeline '{}', {} location(s), {what}",
+        args.file.display(),
+        p.name,
+        p.locations.len()
+    );
+    Ok(())
+}
+
+/// `contacts-etl run FILE`.
+pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
+    let p = crate::pipeline::load(&args.file).map_err(|e| exit::UsageError(e.to_string()))?;
+    match &p.job {
+        crate::pipeline::Job::Export(job) => {
+            let report = crate::pipeline::run_export(&p, job).await?;
+            if !quiet {
+                for r in &report.locations {
+                    eprintln!(
+                        "  {:<24} {:<9} {:>8} contacts  {}",
+                        r.location_id,
+                        r.status,
+                        r.rows.get("contacts").copied().unwrap_or(0),
+                        r.error
+                            .as_deref()
+                            .map(|e| e.lines().next().unwrap_or(""))
+                            .unwrap_or("")
+                    );
+                }
+                eprintln!(
+                    "pipeline {}: {} (report: {})",
+                    p.name,
+                    report.status,
+                    job.out.join("_pipeline_report.json").display()
+                );
+            }
+            if report.exit_code == exit::OK {
+                Ok(())
+            } else {
+                Err(PipelineExit(report.exit_code, report.status.clone()).into())
+            }
+        }
+        crate::pipeline::Job::Import(argv) => {
+            let mut full = vec!["contacts-etl".to_owned()];
+            full.extend(argv.iter().cloned());
+            full.extend([
+                "--base-url".to_owned(),
+                std::env::var(env::HL_BASE_URL)
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| p.base_url.clone()),
+            ]);
+            full.extend(["--concurrency".to_owned(), p.concurrency.to_string()]);
+            full.extend([
+                "--rate-limit".to_owned(),
+                p.rate_limit.map_or_else(|| "off".into(), |q| q.to_string()),
+            ]);
+            match &p.locations[0].token {
+                crate::pipeline::TokenRef::File(f) => {
+                    full.extend(["--token-file".to_owned(), f.display().to_string()])
+                }
+                crate::pipeline::TokenRef::Env(var) if var == env::HL_TOKEN => {}
+                crate::pipeline::TokenRef::Env(var) => {
+                    return Err(exit::UsageError(format!(
+                        "{}: an import pipeline reads its token from {} or a token_file, not {var}",
+                        p.file.display(),
+                        env::HL_TOKEN
+                    ))
+                    .into());
+                }
+            }
+            let cli = Cli::try_parse_from(&full)
+                .map_err(|e| exit::UsageError(format!("{}: {e}", p.file.display())))?;
+            match &cli.command {
+                Command::Import(a) => crate::import::cli::run(a, quiet).await,
+                _ => Err(exit::UsageError("not an import".into()).into()),
+            }
+        }
+    }
+}
+
+/// A pipeline that did not fully complete: the exit code its report gives.
+#[derive(Debug, thiserror::Error)]
+#[error("the pipeline finished with status '{1}' (see its report)")]
+pub struct PipelineExit(pub u8, pub String);
+
+/// `contacts-etl completions SHELL`.
+pub fn run_completions(args: &CompletionsArgs) {
+    use clap::CommandFactory;
+    let mut cmd = Cli::command();
+    clap_complete::generate(args.shell, &mut cmd, "contacts-etl", &mut std::io::stdout());
 }

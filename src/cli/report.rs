@@ -48,7 +48,13 @@ pub struct RunReport {
 }
 
 impl RunReport {
-    pub fn build(plan: &ExportPlan, client: &Client, started: (String, std::time::Instant), result: &anyhow::Result<Manifest>, resumed_from: u64) -> RunReport {
+    pub fn build(
+        plan: &ExportPlan,
+        client: &Client,
+        started: (String, std::time::Instant),
+        result: &anyhow::Result<Manifest>,
+        resumed_from: u64,
+    ) -> RunReport {
         let secs = started.1.elapsed().as_secs_f64();
         let exit_code = match result {
             Ok(_) => super::exit::OK,
@@ -59,10 +65,27 @@ impl RunReport {
             super::exit::QUOTA => "stopped",
             _ => "failed",
         };
-        let ck = crate::checkpoint::load(&crate::checkpoint::path(&crate::checkpoint::state_dir(&plan.out, &plan.location_id))).ok().flatten();
+        let ck = crate::checkpoint::load(&crate::checkpoint::path(&crate::checkpoint::state_dir(
+            &plan.out,
+            &plan.location_id,
+        )))
+        .ok()
+        .flatten();
         let (rows, listed) = match (result, &ck) {
-            (Ok(m), _) => (m.entities.iter().map(|(k, v)| (k.clone(), v.rows)).collect(), m.contacts_listed),
-            (Err(_), Some(ck)) => (ck.entities.iter().map(|(k, v)| (k.clone(), v.rows)).collect(), ck.contacts_listed),
+            (Ok(m), _) => (
+                m.entities
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.rows))
+                    .collect(),
+                m.contacts_listed,
+            ),
+            (Err(_), Some(ck)) => (
+                ck.entities
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.rows))
+                    .collect(),
+                ck.contacts_listed,
+            ),
             _ => (BTreeMap::new(), 0),
         };
         let requests = client.stats().snapshot();
@@ -81,10 +104,15 @@ impl RunReport {
             resumed: resumed_from > 0 || ck.as_ref().is_some_and(|c| c.resumed > 0 && !c.complete),
             incremental: plan.incremental.is_some(),
             out: plan.out.display().to_string(),
-            manifest: result.as_ref().ok().map(|_| plan.out.join(crate::export::MANIFEST).display().to_string()),
+            manifest: result
+                .as_ref()
+                .ok()
+                .map(|_| plan.out.join(crate::export::MANIFEST).display().to_string()),
             rows,
             contacts_listed: listed,
-            rate_limit_share: quota.filter(|_| secs > 0.0).map(|q| requests.succeeded() as f64 / (q.per_second() * secs)),
+            rate_limit_share: quota
+                .filter(|_| secs > 0.0)
+                .map(|q| requests.succeeded() as f64 / (q.per_second() * secs)),
             rate_limit: quota.map(|q| q.to_string()),
             requests,
             daily_remaining,

@@ -29,7 +29,7 @@ use crate::extract::{self, ExtractError, Page, Position};
 use crate::fanout::{self, ChangeFilter, Include, Item};
 use crate::incremental::{self, PrevState, SeenLog, StateError};
 use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
-use crate::sink::{self, Format, PartInfo, SinkError};
+use crate::sink::{self, Format, PartInfo, Partition, SinkError};
 
 /// The manifest's file name under the output root.
 pub const MANIFEST: &str = "_manifest.json";
@@ -58,6 +58,11 @@ pub struct ExportPlan {
     pub budget: Budget,
     /// Fetch children only for new or changed contacts, and report deletions.
     pub incremental: Option<IncrementalPlan>,
+    /// Write under an `export_date=<date>` partition (nightly pipelines). A resumed run keeps
+    /// the date it started with.
+    pub export_date: Option<String>,
+    /// Where the manifest goes (default `OUT/_manifest.json`; pipelines use one per location).
+    pub manifest_path: Option<PathBuf>,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -72,7 +77,10 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget { max_requests: None, reserve: 0.05 }
+        Budget {
+            max_requests: None,
+            reserve: 0.05,
+        }
     }
 }
 
@@ -82,7 +90,9 @@ impl Budget {
         let spent = client.stats().snapshot().attempts;
         if let Some(max) = self.max_requests {
             if spent >= max {
-                return Some(format!("this run's budget of {max} requests (--daily-budget) is spent"));
+                return Some(format!(
+                    "this run's budget of {max} requests (--daily-budget) is spent"
+                ));
             }
         }
         match client.limiter().daily() {
@@ -106,7 +116,9 @@ pub struct IncrementalPlan {
 
 impl IncrementalPlan {
     fn state_file(&self, location_id: &str) -> PathBuf {
-        self.state_dir.join(format!("location_id={location_id}")).join("contacts-state.tsv")
+        self.state_dir
+            .join(format!("location_id={location_id}"))
+            .join("contacts-state.tsv")
     }
 }
 
@@ -126,7 +138,16 @@ impl ExportPlan {
             restart: false,
             budget: Budget::default(),
             incremental: None,
+            export_date: None,
+            manifest_path: None,
         }
+    }
+
+    /// Where this run's manifest is written.
+    pub fn manifest_path(&self) -> PathBuf {
+        self.manifest_path
+            .clone()
+            .unwrap_or_else(|| self.out.join(MANIFEST))
     }
 
     fn settings(&self) -> Settings {
@@ -198,7 +219,10 @@ pub enum ExportError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} holds an unfinished export made with other settings: {why}\nhint: rerun with the checkpoint's settings to resume it, or pass --restart to discard it and start over")]
     CheckpointMismatch { path: PathBuf, why: String },
     #[error("stopped before the daily quota ran out: {reason}. {contacts} contacts are committed.\nhint: HighLevel resets the quota within 24 hours (it does not say when); rerun the same command then to resume")]
@@ -218,25 +242,34 @@ impl ExportError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
-    move |source| ExportError::Io { path: path.to_path_buf(), source }
+    move |source| ExportError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Runs one export to completion (resuming an unfinished one) and returns its manifest
 /// (also written to `OUT`).
-pub async fn run(client: Arc<Client>, plan: &ExportPlan, progress: Arc<Progress>) -> Result<Manifest, ExportError> {
+pub async fn run(
+    client: Arc<Client>,
+    plan: &ExportPlan,
+    progress: Arc<Progress>,
+) -> Result<Manifest, ExportError> {
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     let ck = begin(plan, &ck_path, &seen_path)?;
     progress.resumed_from.store(ck.contacts_listed, Relaxed);
-    let manifest_path = plan.out.join(MANIFEST);
+    let manifest_path = plan.manifest_path();
     if manifest_path.exists() {
         std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
     }
 
     let prev = match &plan.incremental {
-        Some(inc) if !inc.full_refresh => PrevState::load(&inc.state_file(&plan.location_id))?.map(Arc::new),
+        Some(inc) if !inc.full_refresh => {
+            PrevState::load(&inc.state_file(&plan.location_id))?.map(Arc::new)
+        }
         _ => None,
     };
     if let (Some(_), None) = (&plan.incremental, &prev) {
@@ -249,7 +282,16 @@ pub async fn run(client: Arc<Client>, plan: &ExportPlan, progress: Arc<Progress>
             Some(_) => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
             None => None,
         };
-        stream(client.clone(), plan, ck, &ck_path, seen, prev.clone(), progress).await?
+        stream(
+            client.clone(),
+            plan,
+            ck,
+            &ck_path,
+            seen,
+            prev.clone(),
+            progress,
+        )
+        .await?
     };
     finish(client, plan, ck, &ck_path, &seen_path, prev.as_deref()).await
 }
@@ -259,15 +301,29 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
     let settings = plan.settings();
     let cleaned = sink::clean_temp_files(&plan.out)?;
     if cleaned > 0 {
-        tracing::info!(files = cleaned, "removed temporary files left by an interrupted run");
+        tracing::info!(
+            files = cleaned,
+            "removed temporary files left by an interrupted run"
+        );
     }
     if let Some(mut ck) = checkpoint::load(ck_path)? {
         if !ck.complete && !plan.restart {
             if let Some(why) = settings.mismatch(&ck.settings) {
-                return Err(ExportError::CheckpointMismatch { path: ck_path.to_path_buf(), why });
+                return Err(ExportError::CheckpointMismatch {
+                    path: ck_path.to_path_buf(),
+                    why,
+                });
             }
-            let listed: Vec<&str> = ck.entities.values().flat_map(|e| e.files.iter().map(|f| f.path.as_str())).collect();
-            let orphans = remove_parts(&plan.out, &plan.location_id, |rel| !listed.contains(&rel))?;
+            let listed: Vec<&str> = ck
+                .entities
+                .values()
+                .flat_map(|e| e.files.iter().map(|f| f.path.as_str()))
+                .collect();
+            let partition = Partition {
+                export_date: ck.export_date.clone(),
+                location_id: plan.location_id.clone(),
+            };
+            let orphans = remove_parts(&plan.out, &partition, |rel| !listed.contains(&rel))?;
             ck.resumed += 1;
             checkpoint::save(ck_path, &ck)?;
             tracing::info!(
@@ -285,7 +341,11 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
             tracing::info!(location = %plan.location_id, "--restart: discarding the unfinished export in {}", ck_path.display());
         }
     }
-    let removed = remove_parts(&plan.out, &plan.location_id, |_| true)?;
+    let partition = Partition {
+        export_date: plan.export_date.clone(),
+        location_id: plan.location_id.clone(),
+    };
+    let removed = remove_parts(&plan.out, &partition, |_| true)?;
     if removed > 0 {
         tracing::info!(files = removed, location = %plan.location_id, "replacing the part files of an earlier export of this location");
     }
@@ -295,6 +355,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
     let ck = Checkpoint {
         settings,
         started_at: crate::timefmt::format_iso_millis(now_millis()),
+        export_date: plan.export_date.clone(),
         resumed: 0,
         position: None,
         next_part: 0,
@@ -312,7 +373,15 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
 
 /// Lists, fans out and writes until the listing ends, the budget is spent, or an error.
 /// Complete pages are committed in every case.
-async fn stream(client: Arc<Client>, plan: &ExportPlan, ck: Checkpoint, ck_path: &Path, seen: Option<SeenLog>, prev: Option<Arc<PrevState>>, progress: Arc<Progress>) -> Result<Checkpoint, ExportError> {
+async fn stream(
+    client: Arc<Client>,
+    plan: &ExportPlan,
+    ck: Checkpoint,
+    ck_path: &Path,
+    seen: Option<SeenLog>,
+    prev: Option<Arc<PrevState>>,
+    progress: Arc<Progress>,
+) -> Result<Checkpoint, ExportError> {
     let pages = listing(client.clone(), plan, ck.position.clone()).map({
         let progress = progress.clone();
         move |page| {
@@ -324,13 +393,18 @@ async fn stream(client: Arc<Client>, plan: &ExportPlan, ck: Checkpoint, ck_path:
             page
         }
     });
-    let filter: Option<ChangeFilter> = prev.map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
+    let filter: Option<ChangeFilter> = prev
+        .map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
     let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window, filter);
     let (tx, handle) = writer::spawn(
         writer::WriterConfig {
             out: plan.out.clone(),
             format: plan.format,
             location_id: plan.location_id.clone(),
+            partition: Partition {
+                export_date: ck.export_date.clone(),
+                location_id: plan.location_id.clone(),
+            },
             include: plan.include,
             batch_rows: plan.batch_rows.max(1),
             part_contacts: plan.part_contacts.max(1),
@@ -367,7 +441,11 @@ async fn stream(client: Arc<Client>, plan: &ExportPlan, ck: Checkpoint, ck_path:
                 }
             }
             Some(Err(e)) => {
-                let _ = tx.send(writer::Msg::Finish { listing_done: false }).await;
+                let _ = tx
+                    .send(writer::Msg::Finish {
+                        listing_done: false,
+                    })
+                    .await;
                 drop(tx);
                 // Complete pages are committed by the writer before this error is reported.
                 let _ = join(handle).await;
@@ -379,23 +457,41 @@ async fn stream(client: Arc<Client>, plan: &ExportPlan, ck: Checkpoint, ck_path:
     drop(tx);
     let ck = join(handle).await?;
     if let Some(reason) = failure {
-        return Err(ExportError::QuotaStop { reason, contacts: ck.contacts_listed });
+        return Err(ExportError::QuotaStop {
+            reason,
+            contacts: ck.contacts_listed,
+        });
     }
     Ok(ck)
 }
 
-async fn join(handle: std::thread::JoinHandle<Result<Checkpoint, ExportError>>) -> Result<Checkpoint, ExportError> {
-    tokio::task::spawn_blocking(move || handle.join()).await.map_err(|_| ExportError::WriterLost)?.map_err(|_| ExportError::WriterLost)?
+async fn join(
+    handle: std::thread::JoinHandle<Result<Checkpoint, ExportError>>,
+) -> Result<Checkpoint, ExportError> {
+    tokio::task::spawn_blocking(move || handle.join())
+        .await
+        .map_err(|_| ExportError::WriterLost)?
+        .map_err(|_| ExportError::WriterLost)?
 }
 
 /// The finishing steps, each safe to repeat after a crash: deletions (incremental), the new
 /// state, the manifest, and the checkpoint marked complete.
-async fn finish(client: Arc<Client>, plan: &ExportPlan, mut ck: Checkpoint, ck_path: &Path, seen_path: &Path, prev: Option<&PrevState>) -> Result<Manifest, ExportError> {
+async fn finish(
+    client: Arc<Client>,
+    plan: &ExportPlan,
+    mut ck: Checkpoint,
+    ck_path: &Path,
+    seen_path: &Path,
+    prev: Option<&PrevState>,
+) -> Result<Manifest, ExportError> {
     if let Some(inc) = &plan.incremental {
         let (state_body, deleted) = incremental::finish(prev, seen_path)?;
         if !ck.deletions_done {
             let mut builder = BatchBuilder::new(Entity::DeletedContacts);
-            let ctx = RowContext { location_id: &plan.location_id, contact_id: None };
+            let ctx = RowContext {
+                location_id: &plan.location_id,
+                contact_id: None,
+            };
             for (id, ms) in &deleted {
                 let obj = serde_json::json!({ "id": id, "dateUpdated": ms });
                 let raw = serde_json::value::to_raw_value(&obj).unwrap_or_default();
@@ -403,13 +499,29 @@ async fn finish(client: Arc<Client>, plan: &ExportPlan, mut ck: Checkpoint, ck_p
                     tracing::warn!(error = %e, "cannot record a deleted contact");
                 }
             }
-            let mut part = sink::open_part(&plan.out, plan.format, Entity::DeletedContacts, &plan.location_id, ck.next_part)?;
+            let partition = Partition {
+                export_date: ck.export_date.clone(),
+                location_id: plan.location_id.clone(),
+            };
+            let mut part = sink::open_part_at(
+                &plan.out,
+                plan.format,
+                Entity::DeletedContacts,
+                &partition,
+                ck.next_part,
+            )?;
             if !builder.is_empty() {
                 part.write(&builder.finish())?;
             }
             let info = part.finish()?;
-            let report = ck.entities.entry(Entity::DeletedContacts.name().to_owned()).or_default();
-            *report = EntityReport { rows: info.rows, files: vec![info] };
+            let report = ck
+                .entities
+                .entry(Entity::DeletedContacts.name().to_owned())
+                .or_default();
+            *report = EntityReport {
+                rows: info.rows,
+                files: vec![info],
+            };
             ck.next_part += 1;
             ck.deletions_done = true;
             checkpoint::save(ck_path, &ck)?;
@@ -438,7 +550,7 @@ async fn finish(client: Arc<Client>, plan: &ExportPlan, mut ck: Checkpoint, ck_p
         resources: Resources::now(),
     };
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    checkpoint::write_atomic(&plan.out.join(MANIFEST), &bytes)?;
+    checkpoint::write_atomic(&plan.manifest_path(), &bytes)?;
     ck.complete = true;
     checkpoint::save(ck_path, &ck)?;
     Ok(manifest)
@@ -446,34 +558,65 @@ async fn finish(client: Arc<Client>, plan: &ExportPlan, mut ck: Checkpoint, ck_p
 
 /// The pages to export, from `from` on: the whole location, or the listed businesses one
 /// after another.
-fn listing(client: Arc<Client>, plan: &ExportPlan, from: Option<Position>) -> std::pin::Pin<Box<dyn Stream<Item = Result<Page, ExtractError>> + Send>> {
+fn listing(
+    client: Arc<Client>,
+    plan: &ExportPlan,
+    from: Option<Position>,
+) -> std::pin::Pin<Box<dyn Stream<Item = Result<Page, ExtractError>> + Send>> {
     if plan.businesses.is_empty() {
         let cursor = match from {
             Some(Position::After(c)) => Some(c),
             _ => None,
         };
-        Box::pin(extract::location_contacts(client, plan.location_id.clone(), cursor, plan.page_size))
+        Box::pin(extract::location_contacts(
+            client,
+            plan.location_id.clone(),
+            cursor,
+            plan.page_size,
+        ))
     } else {
         let (first, skip) = match from {
             Some(Position::Business { index, skip }) => (index, skip),
             _ => (0, 0),
         };
         let (loc, size) = (plan.location_id.clone(), plan.page_size);
-        let businesses: Vec<(usize, String)> = plan.businesses.iter().cloned().enumerate().skip(first).collect();
-        Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| extract::business_contacts(client.clone(), loc.clone(), b, i, if i == first { skip } else { 0 }, size)))
+        let businesses: Vec<(usize, String)> = plan
+            .businesses
+            .iter()
+            .cloned()
+            .enumerate()
+            .skip(first)
+            .collect();
+        Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| {
+            extract::business_contacts(
+                client.clone(),
+                loc.clone(),
+                b,
+                i,
+                if i == first { skip } else { 0 },
+                size,
+            )
+        }))
     }
 }
 
-/// Removes this location's part files for which `remove(relative path)` holds; returns how many.
-fn remove_parts(out: &Path, location_id: &str, remove: impl Fn(&str) -> bool) -> Result<usize, ExportError> {
+/// Removes the partition's part files for which `remove(relative path)` holds; returns how many.
+fn remove_parts(
+    out: &Path,
+    partition: &Partition,
+    remove: impl Fn(&str) -> bool,
+) -> Result<usize, ExportError> {
     let mut removed = 0;
     for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
-        let rel_dir = format!("{}/location_id={location_id}", entity.name());
-        let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else { continue };
+        let rel_dir = partition.rel_dir(entity);
+        let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else {
+            continue;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let ours = name.starts_with("part-") && (name.ends_with(".parquet") || name.ends_with(".csv"));
+            let ours =
+                name.starts_with("part-") && (name.ends_with(".parquet") || name.ends_with(".csv"));
             if ours && remove(&format!("{rel_dir}/{name}")) {
                 std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
                 removed += 1;
@@ -484,5 +627,8 @@ fn remove_parts(out: &Path, location_id: &str, remove: impl Fn(&str) -> bool) ->
 }
 
 pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }

@@ -18,12 +18,13 @@ use crate::extract::Position;
 use crate::fanout::{ContactUnit, Include, Item};
 use crate::incremental::SeenLog;
 use crate::schema::{BatchBuilder, Entity, RowContext};
-use crate::sink::{open_part, Format, PartWriter};
+use crate::sink::{open_part_at, Format, PartWriter, Partition};
 
 pub(crate) struct WriterConfig {
     pub out: PathBuf,
     pub format: Format,
     pub location_id: String,
+    pub partition: Partition,
     pub include: Include,
     /// Rows per record batch handed to a sink.
     pub batch_rows: usize,
@@ -41,7 +42,9 @@ pub(crate) struct WriterConfig {
 pub(crate) enum Msg {
     Item(Item),
     /// Commit what is complete and stop. `listing_done`: the listing reached its end.
-    Finish { listing_done: bool },
+    Finish {
+        listing_done: bool,
+    },
 }
 
 struct Slot {
@@ -62,7 +65,14 @@ struct Writer {
 
 /// Starts the writer thread from a saved checkpoint. Send items, then `Finish`; join for the
 /// final checkpoint. If the channel closes without `Finish`, complete pages are committed.
-pub(crate) fn spawn(cfg: WriterConfig, ck: Checkpoint, capacity: usize) -> (mpsc::Sender<Msg>, std::thread::JoinHandle<Result<Checkpoint, ExportError>>) {
+pub(crate) fn spawn(
+    cfg: WriterConfig,
+    ck: Checkpoint,
+    capacity: usize,
+) -> (
+    mpsc::Sender<Msg>,
+    std::thread::JoinHandle<Result<Checkpoint, ExportError>>,
+) {
     let (tx, mut rx) = mpsc::channel::<Msg>(capacity.max(1));
     let handle = std::thread::Builder::new()
         .name("contacts-etl-writer".into())
@@ -89,14 +99,33 @@ pub(crate) fn spawn(cfg: WriterConfig, ck: Checkpoint, capacity: usize) -> (mpsc
 impl Writer {
     fn new(cfg: WriterConfig, ck: Checkpoint) -> Self {
         let mut entities = vec![Entity::Contacts];
-        for (on, e) in [(cfg.include.tasks, Entity::Tasks), (cfg.include.notes, Entity::Notes), (cfg.include.appointments, Entity::Appointments)] {
+        for (on, e) in [
+            (cfg.include.tasks, Entity::Tasks),
+            (cfg.include.notes, Entity::Notes),
+            (cfg.include.appointments, Entity::Appointments),
+        ] {
             if on {
                 entities.push(e);
             }
         }
-        let slots = entities.into_iter().map(|e| Slot { entity: e, builder: BatchBuilder::new(e), part: None }).collect();
+        let slots = entities
+            .into_iter()
+            .map(|e| Slot {
+                entity: e,
+                builder: BatchBuilder::new(e),
+                part: None,
+            })
+            .collect();
         let position = ck.position.clone();
-        Writer { cfg, ck, slots, pending: Vec::new(), position, contacts_in_part: 0, last_commit: Instant::now() }
+        Writer {
+            cfg,
+            ck,
+            slots,
+            pending: Vec::new(),
+            position,
+            contacts_in_part: 0,
+            last_commit: Instant::now(),
+        }
     }
 
     fn handle(&mut self, item: Item) -> Result<(), ExportError> {
@@ -107,7 +136,8 @@ impl Writer {
                     self.write_contact(&unit)?;
                 }
                 self.position = next;
-                let due = self.contacts_in_part >= self.cfg.part_contacts || self.last_commit.elapsed() >= self.cfg.commit_interval;
+                let due = self.contacts_in_part >= self.cfg.part_contacts
+                    || self.last_commit.elapsed() >= self.cfg.commit_interval;
                 if due {
                     self.commit(false)?;
                 }
@@ -125,13 +155,29 @@ impl Writer {
             return Ok(());
         }
         let loc = self.cfg.location_id.clone();
-        self.append(0, &unit.contact, &RowContext { location_id: &loc, contact_id: None })?;
-        let child = RowContext { location_id: &loc, contact_id: unit.id.as_deref() };
-        for (entity, rows) in [(Entity::Tasks, &unit.children.tasks), (Entity::Notes, &unit.children.notes), (Entity::Appointments, &unit.children.appointments)] {
+        self.append(
+            0,
+            &unit.contact,
+            &RowContext {
+                location_id: &loc,
+                contact_id: None,
+            },
+        )?;
+        let child = RowContext {
+            location_id: &loc,
+            contact_id: unit.id.as_deref(),
+        };
+        for (entity, rows) in [
+            (Entity::Tasks, &unit.children.tasks),
+            (Entity::Notes, &unit.children.notes),
+            (Entity::Appointments, &unit.children.appointments),
+        ] {
             if rows.is_empty() {
                 continue;
             }
-            let Some(i) = self.slots.iter().position(|s| s.entity == entity) else { continue };
+            let Some(i) = self.slots.iter().position(|s| s.entity == entity) else {
+                continue;
+            };
             for raw in rows {
                 self.append(i, raw, &child)?;
             }
@@ -140,7 +186,12 @@ impl Writer {
         Ok(())
     }
 
-    fn append(&mut self, i: usize, raw: &serde_json::value::RawValue, ctx: &RowContext<'_>) -> Result<(), ExportError> {
+    fn append(
+        &mut self,
+        i: usize,
+        raw: &serde_json::value::RawValue,
+        ctx: &RowContext<'_>,
+    ) -> Result<(), ExportError> {
         let slot = &mut self.slots[i];
         if let Err(e) = slot.builder.append(raw, ctx) {
             self.ck.skipped_objects += 1;
@@ -164,7 +215,13 @@ impl Writer {
         let batch = slot.builder.finish();
         let part = match &mut slot.part {
             Some(p) => p,
-            None => slot.part.insert(open_part(&cfg.out, cfg.format, slot.entity, &cfg.location_id, n)?),
+            None => slot.part.insert(open_part_at(
+                &cfg.out,
+                cfg.format,
+                slot.entity,
+                &cfg.partition,
+                n,
+            )?),
         };
         part.write(&batch)?;
         Ok(())
@@ -177,11 +234,21 @@ impl Writer {
         for i in 0..self.slots.len() {
             self.flush(i)?;
             let slot = &mut self.slots[i];
-            let report = self.ck.entities.entry(slot.entity.name().to_owned()).or_insert_with(EntityReport::default);
+            let report = self
+                .ck
+                .entities
+                .entry(slot.entity.name().to_owned())
+                .or_insert_with(EntityReport::default);
             let part = match slot.part.take() {
                 Some(p) => Some(p),
                 // An empty part, so readers find the schema and a glob is never empty.
-                None if listing_done && report.files.is_empty() => Some(open_part(&self.cfg.out, self.cfg.format, slot.entity, &self.cfg.location_id, self.ck.next_part)?),
+                None if listing_done && report.files.is_empty() => Some(open_part_at(
+                    &self.cfg.out,
+                    self.cfg.format,
+                    slot.entity,
+                    &self.cfg.partition,
+                    self.ck.next_part,
+                )?),
                 None => None,
             };
             if let Some(part) = part {
@@ -197,7 +264,11 @@ impl Writer {
         if wrote {
             self.ck.next_part += 1;
         }
-        self.ck.position = if listing_done { None } else { self.position.clone() };
+        self.ck.position = if listing_done {
+            None
+        } else {
+            self.position.clone()
+        };
         self.ck.listing_done = listing_done;
         checkpoint::save(&self.cfg.checkpoint_path, &self.ck)?;
         self.contacts_in_part = 0;

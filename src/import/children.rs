@@ -25,15 +25,23 @@ pub(crate) struct ContactResolver<'a> {
     /// From `--id-map` (a contacts import journal): `id:<source id>`, `email:<lower>`,
     /// `phone:<e164>` → the contact id in this location.
     pub map: HashMap<String, String>,
+    ids_mapped: bool,
     cache: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl<'a> ContactResolver<'a> {
-    pub(crate) fn new(client: &'a Client, location_id: &'a str, map: HashMap<String, String>) -> Self {
+    /// `ids_mapped`: contactId values are ids of another location, to be found in `map`.
+    pub(crate) fn new(
+        client: &'a Client,
+        location_id: &'a str,
+        map: HashMap<String, String>,
+        ids_mapped: bool,
+    ) -> Self {
         ContactResolver {
             client,
             location_id,
             map,
+            ids_mapped,
             cache: Mutex::new(HashMap::new()),
         }
     }
@@ -45,11 +53,19 @@ impl<'a> ContactResolver<'a> {
             return Ok(Some(id.clone()));
         }
         let (email, phone) = match r {
+            // With an id map, contactId is an id of the exported location: one the map does
+            // not know belongs to a contact that was not imported, never to one here.
+            ContactRef::Id(_) if self.ids_mapped => return Ok(None),
             ContactRef::Id(id) => return Ok(Some(id.clone())),
             ContactRef::Email(e) => (Some(e.as_str()), None),
             ContactRef::Phone(p) => (None, Some(p.as_str())),
         };
-        if let Some(hit) = self.cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(hit.clone());
         }
         let found = self
@@ -94,7 +110,12 @@ pub(crate) struct ChildWriter<'a> {
 }
 
 impl<'a> ChildWriter<'a> {
-    pub(crate) fn new(client: &'a Client, journal: &'a Journal, entity: Entity, claimed: HashSet<String>) -> Self {
+    pub(crate) fn new(
+        client: &'a Client,
+        journal: &'a Journal,
+        entity: Entity,
+        claimed: HashSet<String>,
+    ) -> Self {
         ChildWriter {
             client,
             journal,
@@ -104,7 +125,8 @@ impl<'a> ChildWriter<'a> {
         }
     }
 
-    fn key(row: &ChildRow) -> String {
+    /// The journal key of a row: its contact reference and what identifies the record.
+    pub(crate) fn key(row: &ChildRow) -> String {
         format!("{}|{}", row.contact.key(), row.fingerprint())
     }
 
@@ -168,7 +190,12 @@ impl<'a> ChildWriter<'a> {
         Ok(RowResult::Done(Outcome::Created, id))
     }
 
-    async fn record_failure(&self, row: &ChildRow, key: &str, r: RowResult) -> Result<RowResult, JournalError> {
+    async fn record_failure(
+        &self,
+        row: &ChildRow,
+        key: &str,
+        r: RowResult,
+    ) -> Result<RowResult, JournalError> {
         if let RowResult::Failed { error, retry } = &r {
             self.journal
                 .append(&Record::Failed {
@@ -213,8 +240,16 @@ impl<'a> ChildWriter<'a> {
                 .await?;
             since.get_or_insert(at);
             let created = match self.entity {
-                Entity::Tasks => self.client.create_task(contact_id, &body).await.map(|t| t.id),
-                _ => self.client.create_note(contact_id, &body).await.map(|n| n.id),
+                Entity::Tasks => self
+                    .client
+                    .create_task(contact_id, &body)
+                    .await
+                    .map(|t| t.id),
+                _ => self
+                    .client
+                    .create_note(contact_id, &body)
+                    .await
+                    .map(|n| n.id),
             };
             match created {
                 Ok(Some(id)) => {
@@ -223,7 +258,10 @@ impl<'a> ChildWriter<'a> {
                 }
                 Ok(None) => {
                     return Ok(RowResult::Failed {
-                        error: format!("POST /contacts/{contact_id}/{}: the reply has no id", self.entity.name()),
+                        error: format!(
+                            "POST /contacts/{contact_id}/{}: the reply has no id",
+                            self.entity.name()
+                        ),
                         retry: true,
                     })
                 }
@@ -238,12 +276,23 @@ impl<'a> ChildWriter<'a> {
     }
 
     /// An unclaimed task or note of the contact matching the row, claimed for it.
-    async fn find(&self, row: &ChildRow, contact_id: &str, since: i64) -> Result<Option<String>, ApiError> {
+    async fn find(
+        &self,
+        row: &ChildRow,
+        contact_id: &str,
+        since: i64,
+    ) -> Result<Option<String>, ApiError> {
         let list = match self.entity {
             Entity::Tasks => self.client.tasks_raw(contact_id).await?,
             _ => self.client.notes_raw(contact_id).await?,
         };
-        let want = |k: &str| row.body.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        let want = |k: &str| {
+            row.body
+                .get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned()
+        };
         for raw in list {
             let Ok(v) = serde_json::from_str::<Value>(raw.get()) else {
                 continue;
@@ -255,7 +304,10 @@ impl<'a> ChildWriter<'a> {
                     get("title") == want("title") && due(get("dueDate")) == due(want("dueDate"))
                 }
                 // Notes carry dateAdded: one added before the first intent is not ours.
-                _ => get("body") == want("body") && added_since(v.get("dateAdded").and_then(Value::as_str), since),
+                _ => {
+                    get("body") == want("body")
+                        && added_since(v.get("dateAdded").and_then(Value::as_str), since)
+                }
             };
             if matches {
                 if let Some(id) = v.get("id").and_then(Value::as_str) {

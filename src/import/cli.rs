@@ -191,9 +191,14 @@ pub struct Incomplete {
 }
 
 fn hint(rejects: &std::path::Path, failed: u64) -> String {
-    let mut s = format!("\nhint: the rejected rows and their reasons are in {}", rejects.display());
+    let mut s = format!(
+        "\nhint: the rejected rows and their reasons are in {}",
+        rejects.display()
+    );
     if failed > 0 {
-        s.push_str("\nhint: rerun the same command to retry the failed rows (finished rows are skipped)");
+        s.push_str(
+            "\nhint: rerun the same command to retry the failed rows (finished rows are skipped)",
+        );
     }
     s
 }
@@ -214,7 +219,11 @@ fn source_options(args: &SourceArgs, concurrency: u16) -> anyhow::Result<SourceO
     s.default_country = args.default_country.clone();
     s.keep_spaces = args.keep_spaces;
     s.ignore_unknown_columns = args.ignore_unknown_columns;
-    s.dry_run = args.dry_run.then_some(if args.offline { DryRun::Offline } else { DryRun::Lookup });
+    s.dry_run = args.dry_run.then_some(if args.offline {
+        DryRun::Offline
+    } else {
+        DryRun::Lookup
+    });
     if let Some(j) = &args.journal {
         s.journal = j.clone();
     }
@@ -234,7 +243,10 @@ fn client(conn: &ConnArgs) -> anyhow::Result<Arc<Client>> {
 /// A client for an offline dry run: never used to send anything.
 fn offline_client() -> anyhow::Result<Arc<Client>> {
     let token = crate::api::Token::new("offline-dry-run").map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(Client::new(crate::api::ClientConfig::new("http://127.0.0.1:9", token))?))
+    Ok(Arc::new(Client::new(crate::api::ClientConfig::new(
+        "http://127.0.0.1:9",
+        token,
+    ))?))
 }
 
 /// Runs an `import` subcommand: prints the report (stdout), writes the summary, and returns
@@ -250,7 +262,10 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
                 println!("{}", report.render());
             }
             if report.failed > 0 {
-                anyhow::bail!("{} deletions failed; rerun `import undo` to retry them", report.failed);
+                anyhow::bail!(
+                    "{} deletions failed; rerun `import undo` to retry them",
+                    report.failed
+                );
             }
             return Ok(());
         }
@@ -265,7 +280,11 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             opts.on_duplicate = c.on_duplicate;
             opts.ignore_ids = c.ignore_ids;
             opts.custom_field_value_key = c.custom_field_value_key.clone();
-            (super::import_contacts(client, &opts).await, source, c.source.summary.clone())
+            (
+                super::import_contacts(client, &opts).await,
+                source,
+                c.source.summary.clone(),
+            )
         }
         ImportCommand::Tasks(c) | ImportCommand::Notes(c) => {
             let entity = if matches!(args.command, ImportCommand::Tasks(_)) {
@@ -285,7 +304,11 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
                 source: source.clone(),
                 id_map: c.id_map.clone(),
             };
-            (super::import_children(client, &opts).await, source, c.source.summary.clone())
+            (
+                super::import_children(client, &opts).await,
+                source,
+                c.source.summary.clone(),
+            )
         }
     };
     let report = match result {
@@ -300,7 +323,10 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
         Err(e @ (ImportError::Columns { .. } | ImportError::JournalMismatch { .. })) => {
             return Err(crate::cli::exit::UsageError(e.to_string()).into())
         }
-        Err(e) => return Err(e).with_context(|| format!("import of {} did not complete", source.input.display())),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("import of {} did not complete", source.input.display()))
+        }
     };
     finish(&report, summary.as_deref(), quiet)?;
     if report.complete() {
@@ -315,13 +341,18 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
     }
 }
 
-fn finish(report: &ImportReport, summary: Option<&std::path::Path>, quiet: bool) -> anyhow::Result<()> {
+fn finish(
+    report: &ImportReport,
+    summary: Option<&std::path::Path>,
+    quiet: bool,
+) -> anyhow::Result<()> {
     if !quiet {
         print!("{}", report.render());
     }
     if let Some(path) = summary {
         let json = serde_json::to_vec_pretty(report)?;
-        std::fs::write(path, json).with_context(|| format!("cannot write the summary {}", path.display()))?;
+        std::fs::write(path, json)
+            .with_context(|| format!("cannot write the summary {}", path.display()))?;
     }
     Ok(())
 }

@@ -79,7 +79,6 @@ impl<R: Read> Read for LineCounter<R> {
 pub(crate) struct CsvInput {
     pub path: PathBuf,
     pub headers: Vec<String>,
-    pub delimiter: u8,
     reader: csv::Reader<Source>,
     lines: std::sync::Arc<std::sync::Mutex<Lines>>,
 }
@@ -164,14 +163,16 @@ pub(crate) fn open_csv(path: &Path, delimiter: Option<u8>) -> Result<CsvInput, I
                 .map_err(|_| InputError::Csv {
                     path: path.to_owned(),
                     line: 1,
-                    message: format!("header {} is not valid UTF-8 (convert the file to UTF-8)", i + 1),
+                    message: format!(
+                        "header {} is not valid UTF-8 (convert the file to UTF-8)",
+                        i + 1
+                    ),
                 })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(CsvInput {
         path: path.to_owned(),
         headers,
-        delimiter,
         reader,
         lines,
     })
@@ -203,7 +204,10 @@ impl CsvInput {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .line_of(end.saturating_sub(1));
-                let inner = rec.iter().map(|c| c.iter().filter(|&&b| b == b'\n').count() as u64).sum::<u64>();
+                let inner = rec
+                    .iter()
+                    .map(|c| c.iter().filter(|&&b| b == b'\n').count() as u64)
+                    .sum::<u64>();
                 let line = last.saturating_sub(inner).max(2);
                 let mut problem = None;
                 let cells: Vec<String> = rec
@@ -211,7 +215,9 @@ impl CsvInput {
                     .map(|c| match std::str::from_utf8(c) {
                         Ok(s) => s.to_owned(),
                         Err(_) => {
-                            problem = Some("the row is not valid UTF-8 (convert the file to UTF-8)".to_owned());
+                            problem = Some(
+                                "the row is not valid UTF-8 (convert the file to UTF-8)".to_owned(),
+                            );
                             String::from_utf8_lossy(c).into_owned()
                         }
                     })
@@ -271,10 +277,19 @@ impl Mapping {
     }
 
     pub fn parse(text: &str) -> Result<Mapping, String> {
-        let m: Mapping = toml::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| e.to_string())?;
+        let m: Mapping =
+            toml::from_str(text.trim_start_matches('\u{feff}')).map_err(|e| e.to_string())?;
         for (k, v) in &m.constants {
-            if !matches!(v, toml::Value::String(_) | toml::Value::Boolean(_) | toml::Value::Integer(_) | toml::Value::Float(_)) {
-                return Err(format!("constants.{k}: expected a string, number or boolean"));
+            if !matches!(
+                v,
+                toml::Value::String(_)
+                    | toml::Value::Boolean(_)
+                    | toml::Value::Integer(_)
+                    | toml::Value::Float(_)
+            ) {
+                return Err(format!(
+                    "constants.{k}: expected a string, number or boolean"
+                ));
             }
         }
         Ok(m)
@@ -294,7 +309,7 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn read_all(bytes: &[u8], delimiter: Option<u8>) -> (Vec<String>, u8, Vec<RawRecord>) {
+    fn read_all(bytes: &[u8], delimiter: Option<u8>) -> (Vec<String>, Vec<RawRecord>) {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(bytes).unwrap();
         let mut input = open_csv(f.path(), delimiter).unwrap();
@@ -302,14 +317,13 @@ mod tests {
         while let Some(r) = input.next_record() {
             recs.push(r.unwrap());
         }
-        (input.headers.clone(), input.delimiter, recs)
+        (input.headers.clone(), recs)
     }
 
     #[test]
     fn bom_semicolons_quoted_newlines_and_blank_lines() {
         let text = "\u{feff}email ; firstName\r\na@x.io;\"Ann\r\nMarie\"\r\n\r\n\r\nb@x.io;Bob\r\n";
-        let (headers, delim, recs) = read_all(text.as_bytes(), None);
-        assert_eq!(delim, b';');
+        let (headers, recs) = read_all(text.as_bytes(), None);
         assert_eq!(headers, ["email", "firstName"]);
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[0].line, 2);
@@ -320,7 +334,7 @@ mod tests {
     #[test]
     fn line_numbers_with_lf_and_no_final_newline() {
         let text = "email,note\n\na@x.io,\"one\ntwo\nthree\"\nb@x.io,x\n\nc@x.io,\"q\"";
-        let (_, _, recs) = read_all(text.as_bytes(), None);
+        let (_, recs) = read_all(text.as_bytes(), None);
         let lines: Vec<u64> = recs.iter().map(|r| r.line).collect();
         assert_eq!(lines, [3, 6, 8]);
     }
@@ -334,7 +348,7 @@ mod tests {
 
     #[test]
     fn short_rows_and_bad_utf8_are_row_problems() {
-        let (_, _, recs) = read_all(b"a,b\n1\n\xff,2\n", Some(b','));
+        let (_, recs) = read_all(b"a,b\n1\n\xff,2\n", Some(b','));
         assert!(recs[0].problem.as_deref().unwrap().contains("1 cells"));
         assert!(recs[1].problem.as_deref().unwrap().contains("UTF-8"));
     }

@@ -88,11 +88,7 @@ pub enum Record {
     },
     /// A created task was closed with `PUT …/completed`.
     #[serde(rename_all = "camelCase")]
-    Closed {
-        run: String,
-        row: u64,
-        id: String,
-    },
+    Closed { run: String, row: u64, id: String },
     /// The row failed; `retry`: a rerun may succeed (transient), else the API refused it.
     #[serde(rename_all = "camelCase")]
     Failed {
@@ -149,7 +145,9 @@ pub struct JournalState {
 impl JournalState {
     fn apply(&mut self, rec: Record) {
         match rec {
-            Record::Run { entity, location, .. } => {
+            Record::Run {
+                entity, location, ..
+            } => {
                 self.entity.get_or_insert(entity);
                 if self.location.is_none() {
                     self.location = location;
@@ -199,7 +197,9 @@ impl JournalState {
                 r.key = key;
                 r.failed = Some((error, retry));
             }
-            Record::Undone { id, error: None, .. } => {
+            Record::Undone {
+                id, error: None, ..
+            } => {
                 self.undone.insert(id);
             }
             Record::Undone { .. } => {}
@@ -447,11 +447,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
         {
-            let (j, state) = Journal::open(&path, Entity::Contacts, Some("L"), Path::new("in.csv")).await.unwrap();
+            let (j, state) = Journal::open(&path, Entity::Contacts, Some("L"), Path::new("in.csv"))
+                .await
+                .unwrap();
             assert_eq!(state.runs, 0);
             for (row, at) in [(2, 100), (3, 200)] {
                 let key = format!("k{row}");
-                j.append(&Record::Intent { run: j.run_id().into(), row, key, action: Action::Create, at, contact: None }).await.unwrap();
+                j.append(&Record::Intent {
+                    run: j.run_id().into(),
+                    row,
+                    key,
+                    action: Action::Create,
+                    at,
+                    contact: None,
+                })
+                .await
+                .unwrap();
             }
             j.append(&done(2, "c2")).await.unwrap();
         }
@@ -473,13 +484,18 @@ mod tests {
         text.push_str("{\"t\":\"done\",\"run\":\"r\",\"ro");
         std::fs::write(&path, text).unwrap();
         {
-            let (j, state) = Journal::open(&path, Entity::Contacts, None, Path::new("x")).await.unwrap();
+            let (j, state) = Journal::open(&path, Entity::Contacts, None, Path::new("x"))
+                .await
+                .unwrap();
             assert_eq!(state.rows.len(), 1);
             j.append(&done(3, "c3")).await.unwrap();
         }
         let (state, _) = read(&path).unwrap();
         assert_eq!(state.rows.len(), 2);
         std::fs::write(&path, "garbage\n{}\n").unwrap();
-        assert!(matches!(read(&path), Err(JournalError::Corrupt { line: 1, .. })));
+        assert!(matches!(
+            read(&path),
+            Err(JournalError::Corrupt { line: 1, .. })
+        ));
     }
 }

@@ -17,8 +17,8 @@
 //! - `report`: rejects CSV, JSON summary, printed report.
 //! - `cli`: the `import` subcommands' arguments and glue.
 
-pub mod cli;
 mod children;
+pub mod cli;
 mod input;
 mod journal;
 mod report;
@@ -33,7 +33,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 pub use input::{InputError, Mapping};
-pub use journal::{read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState};
+pub use journal::{
+    read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState,
+};
 pub use report::{ImportReport, ProblemEntry};
 pub use undo::{undo, UndoReport};
 pub use validate::{Country, Entity, Reason};
@@ -156,7 +158,10 @@ pub enum ImportError {
     #[error(transparent)]
     Journal(#[from] JournalError),
     #[error("{path}: the header cannot be imported as it is:\n  {}\nhint: nothing was written; --dry-run lists every problem", problems.join("\n  "))]
-    Columns { path: PathBuf, problems: Vec<String> },
+    Columns {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
     #[error("journal {path}: {message}\nhint: use the journal of this import, or a new --journal for a new import")]
     JournalMismatch { path: PathBuf, message: String },
     #[error("journal {0}: no import recorded in it")]
@@ -215,13 +220,18 @@ pub async fn import_contacts(
         let prior = state.rows.get(&rec.line);
         if let Some(p) = prior {
             if !p.key.is_empty() && p.key != c.key() {
-                return (rec, Err(mismatch(&c.key(), p)));
+                let e = mismatch(&opts.source.journal, rec.line, &c.key(), p);
+                return (rec, Err(e));
             }
             if p.done.is_some() {
                 return (rec, Ok(Step::AlreadyDone));
             }
         }
-        let r = writer.write(&c, prior).await.map(Step::Wrote).map_err(ImportError::from);
+        let r = writer
+            .write(&c, prior)
+            .await
+            .map(Step::Wrote)
+            .map_err(ImportError::from);
         (rec, r)
     };
     write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
@@ -259,7 +269,8 @@ pub async fn import_children(
     };
     let (journal, state) = open_journal(&opts.source, opts.entity, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
-    let resolver = children::ContactResolver::new(&client, &opts.location_id, map);
+    let resolver =
+        children::ContactResolver::new(&client, &opts.location_id, map, opts.id_map.is_some());
     let writer = children::ChildWriter::new(&client, &journal, opts.entity, state.claimed_ids());
     let (state, resolver, writer) = (&state, &resolver, &writer);
     let work = |rec: RawRecord, row: Row| async move {
@@ -269,6 +280,11 @@ pub async fn import_children(
         let prior = state.rows.get(&rec.line);
         let mut known_contact = None;
         if let Some(p) = prior {
+            let key = children::ChildWriter::key(&c);
+            if !p.key.is_empty() && p.key != key {
+                let e = mismatch(&opts.source.journal, rec.line, &key, p);
+                return (rec, Err(e));
+            }
             if let Some(d) = &p.done {
                 if p.closed || !c.completed {
                     return (rec, Ok(Step::AlreadyDone));
@@ -282,8 +298,12 @@ pub async fn import_children(
                 Ok(Some(id)) => id,
                 Ok(None) => {
                     let what = c.contact.key().replacen(':', " ", 1);
+                    let error = match (&c.contact, opts.id_map.is_some()) {
+                        (validate::ContactRef::Id(_), true) => format!("contact {what} is not in the --id-map journal (its contact was not imported)"),
+                        _ => format!("no contact with {what} in location {}", resolver.location_id),
+                    };
                     let failed = RowResult::Failed {
-                        error: format!("no contact with {what} in location {}", resolver.location_id),
+                        error,
                         retry: false,
                     };
                     return (rec, Ok(Step::Wrote(failed)));
@@ -291,7 +311,11 @@ pub async fn import_children(
                 Err(e) => return (rec, Ok(Step::Wrote(classify(e)))),
             },
         };
-        let r = writer.write(&c, &contact, prior).await.map(Step::Wrote).map_err(ImportError::from);
+        let r = writer
+            .write(&c, &contact, prior)
+            .await
+            .map(Step::Wrote)
+            .map_err(ImportError::from);
         (rec, r)
     };
     write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
@@ -303,11 +327,11 @@ enum Step {
     Wrote(RowResult),
 }
 
-fn mismatch(key: &str, prior: &RowState) -> ImportError {
+fn mismatch(journal: &std::path::Path, line: u64, key: &str, prior: &RowState) -> ImportError {
     ImportError::JournalMismatch {
-        path: PathBuf::new(),
+        path: journal.to_owned(),
         message: format!(
-            "the journal's row has key '{}' but the input's row has '{key}': the input changed since the journal was written",
+            "line {line}: the journal's row has key '{}' but the input's row has '{key}': the input changed since the journal was written",
             prior.key
         ),
     }
@@ -342,8 +366,8 @@ fn validate_all(
             problems: file_problems.iter().map(ToString::to_string).collect(),
         });
     }
-    let mut rejects = Rejects::create(&source.rejects, &input.headers, input.delimiter)
-        .map_err(|e| rejects_err(source, e))?;
+    let mut rejects =
+        Rejects::create(&source.rejects, &input.headers).map_err(|e| rejects_err(source, e))?;
     let mut v = Validator::new(plan.clone(), rules.clone());
     while let Some(rec) = input.next_record() {
         let rec = rec?;
@@ -395,16 +419,23 @@ async fn open_journal(
     entity: Entity,
     location: &str,
 ) -> Result<(Journal, JournalState), ImportError> {
-    let (journal, state) = Journal::open(&source.journal, entity, Some(location), &source.input).await?;
+    let (journal, state) =
+        Journal::open(&source.journal, entity, Some(location), &source.input).await?;
     let mismatch = |message: String| ImportError::JournalMismatch {
         path: source.journal.clone(),
         message,
     };
     if let Some(e) = state.entity.filter(|e| *e != entity) {
-        return Err(mismatch(format!("it records a {} import, not {}", e.name(), entity.name())));
+        return Err(mismatch(format!(
+            "it records a {} import, not {}",
+            e.name(),
+            entity.name()
+        )));
     }
     if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
-        return Err(mismatch(format!("it records an import into location {l}, not {location}")));
+        return Err(mismatch(format!(
+            "it records an import into location {l}, not {location}"
+        )));
     }
     if state.runs > 0 {
         tracing::info!(journal = %source.journal.display(), earlier_runs = state.runs, rows = state.rows.len(), "resuming from the journal");
@@ -456,7 +487,10 @@ where
                 report.failed_retryable += 1;
                 tracing::warn!(line = rec.line, %error, "row failed; a rerun with the same journal retries it");
             }
-            Step::Wrote(RowResult::Failed { error, retry: false }) => {
+            Step::Wrote(RowResult::Failed {
+                error,
+                retry: false,
+            }) => {
                 let p = validate::Problem {
                     line: rec.line,
                     field: None,
@@ -464,7 +498,9 @@ where
                     message: error.clone(),
                 };
                 report.add_problems(std::slice::from_ref(&p));
-                rejects.push(&rec, &error).map_err(|e| rejects_err(source, e))?;
+                rejects
+                    .push(&rec, &error)
+                    .map_err(|e| rejects_err(source, e))?;
             }
             Step::Wrote(RowResult::Abort(e)) => {
                 abort = Some(e);
@@ -473,10 +509,15 @@ where
         }
         if last_log.elapsed() >= Duration::from_secs(10) {
             last_log = Instant::now();
-            tracing::info!(rows = finished, of = report.valid, created = report.created, updated = report.updated, "importing");
+            tracing::info!(
+                rows = finished,
+                of = report.valid,
+                created = report.created,
+                updated = report.updated,
+                "importing"
+            );
         }
     }
-    drop(results);
     finish_rejects(rejects, source)?;
     if let Some(e) = abort {
         report.stopped = Some(e.to_string());
@@ -497,7 +538,8 @@ async fn dry_lookup(
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
     let input = open_csv(&opts.source.input, opts.source.delimiter)?;
-    let rows: Vec<_> = valid_rows(input, Validator::new(plan.clone(), rules.clone())).collect::<Result<_, _>>()?;
+    let rows: Vec<_> =
+        valid_rows(input, Validator::new(plan.clone(), rules.clone())).collect::<Result<_, _>>()?;
     let location = opts.location_id.as_str();
     let mut results = std::pin::pin!(futures::stream::iter(rows)
         .map(|(_, row)| async move {

@@ -173,14 +173,17 @@ pub(crate) struct Rejects {
 }
 
 impl Rejects {
-    pub(crate) fn create(path: &Path, headers: &[String], delimiter: u8) -> std::io::Result<Rejects> {
+    pub(crate) fn create(path: &Path, headers: &[String]) -> std::io::Result<Rejects> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let name = path.file_name().map_or_else(|| "rejects.csv".into(), |n| n.to_string_lossy().into_owned());
+        let name = path.file_name().map_or_else(
+            || "rejects.csv".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let tmp = path.with_file_name(format!(".{name}.tmp"));
+        // Always comma-separated, whatever the input used: the file is read by people and tools.
         let mut writer = csv::WriterBuilder::new()
-            .delimiter(delimiter)
             .flexible(true)
             .from_path(&tmp)
             .map_err(csv_io)?;

@@ -80,7 +80,13 @@ pub async fn undo(
         entity: Some(entity),
         ..UndoReport::default()
     };
-    let (journal, _) = Journal::open(journal_path, entity, state.location.as_deref(), std::path::Path::new("undo")).await?;
+    let (journal, _) = Journal::open(
+        journal_path,
+        entity,
+        state.location.as_deref(),
+        std::path::Path::new("undo"),
+    )
+    .await?;
     let mut targets = Vec::new();
     for (line, r) in &state.rows {
         match &r.done {
@@ -99,12 +105,18 @@ pub async fn undo(
             }
             Some(_) => report.left_updated += 1,
             None => {
-                let (Some(since), Entity::Contacts, Some(location)) = (r.pending_since, entity, state.location.as_deref()) else {
+                let (Some(since), Entity::Contacts, Some(location)) =
+                    (r.pending_since, entity, state.location.as_deref())
+                else {
                     continue;
                 };
                 report.ambiguous_checked += 1;
                 let found = client
-                    .find_duplicate(location, key_part(&r.key, "email"), key_part(&r.key, "phone"))
+                    .find_duplicate(
+                        location,
+                        key_part(&r.key, "email"),
+                        key_part(&r.key, "phone"),
+                    )
                     .await;
                 match found {
                     Ok(Some(c)) if added_since(c.date_added.as_deref(), since) => {

@@ -78,6 +78,10 @@ const CONTACT_FIELDS: &[(&str, Kind)] = &[
     ("customFields", Kind::CustomFields),
 ];
 
+/// Fields `POST /contacts/` accepts but `PUT /contacts/:id` answers 422 to (the spec's
+/// `UpdateContactDto` lacks them): sent on create only.
+pub(crate) const CREATE_ONLY: &[&str] = &["companyName", "gender"];
+
 /// Columns the export writes that the API computes or does not accept on a write: read, not sent.
 const CONTACT_READ_ONLY: &[&str] = &[
     "locationId",
@@ -239,7 +243,10 @@ impl std::str::FromStr for Country {
             })
             .ok_or_else(|| {
                 let known: Vec<&str> = COUNTRIES.iter().map(|c| c.0).collect();
-                format!("unknown country '{s}': use one of {} (or its calling code, e.g. +44)", known.join(", "))
+                format!(
+                    "unknown country '{s}': use one of {} (or its calling code, e.g. +44)",
+                    known.join(", ")
+                )
             })
     }
 }
@@ -268,7 +275,12 @@ pub(crate) fn normalize_phone(raw: &str, country: Option<&Country>) -> Result<St
             match digits.len() {
                 11 if digits.starts_with('1') => digits[1..].to_owned(),
                 10 => digits,
-                _ => return Err(format!("'{raw}' is not a {} number (expected 10 digits)", c.code)),
+                _ => {
+                    return Err(format!(
+                        "'{raw}' is not a {} number (expected 10 digits)",
+                        c.code
+                    ))
+                }
             }
         } else if c.trunk_zero {
             digits.strip_prefix('0').unwrap_or(&digits).to_owned()
@@ -303,7 +315,9 @@ pub(crate) fn valid_email(s: &str) -> bool {
         local.split('.').all(|atom| {
             !atom.is_empty()
                 && atom.chars().all(|c| {
-                    c.is_ascii_alphanumeric() || "!#$%&'*+/=?^_`{|}~-".contains(c) || (!c.is_ascii() && !c.is_whitespace() && !c.is_control())
+                    c.is_ascii_alphanumeric()
+                        || "!#$%&'*+/=?^_`{|}~-".contains(c)
+                        || (!c.is_ascii() && !c.is_whitespace() && !c.is_control())
                 })
         })
     };
@@ -314,9 +328,13 @@ pub(crate) fn valid_email(s: &str) -> bool {
                 && l.len() <= 63
                 && !l.starts_with('-')
                 && !l.ends_with('-')
-                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric()))
+                && l.chars().all(|c| {
+                    c.is_ascii_alphanumeric() || c == '-' || (!c.is_ascii() && c.is_alphanumeric())
+                })
         })
-        && labels.last().is_some_and(|tld| !tld.chars().all(|c| c.is_ascii_digit()));
+        && labels
+            .last()
+            .is_some_and(|tld| !tld.chars().all(|c| c.is_ascii_digit()));
     local_ok && domain_ok
 }
 
@@ -365,7 +383,10 @@ fn resolve(entity: Entity, name: &str) -> Option<Target> {
             return Some(Target::SourceLocation);
         }
         let lower = name.to_ascii_lowercase();
-        if let Some(id) = lower.strip_prefix("customfield.").map(|_| &name["customField.".len()..]) {
+        if let Some(id) = lower
+            .strip_prefix("customfield.")
+            .map(|_| &name["customField.".len()..])
+        {
             let id = id.trim();
             if !id.is_empty() {
                 return Some(Target::CustomField(id.to_owned()));
@@ -482,33 +503,75 @@ fn read_cell(kind: Kind, cell: &str, rules: &Rules) -> Result<Option<Value>, (Re
         return Ok(None);
     }
     let v = match kind {
-        Kind::Text => Value::String(if rules.keep_spaces { cell.to_owned() } else { trimmed.to_owned() }),
+        Kind::Text => Value::String(if rules.keep_spaces {
+            cell.to_owned()
+        } else {
+            trimmed.to_owned()
+        }),
         Kind::Id => Value::String(trimmed.to_owned()),
         Kind::Email => {
             if !valid_email(trimmed) {
-                return Err((Reason::InvalidEmail, format!("'{}' is not an email address", short(trimmed))));
+                return Err((
+                    Reason::InvalidEmail,
+                    format!("'{}' is not an email address", short(trimmed)),
+                ));
             }
             Value::String(trimmed.to_owned())
         }
-        Kind::Phone => Value::String(normalize_phone(trimmed, rules.default_country.as_ref()).map_err(|m| (Reason::InvalidPhone, m))?),
-        Kind::Bool => Value::Bool(parse_bool(trimmed).ok_or_else(|| (Reason::InvalidBoolean, format!("'{}' is not a boolean (use true/false, yes/no or 1/0)", short(trimmed))))?),
+        Kind::Phone => Value::String(
+            normalize_phone(trimmed, rules.default_country.as_ref())
+                .map_err(|m| (Reason::InvalidPhone, m))?,
+        ),
+        Kind::Bool => Value::Bool(parse_bool(trimmed).ok_or_else(|| {
+            (
+                Reason::InvalidBoolean,
+                format!(
+                    "'{}' is not a boolean (use true/false, yes/no or 1/0)",
+                    short(trimmed)
+                ),
+            )
+        })?),
         Kind::Date => {
-            let ok = crate::timefmt::parse_iso_millis(trimmed).is_some() || (trimmed.len() <= 15 && trimmed.trim_start_matches('-').chars().all(|c| c.is_ascii_digit()));
+            let ok = crate::timefmt::parse_iso_millis(trimmed).is_some()
+                || (trimmed.len() <= 15
+                    && trimmed
+                        .trim_start_matches('-')
+                        .chars()
+                        .all(|c| c.is_ascii_digit()));
             if !ok {
-                return Err((Reason::InvalidDate, format!("'{}' is not a date (use YYYY-MM-DD)", short(trimmed))));
+                return Err((
+                    Reason::InvalidDate,
+                    format!("'{}' is not a date (use YYYY-MM-DD)", short(trimmed)),
+                ));
             }
             Value::String(trimmed.to_owned())
         }
         Kind::Timestamp => match crate::timefmt::parse_iso_millis(trimmed) {
             Some(ms) => Value::String(crate::timefmt::format_iso_millis(ms)),
-            None => return Err((Reason::InvalidDate, format!("'{}' is not an ISO 8601 date (use 2024-05-01 or 2024-05-01T09:00:00Z)", short(trimmed)))),
+            None => {
+                return Err((
+                    Reason::InvalidDate,
+                    format!(
+                        "'{}' is not an ISO 8601 date (use 2024-05-01 or 2024-05-01T09:00:00Z)",
+                        short(trimmed)
+                    ),
+                ))
+            }
         },
         Kind::JsonObject => match serde_json::from_str::<Value>(trimmed) {
             Ok(v @ Value::Object(_)) => v,
             _ => return Err((Reason::InvalidValue, "expected a JSON object".into())),
         },
-        Kind::Tags => Value::Array(parse_tags(cell).map_err(|m| (Reason::InvalidValue, m))?.into_iter().map(Value::String).collect()),
-        Kind::CustomFields => parse_custom_fields(trimmed).map_err(|m| (Reason::InvalidValue, m))?,
+        Kind::Tags => Value::Array(
+            parse_tags(cell)
+                .map_err(|m| (Reason::InvalidValue, m))?
+                .into_iter()
+                .map(Value::String)
+                .collect(),
+        ),
+        Kind::CustomFields => {
+            parse_custom_fields(trimmed).map_err(|m| (Reason::InvalidValue, m))?
+        }
     };
     Ok(Some(v))
 }
@@ -528,7 +591,11 @@ pub(crate) fn parse_tags(cell: &str) -> Result<Vec<String>, String> {
                 .collect();
         }
     }
-    Ok(t.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
+    Ok(t.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect())
 }
 
 /// The export's `[{"id":…,"value":…}]` as `[{"id":…,"value":…}]` with ids checked.
@@ -537,7 +604,11 @@ fn parse_custom_fields(cell: &str) -> Result<Value, String> {
         return Err("expected a JSON array of {\"id\":…,\"value\":…}".into());
     };
     for (i, item) in items.iter().enumerate() {
-        if !item.get("id").and_then(Value::as_str).is_some_and(|s| !s.trim().is_empty()) {
+        if item
+            .get("id")
+            .and_then(Value::as_str)
+            .is_none_or(|s| s.trim().is_empty())
+        {
             return Err(format!("item {i} has no id"));
         }
     }
@@ -550,7 +621,11 @@ fn short(s: &str) -> String {
 
 fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<Problem>) -> Parsed {
     let mut p = Parsed::default();
-    let put = |target: &Target, cell: &str, problems: &mut Vec<Problem>, p: &mut Parsed, is_constant: bool| match target {
+    let put = |target: &Target,
+               cell: &str,
+               problems: &mut Vec<Problem>,
+               p: &mut Parsed,
+               is_constant: bool| match target {
         Target::Skip => {}
         Target::SourceLocation => {
             let t = cell.trim();
@@ -598,7 +673,10 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
         put(target, text, problems, &mut p, true);
     }
     if !plan.extra_tags.is_empty() {
-        let tags = p.values.entry("tags").or_insert_with(|| Value::Array(Vec::new()));
+        let tags = p
+            .values
+            .entry("tags")
+            .or_insert_with(|| Value::Array(Vec::new()));
         if let Value::Array(a) = tags {
             a.extend(plan.extra_tags.iter().cloned().map(Value::String));
         }
@@ -631,7 +709,11 @@ impl ContactRow {
     pub(crate) fn key(&self) -> String {
         match (&self.id, &self.email, &self.phone) {
             (Some(id), _, _) => format!("id:{id}"),
-            (None, e, p) => format!("email:{}|phone:{}", e.as_deref().unwrap_or("").to_lowercase(), p.as_deref().unwrap_or("")),
+            (None, e, p) => format!(
+                "email:{}|phone:{}",
+                e.as_deref().unwrap_or("").to_lowercase(),
+                p.as_deref().unwrap_or("")
+            ),
         }
     }
 
@@ -665,9 +747,13 @@ impl ContactRow {
     }
 
     /// `PUT /contacts/:id` body: no `locationId` (a 422) and no `tags` (they would replace the
-    /// contact's tags; they are added with `POST …/tags` instead). `None` when nothing to send.
+    /// contact's tags; they are added with `POST …/tags` instead), nor the fields only a create
+    /// accepts ([`CREATE_ONLY`]). `None` when nothing to send.
     pub(crate) fn update_body(&self, value_key: &str) -> Option<Value> {
         let mut m = self.fields.clone();
+        for create_only in CREATE_ONLY {
+            m.remove(*create_only);
+        }
         if let Some(cf) = self.custom_body(value_key) {
             m.insert("customFields".into(), cf);
         }
@@ -793,11 +879,28 @@ impl Validator {
             _ => None,
         };
         let raw_id = take(&mut p, "id");
-        let foreign = p.source_location.as_deref().is_some_and(|l| l != self.rules.location_id);
-        let (id, source_id) = if self.rules.ignore_ids || foreign { (None, raw_id) } else { (raw_id, None) };
-        let email = p.values.get("email").and_then(Value::as_str).map(str::to_owned);
-        let phone = p.values.get("phone").and_then(Value::as_str).map(str::to_owned);
-        let failed_key = problems.iter().any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone));
+        let foreign = p
+            .source_location
+            .as_deref()
+            .is_some_and(|l| l != self.rules.location_id);
+        let (id, source_id) = if self.rules.ignore_ids || foreign {
+            (None, raw_id)
+        } else {
+            (raw_id, None)
+        };
+        let email = p
+            .values
+            .get("email")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let phone = p
+            .values
+            .get("phone")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let failed_key = problems
+            .iter()
+            .any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone));
         if id.is_none() && email.is_none() && phone.is_none() && !failed_key {
             problems.push(Problem {
                 line,
@@ -807,20 +910,35 @@ impl Validator {
             });
         }
         let tags = match p.values.remove("tags") {
-            Some(Value::Array(a)) => a.into_iter().filter_map(|t| t.as_str().map(str::to_owned)).collect(),
+            Some(Value::Array(a)) => a
+                .into_iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect(),
             _ => Vec::new(),
         };
         let mut custom = p.custom;
         if let Some(Value::Array(items)) = p.values.remove("customFields") {
             for item in items {
-                let id = item.get("id").and_then(Value::as_str).unwrap_or_default().to_owned();
-                let value = ["value", "field_value", "fieldValue"].iter().find_map(|k| item.get(*k)).cloned().unwrap_or(Value::Null);
+                let id = item
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned();
+                let value = ["value", "field_value", "fieldValue"]
+                    .iter()
+                    .find_map(|k| item.get(*k))
+                    .cloned()
+                    .unwrap_or(Value::Null);
                 if !custom.iter().any(|(i, _)| *i == id) {
                     custom.push((id, value));
                 }
             }
         }
-        let fields: Map<String, Value> = p.values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let fields: Map<String, Value> = p
+            .values
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         Some(ContactRow {
             line,
             id,
@@ -834,12 +952,19 @@ impl Validator {
     }
 
     fn child(&self, line: u64, mut p: Parsed, problems: &mut Vec<Problem>) -> Option<ChildRow> {
-        let contact = match (p.values.remove("contactId"), p.values.remove("email"), p.values.remove("phone")) {
+        let contact = match (
+            p.values.remove("contactId"),
+            p.values.remove("email"),
+            p.values.remove("phone"),
+        ) {
             (Some(Value::String(id)), _, _) => Some(ContactRef::Id(id)),
             (_, Some(Value::String(e)), _) => Some(ContactRef::Email(e)),
             (_, _, Some(Value::String(ph))) => Some(ContactRef::Phone(ph)),
             _ => {
-                if !problems.iter().any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone)) {
+                if !problems
+                    .iter()
+                    .any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone))
+                {
                     problems.push(Problem {
                         line,
                         field: Some("contactId".into()),
@@ -855,7 +980,8 @@ impl Validator {
             _ => &["body"],
         };
         for f in required {
-            if !p.values.contains_key(f) && !problems.iter().any(|x| x.field.as_deref() == Some(f)) {
+            if !p.values.contains_key(f) && !problems.iter().any(|x| x.field.as_deref() == Some(f))
+            {
                 problems.push(Problem {
                     line,
                     field: Some((*f).to_owned()),
@@ -866,10 +992,18 @@ impl Validator {
         }
         let mut completed = false;
         if self.plan.entity == Entity::Tasks {
-            completed = p.values.remove("completed").and_then(|v| v.as_bool()).unwrap_or(false);
+            completed = p
+                .values
+                .remove("completed")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
             p.values.insert("completed", Value::Bool(false));
         }
-        let body = p.values.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+        let body = p
+            .values
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
         Some(ChildRow {
             line,
             contact: contact?,
@@ -904,10 +1038,29 @@ mod tests {
 
     #[test]
     fn emails() {
-        for ok in ["a@b.co", "first.last+tag@example.com", "用户5@例子.广告", "\"odd one\"@x.org", "o'brien@x.ie"] {
+        for ok in [
+            "a@b.co",
+            "first.last+tag@example.com",
+            "用户5@例子.广告",
+            "\"odd one\"@x.org",
+            "o'brien@x.ie",
+        ] {
             assert!(valid_email(ok), "{ok}");
         }
-        for bad in ["", "a", "a@", "@b.co", "a@b", "a..b@x.co", ".a@x.co", "a b@x.co", "o'brien+\"tag\"5@example.com", "a@-x.co", "a@x.123", "a@@x.co"] {
+        for bad in [
+            "",
+            "a",
+            "a@",
+            "@b.co",
+            "a@b",
+            "a..b@x.co",
+            ".a@x.co",
+            "a b@x.co",
+            "o'brien+\"tag\"5@example.com",
+            "a@-x.co",
+            "a@x.123",
+            "a@@x.co",
+        ] {
             assert!(!valid_email(bad), "{bad}");
         }
     }
@@ -916,11 +1069,26 @@ mod tests {
     fn phones_become_e164() {
         let us: Country = "US".parse().unwrap();
         let gb: Country = "+44".parse().unwrap();
-        assert_eq!(normalize_phone("+1 (555) 010-9999", None).unwrap(), "+15550109999");
-        assert_eq!(normalize_phone("(555) 010-9999", Some(&us)).unwrap(), "+15550109999");
-        assert_eq!(normalize_phone("1-555-010-9999", Some(&us)).unwrap(), "+15550109999");
-        assert_eq!(normalize_phone("07700 900123", Some(&gb)).unwrap(), "+447700900123");
-        assert_eq!(normalize_phone("0044 7700 900123", Some(&us)).unwrap(), "+447700900123");
+        assert_eq!(
+            normalize_phone("+1 (555) 010-9999", None).unwrap(),
+            "+15550109999"
+        );
+        assert_eq!(
+            normalize_phone("(555) 010-9999", Some(&us)).unwrap(),
+            "+15550109999"
+        );
+        assert_eq!(
+            normalize_phone("1-555-010-9999", Some(&us)).unwrap(),
+            "+15550109999"
+        );
+        assert_eq!(
+            normalize_phone("07700 900123", Some(&gb)).unwrap(),
+            "+447700900123"
+        );
+        assert_eq!(
+            normalize_phone("0044 7700 900123", Some(&us)).unwrap(),
+            "+447700900123"
+        );
         assert!(normalize_phone("555-0109", Some(&us)).is_err());
         assert!(normalize_phone("07700 900123", None).is_err());
         assert!(normalize_phone("call me", Some(&us)).is_err());
@@ -937,15 +1105,26 @@ mod tests {
     #[test]
     fn tags_from_export_json_or_commas() {
         assert_eq!(parse_tags("[\"a, b\",\" c \"]").unwrap(), ["a, b", " c "]);
-        assert_eq!(parse_tags(" vip, , new lead ").unwrap(), ["vip", "new lead"]);
+        assert_eq!(
+            parse_tags(" vip, , new lead ").unwrap(),
+            ["vip", "new lead"]
+        );
     }
 
     #[test]
     fn contact_row_problems_carry_line_and_field() {
-        let mut v = validator(Entity::Contacts, &["email", "phone", "dnd", "dateOfBirth", "Favourite"]);
+        let mut v = validator(
+            Entity::Contacts,
+            &["email", "phone", "dnd", "dateOfBirth", "Favourite"],
+        );
         assert_eq!(v.plan.unknown, ["Favourite"]);
-        let errs = v.check(&rec(7, &["bad@", "12", "perhaps", "31/12/1990", ""])).unwrap_err();
-        let fields: Vec<_> = errs.iter().map(|p| (p.line, p.field.clone().unwrap(), p.reason)).collect();
+        let errs = v
+            .check(&rec(7, &["bad@", "12", "perhaps", "31/12/1990", ""]))
+            .unwrap_err();
+        let fields: Vec<_> = errs
+            .iter()
+            .map(|p| (p.line, p.field.clone().unwrap(), p.reason))
+            .collect();
         assert_eq!(
             fields,
             [
@@ -967,19 +1146,46 @@ mod tests {
         let e = v.check(&rec(4, &["a@X.io", ""])).unwrap_err();
         assert_eq!(e[0].reason, Reason::DuplicateInFile);
         assert!(e[0].message.contains("line 2"), "{}", e[0].message);
-        let e = v.check(&rec(5, &["c@x.io", "+1 555 010 9999"])).unwrap_err();
+        let e = v
+            .check(&rec(5, &["c@x.io", "+1 555 010 9999"]))
+            .unwrap_err();
         assert!(e[0].message.contains("line 3"), "{}", e[0].message);
     }
 
     #[test]
     fn export_rows_become_create_and_update_bodies() {
-        let mut v = validator(Entity::Contacts, &["id", "locationId", "email", "tags", "customFields", "dateAdded", "customField.cf9"]);
+        let mut v = validator(
+            Entity::Contacts,
+            &[
+                "id",
+                "locationId",
+                "email",
+                "tags",
+                "customFields",
+                "dateAdded",
+                "customField.cf9",
+            ],
+        );
         assert!(v.plan.unknown.is_empty());
         let row = v
-            .check(&rec(2, &["abc", "OTHER", " x@y.io ", "[\"a\",\"b\"]", "[{\"id\":\"cf1\",\"value\":{\"amount\":1}}]", "2024-01-01T00:00:00.000Z", " blue "]))
+            .check(&rec(
+                2,
+                &[
+                    "abc",
+                    "OTHER",
+                    " x@y.io ",
+                    "[\"a\",\"b\"]",
+                    "[{\"id\":\"cf1\",\"value\":{\"amount\":1}}]",
+                    "2024-01-01T00:00:00.000Z",
+                    " blue ",
+                ],
+            ))
             .unwrap();
         let Row::Contact(c) = row else { panic!() };
-        assert_eq!(c.id, None, "an id from another location is not an update target");
+        assert_eq!(
+            c.id, None,
+            "an id from another location is not an update target"
+        );
         assert_eq!(c.source_id.as_deref(), Some("abc"));
         let body = c.create_body("L1", "field_value");
         assert_eq!(
@@ -988,14 +1194,32 @@ mod tests {
         );
         let upd = c.update_body("value").unwrap();
         assert!(upd.get("locationId").is_none() && upd.get("tags").is_none());
+        let mut with_company = c.clone();
+        with_company
+            .fields
+            .insert("companyName".into(), "Acme".into());
+        assert!(with_company
+            .update_body("value")
+            .unwrap()
+            .get("companyName")
+            .is_none());
     }
 
     #[test]
     fn mapping_constants_and_tags() {
-        let m = Mapping::parse("tags=[\"imported\"]\n[columns]\n\"E-mail\"=\"email\"\n[constants]\nsource=\"crm\"\n").unwrap();
-        let plan = ColumnPlan::new(Entity::Contacts, &["E-mail".to_string(), "tags".to_string()], &m);
+        let m = Mapping::parse(
+            "tags=[\"imported\"]\n[columns]\n\"E-mail\"=\"email\"\n[constants]\nsource=\"crm\"\n",
+        )
+        .unwrap();
+        let plan = ColumnPlan::new(
+            Entity::Contacts,
+            &["E-mail".to_string(), "tags".to_string()],
+            &m,
+        );
         let mut v = Validator::new(plan, Rules::default());
-        let Row::Contact(c) = v.check(&rec(2, &["a@b.co", "x, imported"])).unwrap() else { panic!() };
+        let Row::Contact(c) = v.check(&rec(2, &["a@b.co", "x, imported"])).unwrap() else {
+            panic!()
+        };
         assert_eq!(c.tags, ["x", "imported"]);
         assert_eq!(c.fields["source"], "crm");
     }
@@ -1003,7 +1227,12 @@ mod tests {
     #[test]
     fn task_rows() {
         let mut v = validator(Entity::Tasks, &["email", "title", "dueDate", "completed"]);
-        let Row::Child(t) = v.check(&rec(2, &["a@b.co", "Call", "2024-05-01", "yes"])).unwrap() else { panic!() };
+        let Row::Child(t) = v
+            .check(&rec(2, &["a@b.co", "Call", "2024-05-01", "yes"]))
+            .unwrap()
+        else {
+            panic!()
+        };
         assert!(t.completed);
         assert_eq!(t.body["dueDate"], "2024-05-01T00:00:00.000Z");
         assert_eq!(t.body["completed"], false);

@@ -158,7 +158,9 @@ impl ContactWriter<'_> {
                             Err(e) => classify(e),
                         });
                     }
-                    return Ok(self.existing(row, &contact_id, matching_field.as_deref()).await);
+                    return Ok(self
+                        .existing(row, &contact_id, matching_field.as_deref())
+                        .await);
                 }
                 Err(e) if e.maybe_applied() => {
                     tracing::debug!(line = row.line, error = %e, "ambiguous create; looking the contact up before retrying");
@@ -196,7 +198,9 @@ impl ContactWriter<'_> {
             OnDuplicate::Fail => RowResult::Failed {
                 error: format!(
                     "duplicate of existing contact {id}{} (--on-duplicate fail)",
-                    field.map(|f| format!(" (matching {f})")).unwrap_or_default()
+                    field
+                        .map(|f| format!(" (matching {f})"))
+                        .unwrap_or_default()
                 ),
                 retry: false,
             },
@@ -260,9 +264,18 @@ mod tests {
 
     #[test]
     fn found_contact_is_ours_only_if_added_after_the_intent() {
-        assert!(added_since(Some("2024-01-01T00:00:10.000Z"), 1_704_067_210_000));
-        assert!(added_since(Some("2024-01-01T00:00:08.000Z"), 1_704_067_210_000), "within the clock margin");
-        assert!(!added_since(Some("2023-12-31T00:00:00.000Z"), 1_704_067_210_000));
+        assert!(added_since(
+            Some("2024-01-01T00:00:10.000Z"),
+            1_704_067_210_000
+        ));
+        assert!(
+            added_since(Some("2024-01-01T00:00:08.000Z"), 1_704_067_210_000),
+            "within the clock margin"
+        );
+        assert!(!added_since(
+            Some("2023-12-31T00:00:00.000Z"),
+            1_704_067_210_000
+        ));
         assert!(!added_since(None, 0));
     }
 }

@@ -280,7 +280,8 @@ impl KeyIndex {
 
     /// The index of the entity, built once.
     fn of(entity: Entity) -> &'static KeyIndex {
-        static INDEXES: [OnceLock<KeyIndex>; Entity::COUNT] = [const { OnceLock::new() }; Entity::COUNT];
+        static INDEXES: [OnceLock<KeyIndex>; Entity::COUNT] =
+            [const { OnceLock::new() }; Entity::COUNT];
         INDEXES[entity as usize].get_or_init(|| {
             let columns = entity.columns();
             // The filled-columns set is a u64, and slots hold a u8 below EMPTY.

@@ -87,7 +87,8 @@ impl Entity {
 
     /// The declared Arrow schema (built once, then shared).
     pub fn schema(self) -> SchemaRef {
-        static SCHEMAS: [OnceLock<SchemaRef>; Entity::COUNT] = [const { OnceLock::new() }; Entity::COUNT];
+        static SCHEMAS: [OnceLock<SchemaRef>; Entity::COUNT] =
+            [const { OnceLock::new() }; Entity::COUNT];
         SCHEMAS[self as usize]
             .get_or_init(|| build_schema(self))
             .clone()

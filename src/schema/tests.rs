@@ -600,10 +600,23 @@ fn append_timing_report() {
 fn every_entity_builds_including_deleted_contacts() {
     for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
         let mut b = BatchBuilder::new(entity);
-        let raw = serde_json::value::RawValue::from_string(r#"{"id":"x","dateUpdated":1700000000000}"#.into()).unwrap();
-        b.append(&raw, &RowContext { location_id: "L", contact_id: Some("c") }).unwrap();
+        let raw = serde_json::value::RawValue::from_string(
+            r#"{"id":"x","dateUpdated":1700000000000}"#.into(),
+        )
+        .unwrap();
+        b.append(
+            &raw,
+            &RowContext {
+                location_id: "L",
+                contact_id: Some("c"),
+            },
+        )
+        .unwrap();
         let batch = b.finish();
         assert_eq!(batch.num_rows(), 1, "{entity}");
-        assert_eq!(batch.schema().fields().len(), entity.schema().fields().len());
+        assert_eq!(
+            batch.schema().fields().len(),
+            entity.schema().fields().len()
+        );
     }
 }

@@ -12,6 +12,9 @@
 //! - `store`: per-location listing order and the overlay of written records.
 //! - `limit`: per-token burst window and daily quota.
 //! - `faults`: seeded 5xx, truncated bodies, dropped connections, slow and ambiguous replies.
+//! - `oauth`: the consent redirect, `/oauth/token` (rotating refresh tokens),
+//!   `/oauth/locationToken`, `/oauth/installedLocations`, and the token check of
+//!   [`SimOAuth::required`].
 //! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
 //!   hold the handlers; `mutate` the incremental-export helper.
 //!
@@ -23,6 +26,7 @@ mod gen;
 mod limit;
 mod model;
 mod mutate;
+mod oauth;
 mod read;
 mod rng;
 mod routes;
@@ -37,6 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use oauth::SimOAuth;
 use routes::Kind;
 use store::{read as read_lock, Location, Store};
 
@@ -58,6 +63,8 @@ pub struct SimConfig {
     pub faults: Faults,
     /// Largest `limit` honoured on `GET /contacts/`.
     pub max_page: usize,
+    /// The OAuth app and token lifetimes; off by default (any bearer token is accepted).
+    pub oauth: SimOAuth,
 }
 
 impl Default for SimConfig {
@@ -71,6 +78,7 @@ impl Default for SimConfig {
             daily_quota: Some(200_000),
             faults: Faults::default(),
             max_page: 100,
+            oauth: SimOAuth::default(),
         }
     }
 }
@@ -119,6 +127,7 @@ pub struct Sim {
     counters: Counters,
     /// Numbers trace ids and the ids of created children.
     serial: AtomicU64,
+    oauth: oauth::OAuthState,
 }
 
 #[derive(Default)]
@@ -149,6 +158,7 @@ impl Sim {
             faults: faults::Injector::new(config.faults.clone(), config.seed),
             counters: Counters::default(),
             serial: AtomicU64::new(0),
+            oauth: oauth::OAuthState::default(),
             config,
         })
     }
@@ -178,6 +188,22 @@ impl Sim {
     /// Starts a new day for every token's quota.
     pub fn reset_daily_quota(&self) {
         self.limiter.reset_daily();
+    }
+
+    /// Moves the OAuth clock forward: issued access tokens get closer to expiry.
+    pub fn oauth_advance(&self, by: Duration) {
+        self.oauth
+            .advance(i64::try_from(by.as_secs()).unwrap_or(i64::MAX / 4));
+    }
+
+    /// Expires every access token issued so far (a revocation); refresh tokens stay valid.
+    pub fn oauth_expire_access_tokens(&self) {
+        self.oauth.expire_access_tokens();
+    }
+
+    /// The OAuth clock, in epoch seconds.
+    pub fn oauth_now(&self) -> i64 {
+        self.oauth.now()
     }
 
     pub fn set_faults(&self, faults: Faults) {

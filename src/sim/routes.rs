@@ -20,7 +20,7 @@ use serde_json::json;
 
 use super::faults::{self, Fault};
 use super::limit::{RateHeaders, Verdict};
-use super::{read, write, Sim};
+use super::{oauth, read, write, Sim};
 
 /// The only API version the simulator (and the real v2 API) accepts.
 const API_VERSION: &str = "2021-07-28";
@@ -65,10 +65,21 @@ kinds! {
     Appointments => "GET /contacts/:id/appointments",
     AddTags => "POST /contacts/:id/tags",
     RemoveTags => "DELETE /contacts/:id/tags",
+    Authorize => "GET /oauth/chooselocation",
+    OAuthToken => "POST /oauth/token",
+    LocationToken => "POST /oauth/locationToken",
+    InstalledLocations => "GET /oauth/installedLocations",
     Unknown => "unknown",
 }
 
 impl Kind {
+    fn is_oauth(self) -> bool {
+        matches!(
+            self,
+            Kind::Authorize | Kind::OAuthToken | Kind::LocationToken | Kind::InstalledLocations
+        )
+    }
+
     fn is_write(self) -> bool {
         !matches!(
             self,
@@ -138,6 +149,10 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Get, ["contacts", id, "appointments"]) => (Kind::Appointments, *id, ""),
         (M::Post, ["contacts", id, "tags"]) => (Kind::AddTags, *id, ""),
         (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
+        (M::Get, ["oauth", "chooselocation"]) => (Kind::Authorize, "", ""),
+        (M::Post, ["oauth", "token"]) => (Kind::OAuthToken, "", ""),
+        (M::Post, ["oauth", "locationToken"]) => (Kind::LocationToken, "", ""),
+        (M::Get, ["oauth", "installedLocations"]) => (Kind::InstalledLocations, "", ""),
         _ => (Kind::Unknown, "", ""),
     };
     Route {
@@ -274,10 +289,36 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         bump(n);
     }
 
+    if route.kind.is_oauth() {
+        let body = axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .unwrap_or_default();
+        let params: Params = Query::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        return oauth::handle(&sim, route.kind, &parts.headers, &params, &body);
+    }
     let Some(token) = bearer(&parts.headers) else {
         let reply = ApiError::Unauthorized.reply(sim.trace_id());
         return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
     };
+    if sim.config.oauth.required {
+        let params: Params = Query::try_from_uri(&parts.uri)
+            .map(|q| q.0)
+            .unwrap_or_default();
+        let refused = match sim
+            .oauth
+            .check(token, params.get("locationId").map(String::as_str))
+        {
+            Ok(()) => None,
+            Err(oauth::Refusal::Invalid) => Some(ApiError::Unauthorized),
+            Err(oauth::Refusal::WrongLocation) => Some(ApiError::Forbidden),
+        };
+        if let Some(e) = refused {
+            let reply = e.reply(sim.trace_id());
+            return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
+        }
+    }
     let (verdict, rate) = sim.limiter.admit(token, tokio::time::Instant::now());
     match verdict {
         Verdict::Allowed => {}
@@ -405,7 +446,12 @@ fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
             write::task(req)
         }
         Kind::CreateNote | Kind::UpdateNote | Kind::DeleteNote => write::note(req),
-        Kind::Unknown => Err(ApiError::NoRoute(
+        // OAuth routes are answered by `oauth::handle` before dispatch.
+        Kind::Unknown
+        | Kind::Authorize
+        | Kind::OAuthToken
+        | Kind::LocationToken
+        | Kind::InstalledLocations => Err(ApiError::NoRoute(
             "Cannot handle this method and path".into(),
         )),
     }

@@ -109,6 +109,47 @@ impl SinkError {
     }
 }
 
+/// The Hive-style partition directories of a part: `[export_date=<date>/]location_id=<id>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// A nightly pipeline's run date (`YYYY-MM-DD`), partitioning above the location.
+    pub export_date: Option<String>,
+    pub location_id: String,
+}
+
+impl Partition {
+    pub fn location(location_id: &str) -> Partition {
+        Partition {
+            export_date: None,
+            location_id: location_id.to_owned(),
+        }
+    }
+
+    /// `<entity>/[export_date=…/]location_id=…`, relative to OUT, `/`-separated.
+    pub fn rel_dir(&self, entity: Entity) -> String {
+        match &self.export_date {
+            Some(d) => format!(
+                "{}/export_date={d}/location_id={}",
+                entity.name(),
+                self.location_id
+            ),
+            None => format!("{}/location_id={}", entity.name(), self.location_id),
+        }
+    }
+
+    fn check(&self) -> Result<(), SinkError> {
+        check_location_id(&self.location_id)?;
+        if let Some(d) = &self.export_date {
+            if d.len() != 10 || !d.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
+                return Err(SinkError::UnsafeLocationId {
+                    location_id: format!("export_date={d}"),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Opens OUT/<entity>/location_id=<location_id>/part-<n:05>.<ext>, written first as
 /// `.part-<n:05>.<ext>.tmp` in the same dir (creating dirs).
 pub fn open_part(
@@ -118,7 +159,18 @@ pub fn open_part(
     location_id: &str,
     n: u32,
 ) -> Result<Box<dyn PartWriter>, SinkError> {
-    let target = PartTarget::new(out, format, entity, location_id, n)?;
+    open_part_at(out, format, entity, &Partition::location(location_id), n)
+}
+
+/// [`open_part`] under any [`Partition`].
+pub fn open_part_at(
+    out: &Path,
+    format: Format,
+    entity: Entity,
+    partition: &Partition,
+    n: u32,
+) -> Result<Box<dyn PartWriter>, SinkError> {
+    let target = PartTarget::new(out, format, entity, partition, n)?;
     Ok(match format {
         Format::Parquet => Box::new(parquet::ParquetPart::create(target)?),
         Format::Csv => Box::new(csv::CsvPart::create(target)?),
@@ -202,18 +254,18 @@ impl PartTarget {
         out: &Path,
         format: Format,
         entity: Entity,
-        location_id: &str,
+        partition: &Partition,
         n: u32,
     ) -> Result<Self, SinkError> {
-        check_location_id(location_id)?;
-        let partition = format!("location_id={location_id}");
+        partition.check()?;
+        let rel_dir = partition.rel_dir(entity);
         let name = format!("part-{n:05}.{}", format.extension());
-        let dir = out.join(entity.name()).join(&partition);
+        let dir = out.join(&rel_dir);
         Ok(PartTarget {
             entity,
             tmp: dir.join(format!(".{name}.tmp")),
             fin: dir.join(&name),
-            rel: format!("{}/{partition}/{name}", entity.name()),
+            rel: format!("{rel_dir}/{name}"),
             dir,
         })
     }

@@ -28,8 +28,12 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
 
-const MAX_ROW_GROUP_ROWS: usize = 128 * 1024;
+const MAX_ROW_GROUP_ROWS: usize = 32 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
+/// The writer holds a whole row group in memory until it closes; with wide contact rows that
+/// grew with the location up to the row limit. Closing the group once its buffered size passes
+/// this keeps memory flat, and still gives analytics-sized groups (thousands of contacts).
+const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
 /// Larger than the default 8 KiB so the encoder's many small writes turn into few syscalls.
 const WRITE_BUFFER: usize = 1024 * 1024;
@@ -84,6 +88,12 @@ impl PartWriter for ParquetPart {
                 source,
             })?;
         self.rows += batch.num_rows() as u64;
+        if self.writer.in_progress_size() > MAX_BUFFERED_BYTES {
+            self.writer.flush().map_err(|source| SinkError::Parquet {
+                path: self.target.tmp.clone(),
+                source,
+            })?;
+        }
         Ok(())
     }
 

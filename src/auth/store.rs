@@ -1,0 +1,418 @@
+//! The token store: one JSON file holding the OAuth tokens of each location and agency.
+//!
+//! It holds refresh tokens, which are as good as a password until revoked, so the file is
+//! created with mode 0600 (in a 0700 directory when the tool creates it) and a store that
+//! other users may read or write is refused rather than used. Every change is written to a
+//! temporary file in the same directory, synced, and renamed over the store: a crash leaves
+//! the old store or the new one, never half of one. That matters because each refresh
+//! returns a new refresh token and invalidates the previous one: losing the newest means
+//! logging in again.
+//!
+//! Writers in one process are serialised; the read-modify-write of another process running
+//! at the same moment could lose the other's update (std has no portable file lock at the
+//! crate's minimum Rust version). Token sources therefore re-read the store before and after
+//! a refused refresh and adopt a token another process rotated.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use super::AuthError;
+
+/// A secret string (token, client secret). `Debug` never shows it; serialises as the plain
+/// string (the store has to hold it).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for the one place that sends it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Whose token: one sub-account (location), or an agency (company).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserType {
+    Location,
+    Company,
+}
+
+impl UserType {
+    /// The value of the API's `user_type` form field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UserType::Location => "Location",
+            UserType::Company => "Company",
+        }
+    }
+}
+
+impl std::str::FromStr for UserType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<UserType, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "location" | "sub-account" => Ok(UserType::Location),
+            "company" | "agency" => Ok(UserType::Company),
+            _ => Err(format!("'{s}' is not a user type: use Location or Company")),
+        }
+    }
+}
+
+/// Which entry of the store.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StoreKey {
+    Location(String),
+    Company(String),
+}
+
+impl StoreKey {
+    fn as_string(&self) -> String {
+        match self {
+            StoreKey::Location(id) => format!("location:{id}"),
+            StoreKey::Company(id) => format!("company:{id}"),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreKey::Location(id) => write!(f, "location {id}"),
+            StoreKey::Company(id) => write!(f, "agency (company) {id}"),
+        }
+    }
+}
+
+/// One stored grant. `Debug` shows everything but the tokens.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredToken {
+    pub user_type: UserType,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub company_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location_id: Option<String>,
+    pub access_token: Secret,
+    /// Absent for a location token obtained from an agency token (renewed by exchanging the
+    /// agency token again, not by refreshing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<Secret>,
+    /// When the access token expires, in seconds since the epoch.
+    pub expires_at: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+    /// When this entry was written, in seconds since the epoch.
+    #[serde(default)]
+    pub updated_at: i64,
+}
+
+impl StoredToken {
+    /// The entry this token belongs in, if it names its location or company.
+    pub fn key(&self) -> Option<StoreKey> {
+        match self.user_type {
+            UserType::Location => self.location_id.clone().map(StoreKey::Location),
+            UserType::Company => self.company_id.clone().map(StoreKey::Company),
+        }
+    }
+}
+
+/// The file's layout, versioned so a later layout can still read this one.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "version")]
+enum StoreFile {
+    #[serde(rename = "1")]
+    V1 {
+        #[serde(default)]
+        tokens: BTreeMap<String, StoredToken>,
+    },
+}
+
+/// Serialises read-modify-write cycles of every store within this process.
+static WRITE_LOCK: Mutex<()> = Mutex::new(());
+/// Makes temporary file names unique within this process.
+static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
+
+/// A token store file.
+#[derive(Clone, Debug)]
+pub struct TokenStore {
+    path: PathBuf,
+}
+
+impl TokenStore {
+    pub fn new(path: impl Into<PathBuf>) -> TokenStore {
+        TokenStore { path: path.into() }
+    }
+
+    /// `$XDG_CONFIG_HOME/contacts-etl/tokens.json`, else `~/.config/contacts-etl/tokens.json`.
+    pub fn default_path() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .filter(|v| !v.is_empty())
+                    .map(|h| PathBuf::from(h).join(".config"))
+            })?;
+        Some(base.join("contacts-etl").join("tokens.json"))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn io(&self, source: std::io::Error) -> AuthError {
+        AuthError::StoreIo {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Every entry; an absent file is an empty store. Refuses a file others may read.
+    pub fn load(&self) -> Result<BTreeMap<String, StoredToken>, AuthError> {
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(self.io(e)),
+        };
+        // Checked on the open file, so the file read is the file checked.
+        let meta = file.metadata().map_err(|e| self.io(e))?;
+        if !meta.is_file() {
+            return Err(AuthError::StoreCorrupt {
+                path: self.path.clone(),
+                message: "not a regular file".into(),
+            });
+        }
+        check_private(&self.path, &meta)?;
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(|e| self.io(e))?;
+        if text.trim().is_empty() {
+            return Ok(BTreeMap::new());
+        }
+        match serde_json::from_str::<StoreFile>(&text) {
+            Ok(StoreFile::V1 { tokens }) => Ok(tokens),
+            Err(e) => Err(AuthError::StoreCorrupt {
+                path: self.path.clone(),
+                message: format!("line {}, column {}: {e}", e.line(), e.column()),
+            }),
+        }
+    }
+
+    /// The entry for `key`, if any.
+    pub fn get(&self, key: &StoreKey) -> Result<Option<StoredToken>, AuthError> {
+        Ok(self.load()?.remove(&key.as_string()))
+    }
+
+    /// Every entry with its key, in key order.
+    pub fn entries(&self) -> Result<Vec<StoredToken>, AuthError> {
+        Ok(self.load()?.into_values().collect())
+    }
+
+    /// Saves `entry` under its key, keeping every other entry: read, change, write to a
+    /// temporary file, sync, rename.
+    pub fn put(&self, entry: StoredToken) -> Result<(), AuthError> {
+        let key = entry.key().ok_or_else(|| AuthError::StoreCorrupt {
+            path: self.path.clone(),
+            message: "a token without its location or company id cannot be stored".into(),
+        })?;
+        // The guarded data is (), so a poisoned lock is still a valid lock.
+        let _guard = WRITE_LOCK
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut tokens = self.load()?;
+        tokens.insert(key.as_string(), entry);
+        let bytes = serde_json::to_vec_pretty(&StoreFile::V1 { tokens })
+            .map_err(|e| self.io(std::io::Error::other(e)))?;
+        self.write_atomically(&bytes)
+    }
+
+    fn write_atomically(&self, bytes: &[u8]) -> Result<(), AuthError> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.exists() {
+            create_private_dir(&dir).map_err(|e| self.io(e))?;
+        }
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tokens.json".into());
+        let tmp = dir.join(format!(
+            ".{name}.tmp.{}.{}",
+            std::process::id(),
+            TEMP_SERIAL.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut f = private_options().open(&tmp)?;
+            f.write_all(bytes)?;
+            f.write_all(b"\n")?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, &self.path)?;
+            // Makes the rename itself durable; some filesystems cannot sync a directory.
+            if let Ok(d) = File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(|e| self.io(e))
+    }
+}
+
+/// Options for a new file readable and writable by its owner only.
+fn private_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    o.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(0o600);
+    }
+    o
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut b = std::fs::DirBuilder::new();
+    b.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(0o700);
+    }
+    b.create(dir)
+}
+
+#[cfg(unix)]
+fn check_private(path: &Path, meta: &std::fs::Metadata) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(AuthError::StorePermissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private(_path: &Path, _meta: &std::fs::Metadata) -> Result<(), AuthError> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(loc: &str, access: &str, refresh: &str) -> StoredToken {
+        StoredToken {
+            user_type: UserType::Location,
+            company_id: Some("co1".into()),
+            location_id: Some(loc.into()),
+            access_token: Secret::new(access),
+            refresh_token: Some(Secret::new(refresh)),
+            expires_at: 1_900_000_000,
+            scope: Some("contacts.readonly".into()),
+            user_id: None,
+            updated_at: 0,
+        }
+    }
+
+    #[test]
+    fn put_creates_a_0600_file_and_keeps_other_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("sub/tokens.json"));
+        store.put(entry("L1", "acc-1", "ref-1")).unwrap();
+        store.put(entry("L2", "acc-2", "ref-2")).unwrap();
+        store.put(entry("L1", "acc-3", "ref-3")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(store.path())
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+            let dmode = std::fs::metadata(dir.path().join("sub"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(dmode & 0o777, 0o700);
+        }
+        let l1 = store
+            .get(&StoreKey::Location("L1".into()))
+            .unwrap()
+            .unwrap();
+        assert_eq!(l1.refresh_token.unwrap().expose(), "ref-3");
+        assert!(store
+            .get(&StoreKey::Location("L2".into()))
+            .unwrap()
+            .is_some());
+        // No temporary file is left behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("sub"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn group_readable_store_is_refused_with_the_chmod_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = TokenStore::new(dir.path().join("tokens.json"));
+        store.put(entry("L1", "acc-1", "ref-1")).unwrap();
+        std::fs::set_permissions(store.path(), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains(&store.path().display().to_string()), "{err}");
+        assert!(err.contains("chmod 600"), "{err}");
+        assert!(err.contains("0640"), "{err}");
+        // Writing is refused too: it would first read the exposed file.
+        assert!(store.put(entry("L2", "a", "r")).is_err());
+    }
+
+    #[test]
+    fn corrupt_store_names_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.json");
+        private_options()
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"version\":\"1\",\n\"tokens\": [}")
+            .unwrap();
+        let err = TokenStore::new(&path).load().unwrap_err().to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("tokens.json"), "{err}");
+    }
+
+    #[test]
+    fn debug_of_an_entry_shows_no_token() {
+        let e = entry("L1", "acc-SECRET", "ref-SECRET");
+        let shown = format!("{e:?}");
+        assert!(!shown.contains("SECRET"), "{shown}");
+        assert!(shown.contains("L1"));
+    }
+}

@@ -1,0 +1,607 @@
+//! OAuth end to end against the simulator with `SimOAuth::required` on: the login flow (the
+//! test plays the browser), refresh before expiry and once on a 401, one refresh for many
+//! concurrent 401s, the newest refresh token on disk, the store's permissions, agency
+//! tokens exchanged for location tokens, and no token in any error or `Debug` output.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestSim;
+use contacts_etl::api::{ApiError, Client, ClientConfig, ErrorKind, Token, TokenSource};
+use contacts_etl::auth::{
+    token_source_from_store, LoginRequest, ManualClock, OAuthApp, OAuthProvider, OAuthSettings,
+    OAuthTokenSource, PendingLogin, StoreKey, StoredToken, TokenStore, UserType,
+};
+use contacts_etl::sim::{SimConfig, SimOAuth};
+
+const LOCATIONS: [&str; 3] = [
+    "oauthLocation0000001",
+    "oauthLocation0000002",
+    "oauthLocation0000003",
+];
+const DAY: u64 = 86_399;
+
+fn oauth_sim(contacts: usize) -> SimConfig {
+    SimConfig {
+        contacts,
+        locations: LOCATIONS.iter().map(|s| s.to_string()).collect(),
+        rate_limit: None,
+        daily_quota: None,
+        oauth: SimOAuth {
+            required: true,
+            ..SimOAuth::default()
+        },
+        ..SimConfig::default()
+    }
+}
+
+fn app(sim: &TestSim) -> OAuthApp {
+    let o = &sim.sim.config().oauth;
+    OAuthApp::new(o.client_id.clone(), o.client_secret.clone())
+}
+
+fn settings(sim: &TestSim, store: &Path, clock: &Arc<ManualClock>) -> OAuthSettings {
+    OAuthSettings {
+        clock: clock.clone(),
+        ..OAuthSettings::new(sim.base_url.clone(), app(sim), store)
+    }
+}
+
+/// Follows the consent URL like a browser: the simulator's consent screen redirects at
+/// once to the loopback listener, whose page is returned.
+async fn play_browser(consent_url: String) -> String {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let consent = http.get(&consent_url).send().await.unwrap();
+    assert_eq!(
+        consent.status().as_u16(),
+        302,
+        "the consent screen redirects"
+    );
+    let location = consent.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with("http://127.0.0.1:"), "{location}");
+    let callback = http.get(&location).send().await.unwrap();
+    assert!(callback.status().is_success());
+    callback.text().await.unwrap()
+}
+
+async fn login(sim: &TestSim, store: &Path, user_type: UserType) -> StoredToken {
+    let req = LoginRequest {
+        app: app(sim),
+        base_url: sim.base_url.clone(),
+        authorize_url: format!("{}/oauth/chooselocation", sim.base_url),
+        scopes: vec!["contacts.readonly".into()],
+        user_type,
+        redirect_port: 0,
+        store: store.to_path_buf(),
+        timeout: Duration::from_secs(20),
+    };
+    let pending = PendingLogin::start(req).await.unwrap();
+    let browser = tokio::spawn(play_browser(pending.consent_url().to_string()));
+    let entry = pending.finish().await.unwrap();
+    let page = browser.await.unwrap();
+    assert!(page.contains("Logged in"), "{page}");
+    entry
+}
+
+fn client(sim: &TestSim, token: Arc<dyn TokenSource>) -> Client {
+    let mut cfg = ClientConfig::new(sim.base_url.clone(), Token::new("replaced").unwrap());
+    cfg.token = token;
+    cfg.rate_limit = None;
+    cfg.concurrency = 64;
+    Client::new(cfg).unwrap()
+}
+
+fn count(sim: &TestSim, route: &str) -> u64 {
+    sim.sim.stats().by_route.get(route).copied().unwrap_or(0)
+}
+
+fn token_calls(sim: &TestSim) -> u64 {
+    count(sim, "POST /oauth/token")
+}
+
+fn list_calls(sim: &TestSim) -> u64 {
+    count(sim, "GET /contacts/")
+}
+
+fn stored(store: &Path, key: &StoreKey) -> StoredToken {
+    TokenStore::new(store)
+        .get(key)
+        .unwrap()
+        .expect("the entry is stored")
+}
+
+fn location_source(sim: &TestSim, store: &Path, clock: &Arc<ManualClock>) -> Arc<OAuthTokenSource> {
+    Arc::new(
+        OAuthTokenSource::from_store(
+            &settings(sim, store, clock),
+            StoreKey::Location(LOCATIONS[0].into()),
+        )
+        .unwrap(),
+    )
+}
+
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Every token the store file holds, to search error messages and logs for.
+fn secrets_in(store: &Path) -> Vec<String> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(store).unwrap()).unwrap();
+    let mut out = Vec::new();
+    for e in v["tokens"].as_object().unwrap().values() {
+        for k in ["access_token", "refresh_token"] {
+            if let Some(s) = e[k].as_str() {
+                out.push(s.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn assert_no_secret(text: &str, secrets: &[String]) {
+    for s in secrets {
+        assert!(!text.contains(s.as_str()), "a token leaked into: {text}");
+    }
+}
+
+#[tokio::test]
+async fn login_saves_a_0600_store_whose_token_lists_contacts() {
+    let sim = TestSim::start(oauth_sim(50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("conf/tokens.json");
+    let entry = login(&sim, &store, UserType::Location).await;
+    assert_eq!(entry.location_id.as_deref(), Some(LOCATIONS[0]));
+    assert!(entry.refresh_token.is_some());
+    #[cfg(unix)]
+    assert_eq!(mode(&store), 0o600);
+
+    let source =
+        token_source_from_store(&settings(&sim, &store, &Arc::default()), LOCATIONS[0]).unwrap();
+    let page = client(&sim, source)
+        .list_contacts(LOCATIONS[0], 10, None)
+        .await
+        .unwrap();
+    assert_eq!(page.contacts.len(), 10);
+
+    // With OAuth required, a token the simulator never issued is refused.
+    let stranger = sim
+        .client(None, 1)
+        .list_contacts(LOCATIONS[0], 10, None)
+        .await
+        .unwrap_err();
+    assert_eq!(stranger.kind(), ErrorKind::Reauth);
+}
+
+#[tokio::test]
+async fn token_near_expiry_is_refreshed_before_use() {
+    let sim = TestSim::start(oauth_sim(50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let clock = Arc::new(ManualClock::default());
+    let source = location_source(&sim, &store, &clock);
+    let c = client(&sim, source.clone());
+    c.list_contacts(LOCATIONS[0], 10, None).await.unwrap();
+    assert_eq!(
+        (token_calls(&sim), source.refreshes()),
+        (1, 0),
+        "a fresh token is used as is"
+    );
+
+    // 100 s before expiry, inside the 5-minute margin; the server still accepts the token.
+    let almost = Duration::from_secs(DAY - 100);
+    clock.advance(almost);
+    sim.sim.oauth_advance(almost);
+    let before = list_calls(&sim);
+    c.list_contacts(LOCATIONS[0], 10, None).await.unwrap();
+    assert_eq!(source.refreshes(), 1);
+    assert_eq!(token_calls(&sim), 2);
+    assert_eq!(
+        list_calls(&sim) - before,
+        1,
+        "refreshed before the call, so no 401 and no retry"
+    );
+    let entry = stored(&store, &StoreKey::Location(LOCATIONS[0].into()));
+    assert!(
+        entry.expires_at > clock_now(&clock) + 86_000,
+        "the new expiry is saved"
+    );
+}
+
+fn clock_now(clock: &ManualClock) -> i64 {
+    contacts_etl::auth::Clock::now(clock)
+}
+
+#[tokio::test]
+async fn expired_token_is_refreshed_once_on_401_and_the_call_retried() {
+    let sim = TestSim::start(oauth_sim(50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let source = location_source(&sim, &store, &Arc::default());
+    let c = client(&sim, source.clone());
+    c.list_contacts(LOCATIONS[0], 10, None).await.unwrap();
+
+    // The server expires the token; the client's clock still thinks it is good.
+    sim.sim.oauth_expire_access_tokens();
+    let before = list_calls(&sim);
+    let page = c.list_contacts(LOCATIONS[0], 10, None).await.unwrap();
+    assert_eq!(page.contacts.len(), 10);
+    assert_eq!(
+        list_calls(&sim) - before,
+        2,
+        "refused once, then sent again"
+    );
+    assert_eq!(source.refreshes(), 1);
+    assert_eq!(token_calls(&sim), 2);
+}
+
+#[tokio::test]
+async fn concurrent_401s_cause_exactly_one_refresh() {
+    let sim = TestSim::start(oauth_sim(200)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let source = location_source(&sim, &store, &Arc::default());
+    let c = Arc::new(client(&sim, source.clone()));
+    c.list_contacts(LOCATIONS[0], 1, None).await.unwrap();
+
+    sim.sim.oauth_expire_access_tokens();
+    let calls = (0..40).map(|_| {
+        let c = c.clone();
+        tokio::spawn(async move {
+            c.list_contacts(LOCATIONS[0], 5, None)
+                .await
+                .map(|p| p.contacts.len())
+        })
+    });
+    for r in futures::future::join_all(calls).await {
+        assert_eq!(r.unwrap().unwrap(), 5);
+    }
+    assert_eq!(source.refreshes(), 1);
+    assert_eq!(token_calls(&sim), 2, "the login's exchange and one refresh");
+}
+
+#[tokio::test]
+async fn newest_refresh_token_is_on_disk_and_a_spent_one_is_refused_without_leaking() {
+    let sim = TestSim::start(oauth_sim(50)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let first = login(&sim, &store, UserType::Location).await;
+    let stale_copy = dir.path().join("stale.json");
+    std::fs::copy(&store, &stale_copy).unwrap();
+
+    let source = location_source(&sim, &store, &Arc::default());
+    let c = client(&sim, source.clone());
+    let key = StoreKey::Location(LOCATIONS[0].into());
+    let mut seen = vec![first.refresh_token.clone().unwrap()];
+    for _ in 0..4 {
+        sim.sim.oauth_expire_access_tokens();
+        c.list_contacts(LOCATIONS[0], 5, None).await.unwrap();
+        let now_stored = stored(&store, &key).refresh_token.unwrap();
+        assert!(
+            !seen.contains(&now_stored),
+            "each refresh saves a new refresh token"
+        );
+        seen.push(now_stored);
+        #[cfg(unix)]
+        assert_eq!(mode(&store), 0o600, "the rewritten store keeps mode 0600");
+    }
+    assert_eq!(source.refreshes(), 4);
+
+    // A new process starting from the store can refresh: what is on disk is the live token.
+    let again = location_source(&sim, &store, &Arc::default());
+    sim.sim.oauth_expire_access_tokens();
+    client(&sim, again.clone())
+        .list_contacts(LOCATIONS[0], 5, None)
+        .await
+        .unwrap();
+    assert_eq!(again.refreshes(), 1);
+
+    // A store holding a spent refresh token is refused like a real server does, and no
+    // token shows in the error or the source's Debug.
+    let mut secrets = secrets_in(&store);
+    secrets.extend(secrets_in(&stale_copy));
+    let stale = location_source(&sim, &stale_copy, &Arc::default());
+    sim.sim.oauth_expire_access_tokens();
+    let err = client(&sim, stale.clone())
+        .list_contacts(LOCATIONS[0], 5, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ApiError::Unauthorized { .. }), "{err:?}");
+    let shown = format!("{err:#} / {err:?} / {stale:?} / {again:?}");
+    assert!(
+        shown.contains("auth login"),
+        "the error says how to recover: {shown}"
+    );
+    assert_no_secret(&shown, &secrets);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn world_readable_store_is_refused_with_the_chmod_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = TestSim::start(oauth_sim(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let err = token_source_from_store(&settings(&sim, &store, &Arc::default()), LOCATIONS[0])
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains(&store.display().to_string()), "{msg}");
+    assert!(msg.contains("0644"), "{msg}");
+    assert!(
+        msg.contains(&format!("chmod 600 {}", store.display())),
+        "{msg}"
+    );
+    assert_no_secret(&msg, &secrets_in(&store));
+
+    // A login into it is refused before the user is sent to the consent screen.
+    let req = LoginRequest {
+        app: app(&sim),
+        base_url: sim.base_url.clone(),
+        authorize_url: format!("{}/oauth/chooselocation", sim.base_url),
+        scopes: vec![],
+        user_type: UserType::Location,
+        redirect_port: 0,
+        store: store.clone(),
+        timeout: Duration::from_secs(1),
+    };
+    assert!(PendingLogin::start(req)
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("chmod 600"));
+}
+
+#[tokio::test]
+async fn agency_token_is_exchanged_for_location_tokens_and_refreshed_when_refused() {
+    let sim = TestSim::start(oauth_sim(30)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let agency = login(&sim, &store, UserType::Company).await;
+    assert_eq!(agency.user_type, UserType::Company);
+    let company = agency.company_id.clone().unwrap();
+
+    let provider = OAuthProvider::new(settings(&sim, &store, &Arc::default())).unwrap();
+    let installed: Vec<String> = provider
+        .installed_locations(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    assert_eq!(installed, LOCATIONS);
+
+    let clients: Vec<Client> = installed
+        .iter()
+        .map(|l| client(&sim, provider.for_location(l).unwrap()))
+        .collect();
+    for (c, l) in clients.iter().zip(&installed) {
+        assert_eq!(c.list_contacts(l, 5, None).await.unwrap().contacts.len(), 5);
+    }
+    assert_eq!(count(&sim, "POST /oauth/locationToken"), 3);
+    for l in &installed {
+        let e = stored(&store, &StoreKey::Location(l.clone()));
+        assert_eq!(
+            (e.user_type, e.company_id.as_deref()),
+            (UserType::Location, Some(company.as_str()))
+        );
+        assert!(
+            e.refresh_token.is_none(),
+            "location tokens are renewed from the agency grant"
+        );
+    }
+
+    // Everything expires: the first location's 401 makes it ask for a new location token,
+    // which the expired agency token cannot get, so the agency grant is refreshed once;
+    // the other locations then only need new location tokens.
+    sim.sim.oauth_expire_access_tokens();
+    for (c, l) in clients.iter().zip(&installed) {
+        assert_eq!(c.list_contacts(l, 5, None).await.unwrap().contacts.len(), 5);
+    }
+    assert_eq!(
+        token_calls(&sim),
+        2,
+        "the login's exchange and one agency refresh"
+    );
+    assert_eq!(provider.agency(None).unwrap().refreshes(), 1);
+    assert_eq!(
+        count(&sim, "POST /oauth/locationToken"),
+        3 + 1 + 3,
+        "one refused, three granted"
+    );
+    let secrets = secrets_in(&store);
+    assert_no_secret(&format!("{provider:?}"), &secrets);
+}
+
+#[tokio::test]
+async fn export_completes_when_tokens_expire_mid_run() {
+    use contacts_etl::export::{self, ExportPlan, Progress};
+    let sim = TestSim::start(oauth_sim(400)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let source = location_source(&sim, &store, &Arc::default());
+    let mut cfg = ClientConfig::new(sim.base_url.clone(), Token::new("replaced").unwrap());
+    cfg.token = source.clone();
+    cfg.rate_limit = None;
+    cfg.concurrency = 8;
+    let c = Arc::new(Client::new(cfg).unwrap());
+
+    // Revokes the tokens once the export is under way (waits on the simulator's counter).
+    let watcher = {
+        let sim = sim.sim.clone();
+        tokio::spawn(async move {
+            while sim.stats().requests < 60 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            sim.oauth_expire_access_tokens();
+        })
+    };
+    let out: PathBuf = dir.path().join("out");
+    let plan = ExportPlan::new(
+        LOCATIONS[0].to_string(),
+        contacts_etl::sink::Format::Csv,
+        &out,
+    );
+    let manifest = export::run(c, &plan, Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    watcher.await.unwrap();
+    assert_eq!(manifest.entities["contacts"].rows, 400);
+    assert_eq!(
+        source.refreshes(),
+        1,
+        "concurrent 401s mid-export refresh once"
+    );
+}
+
+#[tokio::test]
+async fn cli_login_then_status_shows_the_grant_but_no_token() {
+    use tokio::io::AsyncBufReadExt;
+    let sim = TestSim::start(oauth_sim(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let o = sim.sim.config().oauth.clone();
+    let bin = env!("CARGO_BIN_EXE_contacts-etl");
+    let mut child = tokio::process::Command::new(bin)
+        .args([
+            "auth",
+            "login",
+            "--client-id",
+            &o.client_id,
+            "--client-secret-env",
+            "SIM_SECRET",
+            "--scope",
+            "contacts.readonly",
+        ])
+        .arg("--token-store")
+        .arg(&store)
+        .env("SIM_SECRET", &o.client_secret)
+        .env("HL_BASE_URL", &sim.base_url)
+        .env(
+            "HL_AUTHORIZE_URL",
+            format!("{}/oauth/chooselocation", sim.base_url),
+        )
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut printed = String::new();
+    let url = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("the consent URL is printed");
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(u) = line.trim().strip_prefix("http") {
+            break format!("http{u}");
+        }
+    };
+    play_browser(url).await;
+    while let Some(line) = lines.next_line().await.unwrap() {
+        printed.push_str(&line);
+        printed.push('\n');
+    }
+    assert!(child.wait().await.unwrap().success(), "{printed}");
+    assert!(
+        printed.contains(&format!("logged in: location {}", LOCATIONS[0])),
+        "{printed}"
+    );
+
+    let status = tokio::process::Command::new(bin)
+        .args(["auth", "status", "--token-store"])
+        .arg(&store)
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success());
+    assert!(
+        out.contains(LOCATIONS[0]) && out.contains("refresh token stored"),
+        "{out}"
+    );
+    let secrets = secrets_in(&store);
+    assert_no_secret(&format!("{out}{printed}"), &secrets);
+    assert!(!printed.contains(&o.client_secret));
+}
+
+#[tokio::test]
+async fn short_lived_tokens_are_not_refreshed_before_every_call() {
+    let mut cfg = oauth_sim(20);
+    cfg.oauth.expires_in = 120; // shorter than the 5-minute margin
+    let sim = TestSim::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let clock = Arc::new(ManualClock::default());
+    let source = location_source(&sim, &store, &clock);
+    let c = client(&sim, source.clone());
+    for _ in 0..5 {
+        c.list_contacts(LOCATIONS[0], 5, None).await.unwrap();
+    }
+    assert_eq!(
+        source.refreshes(),
+        0,
+        "the margin shrinks to half the lifetime"
+    );
+    clock.advance(Duration::from_secs(61));
+    sim.sim.oauth_advance(Duration::from_secs(61));
+    c.list_contacts(LOCATIONS[0], 5, None).await.unwrap();
+    assert_eq!(source.refreshes(), 1);
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn a_refresh_that_cannot_be_saved_is_saved_before_the_next_use() {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = TestSim::start(oauth_sim(20)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("conf");
+    let store = conf.join("tokens.json");
+    login(&sim, &store, UserType::Location).await;
+    let source = location_source(&sim, &store, &Arc::default());
+    let c = client(&sim, source.clone());
+
+    // A directory where the store should be: unwritable even for root.
+    let saved = std::fs::read(&store).unwrap();
+    std::fs::remove_file(&store).unwrap();
+    std::fs::create_dir(&store).unwrap();
+    sim.sim.oauth_expire_access_tokens();
+    let err = c.list_contacts(LOCATIONS[0], 5, None).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Retry, "{err:#}");
+    assert!(
+        format!("{err:#}").contains(&store.display().to_string()),
+        "{err:#}"
+    );
+    assert_eq!(source.refreshes(), 1);
+
+    // The refreshed grant was kept in memory: once the store is writable it is saved and
+    // used, without spending another refresh token.
+    std::fs::remove_dir(&store).unwrap();
+    std::fs::write(&store, saved).unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o600)).unwrap();
+    c.list_contacts(LOCATIONS[0], 5, None).await.unwrap();
+    assert_eq!((source.refreshes(), token_calls(&sim)), (1, 2));
+    let again = location_source(&sim, &store, &Arc::default());
+    sim.sim.oauth_expire_access_tokens();
+    client(&sim, again)
+        .list_contacts(LOCATIONS[0], 5, None)
+        .await
+        .unwrap();
+}

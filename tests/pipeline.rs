@@ -1,0 +1,311 @@
+//! Pipeline files: running them against the simulator, many locations at once, and every
+//! way a file can be wrong.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use common::*;
+use contacts_etl::pipeline;
+use contacts_etl::sim::SimConfig;
+
+const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
+
+async fn run_bin(args: &[&str], envs: &[(String, String)]) -> Output {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(args)
+        .env_remove("HL_TOKEN")
+        .env_remove("HL_BASE_URL")
+        .env_remove("RUST_LOG");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().await.unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn analyst_pipeline_runs_against_the_simulator_with_only_the_environment_changed() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/pipelines/analyst-parquet.toml"
+    ))
+    .unwrap();
+    let location = "ve9EPM428h8vShlRW1KT";
+    assert!(text.contains(location));
+    // The file keeps the real limit (100/10s): a small location keeps the test short.
+    let sim = TestSim::start(SimConfig {
+        locations: vec![location.into()],
+        ..fast_sim(30, 61)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "pipelines/analyst-parquet.toml", &text);
+    let o = run_bin(
+        &["run", file.to_str().unwrap()],
+        &[
+            ("HL_BASE_URL".into(), sim.base_url.clone()),
+            ("HL_TOKEN".into(), "any".into()),
+        ],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("analyst-out");
+    let rows = read_parquet(&out, contacts_etl::schema::Entity::Contacts, location);
+    assert_eq!(
+        keyed(contacts_etl::schema::Entity::Contacts, rows).len(),
+        30
+    );
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("_pipeline_report.json")).unwrap()).unwrap();
+    assert_eq!(report["status"], "complete");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_locations_each_stay_within_their_own_limit_while_the_total_exceeds_it() {
+    let locations: Vec<String> = (0..20)
+        .map(|i| format!("loc{i:02}aaaaaaaaaaaaaaaa"))
+        .collect();
+    // Per token (= per location): the real limit's shape (100 per window) with a 2 s window
+    // instead of 10 s, so the test takes seconds.
+    let limit = 100u32;
+    let cfg = SimConfig {
+        locations: locations.clone(),
+        rate_limit: Some((limit, Duration::from_secs(2))),
+        daily_quota: None,
+        ..fast_sim(100, 71)
+    };
+    let sim = TestSim::start(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!("name = \"many\"\n[api]\nrate_limit = \"{limit}/2s\"\nconcurrency = 4\nmax_concurrency = 80\nparallel_locations = 20\n");
+    let mut envs = vec![("HL_BASE_URL".to_owned(), sim.base_url.clone())];
+    for (i, l) in locations.iter().enumerate() {
+        text.push_str(&format!(
+            "[[locations]]\nid = \"{l}\"\ntoken_env = \"TOKEN_{i}\"\n"
+        ));
+        envs.push((format!("TOKEN_{i}"), format!("token-{i}")));
+    }
+    text.push_str("[export]\nout = \"out\"\n");
+    let file = write(dir.path(), "many.toml", &text);
+    let started = std::time::Instant::now();
+    let o = run_bin(&["run", file.to_str().unwrap()], &envs).await;
+    let secs = started.elapsed().as_secs_f64();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats = sim.sim.stats();
+    assert_eq!(
+        stats.rate_limited, 0,
+        "no location was pushed over its limit: {stats:?}"
+    );
+    assert!(
+        stats.max_in_window <= u64::from(limit),
+        "busiest 2 s of any one location: {}",
+        stats.max_in_window
+    );
+    let total_rate = stats.requests as f64 / secs;
+    let one_location = f64::from(limit) / 2.0;
+    assert!(total_rate > 5.0 * one_location, "all locations together ran at {total_rate:.0} req/s, well above one location's {one_location}/s");
+    for l in &locations {
+        assert_eq!(
+            read_parquet(
+                &dir.path().join("out"),
+                contacts_etl::schema::Entity::Contacts,
+                l
+            )
+            .len(),
+            100,
+            "{l}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_location_does_not_stop_the_others_and_the_exit_code_says_partial() {
+    let sim = TestSim::start(SimConfig {
+        locations: vec!["goodA000000000000001".into(), "goodB000000000000002".into()],
+        ..fast_sim(120, 81)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let text = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"goodA000000000000001\"\n[[locations]]\nid = \"notServed00000000003\"\n[[locations]]\nid = \"goodB000000000000002\"\n[export]\nout = \"out\"\nformat = \"csv\"\n";
+    let file = write(dir.path(), "partial.toml", text);
+    let o = run_bin(
+        &["run", file.to_str().unwrap()],
+        &[
+            ("HL_BASE_URL".into(), sim.base_url.clone()),
+            ("HL_TOKEN".into(), "t".into()),
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("out/_pipeline_report.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(report["status"], "partial");
+    let locs = report["locations"].as_array().unwrap();
+    let failed: Vec<&serde_json::Value> =
+        locs.iter().filter(|l| l["status"] != "complete").collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0]["locationId"], "notServed00000000003");
+    assert!(
+        failed[0]["error"].as_str().unwrap().contains("403"),
+        "{}",
+        failed[0]
+    );
+    for l in ["goodA000000000000001", "goodB000000000000002"] {
+        assert_eq!(
+            read_csv(
+                &dir.path().join("out"),
+                contacts_etl::schema::Entity::Contacts,
+                l
+            )
+            .len(),
+            120
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_runs_of_one_pipeline_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "p.toml", "name = \"nightly\"\n[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"out\"\n");
+    let _held =
+        pipeline::lock::RunLock::acquire(&dir.path().join("out/_state/pipeline-nightly.lock"))
+            .unwrap();
+    let o = run_bin(
+        &["run", file.to_str().unwrap()],
+        &[
+            ("HL_TOKEN".into(), "t".into()),
+            ("HL_BASE_URL".into(), "http://127.0.0.1:9".into()),
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("another run of this pipeline is in progress"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn every_error_in_a_pipeline_file_names_its_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let base =
+        "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"out\"\n";
+    let cases: &[(&str, usize, &str, &str)] = &[
+        ("[api]\nconcurency = 4\n", 2, "concurency", "unknown field"),
+        (
+            "[api]\nconcurrency = \"four\"\n",
+            2,
+            "concurrency",
+            "invalid type",
+        ),
+        ("[api]\nconcurrency = 0\n", 2, "concurrency", "out of range"),
+        ("[api]\nrate_limit = \"fast\"\n", 2, "rate_limit", "100/10s"),
+        (
+            "[api]\nbase_url = \"not a url\"\n",
+            2,
+            "base_url",
+            "not a URL",
+        ),
+        (
+            "[auth]\ntoken = \"pit-secret\"\n",
+            2,
+            "token",
+            "must not be written",
+        ),
+    ];
+    for (head, line, key, words) in cases {
+        // The case's lines come first so its line numbers are the ones asserted.
+        let text = if head.starts_with("[auth]") {
+            format!("{head}[[locations]]\nid = \"L1\"\n[export]\nout = \"out\"\n")
+        } else {
+            format!("{head}{base}")
+        };
+        let p = write(dir.path(), "case.toml", &text);
+        let e = pipeline::load(&p).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (*line, *key), "{e}");
+        assert!(
+            e.to_string().contains(words)
+                && e.to_string()
+                    .starts_with(&format!("{}:{line}: {key}:", p.display())),
+            "{e}"
+        );
+    }
+    let tail: &[(&str, &str, &str)] = &[
+        (
+            "[export]\nout = \"out\"\nformat = \"xlsx\"\n",
+            "format",
+            "parquet or csv",
+        ),
+        (
+            "[export]\nout = \"out\"\ninclude = [\"tasks\", \"deals\"]\n",
+            "include",
+            "deals",
+        ),
+        (
+            "[export]\nout = \"out\"\ndaily_reserve_percent = 120.0\n",
+            "daily_reserve_percent",
+            "percentage",
+        ),
+    ];
+    for (export, key, words) in tail {
+        let text =
+            format!("[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n{export}");
+        let p = write(dir.path(), "case.toml", &text);
+        let e = pipeline::load(&p).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (7, *key), "{e}");
+        assert!(e.to_string().contains(words), "{e}");
+    }
+    let p = write(
+        dir.path(),
+        "case.toml",
+        "[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n",
+    );
+    let e = pipeline::load(&p).unwrap_err();
+    assert!(
+        e.to_string().contains("no token for location L1") && e.line == 2,
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn the_shipped_pipeline_files_are_valid() {
+    for f in [
+        "analyst-parquet.toml",
+        "nightly-warehouse-export.toml",
+        "migration-import.toml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("pipelines")
+            .join(f);
+        let o = run_bin(&["validate", path.to_str().unwrap()], &[]).await;
+        assert!(o.status.success(), "{f}: {}", stderr(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("ok"), "{f}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(dir.path(), "bad.toml", "[export]\nout = 1\n");
+    let o = run_bin(&["validate", bad.to_str().unwrap()], &[]).await;
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("bad.toml:2: out:"), "{}", stderr(&o));
+}
+
+#[tokio::test]
+async fn shell_completions_are_printed() {
+    let o = run_bin(&["completions", "bash"], &[]).await;
+    assert!(o.status.success());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("contacts-etl"));
+}
