@@ -605,3 +605,39 @@ async fn a_refresh_that_cannot_be_saved_is_saved_before_the_next_use() {
         .await
         .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agency_pipeline_exports_every_installed_location_with_oauth() {
+    let sim = TestSim::start(oauth_sim(40)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    login(&sim, &store, UserType::Company).await;
+    let o = &sim.sim.config().oauth;
+    std::fs::write(dir.path().join("client-secret"), &o.client_secret).unwrap();
+    let text = format!(
+        "name = \"agency\"\n[api]\nbase_url = \"{}\"\nrate_limit = \"off\"\n[auth.oauth]\ntoken_store = \"tokens.json\"\nclient_id = \"{}\"\nclient_secret_file = \"client-secret\"\nall_installed_locations = true\n[export]\nout = \"out\"\ninclude = [\"tasks\"]\n",
+        sim.base_url, o.client_id
+    );
+    let file = dir.path().join("agency.toml");
+    std::fs::write(&file, text).unwrap();
+    let p = contacts_etl::pipeline::load(&file).unwrap();
+    let contacts_etl::pipeline::Job::Export(job) = &p.job else {
+        panic!("an export")
+    };
+    let report = contacts_etl::pipeline::run_export(&p, job).await.unwrap();
+    assert_eq!(report.status, "complete", "{report:?}");
+    assert_eq!(report.locations.len(), LOCATIONS.len());
+    for l in LOCATIONS {
+        let r = report
+            .locations
+            .iter()
+            .find(|r| r.location_id == l)
+            .unwrap();
+        assert_eq!(r.rows["contacts"], 40, "{l}");
+    }
+    let secrets = secrets_in(&store);
+    assert_no_secret(
+        &std::fs::read_to_string(dir.path().join("out/_pipeline_report.json")).unwrap(),
+        &secrets,
+    );
+}

@@ -650,6 +650,14 @@ pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
                     full.extend(["--token-file".to_owned(), f.display().to_string()])
                 }
                 crate::pipeline::TokenRef::Env(var) if var == env::HL_TOKEN => {}
+                crate::pipeline::TokenRef::OAuth => {
+                    return Err(exit::UsageError(format!(
+                        "{}: an import pipeline reads its token from {} or a token_file",
+                        p.file.display(),
+                        env::HL_TOKEN
+                    ))
+                    .into());
+                }
                 crate::pipeline::TokenRef::Env(var) => {
                     return Err(exit::UsageError(format!(
                         "{}: an import pipeline reads its token from {} or a token_file, not {var}",

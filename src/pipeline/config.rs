@@ -46,6 +46,25 @@ pub struct AuthSection {
     pub token_file: Option<Spanned<PathBuf>>,
     /// The token itself is refused with a message (it would be a secret in a file).
     pub token: Option<Spanned<toml::Value>>,
+    /// OAuth (Marketplace app): tokens from a store written by `contacts-etl auth login`.
+    pub oauth: Option<Spanned<OAuthSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OAuthSection {
+    pub token_store: Spanned<PathBuf>,
+    /// The app's client id (not a secret), or the variable holding it.
+    pub client_id: Option<Spanned<String>>,
+    pub client_id_env: Option<Spanned<String>>,
+    /// The variable (default HL_CLIENT_SECRET) or file holding the client secret.
+    pub client_secret_env: Option<Spanned<String>>,
+    pub client_secret_file: Option<Spanned<PathBuf>>,
+    /// The agency whose grant exchanges location tokens (when the store holds several).
+    pub company_id: Option<Spanned<String>>,
+    /// Run every location where the app is installed under the agency.
+    #[serde(default)]
+    pub all_installed_locations: bool,
 }
 
 #[derive(Debug, Deserialize)]

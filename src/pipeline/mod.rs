@@ -32,6 +32,19 @@ use config::{ConfigError, Source};
 pub enum TokenRef {
     Env(String),
     File(PathBuf),
+    /// From the pipeline's OAuth token store (a location grant, or the agency's).
+    OAuth,
+}
+
+/// OAuth settings of a pipeline; secrets are named, not held.
+#[derive(Clone, Debug)]
+pub struct OAuthConf {
+    pub token_store: PathBuf,
+    pub client_id: String,
+    pub client_secret_env: String,
+    pub client_secret_file: Option<PathBuf>,
+    pub company_id: Option<String>,
+    pub all_installed_locations: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -52,6 +65,7 @@ pub struct Pipeline {
     pub parallel_locations: usize,
     pub timeout: Duration,
     pub locations: Vec<LocationTarget>,
+    pub oauth: Option<OAuthConf>,
     pub job: Job,
 }
 
@@ -172,7 +186,36 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
     if let Some(t) = &f.auth.token {
         return Err(src.at(t, "token", "a token must not be written in a pipeline file: name an environment variable (token_env) or a file (token_file)"));
     }
+    let oauth = match &f.auth.oauth {
+        None => None,
+        Some(o) => {
+            let client_id = match (&o.get_ref().client_id, &o.get_ref().client_id_env) {
+                (Some(id), None) => id.get_ref().clone(),
+                (None, Some(var)) => std::env::var(var.get_ref()).unwrap_or_default(),
+                _ => {
+                    return Err(src.at(o, "oauth", "give client_id or client_id_env (exactly one)"))
+                }
+            };
+            Some(OAuthConf {
+                token_store: resolve(src, o.get_ref().token_store.get_ref()),
+                client_id,
+                client_secret_env: o
+                    .get_ref()
+                    .client_secret_env
+                    .as_ref()
+                    .map_or_else(|| "HL_CLIENT_SECRET".to_owned(), |v| v.get_ref().clone()),
+                client_secret_file: o
+                    .get_ref()
+                    .client_secret_file
+                    .as_ref()
+                    .map(|p| resolve(src, p.get_ref())),
+                company_id: o.get_ref().company_id.as_ref().map(|c| c.get_ref().clone()),
+                all_installed_locations: o.get_ref().all_installed_locations,
+            })
+        }
+    };
     let default_token = match (&f.auth.token_env, &f.auth.token_file) {
+        (None, None) if oauth.is_some() => Some(TokenRef::OAuth),
         (Some(e), None) => Some(TokenRef::Env(e.get_ref().clone())),
         (None, Some(p)) => Some(TokenRef::File(resolve(src, p.get_ref()))),
         (Some(e), Some(_)) => {
@@ -180,7 +223,7 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
         }
         (None, None) => None,
     };
-    if f.locations.is_empty() {
+    if f.locations.is_empty() && !oauth.as_ref().is_some_and(|o| o.all_installed_locations) {
         return Err(src.error(
             src.text.len(),
             "locations",
@@ -250,6 +293,13 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
             ))
         }
     };
+    if let (Job::Import(_), Some(TokenRef::OAuth)) = (&job, locations.first().map(|l| &l.token)) {
+        return Err(src.error(
+            0,
+            "oauth",
+            "an import pipeline reads its token from HL_TOKEN or a token_file",
+        ));
+    }
     Ok(Pipeline {
         name,
         file: src.file.to_path_buf(),
@@ -260,6 +310,7 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
         parallel_locations,
         timeout,
         locations,
+        oauth,
         job,
     })
 }
@@ -404,6 +455,7 @@ impl TokenRef {
                     .map_err(|e| format!("cannot read the token file {}: {e}", p.display()))?;
                 Token::new(&raw).map_err(|e| format!("token file {}: {e}", p.display()))
             }
+            TokenRef::OAuth => Err("an OAuth location has no static token".into()),
         }
     }
 }
@@ -444,14 +496,53 @@ pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<Pipelin
     let export_date = job.partition_by_date.then(|| started[..10].to_owned());
     let global = Arc::new(Semaphore::new(p.max_concurrency));
     let base_url = p.effective_base_url();
-    tracing::info!(pipeline = %p.name, locations = p.locations.len(), base_url = %base_url, "pipeline started");
+    // One OAuth provider for the whole run: the locations of an agency share its grant, so
+    // its rotating refresh token is never spent twice.
+    let provider = match &p.oauth {
+        None => None,
+        Some(o) => {
+            let app = crate::auth::OAuthApp::load(
+                &o.client_id,
+                &o.client_secret_env,
+                o.client_secret_file.as_deref(),
+            )
+            .map_err(crate::auth::cli::into_anyhow)?;
+            let settings =
+                crate::auth::OAuthSettings::new(base_url.clone(), app, o.token_store.clone());
+            Some(Arc::new(
+                crate::auth::OAuthProvider::new(settings).map_err(crate::auth::cli::into_anyhow)?,
+            ))
+        }
+    };
+    let mut locations = p.locations.clone();
+    if let (Some(o), Some(provider)) = (&p.oauth, &provider) {
+        if o.all_installed_locations {
+            let installed = provider
+                .installed_locations(o.company_id.as_deref())
+                .await
+                .map_err(crate::auth::cli::into_anyhow)?;
+            for l in installed
+                .into_iter()
+                .filter(|l| l.is_installed != Some(false))
+            {
+                if !locations.iter().any(|x| x.id == l.id) {
+                    locations.push(LocationTarget {
+                        id: l.id,
+                        token: TokenRef::OAuth,
+                    });
+                }
+            }
+        }
+    }
+    tracing::info!(pipeline = %p.name, locations = locations.len(), base_url = %base_url, "pipeline started");
 
-    let runs = futures::stream::iter(p.locations.clone())
+    let runs = futures::stream::iter(locations)
         .map(|loc| {
             let global = global.clone();
             let base_url = base_url.clone();
             let export_date = export_date.clone();
-            async move { run_location(p, job, &loc, &base_url, global, export_date).await }
+            let provider = provider.clone();
+            async move { run_location(p, job, &loc, &base_url, global, export_date, provider).await }
         })
         .buffer_unordered(p.parallel_locations);
     let mut reports: Vec<RunReport> = runs.collect().await;
@@ -504,6 +595,7 @@ async fn run_location(
     base_url: &str,
     global: Arc<Semaphore>,
     export_date: Option<String>,
+    provider: Option<Arc<crate::auth::OAuthProvider>>,
 ) -> RunReport {
     let started = (
         crate::timefmt::format_iso_millis(crate::export::now_millis()),
@@ -529,13 +621,26 @@ async fn run_location(
         });
     }
     // A client is built even when the token is missing, so the report has one shape.
-    let token = loc.token.load();
+    let (token, source) = match (&loc.token, &provider) {
+        (TokenRef::OAuth, Some(provider)) => match provider.for_location(&loc.id) {
+            Ok(source) => (
+                Ok(Token::new("oauth").expect("a constant valid token")),
+                Some(source),
+            ),
+            Err(e) => (Err(e.to_string()), None),
+        },
+        (TokenRef::OAuth, None) => (Err("no [auth.oauth] settings".to_owned()), None),
+        (t, _) => (t.load(), None),
+    };
     let mut cfg = ClientConfig::new(
         base_url.to_owned(),
         token
             .clone()
             .unwrap_or_else(|_| Token::new("missing").expect("a constant valid token")),
     );
+    if let Some(source) = source {
+        cfg.token = source;
+    }
     cfg.rate_limit = p.rate_limit;
     cfg.concurrency = p.concurrency;
     cfg.timeout = p.timeout;
