@@ -126,6 +126,9 @@ pub struct BusinessPage {
 pub struct Client {
     http: reqwest::Client,
     base: String,
+    /// `base`, parsed once: each request only sets its path and query (no re-parsing of the
+    /// host on the hot path).
+    base_url: reqwest::Url,
     auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
@@ -263,6 +266,8 @@ impl Client {
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
         Ok(Client {
             http,
+            base_url: reqwest::Url::parse(&base)
+                .map_err(|e| ClientBuildError::BadUrl(base.clone(), e.to_string()))?,
             base,
             auth: config.token,
             limiter,
@@ -592,7 +597,13 @@ impl Client {
         idem: Idempotency,
     ) -> Result<T, ApiError> {
         let label = RequestLabel(format!("{method} {path_and_query}"));
-        let url = format!("{}{}", self.base, path_and_query);
+        let (path, query) = path_and_query
+            .split_once('?')
+            .map_or((path_and_query.as_str(), None), |(p, q)| (p, Some(q)));
+        let mut url = self.base_url.clone();
+        let prefix = url.path().trim_end_matches('/').to_owned();
+        url.set_path(&format!("{prefix}{path}"));
+        url.set_query(query);
         let mut refreshed = false;
         let result = loop {
             let auth = self.auth.current().await?;
@@ -628,7 +639,7 @@ impl Client {
         &self,
         kind: RequestKind,
         method: &Method,
-        url: &str,
+        url: &reqwest::Url,
         label: &RequestLabel,
         auth: &HeaderValue,
         body: Option<Bytes>,
@@ -651,7 +662,7 @@ impl Client {
         self.stats.attempt();
         let mut req = self
             .http
-            .request(method.clone(), url)
+            .request(method.clone(), url.clone())
             .header(AUTHORIZATION, auth.clone())
             .header("Version", super::API_VERSION)
             .header(ACCEPT, "application/json");

@@ -28,13 +28,14 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
 
-const MAX_ROW_GROUP_ROWS: usize = 32 * 1024;
+const MAX_ROW_GROUP_ROWS: usize = 16 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
 /// The writer holds a whole row group in memory until it closes; with wide contact rows that
 /// grew with the location up to the row limit. Closing the group once its buffered size passes
 /// this keeps memory flat, and still gives analytics-sized groups (thousands of contacts).
 const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
+const PAGE_BYTES: usize = 256 * 1024;
 /// Larger than the default 8 KiB so the encoder's many small writes turn into few syscalls.
 const WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -51,6 +52,10 @@ fn properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
         .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
         .set_max_row_group_bytes(Some(MAX_ROW_GROUP_BYTES))
         .set_dictionary_enabled(true)
+        // Every column keeps a page and a dictionary in memory while it is built; with ~40
+        // columns the default 1 MiB of each is most of the writer's memory.
+        .set_data_page_size_limit(PAGE_BYTES)
+        .set_dictionary_page_size_limit(PAGE_BYTES)
         .set_statistics_enabled(EnabledStatistics::Page)
         .build())
 }
