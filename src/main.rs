@@ -40,7 +40,7 @@ fn main() -> ExitCode {
 async fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Export(args) => cli::run_export(args, cli.quiet).await.map(|_| ()),
-        Command::Sim(args) => cli::run_sim(args).await,
+        Command::Sim(args) => cli::run_sim(args, cli.quiet).await,
         Command::Demo(args) => cli::run_demo(args, cli.quiet).await,
         Command::Import(args) => contacts_etl::import::cli::run(args, cli.quiet).await,
         Command::Auth(args) => contacts_etl::auth::cli::run(args, cli.quiet).await,

@@ -51,7 +51,8 @@ pub struct StatsSnapshot {
     pub network_errors: u64,
     pub malformed_bodies: u64,
     pub bytes_received: u64,
-    /// Total time requests spent waiting for the rate limiter (summed over tasks).
+    /// Time requests spent waiting for the rate limiter, summed over concurrent requests (so
+    /// it can exceed the run's wall time).
     pub limiter_wait_secs: f64,
 }
 

@@ -500,7 +500,7 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
 }
 
 /// Runs the simulator until Ctrl-C.
-pub async fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
+pub async fn run_sim(args: &SimArgs, quiet: bool) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
@@ -509,7 +509,9 @@ pub async fn run_sim(args: &SimArgs) -> anyhow::Result<()> {
     let locations = cfg.locations.join(", ");
     let sim = crate::sim::Sim::new(cfg);
     eprintln!("simulator listening on http://{addr} (locations: {locations}; any bearer token is accepted; Ctrl-C stops)");
-    eprintln!("try: HL_TOKEN=demo contacts-etl export --base-url http://{addr} --location {} --out ./sim-out", locations.split(", ").next().unwrap_or_default());
+    if !quiet {
+        eprintln!("try: HL_TOKEN=demo contacts-etl export --base-url http://{addr} --location {} --out ./sim-out", locations.split(", ").next().unwrap_or_default());
+    }
     crate::sim::serve(listener, sim, async {
         let _ = tokio::signal::ctrl_c().await;
     })
