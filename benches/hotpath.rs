@@ -20,11 +20,19 @@ fn median(mut v: Vec<Duration>) -> Duration {
 }
 
 fn main() {
-    let sim = Sim::new(SimConfig { contacts: CONTACTS, rate_limit: None, daily_quota: None, ..SimConfig::default() });
+    let sim = Sim::new(SimConfig {
+        contacts: CONTACTS,
+        rate_limit: None,
+        daily_quota: None,
+        ..SimConfig::default()
+    });
     let loc = sim.config().locations[0].clone();
     // Pages of 100 as the API sends them, then split into raw objects as the client does.
     let contacts = sim.contacts(&loc);
-    let pages: Vec<String> = contacts.chunks(100).map(|c| serde_json::json!({ "contacts": c, "meta": { "total": CONTACTS } }).to_string()).collect();
+    let pages: Vec<String> = contacts
+        .chunks(100)
+        .map(|c| serde_json::json!({ "contacts": c, "meta": { "total": CONTACTS } }).to_string())
+        .collect();
     let bytes: usize = pages.iter().map(String::len).sum();
 
     #[derive(serde::Deserialize)]
@@ -32,7 +40,10 @@ fn main() {
         #[serde(borrow)]
         contacts: Vec<&'a RawValue>,
     }
-    let ctx = RowContext { location_id: &loc, contact_id: None };
+    let ctx = RowContext {
+        location_id: &loc,
+        contact_id: None,
+    };
     let mut decode = Vec::new();
     let mut batches = Vec::new();
     for _ in 0..ROUNDS {
@@ -62,7 +73,8 @@ fn main() {
         let mut size = 0;
         for round in 0..ROUNDS {
             let start = Instant::now();
-            let mut part = open_part(&dir, format, Entity::Contacts, &loc, round as u32).expect("open a part");
+            let mut part =
+                open_part(&dir, format, Entity::Contacts, &loc, round as u32).expect("open a part");
             for b in &batches {
                 part.write(b).expect("write");
             }
@@ -70,7 +82,12 @@ fn main() {
             times.push(start.elapsed());
         }
         let d = median(times);
-        println!("Arrow batches -> {:<11}: {:>6.2} us/contact  ({:.1} MB file, fsync included)", format.extension(), per(d), size as f64 / 1e6);
+        println!(
+            "Arrow batches -> {:<11}: {:>6.2} us/contact  ({:.1} MB file, fsync included)",
+            format.extension(),
+            per(d),
+            size as f64 / 1e6
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -313,26 +313,78 @@ async fn shell_completions_are_printed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migration_pipeline_dry_runs_first_then_imports() {
     let location = "ve9EPM428h8vShlRW1KT";
-    let sim = TestSim::start(SimConfig { locations: vec![location.into()], ..fast_sim(0, 91) }).await;
+    let sim = TestSim::start(SimConfig {
+        locations: vec![location.into()],
+        ..fast_sim(0, 91)
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
-    for f in ["migration-import.toml", "legacy-contacts.csv", "legacy-mapping.toml"] {
+    for f in [
+        "migration-import.toml",
+        "legacy-contacts.csv",
+        "legacy-mapping.toml",
+    ] {
         std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
         std::fs::copy(shipped.join(f), dir.path().join("pipelines").join(f)).unwrap();
     }
     let file = dir.path().join("pipelines/migration-import.toml");
-    let envs = [("HL_BASE_URL".to_owned(), sim.base_url.clone()), ("HL_TOKEN".to_owned(), "t".to_owned())];
+    let envs = [
+        ("HL_BASE_URL".to_owned(), sim.base_url.clone()),
+        ("HL_TOKEN".to_owned(), "t".to_owned()),
+    ];
     let o = run_bin(&["run", file.to_str().unwrap()], &envs).await;
-    assert!(o.status.success(), "dry run: {}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-    assert!(sim.sim.contacts(location).is_empty(), "a dry run writes nothing");
+    assert!(
+        o.status.success(),
+        "dry run: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    assert!(
+        sim.sim.contacts(location).is_empty(),
+        "a dry run writes nothing"
+    );
 
-    let text = std::fs::read_to_string(&file).unwrap().replace("dry_run = true", "dry_run = false");
+    let text = std::fs::read_to_string(&file)
+        .unwrap()
+        .replace("dry_run = true", "dry_run = false");
     std::fs::write(&file, text).unwrap();
     let o = run_bin(&["run", file.to_str().unwrap()], &envs).await;
-    assert!(o.status.success(), "import: {}\n{}", String::from_utf8_lossy(&o.stdout), stderr(&o));
-    let emails: std::collections::BTreeSet<String> = sim.sim.contacts(location).iter().filter_map(|c| c["email"].as_str().map(str::to_owned)).collect();
-    assert_eq!(emails, ["ada@example.com", "grace@example.com"].map(String::from).into_iter().collect());
-    let grace = sim.sim.contacts(location).into_iter().find(|c| c["email"] == "grace@example.com").unwrap();
-    assert_eq!(grace["address1"], "1 Cobol Way\r\nSuite 2", "quoted newline kept");
-    assert!(grace["tags"].as_array().unwrap().iter().any(|t| t == "legacy-crm"), "mapping tags added: {grace}");
+    assert!(
+        o.status.success(),
+        "import: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
+    let emails: std::collections::BTreeSet<String> = sim
+        .sim
+        .contacts(location)
+        .iter()
+        .filter_map(|c| c["email"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        emails,
+        ["ada@example.com", "grace@example.com"]
+            .map(String::from)
+            .into_iter()
+            .collect()
+    );
+    let grace = sim
+        .sim
+        .contacts(location)
+        .into_iter()
+        .find(|c| c["email"] == "grace@example.com")
+        .unwrap();
+    assert_eq!(
+        grace["address1"], "1 Cobol Way\r\nSuite 2",
+        "quoted newline kept"
+    );
+    assert!(
+        grace["tags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "legacy-crm"),
+        "mapping tags added: {grace}"
+    );
 }

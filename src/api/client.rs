@@ -125,9 +125,8 @@ pub struct BusinessPage {
 #[derive(Debug)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
-    /// `base`, parsed once: each request only sets its path and query (no re-parsing of the
-    /// host on the hot path).
+    /// The checked base URL, parsed once: each request only sets its path and query (no
+    /// re-parsing of the host on the hot path).
     base_url: reqwest::Url,
     auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
@@ -143,6 +142,20 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Whether a URL's host is a loopback address (`localhost`, 127.0.0.0/8, `::1`): the only
+/// place a token may travel over plain http.
+pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
+    let host = url
+        .host_str()
+        .unwrap_or("")
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Checks the base URL and returns it without a trailing slash.
 fn checked_base(url: &str) -> Result<String, ClientBuildError> {
     let parsed = reqwest::Url::parse(url)
@@ -150,16 +163,7 @@ fn checked_base(url: &str) -> Result<String, ClientBuildError> {
     match parsed.scheme() {
         "https" => {}
         "http" => {
-            let host = parsed
-                .host_str()
-                .unwrap_or("")
-                .trim_start_matches('[')
-                .trim_end_matches(']');
-            let loopback = host.eq_ignore_ascii_case("localhost")
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|ip| ip.is_loopback());
-            if !loopback {
+            if !is_loopback(&parsed) {
                 return Err(ClientBuildError::InsecureUrl(url.into()));
             }
         }
@@ -268,7 +272,6 @@ impl Client {
             http,
             base_url: reqwest::Url::parse(&base)
                 .map_err(|e| ClientBuildError::BadUrl(base.clone(), e.to_string()))?,
-            base,
             auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),

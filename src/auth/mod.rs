@@ -34,6 +34,7 @@ mod store;
 use std::path::PathBuf;
 
 pub use login::{LoginRequest, PendingLogin, DEFAULT_AUTHORIZE_URL};
+pub(crate) use oauth::decode as form_decode;
 pub use oauth::{Clock, InstalledLocation, ManualClock, OAuthApp, SystemClock, TokenReply};
 pub use source::{
     token_source_from_store, LocationTokenSource, OAuthProvider, OAuthSettings, OAuthTokenSource,

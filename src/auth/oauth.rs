@@ -451,15 +451,7 @@ fn error_message(bytes: &[u8], status: u16) -> (String, Option<String>) {
 pub(crate) fn checked_base(url: &str) -> Result<String, AuthError> {
     let parsed = reqwest::Url::parse(url)
         .map_err(|e| AuthError::Config(format!("invalid URL '{url}': {e}")))?;
-    let host = parsed
-        .host_str()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    let loopback = host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback());
+    let loopback = crate::api::is_loopback(&parsed);
     match parsed.scheme() {
         "https" => {}
         "http" if loopback => {}
