@@ -153,10 +153,10 @@ pub fn location_contacts(
         }
         st.prev_page_ids = this_ids;
 
-        // An explicit `nextPage: null` ends the listing; without it, a short page does.
-        let last_page = fetched == 0
-            || matches!(meta.next_page, Some(serde_json::Value::Null))
-            || (meta.next_page.is_none() && fetched < st.page_size as usize);
+        // An explicit `nextPage: null` ends the listing; without one, only an empty page
+        // does (a server may cap `limit` below what was asked, so a short page proves
+        // nothing; the cost is one more request at the end).
+        let last_page = fetched == 0 || matches!(meta.next_page, Some(serde_json::Value::Null));
         let next = if last_page {
             None
         } else {
@@ -228,6 +228,8 @@ struct BusinessState {
     location: String,
     business: String,
     index: usize,
+    /// The last business of the export: its end is the end of the listing.
+    last: bool,
     page_size: u32,
     skip: u64,
     /// Offset paging can repeat ids when the listing shifts; a business is small enough to
@@ -244,6 +246,7 @@ pub fn business_contacts(
     location_id: String,
     business_id: String,
     index: usize,
+    last: bool,
     skip: u64,
     page_size: u32,
 ) -> impl Stream<Item = Result<Page, ExtractError>> {
@@ -252,6 +255,7 @@ pub fn business_contacts(
         location: location_id,
         business: business_id,
         index,
+        last,
         page_size: page_size.clamp(1, 100),
         skip,
         seen: HashSet::new(),
@@ -268,13 +272,23 @@ pub fn business_contacts(
         let fetched = page.contacts.len() as u64;
         st.skip += fetched;
         let total = page.count.map(|c| c as u64);
-        st.done = fetched == 0 || total.map_or(fetched < u64::from(st.page_size), |t| st.skip >= t);
+        // Without a `count`, only an empty page ends the listing (the limit may be capped).
+        st.done = fetched == 0 || total.is_some_and(|t| st.skip >= t);
         let mut contacts = page.contacts;
         contacts.retain(|c| ContactHead::of(c).id.is_none_or(|id| st.seen.insert(id)));
-        let next = (!st.done).then_some(Position::Business {
-            index: st.index,
-            skip: st.skip,
-        });
+        // The end of a business that is not the last continues at the next business: `None`
+        // is kept for the end of the whole listing.
+        let next = match (st.done, st.last) {
+            (false, _) => Some(Position::Business {
+                index: st.index,
+                skip: st.skip,
+            }),
+            (true, false) => Some(Position::Business {
+                index: st.index + 1,
+                skip: 0,
+            }),
+            (true, true) => None,
+        };
         Ok(Some((
             Page {
                 contacts,

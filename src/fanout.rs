@@ -134,7 +134,15 @@ pub async fn fetch_children(
             return Ok(Vec::new());
         }
         match fut.await {
-            Err(e) if e.kind() == ErrorKind::NotFound => {
+            // The API's answer for a contact deleted since it was listed: "Contact with id …
+            // not found" (a 400). Any other "not found" (a 404 from a proxy, a moved route)
+            // is an error, not an empty list.
+            Err(e)
+                if e.kind() == ErrorKind::NotFound
+                    && e.to_string()
+                        .to_ascii_lowercase()
+                        .contains("contact with id") =>
+            {
                 tracing::debug!(error = %e, "contact vanished during the export; no children");
                 Ok(Vec::new())
             }

@@ -109,7 +109,7 @@ async fn contacts_repeated_across_a_page_boundary_are_emitted_once() {
 }
 
 #[tokio::test]
-async fn a_missing_meta_falls_back_to_the_last_contact_and_a_short_page() {
+async fn a_missing_meta_falls_back_to_the_last_contact_and_pages_to_an_empty_page() {
     let all: Arc<Vec<Value>> = Arc::new(
         (0..230)
             .map(|i| contact(i, 1_700_000_000_000 - i as i64))
@@ -141,5 +141,43 @@ async fn a_missing_meta_falls_back_to_the_last_contact_and_a_short_page() {
         .await
         .unwrap();
     assert_eq!(pages.iter().map(|p| p.contacts.len()).sum::<usize>(), 230);
-    assert_eq!(pages.len(), 3);
+    // Without `meta.nextPage`, a short page proves nothing (the server may cap the limit):
+    // the listing ends on the empty page after it.
+    assert_eq!(pages.len(), 4);
+    assert!(pages[3].contacts.is_empty());
+}
+
+#[tokio::test]
+async fn a_server_capping_the_page_size_without_meta_still_yields_every_contact() {
+    let all: Arc<Vec<Value>> = Arc::new(
+        (0..230)
+            .map(|i| contact(i, 1_700_000_000_000 - i as i64))
+            .collect(),
+    );
+    let router = Router::new()
+        .route(
+            "/contacts/",
+            get(
+                |State(all): State<Arc<Vec<Value>>>,
+                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let start = match q.get("startAfterId") {
+                        Some(id) => all
+                            .iter()
+                            .position(|c| c["id"] == *id)
+                            .map_or(all.len(), |p| p + 1),
+                        None => 0,
+                    };
+                    // Asked for 100, answers 20: a short page that is not the last.
+                    let page: Vec<Value> = all.iter().skip(start).take(20).cloned().collect();
+                    Json(json!({ "contacts": page, "count": page.len() }))
+                },
+            ),
+        )
+        .with_state(all.clone());
+    let base = serve(router).await;
+    let pages: Vec<_> = extract::location_contacts(client(base), "L".into(), None, 100)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(pages.iter().map(|p| p.contacts.len()).sum::<usize>(), 230);
 }

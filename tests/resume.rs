@@ -310,3 +310,46 @@ fn read_parquet_ids(out: &Path, entity: &str, loc: &str) -> std::collections::BT
     }
     ids
 }
+
+/// Regression: a budget running out on the listing's last page used to stop the run with a
+/// checkpoint that meant "start over", and the resumed run exported everything twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_spent_on_the_last_page_finishes_instead_of_starting_over() {
+    use contacts_etl::export::{self, Budget, ExportPlan, Progress};
+    let sim = TestSim::start(fast_sim(250, 33)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut plan = ExportPlan::new(
+        sim.location(),
+        contacts_etl::sink::Format::Parquet,
+        dir.path(),
+    );
+    plan.window = 1; // no lookahead: the budget is checked exactly at each page end
+                     // 3 list pages + 750 child requests; page 2 ends near 602, page 3 (the last) at 753.
+    plan.budget = Budget {
+        max_requests: Some(700),
+        reserve: 0.05,
+    };
+    let first = export::run(
+        sim.client(None, 4),
+        &plan,
+        std::sync::Arc::new(Progress::default()),
+    )
+    .await;
+    let m =
+        first.expect("the run finishes: only the finishing steps remained when the budget ran out");
+    assert_eq!(m.entities["contacts"].rows, 250);
+    assert_exactly_the_truth(dir.path(), &sim);
+    plan.budget = Budget::default();
+    let again = export::run(
+        sim.client(None, 4),
+        &plan,
+        std::sync::Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        again.entities["contacts"].rows, 250,
+        "a finished run's rerun starts afresh, once"
+    );
+    assert_exactly_the_truth(dir.path(), &sim);
+}

@@ -117,7 +117,7 @@ pub struct ContactsPage {
 #[derive(Debug, Deserialize)]
 pub struct BusinessPage {
     pub contacts: Vec<Box<RawValue>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::models::lenient_number")]
     pub count: Option<f64>,
 }
 

@@ -55,14 +55,40 @@ pub struct Note {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ListMeta {
+    #[serde(default, deserialize_with = "lenient_number")]
     pub total: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_text")]
     pub next_page_url: Option<String>,
+    #[serde(default, deserialize_with = "lenient_text")]
     pub start_after_id: Option<String>,
+    #[serde(default, deserialize_with = "lenient_number")]
     pub start_after: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_number")]
     pub current_page: Option<f64>,
     /// `None` when absent, `Some(Null)` when explicitly null (the last page).
     #[serde(default, deserialize_with = "present")]
     pub next_page: Option<Value>,
+}
+
+/// A number, or a string holding one; anything else is `None`. A `meta` field of another type
+/// must not make a whole page unreadable.
+pub(crate) fn lenient_number<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<f64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// A string, or a number written as text; anything else is `None`.
+fn lenient_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
 }
 
 /// Deserialises a field that is present (even as `null`) as `Some`.
@@ -106,6 +132,15 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn meta_fields_of_unexpected_types_do_not_break_the_page() {
+        let m: ListMeta = serde_json::from_str(r#"{"total":"1990","startAfter":"1751320500532","startAfterId":12,"currentPage":{"x":1}}"#).unwrap();
+        assert_eq!(m.total, Some(1990.0));
+        assert_eq!(m.start_after, Some(1_751_320_500_532.0));
+        assert_eq!(m.start_after_id.as_deref(), Some("12"));
+        assert_eq!(m.current_page, None);
+    }
 
     #[test]
     fn next_page_tells_absent_from_null() {

@@ -39,7 +39,8 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<ExportError>() {
             return match e {
                 ExportError::QuotaStop { .. } => QUOTA,
-                ExportError::CheckpointMismatch { .. } => USAGE,
+                ExportError::CheckpointMismatch { .. } | ExportError::Unsupported(_) => USAGE,
+                ExportError::Sink(crate::sink::SinkError::UnsafeLocationId { .. }) => USAGE,
                 ExportError::Extract(_) => e.api().map_or(API, api_code),
                 _ => FAILURE,
             };

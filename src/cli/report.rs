@@ -107,7 +107,7 @@ impl RunReport {
             manifest: result
                 .as_ref()
                 .ok()
-                .map(|_| plan.out.join(crate::export::MANIFEST).display().to_string()),
+                .map(|_| plan.manifest_path().display().to_string()),
             rows,
             contacts_listed: listed,
             rate_limit_share: quota

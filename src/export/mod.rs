@@ -229,6 +229,9 @@ pub enum ExportError {
     QuotaStop { reason: String, contacts: u64 },
     #[error("the writer thread stopped unexpectedly")]
     WriterLost,
+    /// Settings or a situation the export refuses (a usage error).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl ExportError {
@@ -255,16 +258,25 @@ pub async fn run(
     plan: &ExportPlan,
     progress: Arc<Progress>,
 ) -> Result<Manifest, ExportError> {
+    // The location id becomes a directory name: refuse one that could leave OUT.
+    Partition::location(&plan.location_id).check()?;
+    if plan.incremental.is_some() && !plan.businesses.is_empty() {
+        return Err(ExportError::Unsupported("--incremental covers a whole location; it cannot be combined with --business (the state would mark every other contact deleted)".into()));
+    }
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
+    // Two runs on one OUT and location would delete each other's parts: one at a time.
+    let _lock = crate::pipeline::lock::RunLock::acquire(&state_dir.join("export.lock"))
+        .map_err(|e| ExportError::Unsupported(e.to_string()))?;
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
-    let ck = begin(plan, &ck_path, &seen_path)?;
-    progress.resumed_from.store(ck.contacts_listed, Relaxed);
+    // The manifest means "complete": it goes before anything else changes.
     let manifest_path = plan.manifest_path();
     if manifest_path.exists() {
         std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
     }
+    let ck = begin(plan, &ck_path, &seen_path)?;
+    progress.resumed_from.store(ck.contacts_listed, Relaxed);
 
     let prev = match &plan.incremental {
         Some(inc) if !inc.full_refresh => {
@@ -306,7 +318,15 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
             "removed temporary files left by an interrupted run"
         );
     }
-    if let Some(mut ck) = checkpoint::load(ck_path)? {
+    // With --restart even a damaged checkpoint is simply replaced.
+    let loaded = match checkpoint::load(ck_path) {
+        Err(e) if plan.restart => {
+            tracing::warn!(error = %e, "--restart: replacing an unreadable checkpoint");
+            None
+        }
+        other => other?,
+    };
+    if let Some(mut ck) = loaded {
         if !ck.complete && !plan.restart {
             if let Some(why) = settings.mismatch(&ck.settings) {
                 return Err(ExportError::CheckpointMismatch {
@@ -427,13 +447,15 @@ async fn stream(
             }
             Some(Ok(item)) => {
                 let page_end = matches!(item, Item::PageEnd { .. });
+                // After the last page only the finishing steps remain: never stop there.
+                let last_page = matches!(item, Item::PageEnd { next: None, .. });
                 if !page_end {
                     progress.contacts.fetch_add(1, Relaxed);
                 }
                 if tx.send(writer::Msg::Item(item)).await.is_err() {
                     break; // the writer failed; its error is collected below
                 }
-                if page_end {
+                if page_end && !last_page {
                     if let Some(reason) = plan.budget.exhausted(&client) {
                         failure = Some(reason);
                         break;
@@ -587,12 +609,14 @@ fn listing(
             .enumerate()
             .skip(first)
             .collect();
+        let count = plan.businesses.len();
         Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| {
             extract::business_contacts(
                 client.clone(),
                 loc.clone(),
                 b,
                 i,
+                i + 1 == count,
                 if i == first { skip } else { 0 },
                 size,
             )

@@ -61,6 +61,8 @@ struct Writer {
     position: Option<Position>,
     contacts_in_part: u64,
     last_commit: Instant,
+    /// The last page of the listing has been received and written to the builders.
+    listing_finished: bool,
 }
 
 /// Starts the writer thread from a saved checkpoint. Send items, then `Finish`; join for the
@@ -125,6 +127,7 @@ impl Writer {
             position,
             contacts_in_part: 0,
             last_commit: Instant::now(),
+            listing_finished: false,
         }
     }
 
@@ -135,6 +138,9 @@ impl Writer {
                 for unit in std::mem::take(&mut self.pending) {
                     self.write_contact(&unit)?;
                 }
+                // A page end without a next position is the end of the listing: from here on
+                // every commit says so, or a resume would start the listing over.
+                self.listing_finished |= next.is_none();
                 self.position = next;
                 let due = self.contacts_in_part >= self.cfg.part_contacts
                     || self.last_commit.elapsed() >= self.cfg.commit_interval;
@@ -230,6 +236,7 @@ impl Writer {
     /// Completes the open parts, then records them and the listing position in the
     /// checkpoint. When the listing is done, every entity without a file gets an empty part.
     fn commit(&mut self, listing_done: bool) -> Result<(), ExportError> {
+        let listing_done = listing_done || self.listing_finished;
         let mut wrote = false;
         for i in 0..self.slots.len() {
             self.flush(i)?;

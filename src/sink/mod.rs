@@ -137,7 +137,8 @@ impl Partition {
         }
     }
 
-    fn check(&self) -> Result<(), SinkError> {
+    /// Refuses a location id or date that is not safe as a directory name.
+    pub(crate) fn check(&self) -> Result<(), SinkError> {
         check_location_id(&self.location_id)?;
         if let Some(d) = &self.export_date {
             if d.len() != 10 || !d.bytes().all(|b| b.is_ascii_digit() || b == b'-') {
