@@ -359,6 +359,14 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         }
         if !ck.complete {
             tracing::info!(location = %plan.location_id, "--restart: discarding the unfinished export in {}", ck_path.display());
+            // Its parts may sit in another day's partition: they go too.
+            if ck.export_date != plan.export_date {
+                let old = Partition {
+                    export_date: ck.export_date.clone(),
+                    location_id: plan.location_id.clone(),
+                };
+                remove_parts(&plan.out, &old, |_| true)?;
+            }
         }
     }
     let partition = Partition {
