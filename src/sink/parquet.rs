@@ -3,10 +3,10 @@
 //! Settings, and why:
 //! - **zstd level 3**: close to the best ratio for this kind of text-heavy data at a fraction
 //!   of the CPU of higher levels; every common reader supports it.
-//! - **Row groups of up to 128Ki rows or 128 MiB** (whichever comes first): large enough for
-//!   column statistics and scans to pay off, small enough that the writer's buffered row group
-//!   stays bounded when a contact row is large. The caller hands in ~8k-row batches; the writer
-//!   accumulates them.
+//! - **Row groups of up to 16Ki rows** (or 128 MiB), with 256 KiB pages: large enough for
+//!   column statistics and scans to pay off, small enough that the row group the writer holds
+//!   in memory keeps the exporter's memory flat (BENCHMARKS.md has the figures). The caller
+//!   hands in ~8k-row batches; the writer accumulates them.
 //! - **Dictionary encoding** (the default, kept on) for strings: ids, tags, types, sources and
 //!   owner ids repeat a lot.
 //! - **Page-level statistics** (the default) so engines can skip pages on `dateAdded` etc.
