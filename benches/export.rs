@@ -104,6 +104,38 @@ fn main() -> ExitCode {
         println!("{}", Detail::from(m).markdown());
     }
     notes.extend(cross_checks(&measured));
+    let wants_sim_alone = opts
+        .filter
+        .as_ref()
+        .is_none_or(|f| "simulator alone".contains(f.as_str()));
+    let mut sim_alone = None;
+    if wants_sim_alone {
+        eprintln!("bench: simulator alone ...");
+        match SimAlone::measure(ticks) {
+            Ok(a) => sim_alone = Some(a),
+            Err(err) => {
+                failed += 1;
+                notes.push(format!("simulator alone: FAILED: {err:#}"));
+            }
+        }
+    }
+    if let Some(a) = &sim_alone {
+        println!();
+        println!("{}", SimAlone::HEADER);
+        println!("{}", SimAlone::RULE);
+        println!("{}", a.markdown());
+        println!();
+        println!("{}", a.verdict(&measured));
+    }
+    let goals = goals(&measured);
+    if !goals.is_empty() {
+        println!();
+        println!("Goals:");
+        println!();
+        for g in &goals {
+            println!("- {g}");
+        }
+    }
     if !notes.is_empty() {
         println!();
         for note in &notes {
@@ -256,31 +288,32 @@ fn suite(size: Size) -> Vec<Scenario> {
             client: unlimited(Format::Parquet, CHILDREN),
             timeout: Duration::from_secs(900),
         });
-    }
-    s.push(Scenario {
-        name: "list-only 10k",
-        contacts: 10_000,
-        server_limit: None,
-        client: unlimited(Format::Parquet, "none"),
-        timeout: Duration::from_secs(300),
-    });
-    if !quick {
         s.push(Scenario {
-            name: "list-only 100k",
+            name: "throughput 100k csv",
             contacts: 100_000,
             server_limit: None,
-            client: unlimited(Format::Parquet, "none"),
-            timeout: Duration::from_secs(600),
+            client: unlimited(Format::Csv, CHILDREN),
+            timeout: Duration::from_secs(900),
         });
     }
+    // List-only runs at growing sizes, in both formats: the memory-flatness goal compares them.
+    let mut list_sizes = vec![("10k", 10_000, 300)];
+    if !quick {
+        list_sizes.push(("100k", 100_000, 600));
+    }
     if size == Size::Full {
-        s.push(Scenario {
-            name: "list-only 1M",
-            contacts: 1_000_000,
-            server_limit: None,
-            client: unlimited(Format::Parquet, "none"),
-            timeout: Duration::from_secs(1800),
-        });
+        list_sizes.push(("1M", 1_000_000, 1800));
+    }
+    for (format, suffix) in [(Format::Parquet, ""), (Format::Csv, " csv")] {
+        for &(label, contacts, timeout) in &list_sizes {
+            s.push(Scenario {
+                name: leak(format!("list-only {label}{suffix}")),
+                contacts,
+                server_limit: None,
+                client: unlimited(format, "none"),
+                timeout: Duration::from_secs(timeout),
+            });
+        }
     }
     s.push(Scenario {
         name: "rate limit 1000/10s",
@@ -317,6 +350,11 @@ fn suite(size: Size) -> Vec<Scenario> {
         timeout: Duration::from_secs(900),
     });
     s
+}
+
+/// Scenario names are built once per run and live as long as it.
+fn leak(name: String) -> &'static str {
+    Box::leak(name.into_boxed_str())
 }
 
 /// What one scenario measured.
@@ -651,13 +689,15 @@ fn listen_addr(line: &str) -> Option<String> {
     Some(addr.trim_end_matches('/').to_owned())
 }
 
-/// A bare HTTP/1.1 GET, enough for the simulator's admin endpoint.
+/// A bare HTTP/1.1 GET (with the API's headers), enough for the simulator's admin endpoint
+/// and a first page of contacts.
 fn http_get(addr: &str, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer bench\r\n\
+         Version: 2021-07-28\r\nConnection: close\r\n\r\n"
     )?;
     let mut reply = String::new();
     stream
@@ -758,7 +798,7 @@ struct Row {
 impl Row {
     const HEADER: &'static str =
         "| scenario | contacts | format | wall s | contacts/s | requests/s \
-        | client CPU s per 1k contacts | client peak RSS MB | sim CPU s | retries | 429s \
+        | client CPU s per 10k contacts | client peak RSS MB | sim CPU s | retries | 429s \
         | share of limit used |";
     const RULE: &'static str = "|---|--:|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|";
 
@@ -780,7 +820,7 @@ impl From<&Measured> for Row {
                 format!("{:.2}", m.wall),
                 format!("{:.0}", m.contacts as f64 / m.wall),
                 format!("{:.0}", m.served_ok() as f64 / m.wall),
-                format!("{:.3}", m.client_cpu / (m.contacts.max(1) as f64 / 1000.0)),
+                format!("{:.2}", cpu_per_10k(m)),
                 format!("{:.1}", m.client_rss as f64 / MIB),
                 format!("{:.2}", m.sim_cpu),
                 m.retries.to_string(),
@@ -879,6 +919,11 @@ fn bound_by(paced: bool, client_cores: f64, sim_cores: f64) -> String {
     }
 }
 
+/// Client CPU seconds per 10,000 contacts exported.
+fn cpu_per_10k(m: &Measured) -> f64 {
+    m.client_cpu / (m.contacts.max(1) as f64 / 10_000.0)
+}
+
 fn pct(x: f64) -> String {
     format!("{:.1}%", 100.0 * x)
 }
@@ -916,4 +961,247 @@ fn cross_checks(measured: &[Measured]) -> Vec<String> {
         }
     }
     notes
+}
+
+/// The simulator served alone, by a load generator far cheaper per request than any real
+/// client: how many requests per second it can serve, and its CPU per request. Compared with
+/// the exporter's CPU per request, it says which side limits an unlimited run.
+struct SimAlone {
+    threads: usize,
+    secs: f64,
+    requests: u64,
+    sim_cpu: f64,
+    load_cpu: f64,
+}
+
+impl SimAlone {
+    const HEADER: &'static str = "| simulator alone | load threads | seconds | requests/s \
+        | sim cores | sim CPU µs per request |";
+    const RULE: &'static str = "|---|--:|--:|--:|--:|--:|";
+    const THREADS: usize = 8;
+    const DURATION: Duration = Duration::from_secs(5);
+
+    /// Child-list requests (`/tasks`, `/notes`, `/appointments` of listed contacts) over
+    /// keep-alive connections, for a few seconds, against a 10k-contact simulator.
+    fn measure(ticks: f64) -> Result<SimAlone> {
+        let sim = Sim::start(10_000, None)?;
+        let page = http_get(
+            &sim.addr,
+            &format!("/contacts/?locationId={LOCATION}&limit=100"),
+        )?;
+        let page: Value = serde_json::from_str(&page).context("parsing the first page")?;
+        let ids: Vec<String> = page["contacts"]
+            .as_array()
+            .context("the first page has no contacts")?
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .collect();
+        if ids.is_empty() {
+            bail!("the simulator listed no contacts");
+        }
+        let cpu_before = proc_cpu_secs(sim.pid(), ticks)?;
+        let self_before = self_cpu_secs(ticks)?;
+        let start = Instant::now();
+        let deadline = start + Self::DURATION;
+        let workers: Vec<_> = (0..Self::THREADS)
+            .map(|t| {
+                let addr = sim.addr.clone();
+                let ids = ids.clone();
+                thread::spawn(move || load(&addr, &ids, t, deadline))
+            })
+            .collect();
+        let mut requests = 0;
+        for w in workers {
+            requests += w.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+        }
+        let secs = start.elapsed().as_secs_f64();
+        Ok(SimAlone {
+            threads: Self::THREADS,
+            secs,
+            requests,
+            sim_cpu: proc_cpu_secs(sim.pid(), ticks)? - cpu_before,
+            load_cpu: self_cpu_secs(ticks)? - self_before,
+        })
+    }
+
+    fn sim_us_per_request(&self) -> f64 {
+        1e6 * self.sim_cpu / self.requests.max(1) as f64
+    }
+
+    fn markdown(&self) -> String {
+        format!(
+            "| child lists, keep-alive | {} | {:.1} | {:.0} | {:.2} | {:.1} |",
+            self.threads,
+            self.secs,
+            self.requests as f64 / self.secs,
+            self.sim_cpu / self.secs,
+            self.sim_us_per_request()
+        )
+    }
+
+    /// Which side limits an unlimited export: CPU per request on each side.
+    fn verdict(&self, measured: &[Measured]) -> String {
+        let sim_us = self.sim_us_per_request();
+        let mut line = format!(
+            "The simulator spends {sim_us:.1} µs of CPU per request (so one core serves about \
+             {:.0} requests/s; the load generator itself used {:.2} cores).",
+            1e6 / sim_us,
+            self.load_cpu / self.secs
+        );
+        if let Some(m) = measured.iter().find(|m| m.name == "throughput 10k") {
+            let client_us = 1e6 * m.client_cpu / m.server.requests.max(1) as f64;
+            let side = if client_us > sim_us {
+                "the exporter, not the simulator, limits an unlimited run"
+            } else {
+                "the simulator limits an unlimited run"
+            };
+            line.push_str(&format!(
+                " In throughput 10k the exporter spent {client_us:.1} µs per request: {side}."
+            ));
+        }
+        line
+    }
+}
+
+/// One load thread: GETs round-robin over ids and child kinds on one keep-alive
+/// connection until the deadline; returns the requests answered with 200.
+fn load(addr: &str, ids: &[String], seed: usize, deadline: Instant) -> Result<u64> {
+    const KINDS: [&str; 3] = ["tasks", "notes", "appointments"];
+    let stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut writer = stream;
+    let mut n = 0u64;
+    let mut i = seed;
+    let mut body = Vec::new();
+    while Instant::now() < deadline {
+        let id = &ids[i % ids.len()];
+        let kind = KINDS[i % KINDS.len()];
+        i += 7;
+        write!(
+            writer,
+            "GET /contacts/{id}/{kind} HTTP/1.1\r\nHost: {addr}\r\n\
+             Authorization: Bearer bench\r\nVersion: 2021-07-28\r\n\r\n"
+        )?;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let mut length = None;
+        loop {
+            let mut header = String::new();
+            reader.read_line(&mut header)?;
+            let header = header.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let length = length.context("a reply without Content-Length")?;
+        body.resize(length, 0);
+        reader.read_exact(&mut body)?;
+        if !status.contains(" 200 ") {
+            bail!("GET /contacts/{id}/{kind}: {}", status.trim_end());
+        }
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// This process's own user plus system CPU seconds.
+fn self_cpu_secs(ticks: f64) -> Result<f64> {
+    proc_cpu_secs(std::process::id(), ticks)
+}
+
+/// The issue's goals, each checked against this run's own figures. A goal whose scenarios
+/// did not run (a filter, `--quick`) is left out.
+fn goals(measured: &[Measured]) -> Vec<String> {
+    let find = |name: &str| measured.iter().find(|m| m.name == name);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut out = Vec::new();
+
+    for suffix in ["", " csv"] {
+        let lists: Vec<&Measured> = ["10k", "100k", "1M"]
+            .iter()
+            .filter_map(|size| find(&format!("list-only {size}{suffix}")))
+            .collect();
+        if let (Some(first), Some(last)) = (lists.first(), lists.last()) {
+            if lists.len() > 1 {
+                let growth = last.client_rss as f64 / first.client_rss.max(1) as f64 - 1.0;
+                out.push(format!(
+                    "flat memory ({}): peak RSS {:.1} MB at {} contacts, {:.1} MB at {}: {:+.1}% \
+                     (goal: within 20%): {}",
+                    first.format,
+                    first.client_rss as f64 / MIB,
+                    first.contacts,
+                    last.client_rss as f64 / MIB,
+                    last.contacts,
+                    100.0 * growth,
+                    verdict(growth.abs() <= 0.20)
+                ));
+            }
+        }
+    }
+    if let Some(max) = measured
+        .iter()
+        .filter(|m| !m.name.starts_with("python"))
+        .max_by_key(|m| m.client_rss)
+    {
+        out.push(format!(
+            "memory under 150 MB with default settings: highest peak {:.1} MB ({}): {}",
+            max.client_rss as f64 / MIB,
+            max.name,
+            verdict((max.client_rss as f64) < 150.0 * MIB)
+        ));
+    }
+    if let Some(m) = find("rate limit 1000/10s") {
+        if let Some(l) = m.server_limit {
+            let share = m.served_ok() as f64 / (l.per_sec() * m.wall);
+            out.push(format!(
+                "rate limit: {} of the limit over {:.0} s with {} 429s (goal: at least 97%, no \
+                 429s): {}",
+                pct(share),
+                m.wall,
+                m.server.rate_limited,
+                verdict(share >= 0.97 && m.server.rate_limited == 0)
+            ));
+        }
+    }
+    if let Some(m) = find("stricter server (client 2000/10s)") {
+        let first_429 = m.first_window.map_or(0, |f| f.rate_limited);
+        let after_requests = m
+            .server
+            .requests
+            .saturating_sub(m.first_window.map_or(0, |f| f.requests));
+        let after_429 = m.server.rate_limited.saturating_sub(first_429);
+        let share = after_429 as f64 / after_requests.max(1) as f64;
+        out.push(format!(
+            "stricter server: {} 429s after the first window ({after_429} of {after_requests}), \
+             every row written (goal: under 1%, no lost rows): {}",
+            pct(share),
+            verdict(share < 0.01 && m.contacts > 0)
+        ));
+    }
+    if let (Some(rust), Some(py)) = (find("throughput 10k"), find("python baseline 10k")) {
+        let ratio = cpu_per_10k(py) / cpu_per_10k(rust).max(1e-9);
+        let speed = (rust.contacts as f64 / rust.wall) / (py.contacts as f64 / py.wall);
+        out.push(format!(
+            "CPU against the Python baseline: {:.2} vs {:.2} CPU s per 10k contacts, {ratio:.1}× \
+             less (goal: at least 10×): {}",
+            cpu_per_10k(rust),
+            cpu_per_10k(py),
+            verdict(ratio >= 10.0)
+        ));
+        out.push(format!(
+            "throughput against the Python baseline: {:.0} vs {:.0} contacts/s, {speed:.1}× \
+             (goal: at least 1×): {}",
+            rust.contacts as f64 / rust.wall,
+            py.contacts as f64 / py.wall,
+            verdict(speed >= 1.0)
+        ));
+    }
+    out
 }

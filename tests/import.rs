@@ -573,6 +573,53 @@ async fn duplicates_update_without_replacing_tags_and_undo_deletes_only_created_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
+    let sim = TestSim::start(fast_sim(10, 6)).await;
+    let loc = sim.location();
+    let contacts = sim.sim.contacts(&loc);
+    let ids: Vec<String> = contacts
+        .iter()
+        .take(3)
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    let before: Vec<Vec<serde_json::Value>> = ids.iter().map(|id| sim.sim.notes(id)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("notes.csv");
+    let mut text = String::from("contactId,body\n");
+    for (i, id) in ids.iter().enumerate() {
+        text.push_str(&format!("{id},\"imported note {i}, with a comma\"\n"));
+    }
+    std::fs::write(&input, text).unwrap();
+    let mut src = SourceOptions::new(input);
+    src.journal = dir.path().join("notes.journal");
+    src.rejects = dir.path().join("notes.rejects.csv");
+    let opts = ChildImportOptions {
+        entity: Entity::Notes,
+        location_id: loc.clone(),
+        source: src,
+        id_map: None,
+    };
+    let client = sim.client(None, 4);
+    let r = import::import_children(client.clone(), &opts).await.unwrap();
+    assert_eq!(r.created, 3, "{}", r.render());
+    for (id, old) in ids.iter().zip(&before) {
+        assert_eq!(sim.sim.notes(id).len(), old.len() + 1);
+    }
+
+    let undo = import::undo(&client, &dir.path().join("notes.journal"), 4)
+        .await
+        .unwrap();
+    assert_eq!((undo.deleted, undo.failed), (3, 0), "{}", undo.render());
+    for (id, old) in ids.iter().zip(&before) {
+        assert_eq!(&sim.sim.notes(id), old, "only the imported note of {id} is gone");
+    }
+    let again = import::undo(&client, &dir.path().join("notes.journal"), 4)
+        .await
+        .unwrap();
+    assert_eq!((again.deleted, again.failed), (0, 0), "{}", again.render());
+}
+
 /// A tiny deterministic generator for the kill test's timings.
 struct Lcg(u64);
 impl Lcg {

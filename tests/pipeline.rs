@@ -192,9 +192,9 @@ async fn overlapping_runs_of_one_pipeline_are_refused() {
         ],
     )
     .await;
-    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert_eq!(o.status.code(), Some(8), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("another run of this pipeline is in progress"),
+        stderr(&o).contains("another run is in progress"),
         "{}",
         stderr(&o)
     );

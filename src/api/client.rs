@@ -542,6 +542,20 @@ impl Client {
         Ok(())
     }
 
+    /// `DELETE /contacts/:id/notes/:noteId`.
+    pub async fn delete_note(&self, contact_id: &str, note_id: &str) -> Result<(), ApiError> {
+        let path = format!("/contacts/{}/notes/{}", enc(contact_id), enc(note_id));
+        let _: Ignored = self
+            .write(
+                Method::DELETE,
+                path,
+                &serde_json::Value::Null,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(())
+    }
+
     /// `POST /contacts/:id/notes`. Not retried after an ambiguous failure.
     pub async fn create_note(
         &self,
@@ -687,9 +701,7 @@ impl Client {
             .headers()
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| Duration::from_secs_f64(s.min(3600.0)));
+            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
         self.limiter.observe(status, &rate, retry_after);
         let bytes = match resp.bytes().await {
             Ok(b) => b,
@@ -853,6 +865,20 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
     }
 }
 
+/// `Retry-After` as seconds (`120`, `1.5`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`),
+/// as a wait from `now`: a date in the past is no wait, and any wait is capped at an hour so a
+/// bad header cannot stall a run for days.
+pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    const CAP: Duration = Duration::from_secs(3600);
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0)
+            .then(|| Duration::from_secs_f64(secs.min(CAP.as_secs_f64())));
+    }
+    let at = httpdate::parse_http_date(value).ok()?;
+    Some(at.duration_since(now).unwrap_or_default().min(CAP))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -891,5 +917,26 @@ mod tests {
     fn encodes_path_segments() {
         assert_eq!(enc("abcXYZ09-_.~"), "abcXYZ09-_.~");
         assert_eq!(enc("a/b c?&"), "a%2Fb%20c%3F%26");
+    }
+
+    #[test]
+    fn retry_after_as_seconds_or_http_date() {
+        use std::time::{Duration as D, UNIX_EPOCH};
+        // Sun, 06 Nov 1994 08:49:37 GMT
+        let now = UNIX_EPOCH + D::from_secs(784_111_777);
+        assert_eq!(parse_retry_after("7", now), Some(D::from_secs(7)));
+        assert_eq!(parse_retry_after(" 1.5 ", now), Some(D::from_millis(1500)));
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(D::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(D::ZERO),
+            "a date in the past means no wait"
+        );
+        assert_eq!(parse_retry_after("999999", now), Some(D::from_secs(3600)));
+        assert_eq!(parse_retry_after("-1", now), None);
+        assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::api::{ApiError, ClientBuildError, ErrorKind};
 use crate::export::ExportError;
+use crate::pipeline::lock::LockError;
 
 pub const OK: u8 = 0;
 /// Anything not covered below (I/O errors, bugs).
@@ -20,6 +21,9 @@ pub const REJECTED_ROWS: u8 = 6;
 pub const QUOTA: u8 = 75;
 /// A pipeline over many locations finished some and failed others (see its report).
 pub const PARTIAL: u8 = 7;
+/// Another run holds the lock (the same pipeline, or an export of the same location into the
+/// same output): nothing was done. Schedulers can treat it as "skipped".
+pub const BUSY: u8 = 8;
 
 /// Marks an error as a usage error (bad settings found before any work).
 #[derive(Debug, thiserror::Error)]
@@ -39,11 +43,15 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<ExportError>() {
             return match e {
                 ExportError::QuotaStop { .. } => QUOTA,
+                ExportError::Lock(LockError::Busy { .. }) => BUSY,
                 ExportError::CheckpointMismatch { .. } | ExportError::Unsupported(_) => USAGE,
                 ExportError::Sink(crate::sink::SinkError::UnsafeLocationId { .. }) => USAGE,
                 ExportError::Extract(_) => e.api().map_or(API, api_code),
                 _ => FAILURE,
             };
+        }
+        if let Some(LockError::Busy { .. }) = cause.downcast_ref::<LockError>() {
+            return BUSY;
         }
         if let Some(p) = cause.downcast_ref::<super::PipelineExit>() {
             return p.0;

@@ -21,6 +21,20 @@ use crate::sink::Format;
 pub use progress::ProgressReporter;
 pub use report::RunReport;
 
+/// The exit codes, for `--help` (README.md, "Exit codes", says what to do about each).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0   success
+  1   other failure (I/O, unexpected)
+  2   bad arguments or settings
+  3   the API refused the token (401) or its access to the location (403)
+  4   the API rejected a request for good (4xx) or misbehaved
+  5   a transient failure outlasted the retries: run again later
+  6   (import) some rows were rejected: see the rejects file
+  7   (pipeline) some locations failed, others completed: see its report
+  8   another run holds the lock: nothing was done
+  75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume";
+
 /// Bulk export of HighLevel (LeadConnector) contacts with their tasks, notes and
 /// appointments, to Parquet or CSV.
 ///
@@ -28,7 +42,7 @@ pub use report::RunReport;
 /// credentials needed. Against the real API, set HL_TOKEN (a Private Integration Token or a
 /// location OAuth access token with the contacts.readonly scope) and run `contacts-etl export`.
 #[derive(Debug, Parser)]
-#[command(name = "contacts-etl", version, max_term_width = 100)]
+#[command(name = "contacts-etl", version, max_term_width = 100, after_long_help = EXIT_CODES)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

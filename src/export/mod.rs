@@ -47,7 +47,8 @@ pub struct ExportPlan {
     pub page_size: u32,
     /// Contacts in progress at once in the fan-out.
     pub window: usize,
-    /// Rows per record batch (and so the smallest unit a sink compresses).
+    /// Rows per record batch handed to a sink: bounds the column builders' memory (a Parquet
+    /// part accumulates batches into its row group).
     pub batch_rows: usize,
     /// Contacts per part file.
     pub part_contacts: u64,
@@ -132,7 +133,7 @@ impl ExportPlan {
             out: out.into(),
             page_size: 100,
             window: 256,
-            batch_rows: 8192,
+            batch_rows: 1024,
             part_contacts: 250_000,
             commit_interval: Duration::from_secs(600),
             restart: false,
@@ -232,6 +233,8 @@ pub enum ExportError {
     /// Settings or a situation the export refuses (a usage error).
     #[error("{0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Lock(#[from] crate::pipeline::lock::LockError),
 }
 
 impl ExportError {
@@ -266,8 +269,7 @@ pub async fn run(
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
     // Two runs on one OUT and location would delete each other's parts: one at a time.
-    let _lock = crate::pipeline::lock::RunLock::acquire(&state_dir.join("export.lock"))
-        .map_err(|e| ExportError::Unsupported(e.to_string()))?;
+    let _lock = crate::pipeline::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     // The manifest means "complete": it goes before anything else changes.

@@ -53,9 +53,9 @@ pub enum ImportCommand {
     Notes(ChildArgs),
     /// Delete what an import created, as its journal records it.
     ///
-    /// Contacts are deleted (with their tasks and notes), tasks too. Contacts the import
-    /// updated are left as they are: their earlier values are not restored. Notes of a notes
-    /// import cannot be deleted (the client has no note delete call). Safe to rerun.
+    /// Contacts, tasks and notes the import created are deleted (a contact with its tasks and
+    /// notes). Contacts the import updated are left as they are: their earlier values are not
+    /// restored. Safe to rerun.
     Undo(UndoArgs),
 }
 

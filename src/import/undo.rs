@@ -1,9 +1,8 @@
 //! `import undo`: delete what an import created, as its journal records it.
 //!
-//! Contacts are deleted with `DELETE /contacts/:id`, tasks with `DELETE …/tasks/:taskId`.
-//! Nothing that was only updated or skipped is touched: the journal does not hold the values
-//! before the update, so they cannot be restored. Notes cannot be deleted through this client
-//! (it has no note delete call); a contacts undo removes them with their contact.
+//! Contacts are deleted with `DELETE /contacts/:id`, tasks with `DELETE …/tasks/:taskId`,
+//! notes with `DELETE …/notes/:noteId`. Nothing that was only updated or skipped is touched:
+//! the journal does not hold the values before the update, so they cannot be restored.
 //!
 //! Rows left ambiguous (an intent, no outcome) are looked up like a resumed import would, and
 //! deleted when the contact found was added after the intent. Each deletion is journaled, so
@@ -31,8 +30,6 @@ pub struct UndoReport {
     pub failed: u64,
     /// Records this import updated or skipped: left as they are (not restored).
     pub left_updated: u64,
-    /// Notes created by the import that were not deleted (no note delete call in the client).
-    pub notes_not_deleted: u64,
     /// Ambiguous rows checked against the API.
     pub ambiguous_checked: u64,
     pub errors: Vec<String>,
@@ -48,12 +45,6 @@ impl UndoReport {
             self.failed,
             self.left_updated
         );
-        if self.notes_not_deleted > 0 {
-            s.push_str(&format!(
-                "\n  {} notes not deleted: notes can only be removed with their contact (undo the contacts import)",
-                self.notes_not_deleted
-            ));
-        }
         for e in self.errors.iter().take(20) {
             s.push_str(&format!("\n  {e}"));
         }
@@ -64,6 +55,7 @@ impl UndoReport {
 enum Target {
     Contact(String),
     Task { contact: String, id: String },
+    Note { contact: String, id: String },
 }
 
 /// Deletes what the journal's import created. `concurrency` bounds the deletions in flight.
@@ -100,7 +92,18 @@ pub async fn undo(
                         contact: c.clone(),
                         id: d.id.clone(),
                     }),
-                    _ => report.notes_not_deleted += 1,
+                    (Entity::Notes, Some(c)) => targets.push(Target::Note {
+                        contact: c.clone(),
+                        id: d.id.clone(),
+                    }),
+                    (_, None) => {
+                        report.failed += 1;
+                        report.errors.push(format!(
+                            "line {line}: the journal holds no contact id for {} {}, so it cannot be deleted",
+                            entity.name(),
+                            d.id
+                        ));
+                    }
                 }
             }
             Some(_) => report.left_updated += 1,
@@ -138,6 +141,7 @@ pub async fn undo(
             let r = match &t {
                 Target::Contact(id) => client.delete_contact(id).await,
                 Target::Task { contact, id } => client.delete_task(contact, id).await,
+                Target::Note { contact, id } => client.delete_note(contact, id).await,
             };
             (t, r)
         })
@@ -147,7 +151,7 @@ pub async fn undo(
     for (t, r) in results {
         let (id, contact) = match t {
             Target::Contact(id) => (id, None),
-            Target::Task { contact, id } => (id, Some(contact)),
+            Target::Task { contact, id } | Target::Note { contact, id } => (id, Some(contact)),
         };
         let error = match r {
             Ok(()) => {

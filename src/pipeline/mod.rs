@@ -491,7 +491,7 @@ pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<Pipelin
         .out
         .join("_state")
         .join(format!("pipeline-{}.lock", p.name));
-    let _lock = lock::RunLock::acquire(&lock_path).map_err(|e| exit::UsageError(e.to_string()))?;
+    let _lock = lock::RunLock::acquire(&lock_path)?;
     let started = crate::timefmt::format_iso_millis(crate::export::now_millis());
     let export_date = job.partition_by_date.then(|| started[..10].to_owned());
     let global = Arc::new(Semaphore::new(p.max_concurrency));

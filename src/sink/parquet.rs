@@ -3,10 +3,12 @@
 //! Settings, and why:
 //! - **zstd level 3**: close to the best ratio for this kind of text-heavy data at a fraction
 //!   of the CPU of higher levels; every common reader supports it.
-//! - **Row groups of up to 16Ki rows** (or 128 MiB), with 256 KiB pages: large enough for
-//!   column statistics and scans to pay off, small enough that the row group the writer holds
-//!   in memory keeps the exporter's memory flat (BENCHMARKS.md has the figures). The caller
-//!   hands in ~8k-row batches; the writer accumulates them.
+//! - **Row groups of up to 8Ki rows** (or 128 MiB), with 256 KiB pages: large enough for
+//!   column statistics and scans to pay off (about 1 MB of compressed contacts, and engines
+//!   read row groups in parallel), small enough that the group the writer holds in memory
+//!   fills within the first 10k contacts of every entity, so memory reaches its plateau early
+//!   and stays there (BENCHMARKS.md has the figures). The caller hands in 1k-row batches; the
+//!   writer accumulates them.
 //! - **Dictionary encoding** (the default, kept on) for strings: ids, tags, types, sources and
 //!   owner ids repeat a lot.
 //! - **Page-level statistics** (the default) so engines can skip pages on `dateAdded` etc.
@@ -28,7 +30,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersi
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
 
-const MAX_ROW_GROUP_ROWS: usize = 16 * 1024;
+const MAX_ROW_GROUP_ROWS: usize = 8 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
 /// The writer holds a whole row group in memory until it closes; with wide contact rows that
 /// grew with the location up to the row limit. Closing the group once its buffered size passes
