@@ -155,13 +155,16 @@ impl SeenLog {
     }
 }
 
+/// Contacts of the previous state that a run did not see: id and last known `dateUpdated`.
+pub type Deletions = Vec<(String, Option<i64>)>;
+
 /// Reads a complete `seen` log: returns the new state's text (sorted, one line per contact)
 /// and the contacts of `prev` that were not seen (the deletions, with their last known
 /// `dateUpdated`). Nothing is written: save the deletions first, then [`save_state`].
 pub fn finish(
     prev: Option<&PrevState>,
     seen: &Path,
-) -> Result<(String, Vec<(String, Option<i64>)>), StateError> {
+) -> Result<(String, Deletions), StateError> {
     let text = std::fs::read_to_string(seen).map_err(err(seen))?;
     let mut rows: Vec<(&str, i64)> = text.lines().filter_map(parse_line).collect();
     rows.sort_unstable_by(|a, b| a.0.cmp(b.0));

@@ -211,7 +211,37 @@ impl RateLimiter {
 
     /// Waits for this request's turn and returns how long it waited.
     pub async fn acquire(&self) -> Duration {
+        self.acquire_then(|| async {}).await.0
+    }
+
+    /// Like [`acquire`](Self::acquire), and takes `gate` (a concurrency permit shared with
+    /// other limiters, say) once this request's pacing wait is over and before its release is
+    /// recorded. A task waiting for its turn at one location's pace then holds no shared
+    /// permit that another location could use now. Returns the whole wait and what `gate` gave.
+    pub async fn acquire_then<G, F, Fut>(&self, gate: F) -> (Duration, G)
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = G>,
+    {
         let start = Instant::now();
+        self.pace().await;
+        let held = gate().await;
+        loop {
+            // A 429 seen while this task waited for the gate pauses it too.
+            let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
+            if !paused {
+                match self.window_guard() {
+                    None => return (start.elapsed(), held),
+                    Some(until) => tokio::time::sleep_until(until).await,
+                }
+            }
+            self.pace().await;
+        }
+    }
+
+    /// Takes the next slot of the even spacing and sleeps until it, again while a 429 pause
+    /// that began during the sleep is still on.
+    async fn pace(&self) {
         loop {
             let slot = {
                 let mut st = self.lock();
@@ -230,14 +260,9 @@ impl RateLimiter {
             if slot > Instant::now() {
                 tokio::time::sleep_until(slot).await;
             }
-            // A 429 seen while this task slept pauses it too.
             let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
-            if paused {
-                continue;
-            }
-            match self.window_guard() {
-                None => return start.elapsed(),
-                Some(until) => tokio::time::sleep_until(until).await,
+            if !paused {
+                return;
             }
         }
     }
@@ -341,6 +366,7 @@ impl RateLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn parses_quotas() {
@@ -450,6 +476,34 @@ mod tests {
         let waited = lim.acquire().await;
         assert!(waited >= Duration::from_secs(3), "{waited:?}");
         assert!(lim.current_rate().unwrap() < 10.0 / MARGIN);
+    }
+
+    /// A pipeline's global permit is taken only when a location's turn has come: one slow
+    /// location waiting for its pace never blocks another that could send now.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_waiting_for_its_pace_holds_no_shared_permit() {
+        let global = Arc::new(tokio::sync::Semaphore::new(1));
+        let slow = Arc::new(RateLimiter::new(Some("1/10s".parse().unwrap())));
+        let fast = RateLimiter::new(None);
+        let take = |g: Arc<tokio::sync::Semaphore>| move || async move { g.acquire_owned().await.unwrap() };
+        let t0 = Instant::now();
+        let (_, first) = slow.acquire_then(take(global.clone())).await;
+        drop(first);
+        // The slow location's next turn is about 10 s away: it waits, holding nothing.
+        let waiting = {
+            let (slow, global) = (slow.clone(), global.clone());
+            tokio::spawn(async move { slow.acquire_then(take(global)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let (_, permit) = fast.acquire_then(take(global.clone())).await;
+        assert!(
+            t0.elapsed() < Duration::from_secs(1),
+            "the other location got the shared permit at once, not after {:?}",
+            t0.elapsed()
+        );
+        drop(permit);
+        let (waited, _permit) = waiting.await.unwrap();
+        assert!(waited >= Duration::from_secs(10), "{waited:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,7 +1,7 @@
 //! Typed calls of the Contacts API over one pooled HTTP client.
 //!
 //! Every call goes through the same path: a concurrency permit, the location's rate limiter,
-//! one HTTP attempt, classification of the reply into an [`ApiError`] kind, and the single
+//! then the permit shared across locations (if any), one HTTP attempt, classification of the reply into an [`ApiError`] kind, and the single
 //! [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
 //! decode them straight into columns; single-record calls and writes return lenient models.
 
@@ -667,15 +667,19 @@ impl Client {
             .acquire()
             .await
             .map_err(|_| transient(label, "client shut down".into(), None, false, None))?;
-        let _global = match &self.global_permits {
-            Some(g) => Some(
-                g.acquire()
-                    .await
-                    .map_err(|_| transient(label, "client shut down".into(), None, false, None))?,
-            ),
-            None => None,
-        };
-        self.stats.waited(self.limiter.acquire().await);
+        // The shared permit is taken after this location's pacing wait: a request waiting
+        // for its turn here must not hold a slot another location could send with now.
+        let (waited, _global) = self
+            .limiter
+            .acquire_then(|| async {
+                match &self.global_permits {
+                    // Never closed, so `ok()` never drops a permit it should have held.
+                    Some(g) => g.acquire().await.ok(),
+                    None => None,
+                }
+            })
+            .await;
+        self.stats.waited(waited);
         self.stats.attempt();
         let mut req = self
             .http

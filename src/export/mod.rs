@@ -443,10 +443,14 @@ async fn stream(
             seen,
         },
         ck,
-        plan.window,
+        // In pages: as many as the fan-out window holds, and one more.
+        plan.window / plan.page_size.max(1) as usize + 1,
     );
 
     let mut items = std::pin::pin!(items);
+    // The current page's items, sent to the writer when its `PageEnd` arrives. Anything left
+    // here when the stream stops is an incomplete page, which the writer would discard anyway.
+    let mut batch = Vec::new();
     let mut failure = None;
     let mut listing_done = false;
     loop {
@@ -462,10 +466,18 @@ async fn stream(
                 if !page_end {
                     progress.contacts.fetch_add(1, Relaxed);
                 }
-                if tx.send(writer::Msg::Item(item)).await.is_err() {
+                batch.push(item);
+                if !page_end {
+                    continue;
+                }
+                if tx
+                    .send(writer::Msg::Items(std::mem::take(&mut batch)))
+                    .await
+                    .is_err()
+                {
                     break; // the writer failed; its error is collected below
                 }
-                if page_end && !last_page {
+                if !last_page {
                     if let Some(reason) = plan.budget.exhausted(&client) {
                         failure = Some(reason);
                         break;

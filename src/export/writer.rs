@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
-use super::{EntityReport, ExportError};
+use super::ExportError;
 use crate::checkpoint::{self, Checkpoint};
 use crate::extract::Position;
 use crate::fanout::{ContactUnit, Include, Item};
@@ -40,7 +40,9 @@ pub(crate) struct WriterConfig {
 /// Messages to the writer.
 #[derive(Debug)]
 pub(crate) enum Msg {
-    Item(Item),
+    /// A page's contacts, then its `PageEnd`. One message per page rather than per contact:
+    /// each message can wake this thread, and a wake-up costs more than a contact's columns.
+    Items(Vec<Item>),
     /// Commit what is complete and stop. `listing_done`: the listing reached its end.
     Finish {
         listing_done: bool,
@@ -83,7 +85,11 @@ pub(crate) fn spawn(
             let mut listing_done = false;
             while let Some(msg) = rx.blocking_recv() {
                 match msg {
-                    Msg::Item(item) => w.handle(item)?,
+                    Msg::Items(items) => {
+                        for item in items {
+                            w.handle(item)?;
+                        }
+                    }
                     Msg::Finish { listing_done: done } => {
                         listing_done = done;
                         break;
@@ -245,7 +251,7 @@ impl Writer {
                 .ck
                 .entities
                 .entry(slot.entity.name().to_owned())
-                .or_insert_with(EntityReport::default);
+                .or_default();
             let part = match slot.part.take() {
                 Some(p) => Some(p),
                 // An empty part, so readers find the schema and a glob is never empty.

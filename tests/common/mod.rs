@@ -397,8 +397,8 @@ pub fn assert_same_rows(
                 if *ev != av {
                     diffs.push(format!(
                         "{k}.{col}: expected {:?}, got {:?}",
-                        ev.as_deref().map(|s| trunc(s)),
-                        av.as_deref().map(|s| trunc(s))
+                        ev.as_deref().map(trunc),
+                        av.as_deref().map(trunc)
                     ));
                 }
             }
