@@ -353,6 +353,7 @@ fn validate_all(
         rejects: source.rejects.clone(),
         skipped_columns: plan.skipped.clone(),
         unknown_columns: plan.unknown.clone(),
+        create_only_fields: plan.create_only_fields(),
         ..ImportReport::default()
     };
     let mut file_problems = plan.header_problems.clone();

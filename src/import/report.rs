@@ -64,6 +64,10 @@ pub struct ImportReport {
     /// Columns read but not sent (export-only fields, ignored in the mapping).
     pub skipped_columns: Vec<String>,
     pub unknown_columns: Vec<String>,
+    /// Fields the file sets that only a create accepts: contacts this import updates keep
+    /// their values of these (the API's `PUT /contacts/:id` answers 422 to them).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub create_only_fields: Vec<String>,
     /// Every problem found (up to 10,000; the rejects file has them all), by line.
     pub problems: Vec<ProblemEntry>,
     pub problems_truncated: bool,
@@ -138,6 +142,12 @@ impl ImportReport {
             s.push_str(&format!(
                 "  columns read but not sent (export-only or ignored): {}\n",
                 self.skipped_columns.join(", ")
+            ));
+        }
+        if !self.create_only_fields.is_empty() {
+            s.push_str(&format!(
+                "  {}: set on contacts this import creates; the API's update does not accept them, so contacts it updates keep their values\n",
+                self.create_only_fields.join(", ")
             ));
         }
         if !self.problems.is_empty() {

@@ -373,6 +373,26 @@ pub(crate) struct ColumnPlan {
     pub header_problems: Vec<Problem>,
 }
 
+impl ColumnPlan {
+    /// Fields this file sets (by a column or a mapping constant) that only a create accepts
+    /// ([`CREATE_ONLY`]): an update leaves them as they are.
+    pub(crate) fn create_only_fields(&self) -> Vec<String> {
+        let set = |t: &Target| matches!(t, Target::Field(name, _) if CREATE_ONLY.contains(name));
+        let mut out: Vec<String> = self
+            .targets
+            .iter()
+            .chain(self.constants.iter().map(|(t, _)| t))
+            .filter_map(|t| match t {
+                Target::Field(name, _) if set(t) => Some((*name).to_owned()),
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 fn resolve(entity: Entity, name: &str) -> Option<Target> {
     let (writable, read_only) = fields(entity);
     if let Some(&(f, k)) = writable.iter().find(|(f, _)| f.eq_ignore_ascii_case(name)) {
@@ -1203,6 +1223,16 @@ mod tests {
             .unwrap()
             .get("companyName")
             .is_none());
+    }
+
+    #[test]
+    fn plan_names_the_fields_an_update_cannot_set() {
+        let m = Mapping::parse("[constants]\ngender=\"female\"\n").unwrap();
+        let headers = ["email", "companyName", "firstName"].map(String::from);
+        let plan = ColumnPlan::new(Entity::Contacts, &headers, &m);
+        assert_eq!(plan.create_only_fields(), ["companyName", "gender"]);
+        let plain = ColumnPlan::new(Entity::Contacts, &headers[..1], &Mapping::default());
+        assert!(plain.create_only_fields().is_empty());
     }
 
     #[test]
