@@ -1,12 +1,13 @@
 //! State for incremental (nightly) exports: which contacts existed at the last complete run,
 //! and their `dateUpdated`.
 //!
-//! The state is a text file of `id<TAB>dateUpdatedMs` lines sorted by id (about 35 bytes a
-//! contact), loaded into three flat vectors for binary search (about 32 bytes a contact in
-//! memory). During a run, every listed contact is appended to a `seen` log; the writer fsyncs
-//! it at each commit and the checkpoint records its committed length, so a resumed run
-//! truncates what was not committed. At the end, the sorted `seen` log becomes the new state,
-//! and the ids of the old state missing from it are the deletions.
+//! The state is a text file of `id<TAB>dateUpdatedMs` lines (about 35 bytes a contact), loaded
+//! into flat vectors with an index sorted by id for binary search (about 36 bytes a contact in
+//! memory: the one structure that grows with the location, by design). During a run, every
+//! listed contact is appended to a `seen` log; the writer fsyncs it at each commit and the
+//! checkpoint records its committed length, so a resumed run truncates what was not committed.
+//! At the end the `seen` log, streamed, becomes the new state, and the ids of the old state
+//! it does not hold are the deletions: neither step reads the log into memory.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -29,16 +30,18 @@ fn err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
-/// The previous run's contacts, sorted by id.
+/// The previous run's contacts, in file order, with an index sorted by id.
 #[derive(Debug, Default)]
 pub struct PrevState {
     keys: String,
     ends: Vec<u32>,
     ms: Vec<i64>,
+    /// Positions sorted by id; of an id listed twice, only the later line.
+    order: Vec<u32>,
 }
 
 impl PrevState {
-    /// Loads a state file; `None` when there is none (the first run).
+    /// Loads a state file (any line order); `None` when there is none (the first run).
     pub fn load(path: &Path) -> Result<Option<PrevState>, StateError> {
         let f = match File::open(path) {
             Ok(f) => f,
@@ -46,27 +49,40 @@ impl PrevState {
             Err(e) => return Err(err(path)(e)),
         };
         let mut st = PrevState::default();
-        let mut prev: Option<String> = None;
         for (n, line) in BufReader::new(f).lines().enumerate() {
             let line = line.map_err(err(path))?;
             let (id, ms) = parse_line(&line).ok_or_else(|| err(path)(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("line {}: not `id<TAB>ms`; delete the file to start over with a full export", n + 1))))?;
-            if prev.as_deref().is_some_and(|p| p >= id) {
-                return Err(err(path)(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("line {}: ids are not sorted; delete the file to start over with a full export", n + 1))));
-            }
             st.keys.push_str(id);
-            st.ends.push(st.keys.len() as u32);
+            let end = u32::try_from(st.keys.len()).map_err(|_| {
+                err(path)(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "more than 4 GiB of ids; delete the file to start over with a full export",
+                ))
+            })?;
+            st.ends.push(end);
             st.ms.push(ms);
-            prev = Some(id.to_owned());
         }
+        let mut order: Vec<u32> = (0..st.ms.len() as u32).collect();
+        // Stable: of equal ids the later line ends its run, and is the one kept.
+        order.sort_by(|&a, &b| st.key(a as usize).cmp(st.key(b as usize)));
+        let mut kept: Vec<u32> = Vec::with_capacity(order.len());
+        for i in order {
+            match kept.last_mut() {
+                Some(last) if st.key(*last as usize) == st.key(i as usize) => *last = i,
+                _ => kept.push(i),
+            }
+        }
+        st.order = kept;
         Ok(Some(st))
     }
 
+    /// Distinct contacts in the state.
     pub fn len(&self) -> usize {
-        self.ms.len()
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ms.is_empty()
+        self.order.is_empty()
     }
 
     fn key(&self, i: usize) -> &str {
@@ -74,23 +90,18 @@ impl PrevState {
         &self.keys[start..self.ends[i] as usize]
     }
 
-    fn find(&self, id: &str) -> Option<usize> {
-        let (mut lo, mut hi) = (0, self.len());
-        while lo < hi {
-            let mid = (lo + hi) / 2;
-            match self.key(mid).cmp(id) {
-                std::cmp::Ordering::Less => lo = mid + 1,
-                std::cmp::Ordering::Greater => hi = mid,
-                std::cmp::Ordering::Equal => return Some(mid),
-            }
-        }
-        None
+    /// The rank of `id` in id order (an index into `order`).
+    fn rank(&self, id: &str) -> Option<usize> {
+        self.order
+            .binary_search_by(|&i| self.key(i as usize).cmp(id))
+            .ok()
     }
 
     /// Whether a contact is new or changed since the previous run.
     pub fn changed(&self, id: &str, date_updated: Option<i64>) -> bool {
-        match (self.find(id), date_updated) {
-            (Some(i), Some(ms)) => self.ms[i] == UNKNOWN || self.ms[i] != ms,
+        let prev = self.rank(id).map(|r| self.ms[self.order[r] as usize]);
+        match (prev, date_updated) {
+            (Some(before), Some(ms)) => before == UNKNOWN || before != ms,
             _ => true,
         }
     }
@@ -158,56 +169,42 @@ impl SeenLog {
 /// Contacts of the previous state that a run did not see: id and last known `dateUpdated`.
 pub type Deletions = Vec<(String, Option<i64>)>;
 
-/// Reads a complete `seen` log: returns the new state's text (sorted, one line per contact)
-/// and the contacts of `prev` that were not seen (the deletions, with their last known
-/// `dateUpdated`). Nothing is written: save the deletions first, then [`save_state`].
-pub fn finish(
-    prev: Option<&PrevState>,
-    seen: &Path,
-) -> Result<(String, Deletions), StateError> {
-    let text = std::fs::read_to_string(seen).map_err(err(seen))?;
-    let mut rows: Vec<(&str, i64)> = text.lines().filter_map(parse_line).collect();
-    rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    rows.dedup_by(|a, b| a.0 == b.0);
-
-    let mut deleted = Vec::new();
-    if let Some(prev) = prev {
-        let mut j = 0;
-        for i in 0..prev.len() {
-            let key = prev.key(i);
-            while j < rows.len() && rows[j].0 < key {
-                j += 1;
-            }
-            if j >= rows.len() || rows[j].0 != key {
-                deleted.push((
-                    key.to_owned(),
-                    (prev.ms[i] != UNKNOWN).then_some(prev.ms[i]),
-                ));
-            }
+/// The contacts of `prev` that a complete `seen` log does not hold, in id order: the
+/// deletions, with their last known `dateUpdated`. Streams the log; one bit per previous
+/// contact is all it keeps besides the result.
+pub fn deletions(prev: Option<&PrevState>, seen: &Path) -> Result<Deletions, StateError> {
+    let Some(prev) = prev else {
+        return Ok(Vec::new());
+    };
+    let mut found = vec![0u64; prev.len().div_ceil(64)];
+    let f = File::open(seen).map_err(err(seen))?;
+    for line in BufReader::new(f).lines() {
+        let line = line.map_err(err(seen))?;
+        if let Some(r) = parse_line(&line).and_then(|(id, _)| prev.rank(id)) {
+            found[r / 64] |= 1 << (r % 64);
         }
     }
-
-    let mut body = String::with_capacity(text.len());
-    for (id, ms) in &rows {
-        body.push_str(id);
-        body.push('\t');
-        if *ms != UNKNOWN {
-            body.push_str(&ms.to_string());
-        }
-        body.push('\n');
-    }
-    Ok((body, deleted))
+    Ok((0..prev.len())
+        .filter(|r| found[r / 64] & (1 << (r % 64)) == 0)
+        .map(|r| {
+            let i = prev.order[r] as usize;
+            let ms = prev.ms[i];
+            (prev.key(i).to_owned(), (ms != UNKNOWN).then_some(ms))
+        })
+        .collect())
 }
 
-/// Replaces the state file atomically.
-pub fn save_state(path: &Path, body: &str) -> Result<(), StateError> {
-    crate::checkpoint::write_atomic(path, body.as_bytes()).map_err(|e| match e {
-        crate::checkpoint::CheckpointError::Io { path, source } => StateError { path, source },
-        crate::checkpoint::CheckpointError::Corrupt { path, .. } => StateError {
-            path,
-            source: std::io::Error::other("corrupt"),
-        },
-    })
+/// Makes a complete `seen` log the state file, atomically, by streaming it.
+pub fn save_state(path: &Path, seen: &Path) -> Result<(), StateError> {
+    let mut from = File::open(seen).map_err(err(seen))?;
+    crate::checkpoint::write_atomic_with(path, |to| std::io::copy(&mut from, to).map(|_| ()))
+        .map_err(|e| match e {
+            crate::checkpoint::CheckpointError::Io { path, source } => StateError { path, source },
+            crate::checkpoint::CheckpointError::Corrupt { path, .. } => StateError {
+                path,
+                source: std::io::Error::other("corrupt"),
+            },
+        })
 }
 
 #[cfg(test)]
@@ -223,9 +220,8 @@ mod tests {
             log.record(id, ms).unwrap();
         }
         log.sync().unwrap();
-        let (body, deleted) = finish(None, &seen).unwrap();
-        assert!(deleted.is_empty());
-        save_state(&state, &body).unwrap();
+        assert!(deletions(None, &seen).unwrap().is_empty());
+        save_state(&state, &seen).unwrap();
         let prev = PrevState::load(&state).unwrap().unwrap();
         assert_eq!(prev.len(), 3);
         assert!(!prev.changed("a", Some(1)));
@@ -239,10 +235,26 @@ mod tests {
         log.record("a", Some(1)).unwrap();
         log.record("d", Some(4)).unwrap();
         log.sync().unwrap();
-        let (_, deleted) = finish(Some(&prev), &seen2).unwrap();
         assert_eq!(
-            deleted,
+            deletions(Some(&prev), &seen2).unwrap(),
             vec![("b".to_owned(), Some(2)), ("c".to_owned(), None)]
+        );
+    }
+
+    #[test]
+    fn an_id_listed_twice_counts_once_with_its_later_value() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.tsv");
+        std::fs::write(&p, "b\t1\na\t2\nb\t3\n").unwrap();
+        let prev = PrevState::load(&p).unwrap().unwrap();
+        assert_eq!(prev.len(), 2);
+        assert!(!prev.changed("b", Some(3)));
+        assert!(prev.changed("b", Some(1)));
+        let seen = dir.path().join("seen.tsv");
+        std::fs::write(&seen, "a\t2\n").unwrap();
+        assert_eq!(
+            deletions(Some(&prev), &seen).unwrap(),
+            vec![("b".to_owned(), Some(3))]
         );
     }
 
@@ -266,8 +278,8 @@ mod tests {
     fn a_damaged_state_file_is_an_error_naming_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("s.tsv");
-        std::fs::write(&p, "b\t1\na\t2\n").unwrap();
+        std::fs::write(&p, "b\t1\na\t2\nno tab here\n").unwrap();
         let e = PrevState::load(&p).unwrap_err().to_string();
-        assert!(e.contains("line 2") && e.contains("sorted"), "{e}");
+        assert!(e.contains("line 3") && e.contains("id<TAB>ms"), "{e}");
     }
 }

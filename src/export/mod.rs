@@ -529,20 +529,8 @@ async fn finish(
     prev: Option<&PrevState>,
 ) -> Result<Manifest, ExportError> {
     if let Some(inc) = &plan.incremental {
-        let (state_body, deleted) = incremental::finish(prev, seen_path)?;
         if !ck.deletions_done {
-            let mut builder = BatchBuilder::new(Entity::DeletedContacts);
-            let ctx = RowContext {
-                location_id: &plan.location_id,
-                contact_id: None,
-            };
-            for (id, ms) in &deleted {
-                let obj = serde_json::json!({ "id": id, "dateUpdated": ms });
-                let raw = serde_json::value::to_raw_value(&obj).unwrap_or_default();
-                if let Err(e) = builder.append(&raw, &ctx) {
-                    tracing::warn!(error = %e, "cannot record a deleted contact");
-                }
-            }
+            let deleted = incremental::deletions(prev, seen_path)?;
             let partition = Partition {
                 export_date: ck.export_date.clone(),
                 location_id: plan.location_id.clone(),
@@ -554,6 +542,21 @@ async fn finish(
                 &partition,
                 ck.next_part,
             )?;
+            let mut builder = BatchBuilder::new(Entity::DeletedContacts);
+            let ctx = RowContext {
+                location_id: &plan.location_id,
+                contact_id: None,
+            };
+            for (id, ms) in &deleted {
+                let obj = serde_json::json!({ "id": id, "dateUpdated": ms });
+                let raw = serde_json::value::to_raw_value(&obj).unwrap_or_default();
+                if let Err(e) = builder.append(&raw, &ctx) {
+                    tracing::warn!(error = %e, "cannot record a deleted contact");
+                }
+                if builder.len() >= plan.batch_rows.max(1) {
+                    part.write(&builder.finish())?;
+                }
+            }
             if !builder.is_empty() {
                 part.write(&builder.finish())?;
             }
@@ -573,7 +576,7 @@ async fn finish(
                 tracing::info!(location = %plan.location_id, deleted = deleted.len(), "contacts deleted since the previous run");
             }
         }
-        incremental::save_state(&inc.state_file(&plan.location_id), &state_body)?;
+        incremental::save_state(&inc.state_file(&plan.location_id), seen_path)?;
     }
 
     let manifest = Manifest {
