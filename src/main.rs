@@ -10,7 +10,7 @@ use contacts_etl::cli::exit;
 /// jemalloc, because it hands freed memory back to the OS: with glibc's malloc the exporter's
 /// resident memory crept up with the size of the location (freed row-group buffers stayed
 /// mapped); with jemalloc it stays flat (BENCHMARKS.md, "Memory").
-#[cfg(not(target_env = "msvc"))]
+#[cfg(unix)]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -18,7 +18,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// prefix): freed pages go back to the OS after half a second instead of ten, and directly,
 /// not as lazily reclaimed MADV_FREE pages that still count as resident. No measurable CPU
 /// cost here; `_RJEM_MALLOC_CONF` in the environment overrides it.
-#[cfg(not(target_env = "msvc"))]
+#[cfg(unix)]
 #[export_name = "_rjem_malloc_conf"]
 pub static MALLOC_CONF: Option<&'static u8> = Some(&b"dirty_decay_ms:500,muzzy_decay_ms:0\0"[0]);
 

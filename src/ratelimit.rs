@@ -218,24 +218,27 @@ impl RateLimiter {
     /// other limiters, say) once this request's pacing wait is over and before its release is
     /// recorded. A task waiting for its turn at one location's pace then holds no shared
     /// permit that another location could use now. Returns the whole wait and what `gate` gave.
-    pub async fn acquire_then<G, F, Fut>(&self, gate: F) -> (Duration, G)
+    pub async fn acquire_then<G, F, Fut>(&self, mut gate: F) -> (Duration, G)
     where
-        F: FnOnce() -> Fut,
+        F: FnMut() -> Fut,
         Fut: std::future::Future<Output = G>,
     {
         let start = Instant::now();
-        self.pace().await;
-        let held = gate().await;
         loop {
-            // A 429 seen while this task waited for the gate pauses it too.
+            self.pace().await;
+            let held = gate().await;
+            // A 429 seen while this task waited for the gate pauses it too. Whatever it waits
+            // for next, it waits without the gate (dropped at the end of this iteration).
             let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
             if !paused {
                 match self.window_guard() {
                     None => return (start.elapsed(), held),
-                    Some(until) => tokio::time::sleep_until(until).await,
+                    Some(until) => {
+                        drop(held);
+                        tokio::time::sleep_until(until).await;
+                    }
                 }
             }
-            self.pace().await;
         }
     }
 
@@ -485,7 +488,12 @@ mod tests {
         let global = Arc::new(tokio::sync::Semaphore::new(1));
         let slow = Arc::new(RateLimiter::new(Some("1/10s".parse().unwrap())));
         let fast = RateLimiter::new(None);
-        let take = |g: Arc<tokio::sync::Semaphore>| move || async move { g.acquire_owned().await.unwrap() };
+        let take = |g: Arc<tokio::sync::Semaphore>| {
+            move || {
+                let g = g.clone();
+                async move { g.acquire_owned().await.unwrap() }
+            }
+        };
         let t0 = Instant::now();
         let (_, first) = slow.acquire_then(take(global.clone())).await;
         drop(first);

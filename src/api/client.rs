@@ -870,8 +870,9 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
 }
 
 /// `Retry-After` as seconds (`120`, `1.5`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`),
-/// as a wait from `now`: a date in the past is no wait, and any wait is capped at an hour so a
-/// bad header cannot stall a run for days.
+/// as a wait from `now`, capped at an hour so a bad header cannot stall a run for days. A date
+/// that is not in the future says nothing usable (clocks differ): `None`, so the caller's own
+/// pause applies.
 pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     const CAP: Duration = Duration::from_secs(3600);
     let value = value.trim();
@@ -880,7 +881,10 @@ pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Opti
             .then(|| Duration::from_secs_f64(secs.min(CAP.as_secs_f64())));
     }
     let at = httpdate::parse_http_date(value).ok()?;
-    Some(at.duration_since(now).unwrap_or_default().min(CAP))
+    at.duration_since(now)
+        .ok()
+        .filter(|wait| !wait.is_zero())
+        .map(|wait| wait.min(CAP))
 }
 
 #[cfg(test)]
@@ -936,8 +940,8 @@ mod tests {
         );
         assert_eq!(
             parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            Some(D::ZERO),
-            "a date in the past means no wait"
+            None,
+            "a date in the past leaves the pause to the caller"
         );
         assert_eq!(parse_retry_after("999999", now), Some(D::from_secs(3600)));
         assert_eq!(parse_retry_after("-1", now), None);

@@ -21,8 +21,9 @@ pub const REJECTED_ROWS: u8 = 6;
 pub const QUOTA: u8 = 75;
 /// A pipeline over many locations finished some and failed others (see its report).
 pub const PARTIAL: u8 = 7;
-/// Another run holds the lock (the same pipeline, or an export of the same location into the
-/// same output): nothing was done. Schedulers can treat it as "skipped".
+/// Another run holds the lock: of the same pipeline (`run`), or of the same location and output
+/// (`export`). Nothing was done; schedulers can treat it as "skipped". Inside a pipeline, a
+/// location whose export lock is held fails like any other location (exit 7).
 pub const BUSY: u8 = 8;
 
 /// Marks an error as a usage error (bad settings found before any work).

@@ -32,6 +32,9 @@ pub struct UndoReport {
     pub left_updated: u64,
     /// Ambiguous rows checked against the API.
     pub ambiguous_checked: u64,
+    /// Task or note rows whose create was sent but never confirmed: they have no key to look
+    /// them up by, so undo cannot tell whether they exist. Check those contacts by hand.
+    pub ambiguous_unchecked: u64,
     pub errors: Vec<String>,
 }
 
@@ -45,6 +48,12 @@ impl UndoReport {
             self.failed,
             self.left_updated
         );
+        if self.ambiguous_unchecked > 0 {
+            s.push_str(&format!(
+                "\n  {} rows were sent but never confirmed and cannot be looked up (see below)",
+                self.ambiguous_unchecked
+            ));
+        }
         for e in self.errors.iter().take(20) {
             s.push_str(&format!("\n  {e}"));
         }
@@ -108,6 +117,14 @@ pub async fn undo(
             }
             Some(_) => report.left_updated += 1,
             None => {
+                if r.pending_since.is_some() && entity != Entity::Contacts {
+                    report.ambiguous_unchecked += 1;
+                    report.errors.push(format!(
+                        "line {line}: its create was sent but never confirmed; if the {} exists, delete it by hand",
+                        entity.name().trim_end_matches('s')
+                    ));
+                    continue;
+                }
                 let (Some(since), Entity::Contacts, Some(location)) =
                     (r.pending_since, entity, state.location.as_deref())
                 else {
