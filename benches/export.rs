@@ -1017,7 +1017,9 @@ impl SimAlone {
             .collect();
         let mut requests = 0;
         for w in workers {
-            requests += w.join().map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
+            requests += w
+                .join()
+                .map_err(|_| anyhow::anyhow!("a load thread panicked"))??;
         }
         let secs = start.elapsed().as_secs_f64();
         Ok(SimAlone {
@@ -1174,7 +1176,11 @@ fn goals(measured: &[Measured], failed: &[&str]) -> Vec<String> {
                 pct(share),
                 m.wall,
                 m.server.rate_limited,
-                verdict(share >= 0.97 && m.server.rate_limited == 0 && m.contacts == m.expected_contacts)
+                verdict(
+                    share >= 0.97
+                        && m.server.rate_limited == 0
+                        && m.contacts == m.expected_contacts
+                )
             ));
         }
     }

@@ -63,16 +63,16 @@ impl PrevState {
             st.ms.push(ms);
         }
         let mut order: Vec<u32> = (0..st.ms.len() as u32).collect();
-        // Stable: of equal ids the later line ends its run, and is the one kept.
+        // Stable: equal ids stay in line order, and the kept slot takes the later line.
         order.sort_by(|&a, &b| st.key(a as usize).cmp(st.key(b as usize)));
-        let mut kept: Vec<u32> = Vec::with_capacity(order.len());
-        for i in order {
-            match kept.last_mut() {
-                Some(last) if st.key(*last as usize) == st.key(i as usize) => *last = i,
-                _ => kept.push(i),
+        order.dedup_by(|later, kept| {
+            let same = st.key(*later as usize) == st.key(*kept as usize);
+            if same {
+                *kept = *later;
             }
-        }
-        st.order = kept;
+            same
+        });
+        st.order = order;
         Ok(Some(st))
     }
 

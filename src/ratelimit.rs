@@ -229,8 +229,7 @@ impl RateLimiter {
             let held = gate().await;
             // A 429 seen while this task waited for the gate pauses it too. Whatever it waits
             // for next, it waits without the gate (dropped at the end of this iteration).
-            let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
-            if !paused {
+            if !self.paused() {
                 match self.window_guard() {
                     None => return (start.elapsed(), held),
                     Some(until) => {
@@ -240,6 +239,11 @@ impl RateLimiter {
                 }
             }
         }
+    }
+
+    /// Whether a 429 pause is on now.
+    fn paused(&self) -> bool {
+        self.lock().paused_until.is_some_and(|p| p > Instant::now())
     }
 
     /// Takes the next slot of the even spacing and sleeps until it, again while a 429 pause
@@ -263,8 +267,7 @@ impl RateLimiter {
             if slot > Instant::now() {
                 tokio::time::sleep_until(slot).await;
             }
-            let paused = self.lock().paused_until.is_some_and(|p| p > Instant::now());
-            if !paused {
+            if !self.paused() {
                 return;
             }
         }

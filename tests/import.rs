@@ -601,7 +601,9 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
         id_map: None,
     };
     let client = sim.client(None, 4);
-    let r = import::import_children(client.clone(), &opts).await.unwrap();
+    let r = import::import_children(client.clone(), &opts)
+        .await
+        .unwrap();
     assert_eq!(r.created, 3, "{}", r.render());
     for (id, old) in ids.iter().zip(&before) {
         assert_eq!(sim.sim.notes(id).len(), old.len() + 1);
@@ -612,7 +614,11 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
         .unwrap();
     assert_eq!((undo.deleted, undo.failed), (3, 0), "{}", undo.render());
     for (id, old) in ids.iter().zip(&before) {
-        assert_eq!(&sim.sim.notes(id), old, "only the imported note of {id} is gone");
+        assert_eq!(
+            &sim.sim.notes(id),
+            old,
+            "only the imported note of {id} is gone"
+        );
     }
     let again = import::undo(&client, &dir.path().join("notes.journal"), 4)
         .await

@@ -1,8 +1,8 @@
 //! Typed calls of the Contacts API over one pooled HTTP client.
 //!
 //! Every call goes through the same path: a concurrency permit, the location's rate limiter,
-//! then the permit shared across locations (if any), one HTTP attempt, classification of the reply into an [`ApiError`] kind, and the single
-//! [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
+//! then the permit shared across locations (if any), one HTTP attempt, classification of the
+//! reply into an [`ApiError`] kind, and the single [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
 //! decode them straight into columns; single-record calls and writes return lenient models.
 
 use std::sync::Arc;
@@ -432,15 +432,7 @@ impl Client {
     }
 
     pub async fn delete_contact(&self, contact_id: &str) -> Result<(), ApiError> {
-        let _: Ignored = self
-            .write(
-                Method::DELETE,
-                format!("/contacts/{}", enc(contact_id)),
-                &serde_json::Value::Null,
-                Idempotency::Idempotent,
-            )
-            .await?;
-        Ok(())
+        self.delete(format!("/contacts/{}", enc(contact_id))).await
     }
 
     /// `POST /contacts/upsert`: returns whether a contact was created, and the contact.
@@ -530,30 +522,22 @@ impl Client {
     }
 
     pub async fn delete_task(&self, contact_id: &str, task_id: &str) -> Result<(), ApiError> {
-        let path = format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id));
-        let _: Ignored = self
-            .write(
-                Method::DELETE,
-                path,
-                &serde_json::Value::Null,
-                Idempotency::Idempotent,
-            )
-            .await?;
-        Ok(())
+        self.delete(format!(
+            "/contacts/{}/tasks/{}",
+            enc(contact_id),
+            enc(task_id)
+        ))
+        .await
     }
 
     /// `DELETE /contacts/:id/notes/:noteId`.
     pub async fn delete_note(&self, contact_id: &str, note_id: &str) -> Result<(), ApiError> {
-        let path = format!("/contacts/{}/notes/{}", enc(contact_id), enc(note_id));
-        let _: Ignored = self
-            .write(
-                Method::DELETE,
-                path,
-                &serde_json::Value::Null,
-                Idempotency::Idempotent,
-            )
-            .await?;
-        Ok(())
+        self.delete(format!(
+            "/contacts/{}/notes/{}",
+            enc(contact_id),
+            enc(note_id)
+        ))
+        .await
     }
 
     /// `POST /contacts/:id/notes`. Not retried after an ambiguous failure.
@@ -586,6 +570,19 @@ impl Client {
             Idempotency::Idempotent,
         )
         .await
+    }
+
+    /// A `DELETE` without a body; the reply's content does not matter.
+    async fn delete(&self, path: String) -> Result<(), ApiError> {
+        let _: Ignored = self
+            .write(
+                Method::DELETE,
+                path,
+                &serde_json::Value::Null,
+                Idempotency::Idempotent,
+            )
+            .await?;
+        Ok(())
     }
 
     async fn write<T: DeserializeOwned>(

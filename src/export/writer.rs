@@ -44,9 +44,7 @@ pub(crate) enum Msg {
     /// each message can wake this thread, and a wake-up costs more than a contact's columns.
     Items(Vec<Item>),
     /// Commit what is complete and stop. `listing_done`: the listing reached its end.
-    Finish {
-        listing_done: bool,
-    },
+    Finish { listing_done: bool },
 }
 
 struct Slot {

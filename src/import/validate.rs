@@ -377,13 +377,12 @@ impl ColumnPlan {
     /// Fields this file sets (by a column or a mapping constant) that only a create accepts
     /// ([`CREATE_ONLY`]): an update leaves them as they are.
     pub(crate) fn create_only_fields(&self) -> Vec<String> {
-        let set = |t: &Target| matches!(t, Target::Field(name, _) if CREATE_ONLY.contains(name));
         let mut out: Vec<String> = self
             .targets
             .iter()
             .chain(self.constants.iter().map(|(t, _)| t))
             .filter_map(|t| match t {
-                Target::Field(name, _) if set(t) => Some((*name).to_owned()),
+                Target::Field(name, _) if CREATE_ONLY.contains(name) => Some((*name).to_owned()),
                 _ => None,
             })
             .collect();
