@@ -19,6 +19,14 @@ use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 
+/// A short request timeout and settle time: the simulator here applies writes at once.
+fn quick_settle() -> import::Settle {
+    import::Settle {
+        timeout: Duration::from_secs(5),
+        settle: Duration::from_millis(500),
+    }
+}
+
 /// An empty location of another id with the same custom field ids as `fast_sim(_, seed)`
 /// (they depend on the seed and the location's index, not its id).
 fn empty_sim(seed: u64) -> SimConfig {
@@ -563,7 +571,7 @@ async fn duplicates_update_without_replacing_tags_and_undo_deletes_only_created_
         after.iter().any(|c| c["id"] == known_id.as_str()),
         "the updated contact is kept"
     );
-    let undo = import::undo(&client, &dir.path().join("j.jsonl"), 4)
+    let undo = import::undo(&client, &dir.path().join("j.jsonl"), 4, &quick_settle())
         .await
         .unwrap();
     assert_eq!(
@@ -609,7 +617,7 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
         assert_eq!(sim.sim.notes(id).len(), old.len() + 1);
     }
 
-    let undo = import::undo(&client, &dir.path().join("notes.journal"), 4)
+    let undo = import::undo(&client, &dir.path().join("notes.journal"), 4, &quick_settle())
         .await
         .unwrap();
     assert_eq!((undo.deleted, undo.failed), (3, 0), "{}", undo.render());
@@ -620,7 +628,7 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
             "only the imported note of {id} is gone"
         );
     }
-    let again = import::undo(&client, &dir.path().join("notes.journal"), 4)
+    let again = import::undo(&client, &dir.path().join("notes.journal"), 4, &quick_settle())
         .await
         .unwrap();
     assert_eq!((again.deleted, again.failed), (0, 0), "{}", again.render());
@@ -763,6 +771,10 @@ async fn ambiguous_failures_and_sigkills_then_resume_give_one_record_per_valid_r
             "off",
             "--concurrency",
             "8",
+            "--timeout",
+            "5",
+            "--settle-secs",
+            "1",
             "-q",
         ]
         .iter()

@@ -1,5 +1,6 @@
 //! Writing task and note rows. Tasks and notes have no natural key, so after an ambiguous
-//! create (or an intent without outcome found on a rerun) the contact's tasks or notes are
+//! create (or an intent without outcome found on a rerun), once it has had time to land
+//! (`super::ambiguous`), the contact's tasks or notes are
 //! listed and one matching the row (tasks: title and dueDate; notes: body, added after the
 //! intent) that no other row of the journal has claimed is taken as this row's.
 //!
@@ -11,12 +12,11 @@ use std::sync::{Arc, Mutex};
 
 use serde_json::Value;
 
-use super::journal::{Action, Journal, JournalError, Outcome, Record, RowState};
+use super::ambiguous::{Attempt, InFlight};
+use super::journal::{Journal, JournalError, Outcome, Record, RowState};
 use super::validate::{ChildRow, ContactRef, Entity};
-use super::write::{added_since, classify, RowResult};
+use super::write::{added_since, classify, gave_up, RowResult};
 use crate::api::{ApiError, Client};
-
-const MAX_AMBIGUOUS: u32 = 6;
 
 /// Where children rows find their contacts: the contacts journal, then the API.
 pub(crate) struct ContactResolver<'a> {
@@ -107,6 +107,7 @@ pub(crate) struct ChildWriter<'a> {
     /// Child ids some row owns (from the journal, and created or adopted in this run).
     pub claimed: Mutex<HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    in_flight: &'a InFlight,
 }
 
 impl<'a> ChildWriter<'a> {
@@ -115,6 +116,7 @@ impl<'a> ChildWriter<'a> {
         journal: &'a Journal,
         entity: Entity,
         claimed: HashSet<String>,
+        in_flight: &'a InFlight,
     ) -> Self {
         ChildWriter {
             client,
@@ -122,6 +124,7 @@ impl<'a> ChildWriter<'a> {
             entity,
             claimed: Mutex::new(claimed),
             locks: Mutex::new(HashMap::new()),
+            in_flight,
         }
     }
 
@@ -218,60 +221,45 @@ impl<'a> ChildWriter<'a> {
         prior: Option<&RowState>,
     ) -> Result<RowResult, JournalError> {
         let body = Value::Object(row.body.clone());
-        let mut since = prior.and_then(|p| p.pending_since);
-        for _ in 0..MAX_AMBIGUOUS {
-            if let Some(t) = since {
-                match self.find(row, contact_id, t).await {
-                    Ok(Some(id)) => return Ok(RowResult::Done(Outcome::Created, id)),
-                    Ok(None) => {}
-                    Err(e) => return Ok(classify(e)),
-                }
+        let attempt = self
+            .in_flight
+            .create(
+                self.journal,
+                row.line,
+                key,
+                Some(contact_id),
+                prior,
+                async |since| self.find(row, contact_id, since).await,
+                async || match self.entity {
+                    Entity::Tasks => self
+                        .client
+                        .create_task(contact_id, &body)
+                        .await
+                        .map(|t| t.id),
+                    _ => self
+                        .client
+                        .create_note(contact_id, &body)
+                        .await
+                        .map(|n| n.id),
+                },
+            )
+            .await?;
+        Ok(match attempt {
+            Attempt::Found { found, .. } => RowResult::Done(Outcome::Created, found),
+            Attempt::Created(Some(id)) => {
+                self.claim(&id);
+                RowResult::Done(Outcome::Created, id)
             }
-            let at = super::journal::now_ms();
-            self.journal
-                .append(&Record::Intent {
-                    run: self.journal.run_id().to_owned(),
-                    row: row.line,
-                    key: key.to_owned(),
-                    action: Action::Create,
-                    at,
-                    contact: Some(contact_id.to_owned()),
-                })
-                .await?;
-            since.get_or_insert(at);
-            let created = match self.entity {
-                Entity::Tasks => self
-                    .client
-                    .create_task(contact_id, &body)
-                    .await
-                    .map(|t| t.id),
-                _ => self
-                    .client
-                    .create_note(contact_id, &body)
-                    .await
-                    .map(|n| n.id),
-            };
-            match created {
-                Ok(Some(id)) => {
-                    self.claim(&id);
-                    return Ok(RowResult::Done(Outcome::Created, id));
-                }
-                Ok(None) => {
-                    return Ok(RowResult::Failed {
-                        error: format!(
-                            "POST /contacts/{contact_id}/{}: the reply has no id",
-                            self.entity.name()
-                        ),
-                        retry: true,
-                    })
-                }
-                Err(e) if e.maybe_applied() => continue,
-                Err(e) => return Ok(classify(e)),
-            }
-        }
-        Ok(RowResult::Failed {
-            error: format!("the create failed ambiguously {MAX_AMBIGUOUS} times; rerun with the same journal to finish the row"),
-            retry: true,
+            Attempt::Created(None) => RowResult::Failed {
+                error: format!(
+                    "POST /contacts/{contact_id}/{}: the reply has no id",
+                    self.entity.name()
+                ),
+                retry: true,
+            },
+            Attempt::Refused { error, .. } | Attempt::LookupFailed(error) => classify(error),
+            Attempt::Deferred { until } => RowResult::Deferred { until },
+            Attempt::GaveUp => gave_up(),
         })
     }
 

@@ -115,6 +115,30 @@ pub struct SourceArgs {
     /// Also write the JSON summary of the run to this file.
     #[arg(long, value_name = "FILE")]
     pub summary: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub settle: SettleArg,
+}
+
+/// `--settle-secs`, for every command that may look up a create whose outcome is unknown.
+#[derive(Debug, Args)]
+pub struct SettleArg {
+    /// Seconds a write may take, after its request ended, to land and show in the API's
+    /// duplicate search. A create whose outcome is unknown (a timeout, a 5xx, a run killed
+    /// mid-request) is looked up only when it is older than the request timeout (--timeout)
+    /// plus this, so a create still in flight is never made a second time. A rerun after a
+    /// killed run waits once for the creates it left unconfirmed, and says so.
+    #[arg(long, value_name = "SECS", default_value_t = super::DEFAULT_SETTLE.as_secs())]
+    pub settle_secs: u64,
+}
+
+impl SettleArg {
+    fn settle(&self, conn: &ConnArgs) -> super::Settle {
+        super::Settle {
+            timeout: std::time::Duration::from_secs(conn.timeout),
+            settle: std::time::Duration::from_secs(self.settle_secs),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -170,6 +194,9 @@ pub struct UndoArgs {
     pub journal: PathBuf,
 
     #[command(flatten)]
+    pub settle: SettleArg,
+
+    #[command(flatten)]
     pub conn: ConnArgs,
 }
 
@@ -210,8 +237,10 @@ impl Incomplete {
     }
 }
 
-fn source_options(args: &SourceArgs, concurrency: u16) -> anyhow::Result<SourceOptions> {
+fn source_options(args: &SourceArgs, conn: &ConnArgs) -> anyhow::Result<SourceOptions> {
+    let concurrency = conn.concurrency;
     let mut s = SourceOptions::new(&args.input);
+    s.settle = args.settle.settle(conn);
     if let Some(m) = &args.mapping {
         s.mapping = Mapping::load(m)?;
     }
@@ -255,8 +284,14 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
     let (result, source, summary) = match &args.command {
         ImportCommand::Undo(u) => {
             let client = client(&u.conn)?;
-            let report = super::undo(&client, &u.journal, usize::from(u.conn.concurrency))
-                .await
+            let settle = u.settle.settle(&u.conn);
+            let report = super::undo(
+                &client,
+                &u.journal,
+                usize::from(u.conn.concurrency),
+                &settle,
+            )
+            .await
                 .with_context(|| format!("undo of {} did not complete", u.journal.display()))?;
             if !quiet {
                 println!("{}", report.render());
@@ -270,7 +305,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         ImportCommand::Contacts(c) => {
-            let source = source_options(&c.source, c.conn.concurrency)?;
+            let source = source_options(&c.source, &c.conn)?;
             let client = if source.dry_run == Some(DryRun::Offline) {
                 offline_client()?
             } else {
@@ -292,7 +327,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             } else {
                 Entity::Notes
             };
-            let source = source_options(&c.source, c.conn.concurrency)?;
+            let source = source_options(&c.source, &c.conn)?;
             let client = if source.dry_run.is_some() {
                 offline_client()?
             } else {

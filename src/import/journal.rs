@@ -10,15 +10,26 @@
 //! Writes go through one thread that appends every queued line, calls `sync_data` once, and
 //! then acknowledges the whole group (group commit), so concurrent rows share an fsync.
 //! A torn last line (the process killed mid-write) is dropped when the journal is reopened.
+//!
+//! One run at a time: the journal is locked for the run (an advisory lock on `JOURNAL.lock`,
+//! released by the kernel however the run ends), so a second import or undo with the same
+//! journal exits 8 instead of writing every row a second time. The file is opened in append
+//! mode and each group of lines goes out in one `write`, so lines never interleave.
+//!
+//! Why a run records its request timeout: a create sent just before a run died may still be in
+//! flight, and may land after the next run looked for it. The next run waits until every
+//! unconfirmed intent is older than the timeout of the run that sent it plus a settle time
+//! (see `super::ambiguous`).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::validate::Entity;
+use crate::pipeline::lock::{LockError, RunLock};
 
 /// Version of the record layout (in every `run` line).
 pub const JOURNAL_VERSION: u32 = 1;
@@ -55,6 +66,9 @@ pub enum Record {
         location: Option<String>,
         input: String,
         at: String,
+        /// The run's request timeout: how long a create it sent may stay in flight.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_ms: Option<u64>,
     },
     /// About to send a create (`at`: epoch ms, before sending). Durable before the request.
     #[serde(rename_all = "camelCase")]
@@ -116,6 +130,9 @@ pub struct RowState {
     pub key: String,
     /// Earliest intent not followed by `done`: the row may have been applied.
     pub pending_since: Option<i64>,
+    /// Latest intent not followed by `done`, with the timeout of the run that wrote it (ms):
+    /// its create may be in flight until `at + timeout`.
+    pub pending_until: Option<i64>,
     pub done: Option<Done>,
     pub closed: bool,
     pub failed: Option<(String, bool)>,
@@ -140,25 +157,44 @@ pub struct JournalState {
     pub rows: HashMap<u64, RowState>,
     /// Ids `undo` already deleted.
     pub undone: HashSet<String>,
+    /// Request timeout (ms) of each run, by run id.
+    run_timeouts: HashMap<String, u64>,
 }
 
 impl JournalState {
     fn apply(&mut self, rec: Record) {
         match rec {
             Record::Run {
-                entity, location, ..
+                entity,
+                location,
+                run,
+                timeout_ms,
+                ..
             } => {
+                if let Some(t) = timeout_ms {
+                    self.run_timeouts.insert(run, t);
+                }
                 self.entity.get_or_insert(entity);
                 if self.location.is_none() {
                     self.location = location;
                 }
                 self.runs += 1;
             }
-            Record::Intent { row, key, at, .. } => {
+            Record::Intent {
+                row, key, at, run, ..
+            } => {
+                // A journal from before timeouts were recorded: assume the default timeout.
+                let timeout = self
+                    .run_timeouts
+                    .get(&run)
+                    .copied()
+                    .unwrap_or(DEFAULT_TIMEOUT_MS);
                 let r = self.rows.entry(row).or_default();
                 r.key = key;
                 if r.done.is_none() {
                     r.pending_since = Some(r.pending_since.map_or(at, |p| p.min(at)));
+                    let until = at.saturating_add(timeout as i64);
+                    r.pending_until = Some(r.pending_until.map_or(until, |p| p.max(until)));
                 }
             }
             Record::Done {
@@ -175,6 +211,7 @@ impl JournalState {
                 let r = self.rows.entry(row).or_default();
                 r.key = key;
                 r.pending_since = None;
+                r.pending_until = None;
                 r.failed = None;
                 r.done = Some(Done {
                     outcome,
@@ -206,6 +243,24 @@ impl JournalState {
         }
     }
 
+    /// When the last create an earlier run may have left in flight has surely ended (epoch ms):
+    /// the latest unconfirmed intent plus its run's request timeout. `None`: nothing pending.
+    pub fn in_flight_until(&self) -> Option<i64> {
+        self.rows
+            .values()
+            .filter(|r| r.done.is_none())
+            .filter_map(|r| r.pending_until)
+            .max()
+    }
+
+    /// Rows whose create was sent but never confirmed.
+    pub fn unconfirmed(&self) -> usize {
+        self.rows
+            .values()
+            .filter(|r| r.done.is_none() && r.pending_since.is_some())
+            .count()
+    }
+
     /// Child ids already taken by some row: an ambiguous create must not adopt them.
     pub fn claimed_ids(&self) -> HashSet<String> {
         self.rows
@@ -230,7 +285,17 @@ pub enum JournalError {
     },
     #[error("journal {path}: the journal writer stopped: {message}")]
     Writer { path: PathBuf, message: String },
+    /// Another import or undo has the journal open (exit 8).
+    #[error("journal {path} is in use by another import or undo")]
+    Busy {
+        path: PathBuf,
+        #[source]
+        source: LockError,
+    },
 }
+
+/// The request timeout assumed for runs that did not record theirs (the client's default).
+pub const DEFAULT_TIMEOUT_MS: u64 = 60_000;
 
 /// Reads a journal (missing file = empty). A torn last line is ignored.
 pub fn read(path: &Path) -> Result<(JournalState, u64), JournalError> {
@@ -283,17 +348,37 @@ pub struct Journal {
     run: String,
     tx: Option<std::sync::mpsc::Sender<(Vec<u8>, Ack)>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Held for the run; released on drop (or by the kernel if the process dies).
+    _lock: RunLock,
+}
+
+/// A journal locked for this run and replayed, before its run line is written.
+pub struct LockedJournal {
+    path: PathBuf,
+    file: File,
+    lock: RunLock,
+}
+
+/// What a run records about itself in its `run` line.
+#[derive(Clone, Debug)]
+pub struct RunInfo<'a> {
+    pub entity: Entity,
+    pub location: Option<&'a str>,
+    pub input: &'a Path,
+    pub timeout: std::time::Duration,
+}
+
+/// The lock file that keeps two runs off one journal: `JOURNAL.lock`.
+pub fn lock_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".lock");
+    PathBuf::from(s)
 }
 
 impl Journal {
-    /// Opens (or creates) the journal, replays it, drops a torn tail, and appends a `run` line.
-    pub async fn open(
-        path: &Path,
-        entity: Entity,
-        location: Option<&str>,
-        input: &Path,
-    ) -> Result<(Journal, JournalState), JournalError> {
-        let (state, good_len) = read(path)?;
+    /// Locks the journal for this run (or fails with [`JournalError::Busy`]), replays it, and
+    /// drops a torn tail. Nothing is appended until [`LockedJournal::start`].
+    pub fn lock(path: &Path) -> Result<(LockedJournal, JournalState), JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_owned(),
             source,
@@ -301,40 +386,40 @@ impl Journal {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let lock = RunLock::acquire(&lock_path(path)).map_err(|source| match source {
+            LockError::Busy { .. } => JournalError::Busy {
+                path: path.to_owned(),
+                source,
+            },
+            LockError::Io { source, .. } => io(source),
+        })?;
+        let (state, good_len) = read(path)?;
+        // Append mode: every write lands at the end, whatever else has the file open.
+        let file = OpenOptions::new()
             .create(true)
-            .read(true)
-            .write(true)
-            .truncate(false)
+            .append(true)
             .open(path)
             .map_err(io)?;
         if file.metadata().map_err(io)?.len() != good_len {
             file.set_len(good_len).map_err(io)?;
         }
-        file.seek(SeekFrom::End(0)).map_err(io)?;
-        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Ack)>();
-        let thread = std::thread::Builder::new()
-            .name("import-journal".into())
-            .spawn(move || writer(file, rx))
-            .map_err(io)?;
-        let run = format!("{}-{}", now_ms(), std::process::id());
-        let journal = Journal {
-            path: path.to_owned(),
-            run: run.clone(),
-            tx: Some(tx),
-            thread: Some(thread),
-        };
-        journal
-            .append(&Record::Run {
-                v: JOURNAL_VERSION,
-                run,
-                entity,
-                location: location.map(str::to_owned),
-                input: input.display().to_string(),
-                at: crate::timefmt::format_iso_millis(now_ms()),
-            })
-            .await?;
-        Ok((journal, state))
+        Ok((
+            LockedJournal {
+                path: path.to_owned(),
+                file,
+                lock,
+            },
+            state,
+        ))
+    }
+
+    /// [`Journal::lock`] then [`LockedJournal::start`].
+    pub async fn open(
+        path: &Path,
+        info: &RunInfo<'_>,
+    ) -> Result<(Journal, JournalState), JournalError> {
+        let (locked, state) = Journal::lock(path)?;
+        Ok((locked.start(info).await?, state))
     }
 
     pub fn run_id(&self) -> &str {
@@ -366,6 +451,41 @@ impl Journal {
     }
 }
 
+impl LockedJournal {
+    /// Starts the writer and appends this run's `run` line.
+    pub async fn start(self, info: &RunInfo<'_>) -> Result<Journal, JournalError> {
+        let LockedJournal { path, file, lock } = self;
+        let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Ack)>();
+        let thread = std::thread::Builder::new()
+            .name("import-journal".into())
+            .spawn(move || writer(file, rx))
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let run = format!("{}-{}", now_ms(), std::process::id());
+        let journal = Journal {
+            path,
+            run: run.clone(),
+            tx: Some(tx),
+            thread: Some(thread),
+            _lock: lock,
+        };
+        journal
+            .append(&Record::Run {
+                v: JOURNAL_VERSION,
+                run,
+                entity: info.entity,
+                location: info.location.map(str::to_owned),
+                input: info.input.display().to_string(),
+                at: crate::timefmt::format_iso_millis(now_ms()),
+                timeout_ms: Some(info.timeout.as_millis().min(u128::from(u64::MAX)) as u64),
+            })
+            .await?;
+        Ok(journal)
+    }
+}
+
 impl Drop for Journal {
     fn drop(&mut self) {
         // Closing the channel ends the writer after it has written what was queued.
@@ -393,6 +513,7 @@ fn writer(mut file: File, rx: std::sync::mpsc::Receiver<(Vec<u8>, Ack)>) {
                 for (line, _) in &group {
                     bytes.extend_from_slice(line);
                 }
+                // One write for the group: in append mode it lands whole at the end.
                 file.write_all(&bytes)
                     .and_then(|()| file.sync_data())
                     .map_err(|e| e.to_string())
@@ -428,6 +549,15 @@ pub(crate) fn digest(s: &str) -> String {
 mod tests {
     use super::*;
 
+    fn info(location: Option<&str>) -> RunInfo<'_> {
+        RunInfo {
+            entity: Entity::Contacts,
+            location,
+            input: Path::new("in.csv"),
+            timeout: std::time::Duration::from_secs(7),
+        }
+    }
+
     fn done(row: u64, id: &str) -> Record {
         Record::Done {
             run: "r".into(),
@@ -447,9 +577,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
         {
-            let (j, state) = Journal::open(&path, Entity::Contacts, Some("L"), Path::new("in.csv"))
-                .await
-                .unwrap();
+            let (j, state) = Journal::open(&path, &info(Some("L"))).await.unwrap();
             assert_eq!(state.runs, 0);
             for (row, at) in [(2, 100), (3, 200)] {
                 let key = format!("k{row}");
@@ -472,7 +600,44 @@ mod tests {
         assert_eq!(state.rows[&2].done.as_ref().unwrap().id, "c2");
         assert_eq!(state.rows[&2].pending_since, None);
         assert_eq!(state.rows[&3].pending_since, Some(200));
+        assert_eq!(
+            state.in_flight_until(),
+            Some(200 + 7_000),
+            "the unconfirmed create may be in flight for the run's recorded timeout"
+        );
+        assert_eq!(state.unconfirmed(), 1);
         assert!(state.claimed_ids().contains("c2"));
+    }
+
+    #[tokio::test]
+    async fn two_imports_with_the_same_journal_the_second_is_refused_as_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let (first, _) = Journal::open(&path, &info(Some("L"))).await.unwrap();
+        let second = Journal::lock(&path);
+        assert!(
+            matches!(second, Err(JournalError::Busy { .. })),
+            "a second run on a journal in use must be refused"
+        );
+        drop(first);
+        let (_again, state) = Journal::lock(&path).expect("free once the first run ended");
+        assert_eq!(state.runs, 1, "the refused run wrote nothing");
+    }
+
+    #[tokio::test]
+    async fn journal_lines_written_concurrently_are_never_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.jsonl");
+        let (j, _) = Journal::open(&path, &info(Some("L"))).await.unwrap();
+        let j = &j;
+        futures::future::join_all((0..500u64).map(|row| async move {
+            j.append(&done(row, &format!("id-{row}-{}", "x".repeat(300))))
+                .await
+                .unwrap()
+        }))
+        .await;
+        let (state, _) = read(&path).unwrap();
+        assert_eq!(state.rows.len(), 500);
     }
 
     #[tokio::test]
@@ -484,9 +649,7 @@ mod tests {
         text.push_str("{\"t\":\"done\",\"run\":\"r\",\"ro");
         std::fs::write(&path, text).unwrap();
         {
-            let (j, state) = Journal::open(&path, Entity::Contacts, None, Path::new("x"))
-                .await
-                .unwrap();
+            let (j, state) = Journal::open(&path, &info(None)).await.unwrap();
             assert_eq!(state.rows.len(), 1);
             j.append(&done(3, "c3")).await.unwrap();
         }

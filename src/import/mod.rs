@@ -10,13 +10,16 @@
 //! # Layout
 //! - `input`: CSV reading (BOM, delimiter sniffing, quoted newlines) and the mapping file.
 //! - `validate`: columns to API fields, per-row checks, request bodies.
-//! - `journal`: the append-only, fsync'd journal and its replay.
+//! - `journal`: the append-only, fsync'd journal (locked for the run) and its replay.
+//! - `ambiguous`: the one protocol that keeps a create from happening twice (intent, wait for
+//!   an ambiguous create to land, look up, create).
 //! - `write`: one contact row (create, duplicates, updates, ambiguous failures).
 //! - `children`: one task or note row.
 //! - `undo`: delete what a journal says was created.
 //! - `report`: rejects CSV, JSON summary, printed report.
 //! - `cli`: the `import` subcommands' arguments and glue.
 
+mod ambiguous;
 mod children;
 pub mod cli;
 mod input;
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+pub use ambiguous::{Settle, DEFAULT_SETTLE};
 pub use input::{InputError, Mapping};
 pub use journal::{
     read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState,
@@ -45,6 +49,7 @@ use input::{open_csv, CsvInput, RawRecord};
 use journal::Journal;
 use report::{reason_text, Rejects};
 use validate::{ColumnPlan, Row, Rules, Validator};
+use ambiguous::InFlight;
 use write::{classify, ContactWriter, RowResult};
 
 /// `--on-duplicate`: what to do when a create matches an existing contact (the API's 400
@@ -88,6 +93,8 @@ pub struct SourceOptions {
     pub rejects: PathBuf,
     /// Rows in progress at once (requests are further bounded by the client).
     pub concurrency: usize,
+    /// How long a create whose outcome is unknown may take to land and become visible.
+    pub settle: Settle,
 }
 
 impl SourceOptions {
@@ -110,6 +117,7 @@ impl SourceOptions {
             ignore_unknown_columns: false,
             dry_run: None,
             concurrency: 8,
+            settle: Settle::default(),
         }
     }
 }
@@ -204,7 +212,10 @@ pub async fn import_contacts(
     }
     let (journal, state) = open_journal(&opts.source, Entity::Contacts, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
+    ambiguous::startup_wait(&state, &opts.source.settle).await;
+    let in_flight = InFlight::new(opts.source.settle);
     let writer = ContactWriter {
+        in_flight: &in_flight,
         client: &client,
         journal: &journal,
         location_id: &opts.location_id,
@@ -227,11 +238,14 @@ pub async fn import_contacts(
                 return (rec, Ok(Step::AlreadyDone));
             }
         }
-        let r = writer
-            .write(&c, prior)
-            .await
-            .map(Step::Wrote)
-            .map_err(ImportError::from);
+        let r = match writer.write(&c, prior).await {
+            Ok(RowResult::Deferred { until }) => Ok(Step::Later {
+                row: Row::Contact(c),
+                until,
+            }),
+            Ok(r) => Ok(Step::Wrote(r)),
+            Err(e) => Err(ImportError::from(e)),
+        };
         (rec, r)
     };
     write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
@@ -269,9 +283,17 @@ pub async fn import_children(
     };
     let (journal, state) = open_journal(&opts.source, opts.entity, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
+    ambiguous::startup_wait(&state, &opts.source.settle).await;
+    let in_flight = InFlight::new(opts.source.settle);
     let resolver =
         children::ContactResolver::new(&client, &opts.location_id, map, opts.id_map.is_some());
-    let writer = children::ChildWriter::new(&client, &journal, opts.entity, state.claimed_ids());
+    let writer = children::ChildWriter::new(
+        &client,
+        &journal,
+        opts.entity,
+        state.claimed_ids(),
+        &in_flight,
+    );
     let (state, resolver, writer) = (&state, &resolver, &writer);
     let work = |rec: RawRecord, row: Row| async move {
         let Row::Child(c) = row else {
@@ -311,11 +333,14 @@ pub async fn import_children(
                 Err(e) => return (rec, Ok(Step::Wrote(classify(e)))),
             },
         };
-        let r = writer
-            .write(&c, &contact, prior)
-            .await
-            .map(Step::Wrote)
-            .map_err(ImportError::from);
+        let r = match writer.write(&c, &contact, prior).await {
+            Ok(RowResult::Deferred { until }) => Ok(Step::Later {
+                row: Row::Child(c),
+                until,
+            }),
+            Ok(r) => Ok(Step::Wrote(r)),
+            Err(e) => Err(ImportError::from(e)),
+        };
         (rec, r)
     };
     write_all(&opts.source, &rules, plan, &mut report, rejects, work).await?;
@@ -325,6 +350,9 @@ pub async fn import_children(
 enum Step {
     AlreadyDone,
     Wrote(RowResult),
+    /// An ambiguous create: the row comes back after the others, once `until` (epoch ms) has
+    /// passed.
+    Later { row: Row, until: i64 },
 }
 
 fn mismatch(journal: &std::path::Path, line: u64, key: &str, prior: &RowState) -> ImportError {
@@ -420,8 +448,13 @@ async fn open_journal(
     entity: Entity,
     location: &str,
 ) -> Result<(Journal, JournalState), ImportError> {
-    let (journal, state) =
-        Journal::open(&source.journal, entity, Some(location), &source.input).await?;
+    let info = journal::RunInfo {
+        entity,
+        location: Some(location),
+        input: &source.input,
+        timeout: source.settle.timeout,
+    };
+    let (journal, state) = Journal::open(&source.journal, &info).await?;
     let mismatch = |message: String| ImportError::JournalMismatch {
         path: source.journal.clone(),
         message,
@@ -445,7 +478,8 @@ async fn open_journal(
 }
 
 /// Pass 2: valid rows through `work` with bounded concurrency; outcomes counted, refusals
-/// added to the rejects file.
+/// added to the rejects file. Rows whose create failed ambiguously come back in later rounds,
+/// after one wait each round (see [`ambiguous`]).
 async fn write_all<F, Fut>(
     source: &SourceOptions,
     rules: &Rules,
@@ -460,7 +494,7 @@ where
 {
     let input = open_csv(&source.input, source.delimiter)?;
     let rows = valid_rows(input, Validator::new(plan, rules.clone()));
-    let mut results = std::pin::pin!(futures::stream::iter(rows)
+    let results = futures::stream::iter(rows)
         .map(|r| {
             let fut = r.map(|(rec, row)| work(rec, row));
             async move {
@@ -470,54 +504,24 @@ where
                 }
             }
         })
-        .buffer_unordered(source.concurrency.max(1)));
-    let mut last_log = Instant::now();
-    let mut abort = None;
-    let mut finished = 0u64;
-    while let Some(item) = results.next().await {
-        let (rec, step) = item?;
-        finished += 1;
-        match step? {
-            Step::AlreadyDone => report.already_done += 1,
-            Step::Wrote(RowResult::Done(o, _)) => match o {
-                Outcome::Created => report.created += 1,
-                Outcome::Updated => report.updated += 1,
-                Outcome::Skipped => report.skipped += 1,
-            },
-            Step::Wrote(RowResult::Failed { error, retry: true }) => {
-                report.failed_retryable += 1;
-                tracing::warn!(line = rec.line, %error, "row failed; a rerun with the same journal retries it");
-            }
-            Step::Wrote(RowResult::Failed {
-                error,
-                retry: false,
-            }) => {
-                let p = validate::Problem {
-                    line: rec.line,
-                    field: None,
-                    reason: Reason::Api,
-                    message: error.clone(),
-                };
-                report.add_problems(std::slice::from_ref(&p));
-                rejects
-                    .push(&rec, &error)
-                    .map_err(|e| rejects_err(source, e))?;
-            }
-            Step::Wrote(RowResult::Abort(e)) => {
-                abort = Some(e);
-                break;
-            }
-        }
-        if last_log.elapsed() >= Duration::from_secs(10) {
-            last_log = Instant::now();
-            tracing::info!(
-                rows = finished,
-                of = report.valid,
-                created = report.created,
-                updated = report.updated,
-                "importing"
-            );
-        }
+        .buffer_unordered(source.concurrency.max(1));
+    let mut tally = Tally {
+        source,
+        report,
+        rejects: &mut rejects,
+        later: Vec::new(),
+        finished: 0,
+        last_log: Instant::now(),
+    };
+    let mut abort = tally.consume(results).await?;
+    while abort.is_none() && !tally.later.is_empty() {
+        let later = std::mem::take(&mut tally.later);
+        let until = later.iter().map(|(_, _, u)| *u).max().unwrap_or(0);
+        ambiguous::wait_for_deferred(until, later.len()).await;
+        let results = futures::stream::iter(later)
+            .map(|(rec, row, _)| async { Ok(work(rec, row).await) })
+            .buffer_unordered(source.concurrency.max(1));
+        abort = tally.consume(results).await?;
     }
     finish_rejects(rejects, source)?;
     if let Some(e) = abort {
@@ -528,6 +532,81 @@ where
         });
     }
     Ok(())
+}
+
+/// Counts outcomes of pass 2 and keeps the rows to take up again.
+struct Tally<'a> {
+    source: &'a SourceOptions,
+    report: &'a mut ImportReport,
+    rejects: &'a mut Rejects,
+    later: Vec<(RawRecord, Row, i64)>,
+    finished: u64,
+    last_log: Instant,
+}
+
+impl Tally<'_> {
+    /// Drains `results`; returns the error that stops the whole import, if one came.
+    async fn consume(
+        &mut self,
+        results: impl futures::Stream<
+            Item = Result<(RawRecord, Result<Step, ImportError>), InputError>,
+        >,
+    ) -> Result<Option<ApiError>, ImportError> {
+        let mut results = std::pin::pin!(results);
+        while let Some(item) = results.next().await {
+            let (rec, step) = item?;
+            let report = &mut *self.report;
+            match step? {
+                Step::AlreadyDone => report.already_done += 1,
+                Step::Later { row, until } => {
+                    self.later.push((rec, row, until));
+                    continue;
+                }
+                Step::Wrote(RowResult::Done(o, _)) => match o {
+                    Outcome::Created => report.created += 1,
+                    Outcome::Updated => report.updated += 1,
+                    Outcome::Skipped => report.skipped += 1,
+                },
+                Step::Wrote(RowResult::Failed { error, retry: true }) => {
+                    report.failed_retryable += 1;
+                    tracing::warn!(line = rec.line, %error, "row failed; a rerun with the same journal retries it");
+                }
+                Step::Wrote(RowResult::Failed {
+                    error,
+                    retry: false,
+                }) => {
+                    let p = validate::Problem {
+                        line: rec.line,
+                        field: None,
+                        reason: Reason::Api,
+                        message: error.clone(),
+                    };
+                    report.add_problems(std::slice::from_ref(&p));
+                    self.rejects
+                        .push(&rec, &error)
+                        .map_err(|e| rejects_err(self.source, e))?;
+                }
+                Step::Wrote(RowResult::Deferred { .. }) => {
+                    // The work functions turn these into `Step::Later`; should one slip
+                    // through, the row is left for a rerun, which looks it up first.
+                    report.failed_retryable += 1;
+                }
+                Step::Wrote(RowResult::Abort(e)) => return Ok(Some(e)),
+            }
+            self.finished += 1;
+            if self.last_log.elapsed() >= Duration::from_secs(10) {
+                self.last_log = Instant::now();
+                tracing::info!(
+                    rows = self.finished,
+                    of = report.valid,
+                    created = report.created,
+                    updated = report.updated,
+                    "importing"
+                );
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Dry run with lookups: tells creates from updates, read-only.

@@ -4,13 +4,15 @@
 //! notes with `DELETE …/notes/:noteId`. Nothing that was only updated or skipped is touched:
 //! the journal does not hold the values before the update, so they cannot be restored.
 //!
-//! Rows left ambiguous (an intent, no outcome) are looked up like a resumed import would, and
-//! deleted when the contact found was added after the intent. Each deletion is journaled, so
+//! Rows left ambiguous (an intent, no outcome) are looked up like a resumed import would (after
+//! waiting for a create still in flight to land), and deleted when the contact found was
+//! added after the intent. The journal is locked for the undo like for an import. Each deletion is journaled, so
 //! an interrupted undo can be run again.
 
 use futures::StreamExt;
 use serde::Serialize;
 
+use super::ambiguous::{self, Settle};
 use super::journal::{self, Journal, Outcome, Record};
 use super::validate::Entity;
 use super::write::{added_since, key_part};
@@ -72,8 +74,9 @@ pub async fn undo(
     client: &Client,
     journal_path: &std::path::Path,
     concurrency: usize,
+    settle: &Settle,
 ) -> Result<UndoReport, ImportError> {
-    let (state, _) = journal::read(journal_path)?;
+    let (locked, state) = Journal::lock(journal_path)?;
     let Some(entity) = state.entity else {
         return Err(ImportError::EmptyJournal(journal_path.to_owned()));
     };
@@ -81,13 +84,18 @@ pub async fn undo(
         entity: Some(entity),
         ..UndoReport::default()
     };
-    let (journal, _) = Journal::open(
-        journal_path,
-        entity,
-        state.location.as_deref(),
-        std::path::Path::new("undo"),
-    )
-    .await?;
+    let journal = locked
+        .start(&journal::RunInfo {
+            entity,
+            location: state.location.as_deref(),
+            input: std::path::Path::new("undo"),
+            timeout: settle.timeout,
+        })
+        .await?;
+    // Contacts whose create was never confirmed are looked up: first let them land.
+    if entity == Entity::Contacts {
+        ambiguous::startup_wait(&state, settle).await;
+    }
     let mut targets = Vec::new();
     for (line, r) in &state.rows {
         match &r.done {

@@ -2,21 +2,20 @@
 //! second contact after an ambiguous failure.
 //!
 //! A create that failed ambiguously (`maybe_applied`: a timeout or 5xx after sending, or a
-//! rerun finding an intent without outcome in the journal) is followed by
-//! `GET /contacts/search/duplicate` before any new create. A contact found that way counts as
+//! rerun finding an intent without outcome in the journal) is followed, once it has had time
+//! to land (`super::ambiguous`), by `GET /contacts/search/duplicate` before any new create.
+//! A contact found that way counts as
 //! created by this import only if its `dateAdded` is not older than the first intent (less
 //! [`CLOCK_MARGIN_MS`]); an older one existed before and is handled as a duplicate.
 
-use super::journal::{Action, Journal, JournalError, Outcome, Record, RowState};
+use super::ambiguous::{Attempt, InFlight};
+use super::journal::{Journal, JournalError, Outcome, Record, RowState};
 use super::validate::ContactRow;
 use super::OnDuplicate;
 use crate::api::{ApiError, Client, Contact, ErrorKind};
 
 /// Server clock allowance when deciding whether a contact found after an ambiguous create is ours.
 pub(crate) const CLOCK_MARGIN_MS: i64 = 5_000;
-
-/// Ambiguous failures tolerated for one row in one run before it is left for a rerun.
-const MAX_AMBIGUOUS: u32 = 6;
 
 /// How one row ended in this run.
 #[derive(Debug)]
@@ -29,6 +28,17 @@ pub(crate) enum RowResult {
     },
     /// Stop the whole import (token refused, quota spent, no access to the location).
     Abort(ApiError),
+    /// The create failed ambiguously: take the row up again (lookup first) at `until` (epoch
+    /// ms), when the create has surely landed if it was applied (see `super::ambiguous`).
+    Deferred { until: i64 },
+}
+
+/// A row whose creates kept failing ambiguously in this run.
+pub(crate) fn gave_up() -> RowResult {
+    RowResult::Failed {
+        error: "the create failed ambiguously several times; rerun with the same journal to finish the row (it is looked up first, never created twice)".into(),
+        retry: true,
+    }
 }
 
 /// Turns an API error into a row result.
@@ -53,6 +63,7 @@ pub(crate) struct ContactWriter<'a> {
     pub location_id: &'a str,
     pub on_duplicate: OnDuplicate,
     pub value_key: &'a str,
+    pub in_flight: &'a InFlight,
 }
 
 /// Whether `c` was added at or after `since` (epoch ms), allowing for clock skew.
@@ -96,7 +107,7 @@ impl ContactWriter<'_> {
                     })
                     .await?
             }
-            RowResult::Abort(_) => {}
+            RowResult::Abort(_) | RowResult::Deferred { .. } => {}
         }
         Ok(result)
     }
@@ -110,68 +121,55 @@ impl ContactWriter<'_> {
             return Ok(self.update(row, id).await);
         }
         let body = row.create_body(self.location_id, self.value_key);
-        let mut since = prior.and_then(|p| p.pending_since);
-        for _ in 0..MAX_AMBIGUOUS {
-            if let Some(t) = since {
-                match self
-                    .client
-                    .find_duplicate(self.location_id, row.email.as_deref(), row.phone.as_deref())
-                    .await
-                {
-                    Ok(Some(c)) => return Ok(self.found(row, c, t).await),
-                    Ok(None) => {}
-                    Err(e) => return Ok(classify(e)),
-                }
-            }
-            let at = super::journal::now_ms();
-            self.journal
-                .append(&Record::Intent {
-                    run: self.journal.run_id().to_owned(),
-                    row: row.line,
-                    key: row.key(),
-                    action: Action::Create,
-                    at,
-                    contact: None,
-                })
-                .await?;
-            let earlier = since;
-            let first_intent = *since.get_or_insert(at);
-            match self.client.create_contact(&body).await {
-                Ok(c) => {
-                    return Ok(match c.id {
-                        Some(id) => RowResult::Done(Outcome::Created, id),
-                        None => RowResult::Failed {
-                            error: "POST /contacts/: the reply has no contact id".into(),
-                            retry: true,
-                        },
-                    })
-                }
-                Err(ApiError::Duplicate {
-                    contact_id,
-                    matching_field,
-                    ..
-                }) => {
-                    if earlier.is_some() {
-                        // An earlier attempt may have created it: look at when it was added.
-                        return Ok(match self.client.get_contact(&contact_id).await {
-                            Ok(c) => self.found(row, c, first_intent).await,
-                            Err(e) => classify(e),
-                        });
+        let attempt = self
+            .in_flight
+            .create(
+                self.journal,
+                row.line,
+                &row.key(),
+                None,
+                prior,
+                async |_since| {
+                    self.client
+                        .find_duplicate(self.location_id, row.email.as_deref(), row.phone.as_deref())
+                        .await
+                },
+                async || self.client.create_contact(&body).await,
+            )
+            .await?;
+        Ok(match attempt {
+            Attempt::Found { found, since } => self.found(row, found, since).await,
+            Attempt::Created(c) => match c.id {
+                Some(id) => RowResult::Done(Outcome::Created, id),
+                None => RowResult::Failed {
+                    error: "POST /contacts/: the reply has no contact id".into(),
+                    retry: true,
+                },
+            },
+            Attempt::Refused {
+                error:
+                    ApiError::Duplicate {
+                        contact_id,
+                        matching_field,
+                        ..
+                    },
+                earlier,
+                first_intent,
+            } => {
+                if earlier.is_some() {
+                    // An earlier attempt may have created it: look at when it was added.
+                    match self.client.get_contact(&contact_id).await {
+                        Ok(c) => self.found(row, c, first_intent).await,
+                        Err(e) => classify(e),
                     }
-                    return Ok(self
-                        .existing(row, &contact_id, matching_field.as_deref())
-                        .await);
+                } else {
+                    self.existing(row, &contact_id, matching_field.as_deref())
+                        .await
                 }
-                Err(e) if e.maybe_applied() => {
-                    tracing::debug!(line = row.line, error = %e, "ambiguous create; looking the contact up before retrying");
-                    continue;
-                }
-                Err(e) => return Ok(classify(e)),
             }
-        }
-        Ok(RowResult::Failed {
-            error: format!("the create failed ambiguously {MAX_AMBIGUOUS} times; rerun with the same journal to finish the row"),
-            retry: true,
+            Attempt::Refused { error, .. } | Attempt::LookupFailed(error) => classify(error),
+            Attempt::Deferred { until } => RowResult::Deferred { until },
+            Attempt::GaveUp => gave_up(),
         })
     }
 
