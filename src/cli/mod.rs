@@ -305,6 +305,52 @@ pub struct SimArgs {
     /// Share of writes applied but answered 502 (0..1).
     #[arg(long, default_value_t = 0.0)]
     pub ambiguous_write_rate: f64,
+    /// Each write is applied after MS (or a seeded draw in MIN-MAX) milliseconds, even if
+    /// the client has gone by then; the reply follows the apply.
+    #[arg(long, value_name = "MS|MIN-MAX", default_value = "0", value_parser = parse_latency)]
+    pub write_latency_ms: std::ops::RangeInclusive<Duration>,
+    /// The duplicate search (GET /contacts/search/duplicate) sees a write only this many
+    /// milliseconds after it was applied.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub search_lag_ms: u64,
+    /// Locations allow duplicate contacts: creates of an existing email or phone succeed.
+    #[arg(long)]
+    pub allow_duplicates: bool,
+    /// Country of the locations (ISO 3166 alpha-2), served by GET /locations/:id.
+    #[arg(long, default_value = "US", value_parser = parse_country)]
+    pub country: String,
+}
+
+/// `200` or `50-400` (milliseconds) as a range of durations.
+fn parse_latency(s: &str) -> Result<std::ops::RangeInclusive<Duration>, String> {
+    let ms = |v: &str| {
+        v.trim()
+            .parse::<u64>()
+            .map(Duration::from_millis)
+            .map_err(|_| {
+                format!("{v:?} is not a whole number of milliseconds (e.g. 200 or 50-400)")
+            })
+    };
+    let (lo, hi) = match s.split_once('-') {
+        Some((lo, hi)) => (ms(lo)?, ms(hi)?),
+        None => (ms(s)?, ms(s)?),
+    };
+    if lo > hi {
+        return Err(format!(
+            "the range {s} runs backwards: write MIN-MAX, e.g. 50-400"
+        ));
+    }
+    Ok(lo..=hi)
+}
+
+/// Two ASCII letters, upper-cased (`de` gives `DE`).
+fn parse_country(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if s.len() == 2 && s.bytes().all(|b| b.is_ascii_alphabetic()) {
+        Ok(s.to_ascii_uppercase())
+    } else {
+        Err("expected a two-letter ISO 3166 country code, e.g. US or DE".into())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -510,6 +556,10 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
         drop_rate: args.drop_rate,
         ambiguous_write_rate: args.ambiguous_write_rate,
     };
+    cfg.write_latency = args.write_latency_ms.clone();
+    cfg.search_lag = Duration::from_millis(args.search_lag_ms);
+    cfg.allow_duplicates = args.allow_duplicates;
+    cfg.country = args.country.clone();
     cfg
 }
 

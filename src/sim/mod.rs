@@ -20,6 +20,30 @@
 //!
 //! Memory stays small because base contacts are never stored: a location of N contacts costs
 //! about 12 bytes per contact until it is written to.
+//!
+//! # What it models of the real service's timing
+//! Off by default (every write applied the instant it arrives, the search sees it at once),
+//! and turned on for the crash-and-resume import tests, because a client that is only
+//! correct against an instant server creates duplicates against the real one:
+//! - **Write latency** ([`SimConfig::write_latency`]): each write (create, upsert, update,
+//!   delete, tags, task and note writes) is applied after a seeded delay drawn uniformly from
+//!   the range, whether or not the client is still connected: a request in flight when its
+//!   client dies (SIGKILL, timeout) still lands. The reply is sent once the write is applied;
+//!   `dateAdded` and `dateUpdated` are the apply time. An ambiguous write fault is applied,
+//!   then answered 502. [`Sim::settle`] waits until every accepted write has been applied.
+//! - **Search lag** ([`SimConfig::search_lag`]): `GET /contacts/search/duplicate` reads an
+//!   index that takes in a create, or an update's new email or phone, only this long after it
+//!   was applied (until then an updated contact is found by its old values); a delete leaves
+//!   it at once. The rule that refuses a duplicate create (400 "This location does not allow
+//!   duplicated contacts.") and upsert's matching read the primary state and see every
+//!   applied write at once; so do the listing and per-contact reads: the real listing is also
+//!   index-backed, but a lagging listing would only slow the export tests down without
+//!   catching anything the duplicate search does not.
+//! - **Duplicates allowed** ([`SimConfig::allow_duplicates`]): no duplicate 400 at all; the
+//!   duplicate search answers the oldest matching contact (by `dateAdded`; the real API does
+//!   not document which one it answers), and upsert updates that one.
+//! - `GET /locations/:locationId` serves the location's `country` ([`SimConfig::country`]),
+//!   timezone and duplicate setting; in OAuth mode it needs the `locations.readonly` scope.
 
 mod faults;
 mod gen;
@@ -37,6 +61,7 @@ mod write;
 mod tests;
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +70,8 @@ pub use oauth::SimOAuth;
 use routes::Kind;
 use store::{read as read_lock, Location, Store};
 
-/// What the simulator serves and how strictly.
+/// What the simulator serves and how strictly. Build it with `..SimConfig::default()`: fields
+/// get added.
 #[derive(Clone, Debug)]
 pub struct SimConfig {
     /// Location ids served; any other id gets 403.
@@ -65,6 +91,17 @@ pub struct SimConfig {
     pub max_page: usize,
     /// The OAuth app and token lifetimes; off by default (any bearer token is accepted).
     pub oauth: SimOAuth,
+    /// Each write is applied after a delay drawn (seeded, uniform) from this range, even if
+    /// its client has gone; zero (the default) applies writes at once.
+    pub write_latency: RangeInclusive<Duration>,
+    /// The duplicate search sees a write only this long after it was applied; zero (the
+    /// default) sees it at once.
+    pub search_lag: Duration,
+    /// Whether the locations allow duplicate contacts (default: no, creates of an existing
+    /// email or phone are refused with 400).
+    pub allow_duplicates: bool,
+    /// The locations' country (ISO 3166 alpha-2) served by `GET /locations/:id`.
+    pub country: String,
 }
 
 impl Default for SimConfig {
@@ -79,6 +116,10 @@ impl Default for SimConfig {
             faults: Faults::default(),
             max_page: 100,
             oauth: SimOAuth::default(),
+            write_latency: Duration::ZERO..=Duration::ZERO,
+            search_lag: Duration::ZERO,
+            allow_duplicates: false,
+            country: "US".into(),
         }
     }
 }
@@ -116,6 +157,10 @@ pub struct SimStats {
     /// The most requests accepted for one token within any sliding window of the rate-limit
     /// interval (10 s when the limit is off): a well-paced client keeps it at or below the max.
     pub max_in_window: u64,
+    /// Writes accepted but not applied yet (only with a write latency).
+    pub writes_in_flight: u64,
+    /// Writes applied after their client had gone (disconnected or timed out).
+    pub writes_abandoned: u64,
 }
 
 /// The simulator's shared state; serve it with [`serve`].
@@ -128,6 +173,10 @@ pub struct Sim {
     /// Numbers trace ids and the ids of created children.
     serial: AtomicU64,
     oauth: oauth::OAuthState,
+    /// Numbers write-latency draws.
+    latency_draws: AtomicU64,
+    /// Woken when the last write in flight has been applied.
+    idle: tokio::sync::Notify,
 }
 
 #[derive(Default)]
@@ -137,6 +186,35 @@ struct Counters {
     rate_limited: AtomicU64,
     quota_exceeded: AtomicU64,
     faults: AtomicU64,
+    writes_in_flight: AtomicU64,
+    writes_abandoned: AtomicU64,
+}
+
+/// One write between being accepted and being applied; dropping it (also on a panic) marks
+/// it done.
+struct InFlight {
+    sim: Arc<Sim>,
+}
+
+impl InFlight {
+    fn start(sim: Arc<Sim>) -> InFlight {
+        sim.counters.writes_in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight { sim }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self
+            .sim
+            .counters
+            .writes_in_flight
+            .fetch_sub(1, Ordering::SeqCst)
+            == 1
+        {
+            self.sim.idle.notify_waiters();
+        }
+    }
 }
 
 impl Sim {
@@ -149,7 +227,7 @@ impl Sim {
             .enumerate()
             .map(|(i, id)| {
                 let gen = gen::LocationGen::new(config.seed, i as u32, id, config.businesses);
-                Location::new(gen, config.contacts)
+                Location::new(gen, config.contacts).with_search_lag(config.search_lag)
             })
             .collect();
         Arc::new(Sim {
@@ -159,6 +237,8 @@ impl Sim {
             counters: Counters::default(),
             serial: AtomicU64::new(0),
             oauth: oauth::OAuthState::default(),
+            latency_draws: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
             config,
         })
     }
@@ -182,7 +262,46 @@ impl Sim {
             quota_exceeded: get(&c.quota_exceeded),
             faults_injected: get(&c.faults),
             max_in_window: self.limiter.max_in_window(),
+            writes_in_flight: get(&c.writes_in_flight),
+            writes_abandoned: get(&c.writes_abandoned),
         }
+    }
+
+    /// Writes accepted but not applied yet.
+    pub fn writes_in_flight(&self) -> u64 {
+        self.counters.writes_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Returns once no write is in flight: every write the simulator accepted so far has been
+    /// applied, whether or not its client is still there. Tests call it after killing a
+    /// client and before comparing the simulator's contacts with what they expect.
+    pub async fn settle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if self.writes_in_flight() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    /// The next write's latency: uniform in [`SimConfig::write_latency`], numbered draws.
+    fn write_delay(&self) -> Duration {
+        let (lo, hi) = (
+            *self.config.write_latency.start(),
+            *self.config.write_latency.end(),
+        );
+        if hi <= lo {
+            return hi;
+        }
+        let n = self.latency_draws.fetch_add(1, Ordering::Relaxed);
+        let mut r = rng::Rng::new(rng::hash(&[self.config.seed, 91, n]));
+        let span = i64::try_from((hi - lo).as_micros())
+            .unwrap_or(i64::MAX)
+            .min(i64::MAX - 1);
+        lo + Duration::from_micros(r.range(0, span).unsigned_abs())
     }
 
     /// Starts a new day for every token's quota.

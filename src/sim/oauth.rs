@@ -134,6 +134,16 @@ impl OAuthState {
         }
     }
 
+    /// Whether an issued access token's grant lists `scope` (scopes are space-separated, as
+    /// asked for at the consent screen). Only `GET /locations/:id` checks one today: the
+    /// contacts routes accept any valid location token, whatever its scopes.
+    pub(crate) fn has_scope(&self, token: &str, scope: &str) -> bool {
+        self.lock()
+            .access
+            .get(token)
+            .is_some_and(|t| t.grant.scope.split_whitespace().any(|s| s == scope))
+    }
+
     /// The grant of an unexpired access token.
     fn grant_of(&self, token: &str) -> Option<Grant> {
         let now = self.now();

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::model::Contact;
 use super::routes::{ApiError, Env1, Kind, Reply, Req};
-use super::store::{read, Location};
+use super::store::{read, write, Location, View};
 
 #[derive(Serialize)]
 struct Page<'a> {
@@ -237,6 +237,7 @@ pub(crate) fn children(req: &Req<'_>) -> Result<Reply, ApiError> {
 
 /// `GET /contacts/search/duplicate?locationId&email&number`: email matched case-insensitively,
 /// then phone exactly. A `+` sent unescaped arrives as a space and is read back as `+`.
+/// It reads the lagging search view; with duplicates allowed it answers the oldest match.
 pub(crate) fn duplicate(req: &Req<'_>) -> Result<Reply, ApiError> {
     let lock = location(req)?;
     let email = req.param("email").map(str::trim);
@@ -244,11 +245,61 @@ pub(crate) fn duplicate(req: &Req<'_>) -> Result<Reply, ApiError> {
         Some(rest) => format!("+{}", rest.trim()),
         None => p.trim().to_string(),
     });
+    let oldest_first = req.sim.config.allow_duplicates;
+    let serve = |l: &Location, found: Option<(u32, &str)>| {
+        let contact = found.map(|(slot, _)| l.contact(slot));
+        Reply::ok(&Env1 {
+            key: "contact",
+            value: &contact,
+        })
+    };
+    if read(lock).search_lags() {
+        // Catching the search index up writes to it.
+        let mut l = write(lock);
+        let found = l.search_duplicate(email, phone.as_deref(), oldest_first);
+        return Ok(serve(&l, found));
+    }
     let l = read(lock);
-    let found = l.find_duplicate(email, phone.as_deref(), None);
-    let contact = found.map(|(slot, _)| l.contact(slot));
-    Ok(Reply::ok(&Env1 {
-        key: "contact",
-        value: &contact,
-    }))
+    let found = l.find_duplicate(email, phone.as_deref(), None, View::Search, oldest_first);
+    Ok(serve(&l, found))
+}
+
+/// `GET /locations/:locationId`: the few fields of the spec's `GetLocationByIdSchema` a
+/// client of the contacts API uses (country, timezone, the duplicate setting).
+pub(crate) fn location_info(req: &Req<'_>) -> Result<Reply, ApiError> {
+    let lock = req
+        .sim
+        .store
+        .location(&req.route.id)
+        .ok_or(ApiError::Forbidden)?;
+    let l = read(lock);
+    let cfg = &req.sim.config;
+    let body = serde_json::json!({
+        "location": {
+            "id": l.id(),
+            "companyId": cfg.oauth.company_id,
+            "name": format!("Simulated location {}", l.id()),
+            "country": cfg.country,
+            "timezone": timezone_of(&cfg.country),
+            "settings": {"allowDuplicateContact": cfg.allow_duplicates},
+        }
+    });
+    Ok(Reply::ok(&body))
+}
+
+/// A plausible IANA zone for a location in `country` (ISO 3166 alpha-2).
+fn timezone_of(country: &str) -> &'static str {
+    match country {
+        "US" => "America/New_York",
+        "CA" => "America/Toronto",
+        "GB" => "Europe/London",
+        "IE" => "Europe/Dublin",
+        "DE" => "Europe/Berlin",
+        "FR" => "Europe/Paris",
+        "ES" => "Europe/Madrid",
+        "IN" => "Asia/Kolkata",
+        "AU" => "Australia/Sydney",
+        "BR" => "America/Sao_Paulo",
+        _ => "UTC",
+    }
 }

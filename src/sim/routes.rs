@@ -4,6 +4,11 @@
 //! Routing is a match on path segments rather than an axum `Router` per path, so that every
 //! request, including unknown paths and rejected ones, passes through the same pipeline and
 //! carries the same headers.
+//!
+//! Writes with a write latency configured are applied in a spawned task after the drawn
+//! delay, and the handler awaits the task's reply: hyper drops a handler whose client went
+//! away, but the spawned task runs on, so a write the server accepted always lands, as on
+//! the real service. [`super::Sim::settle`] waits for such writes.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,6 +70,7 @@ kinds! {
     Appointments => "GET /contacts/:id/appointments",
     AddTags => "POST /contacts/:id/tags",
     RemoveTags => "DELETE /contacts/:id/tags",
+    Location => "GET /locations/:locationId",
     Authorize => "GET /oauth/chooselocation",
     OAuthToken => "POST /oauth/token",
     LocationToken => "POST /oauth/locationToken",
@@ -92,6 +98,7 @@ impl Kind {
                 | Kind::Notes
                 | Kind::GetNote
                 | Kind::Appointments
+                | Kind::Location
                 | Kind::Unknown
         )
     }
@@ -100,7 +107,7 @@ impl Kind {
 /// A parsed request path: the route and its ids (empty when the route has none).
 pub(crate) struct Route {
     pub kind: Kind,
-    /// Contact id, or business id for [`Kind::Business`].
+    /// Contact id, business id for [`Kind::Business`], location id for [`Kind::Location`].
     pub id: String,
     /// Task or note id.
     pub child: String,
@@ -149,6 +156,7 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Get, ["contacts", id, "appointments"]) => (Kind::Appointments, *id, ""),
         (M::Post, ["contacts", id, "tags"]) => (Kind::AddTags, *id, ""),
         (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
+        (M::Get, ["locations", id]) => (Kind::Location, *id, ""),
         (M::Get, ["oauth", "chooselocation"]) => (Kind::Authorize, "", ""),
         (M::Post, ["oauth", "token"]) => (Kind::OAuthToken, "", ""),
         (M::Post, ["oauth", "locationToken"]) => (Kind::LocationToken, "", ""),
@@ -205,6 +213,8 @@ pub(crate) enum ApiError {
     /// 400 with a string message.
     BadRequest(String),
     Unauthorized,
+    /// 401: a valid token without the scope the route needs.
+    Scope,
     /// 403: the location is not one this token may use.
     Forbidden,
     NoRoute(String),
@@ -237,6 +247,10 @@ impl ApiError {
             ApiError::Unauthorized => (
                 StatusCode::UNAUTHORIZED,
                 json!({"statusCode": 401, "message": "Invalid JWT", "error": "Unauthorized", "traceId": trace_id}),
+            ),
+            ApiError::Scope => (
+                StatusCode::UNAUTHORIZED,
+                json!({"statusCode": 401, "message": "The token is not authorized for this scope.", "traceId": trace_id}),
             ),
             ApiError::Forbidden => (
                 StatusCode::FORBIDDEN,
@@ -306,10 +320,17 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         let params: Params = Query::try_from_uri(&parts.uri)
             .map(|q| q.0)
             .unwrap_or_default();
-        let refused = match sim
-            .oauth
-            .check(token, params.get("locationId").map(String::as_str))
-        {
+        let location = match route.kind {
+            Kind::Location => Some(route.id.as_str()),
+            _ => params.get("locationId").map(String::as_str),
+        };
+        let refused = match sim.oauth.check(token, location) {
+            Ok(())
+                if route.kind == Kind::Location
+                    && !sim.oauth.has_scope(token, "locations.readonly") =>
+            {
+                Some(ApiError::Scope)
+            }
             Ok(()) => None,
             Err(oauth::Refusal::Invalid) => Some(ApiError::Unauthorized),
             Err(oauth::Refusal::WrongLocation) => Some(ApiError::Forbidden),
@@ -377,18 +398,20 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("localhost");
-    let request = Req {
-        sim: &sim,
-        route: &route,
-        params: &params,
-        body: &body,
-        host,
+    let is_write = route.kind.is_write();
+    let mut reply = if is_write && !sim.config.write_latency.end().is_zero() {
+        let host = host.to_string();
+        apply_later(&sim, route, params, body, host).await
+    } else {
+        answer(&Req {
+            sim: &sim,
+            route: &route,
+            params: &params,
+            body: &body,
+            host,
+        })
     };
-    let mut reply = match dispatch(&request) {
-        Ok(r) => r,
-        Err(e) => e.reply(sim.trace_id()),
-    };
-    if route.kind.is_write() && reply.status.is_success() && plan.ambiguous {
+    if is_write && reply.status.is_success() && plan.ambiguous {
         // The write happened; the client is told it failed.
         bump(&c.faults);
         let body = json!({"statusCode": 502, "message": "Bad Gateway", "traceId": sim.trace_id()});
@@ -428,6 +451,52 @@ impl Req<'_> {
     }
 }
 
+/// Serves a request now: the handler's reply, or its error as the API shapes it.
+fn answer(req: &Req<'_>) -> Reply {
+    match dispatch(req) {
+        Ok(r) => r,
+        Err(e) => e.reply(req.sim.trace_id()),
+    }
+}
+
+/// Applies a write after the drawn write latency, in a task of its own so that the write
+/// lands even if this handler is dropped (its client disconnected or timed out); the reply is
+/// ready once the write is applied.
+async fn apply_later(
+    sim: &Arc<Sim>,
+    route: Route,
+    params: Params,
+    body: axum::body::Bytes,
+    host: String,
+) -> Reply {
+    let delay = sim.write_delay();
+    let in_flight = super::InFlight::start(sim.clone());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let sim = &in_flight.sim;
+        let reply = answer(&Req {
+            sim,
+            route: &route,
+            params: &params,
+            body: &body,
+            host: &host,
+        });
+        if tx.send(reply).is_err() {
+            bump(&sim.counters.writes_abandoned);
+        }
+        // Dropping `in_flight` here marks the write done.
+    });
+    match rx.await {
+        Ok(reply) => reply,
+        // The task panicked before answering.
+        Err(_) => {
+            let body = json!({"statusCode": 500, "message": "Internal server error", "traceId": sim.trace_id()});
+            Reply::new(StatusCode::INTERNAL_SERVER_ERROR, &body)
+        }
+    }
+}
+
 fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
     match req.route.kind {
         Kind::List => read::list(req),
@@ -437,6 +506,7 @@ fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
             read::children(req)
         }
         Kind::Duplicate => read::duplicate(req),
+        Kind::Location => read::location_info(req),
         Kind::Create => write::create(req),
         Kind::Upsert => write::upsert(req),
         Kind::Update => write::update(req),

@@ -3,13 +3,22 @@
 //! Memory per base contact is 12 bytes (its dateAdded and its place in the listing), plus a
 //! few bytes of business index; contacts and children are generated when served. A write
 //! materialises the contact (or its children) into the overlay, where it stays.
+//!
+//! The duplicate search can read a lagging view ([`View::Search`]): with a search lag set,
+//! each location keeps a [`SearchIndex`] of the email and phone the search sees for every
+//! written contact, updated only `lag` after the write was applied, as the real API's search
+//! index is. Everything else (listing, reads, the create rule against duplicates) reads the
+//! primary state.
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
 
-use super::gen::LocationGen;
+use tokio::time::Instant;
+
+use super::gen::{Identity, LocationGen};
 use super::model::{Children, Contact, Text, F};
 use super::rng::{hash, IdCodec, Rng};
 
@@ -32,6 +41,66 @@ pub(crate) struct Location {
     next_slot: u32,
     /// Base slots of each business, in listing order (deleted ones are filtered on read).
     by_business: Vec<Vec<u32>>,
+    /// The duplicate search's lagging view; `None` when the search sees writes at once.
+    index: Option<SearchIndex>,
+}
+
+/// Which state a duplicate lookup reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum View {
+    /// What writes applied so far: the create rule against duplicates, upsert's matching.
+    Primary,
+    /// What `GET /contacts/search/duplicate` sees: writes only `lag` after they were applied.
+    Search,
+}
+
+/// The email (lower case) and phone a duplicate lookup matches, empty values dropped.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Ident {
+    email: Option<String>,
+    phone: Option<String>,
+}
+
+impl Ident {
+    fn new(email: &F<Text>, phone: &F<Text>) -> Ident {
+        let val = |f: &F<Text>| f.get().filter(|v| !v.is_empty()).map(|v| v.to_string());
+        Ident {
+            email: val(email).map(|e| e.to_lowercase()),
+            phone: val(phone),
+        }
+    }
+
+    fn of(c: &Contact) -> Ident {
+        Ident::new(&c.email, &c.phone)
+    }
+
+    fn of_base(i: &Identity) -> Ident {
+        Ident::new(&i.email, &i.phone)
+    }
+}
+
+/// The duplicate search's view of written contacts. Slots absent from `seen` were never
+/// written (or their email and phone never changed): the search reads them from the primary
+/// state. A slot mapped to `None` is a create the index has not taken in yet.
+struct SearchIndex {
+    lag: Duration,
+    seen: HashMap<u32, Option<Ident>>,
+    /// Index updates waiting for their time, in the order they become visible.
+    queue: VecDeque<(Instant, u32, Ident)>,
+}
+
+impl SearchIndex {
+    /// Takes in every update whose time has come.
+    fn catch_up(&mut self, now: Instant) {
+        while let Some(&(at, _, _)) = self.queue.front() {
+            if at > now {
+                break;
+            }
+            if let Some((_, slot, ident)) = self.queue.pop_front() {
+                self.seen.insert(slot, Some(ident));
+            }
+        }
+    }
 }
 
 /// Why a contact in the listing comes where it does.
@@ -62,7 +131,18 @@ impl Location {
             deleted: HashSet::new(),
             next_slot: n,
             by_business,
+            index: None,
         }
+    }
+
+    /// Makes the duplicate search see writes only `lag` after they are applied (zero: at once).
+    pub(crate) fn with_search_lag(mut self, lag: Duration) -> Location {
+        self.index = (!lag.is_zero()).then(|| SearchIndex {
+            lag,
+            seen: HashMap::new(),
+            queue: VecDeque::new(),
+        });
+        self
     }
 
     pub(crate) fn id(&self) -> &str {
@@ -110,7 +190,8 @@ impl Location {
         }
     }
 
-    /// The contact in a live slot, materialised into the overlay for editing.
+    /// The contact in a live slot, materialised into the overlay for editing. For edits that
+    /// leave email and phone alone (the search index is not told); others use `put_contact`.
     pub(crate) fn contact_mut(&mut self, slot: u32) -> &mut Contact {
         let added = self.added(slot);
         let gen = &self.gen;
@@ -119,8 +200,27 @@ impl Location {
             .or_insert_with(|| gen.contact(slot, added))
     }
 
+    /// Replaces a live contact; a changed email or phone reaches the search index later.
     pub(crate) fn put_contact(&mut self, slot: u32, contact: Contact) {
+        if self.index.is_some() {
+            let before = self.ident(slot);
+            let after = Ident::of(&contact);
+            if let Some(index) = self.index.as_mut().filter(|_| before != after) {
+                index.seen.entry(slot).or_insert(Some(before));
+                index
+                    .queue
+                    .push_back((Instant::now() + index.lag, slot, after));
+            }
+        }
         self.overlay.insert(slot, contact);
+    }
+
+    /// Email and phone of a live slot in the primary state.
+    fn ident(&self, slot: u32) -> Ident {
+        match self.overlay.get(&slot) {
+            Some(c) => Ident::of(c),
+            None => Ident::of_base(&self.gen.identity(slot)),
+        }
     }
 
     pub(crate) fn children(&self, slot: u32) -> Cow<'_, Children> {
@@ -153,6 +253,11 @@ impl Location {
         let slot = self.next_slot;
         self.next_slot += 1;
         let contact = build(self.contact_id(slot));
+        if let Some(index) = &mut self.index {
+            index.seen.insert(slot, None);
+            let at = Instant::now() + index.lag;
+            index.queue.push_back((at, slot, Ident::of(&contact)));
+        }
         self.overlay.insert(slot, contact);
         let key = self.order_key(slot);
         let pos = self.listing.partition_point(|&s| self.order_key(s) < key);
@@ -169,6 +274,11 @@ impl Location {
         self.deleted.insert(slot);
         self.overlay.remove(&slot);
         self.children.remove(&slot);
+        // A deleted contact leaves the search at once: it could not be served anyway.
+        if let Some(index) = &mut self.index {
+            index.seen.remove(&slot);
+            index.queue.retain(|&(_, s, _)| s != slot);
+        }
     }
 
     /// Live contacts of a business, in listing order.
@@ -183,40 +293,88 @@ impl Location {
             .collect()
     }
 
-    /// The first live contact whose email (case-insensitive), else phone, matches. A linear
+    /// The first live contact whose email (case-insensitive), else phone, matches, as `view`
+    /// sees them: newest first, or oldest first (by dateAdded) with `oldest_first`. A linear
     /// scan that builds only email and phone of base contacts: fine for demo-sized writes.
+    /// [`View::Search`] reads the index as it was when last caught up
+    /// ([`Location::search_duplicate`] catches up first).
     pub(crate) fn find_duplicate(
         &self,
         email: Option<&str>,
         phone: Option<&str>,
         except: Option<u32>,
+        view: View,
+        oldest_first: bool,
     ) -> Option<(u32, &'static str)> {
         let email = email.filter(|e| !e.is_empty()).map(str::to_lowercase);
         let phone = phone.filter(|p| !p.is_empty());
-        let candidates = self.listing.iter().copied().filter(|&s| Some(s) != except);
+        let index = self.index.as_ref().filter(|_| view == View::Search);
+        // `Some(hit)` when the index decides, `None` to read the primary state.
+        let indexed = |s: u32, pick: fn(&Ident) -> Option<&str>, want: &str| {
+            index
+                .and_then(|i| i.seen.get(&s))
+                .map(|seen| seen.as_ref().and_then(pick) == Some(want))
+        };
+        let scan = |hit: &dyn Fn(u32) -> bool| {
+            let mut found = self
+                .listing
+                .iter()
+                .copied()
+                .filter(|&s| Some(s) != except && hit(s));
+            if oldest_first {
+                // Slots grow with each create: they order contacts added in one millisecond.
+                found.min_by_key(|&s| (self.added(s), s))
+            } else {
+                found.next()
+            }
+        };
         if let Some(email) = &email {
-            for s in candidates.clone() {
-                let hit = match self.overlay.get(&s) {
-                    Some(c) => c.email_matches(email),
-                    None => matches(&self.gen.identity(s).email, |e| e.to_lowercase() == *email),
-                };
-                if hit {
-                    return Some((s, "email"));
-                }
+            let hit = |s: u32| {
+                indexed(s, |i| i.email.as_deref(), email).unwrap_or_else(|| {
+                    match self.overlay.get(&s) {
+                        Some(c) => c.email_matches(email),
+                        None => {
+                            matches(&self.gen.identity(s).email, |e| e.to_lowercase() == *email)
+                        }
+                    }
+                })
+            };
+            if let Some(s) = scan(&hit) {
+                return Some((s, "email"));
             }
         }
         if let Some(phone) = phone {
-            for s in candidates {
-                let hit = match self.overlay.get(&s) {
-                    Some(c) => c.phone_matches(phone),
-                    None => matches(&self.gen.identity(s).phone, |p| p == phone),
-                };
-                if hit {
-                    return Some((s, "phone"));
-                }
+            let hit = |s: u32| {
+                indexed(s, |i| i.phone.as_deref(), phone).unwrap_or_else(|| {
+                    match self.overlay.get(&s) {
+                        Some(c) => c.phone_matches(phone),
+                        None => matches(&self.gen.identity(s).phone, |p| p == phone),
+                    }
+                })
+            };
+            if let Some(s) = scan(&hit) {
+                return Some((s, "phone"));
             }
         }
         None
+    }
+
+    /// The duplicate search: the search index caught up to now, then [`View::Search`].
+    pub(crate) fn search_duplicate(
+        &mut self,
+        email: Option<&str>,
+        phone: Option<&str>,
+        oldest_first: bool,
+    ) -> Option<(u32, &'static str)> {
+        if let Some(index) = &mut self.index {
+            index.catch_up(Instant::now());
+        }
+        self.find_duplicate(email, phone, None, View::Search, oldest_first)
+    }
+
+    /// Whether the duplicate search lags writes (then searching needs the write lock).
+    pub(crate) fn search_lags(&self) -> bool {
+        self.index.is_some()
     }
 }
 

@@ -52,10 +52,12 @@ struct Client {
 
 impl Client {
     async fn send(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
-        let mut s = TcpStream::connect(self.addr)
-            .await
-            .expect("connect to the simulator");
         let body = body.map(|b| b.to_string()).unwrap_or_default();
+        self.send_raw(method, path, &body).await
+    }
+
+    /// The request as bytes, body as given.
+    fn request(&self, method: &str, path: &str, body: &str) -> String {
         let mut req = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
             self.addr
@@ -70,6 +72,14 @@ impl Client {
             "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
+        req
+    }
+
+    async fn send_raw(&self, method: &str, path: &str, body: &str) -> Resp {
+        let mut s = TcpStream::connect(self.addr)
+            .await
+            .expect("connect to the simulator");
+        let req = self.request(method, path, body);
         s.write_all(req.as_bytes()).await.expect("send request");
         let mut raw = Vec::new();
         let _ = s.read_to_end(&mut raw).await; // a dropped connection may end in an error
@@ -853,5 +863,358 @@ async fn footprint() {
         drop(l);
         sim.mutate(LOC, 0.1, 100, 1);
         println!("  after mutating 10%: RSS {:.0} MB", rss_mb());
+    }
+}
+
+/// Whether the simulator holds a contact with this email (as written).
+fn has_email(sim: &Sim, email: &str) -> bool {
+    sim.contacts(LOC).iter().any(|c| c["email"] == email)
+}
+
+fn search_path(email: &str) -> String {
+    format!("/contacts/search/duplicate?locationId={LOC}&email={email}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_create_whose_client_dies_in_flight_still_lands_after_the_latency() {
+    let latency = Duration::from_secs(2);
+    let (sim, c) = start(SimConfig {
+        write_latency: latency..=latency,
+        ..unlimited(10)
+    })
+    .await;
+    // The client sends a create, and dies before the reply (as a SIGKILLed importer would).
+    let mut s = TcpStream::connect(c.addr).await.expect("connect");
+    let body = json!({"locationId": LOC, "email": "gone@example.com"}).to_string();
+    s.write_all(c.request("POST", "/contacts/", &body).as_bytes())
+        .await
+        .expect("send");
+    while sim.writes_in_flight() == 0 {
+        tokio::task::yield_now().await; // the server reads the request
+    }
+    drop(s);
+    for _ in 0..20 {
+        tokio::task::yield_now().await; // the server sees the connection close
+    }
+    assert!(
+        !has_email(&sim, "gone@example.com"),
+        "not applied before the latency"
+    );
+    assert_eq!(sim.writes_in_flight(), 1);
+
+    sim.settle().await;
+    assert!(
+        has_email(&sim, "gone@example.com"),
+        "applied although the client is gone"
+    );
+    let stats = sim.stats();
+    assert_eq!((stats.writes_in_flight, stats.writes_abandoned), (0, 1));
+}
+
+#[tokio::test]
+async fn writes_with_latency_reply_after_the_apply_dated_at_the_apply() {
+    let latency = Duration::from_millis(60);
+    let (sim, c) = start(SimConfig {
+        write_latency: latency..=latency,
+        ..unlimited(10)
+    })
+    .await;
+    let sent = super::now_ms();
+    let r = c
+        .send(
+            "POST",
+            "/contacts/",
+            Some(json!({"locationId": LOC, "email": "late@example.com"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let created = r.json()["contact"].clone();
+    let added = crate::timefmt::parse_iso_millis(created["dateAdded"].as_str().expect("date"))
+        .expect("ISO date");
+    assert!(
+        added >= sent + 60,
+        "dateAdded {added} is the apply time, sent at {sent}"
+    );
+    assert_eq!(sim.contacts(LOC).first(), Some(&created));
+
+    // An ambiguous write fault still applies the write, then answers 502.
+    sim.set_faults(Faults {
+        ambiguous_write_rate: 1.0,
+        ..Faults::default()
+    });
+    let id = created["id"].as_str().expect("id");
+    let sent = super::now_ms();
+    let r = c
+        .send(
+            "PUT",
+            &format!("/contacts/{id}"),
+            Some(json!({"city": "Lisbon"})),
+        )
+        .await;
+    assert_eq!(r.status, 502);
+    let now = &sim.contacts(LOC)[0];
+    assert_eq!(now["city"], "Lisbon");
+    let updated = crate::timefmt::parse_iso_millis(now["dateUpdated"].as_str().expect("date"))
+        .expect("ISO date");
+    assert!(updated >= sent + 60);
+    assert_eq!(sim.stats().writes_in_flight, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicate_search_sees_a_write_only_after_the_search_lag() {
+    // An hour, so that no auto-advance of paused time while waiting on a socket gets near it.
+    let lag = Duration::from_secs(3600);
+    let (sim, c) = start(SimConfig {
+        search_lag: lag,
+        ..unlimited(10)
+    })
+    .await;
+    let r = c
+        .send(
+            "POST",
+            "/contacts/",
+            Some(json!({"locationId": LOC, "email": "new@example.com"})),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let id = r.json()["contact"]["id"].as_str().expect("id").to_string();
+    let found = |r: Resp| r.json()["contact"]["id"].as_str().map(str::to_string);
+
+    assert_eq!(found(c.get(&search_path("new%40example.com")).await), None);
+    // The create rule, the listing and reads see the contact at once.
+    let again = json!({"locationId": LOC, "email": "NEW@example.com"});
+    assert_eq!(c.send("POST", "/contacts/", Some(again)).await.status, 400);
+    assert_eq!(c.get(&format!("/contacts/{id}")).await.status, 200);
+    assert!(has_email(&sim, "new@example.com"));
+
+    tokio::time::advance(lag / 2).await;
+    assert_eq!(found(c.get(&search_path("new%40example.com")).await), None);
+    tokio::time::advance(lag / 2 + Duration::from_secs(1)).await;
+    assert_eq!(
+        found(c.get(&search_path("new%40example.com")).await),
+        Some(id.clone())
+    );
+
+    // An update's new email is found only after the lag; until then the old one is.
+    let r = c
+        .send(
+            "PUT",
+            &format!("/contacts/{id}"),
+            Some(json!({"email": "renamed@example.com"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        found(c.get(&search_path("renamed%40example.com")).await),
+        None
+    );
+    assert_eq!(
+        found(c.get(&search_path("new%40example.com")).await),
+        Some(id.clone())
+    );
+    tokio::time::advance(lag + Duration::from_secs(1)).await;
+    assert_eq!(
+        found(c.get(&search_path("renamed%40example.com")).await),
+        Some(id.clone())
+    );
+    assert_eq!(found(c.get(&search_path("new%40example.com")).await), None);
+
+    // A delete leaves the search at once.
+    assert_eq!(
+        c.send("DELETE", &format!("/contacts/{id}"), None)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        found(c.get(&search_path("renamed%40example.com")).await),
+        None
+    );
+}
+
+#[tokio::test]
+async fn allow_duplicates_lets_two_creates_with_the_same_email_both_succeed() {
+    let (sim, c) = start(SimConfig {
+        allow_duplicates: true,
+        ..unlimited(10)
+    })
+    .await;
+    let mut ids = Vec::new();
+    for first in ["First", "Second"] {
+        let body = json!({"locationId": LOC, "firstName": first, "email": "twin@example.com"});
+        let r = c.send("POST", "/contacts/", Some(body)).await;
+        assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+        ids.push(r.json()["contact"]["id"].as_str().expect("id").to_string());
+    }
+    assert_ne!(ids[0], ids[1]);
+    assert_eq!(sim.contacts(LOC).len(), 12);
+
+    // The duplicate search answers the oldest of them.
+    let r = c.get(&search_path("TWIN%40example.com")).await;
+    assert_eq!(r.json()["contact"]["id"], ids[0].as_str());
+
+    // An update to another contact's email is not refused either.
+    let other = sim.contacts(LOC)[5]["id"].as_str().expect("id").to_string();
+    let r = c
+        .send(
+            "PUT",
+            &format!("/contacts/{other}"),
+            Some(json!({"email": "twin@example.com"})),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+
+    // Upsert updates the oldest match (by dateAdded: now the base contact), or creates when
+    // asked to.
+    let r = c
+        .send(
+            "POST",
+            "/contacts/upsert",
+            Some(json!({"locationId": LOC, "email": "twin@example.com", "city": "Oslo"})),
+        )
+        .await;
+    let v = r.json();
+    assert_eq!(v["new"], false);
+    assert_eq!(v["contact"]["id"], other.as_str());
+    let r = c.get(&search_path("twin%40example.com")).await;
+    assert_eq!(r.json()["contact"]["id"], other.as_str());
+    let r = c
+        .send(
+            "POST",
+            "/contacts/upsert",
+            Some(json!({"locationId": LOC, "email": "twin@example.com", "createNewIfDuplicateAllowed": true})),
+        )
+        .await;
+    assert_eq!((r.status, r.json()["new"].clone()), (201, json!(true)));
+    assert_eq!(sim.contacts(LOC).len(), 13);
+}
+
+#[tokio::test]
+async fn location_endpoint_serves_the_configured_country_and_403s_an_unknown_location() {
+    let (_sim, c) = start(SimConfig {
+        country: "DE".into(),
+        ..unlimited(1)
+    })
+    .await;
+    let r = c.get(&format!("/locations/{LOC}")).await;
+    assert_eq!(r.status, 200);
+    let l = &r.json()["location"];
+    assert_eq!(
+        (
+            l["id"].as_str(),
+            l["country"].as_str(),
+            l["timezone"].as_str()
+        ),
+        (Some(LOC), Some("DE"), Some("Europe/Berlin"))
+    );
+    assert_eq!(l["settings"]["allowDuplicateContact"], false);
+
+    let r = c.get("/locations/someoneElsesLocation1").await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["statusCode"], 403);
+
+    let (_sim, c) = start(unlimited(1)).await;
+    let r = c.get(&format!("/locations/{LOC}")).await;
+    assert_eq!(r.json()["location"]["country"], "US", "the default");
+}
+
+/// A location access token from the simulator's consent flow, with `scope`.
+async fn oauth_token(sim: &Sim, c: &Client, scope: &str) -> String {
+    let o = &sim.config().oauth;
+    let r = c
+        .get(&format!(
+            "/oauth/chooselocation?client_id={}&response_type=code&redirect_uri=http%3A%2F%2F127.0.0.1%2Fcb&scope={}",
+            o.client_id,
+            scope.replace(' ', "%20")
+        ))
+        .await;
+    let to = r.header("location").expect("redirect");
+    let code = to
+        .split("code=")
+        .nth(1)
+        .expect("code")
+        .split('&')
+        .next()
+        .expect("code");
+    let form = format!(
+        "client_id={}&client_secret={}&grant_type=authorization_code&code={code}&user_type=Location&redirect_uri=http%3A%2F%2F127.0.0.1%2Fcb",
+        o.client_id, o.client_secret
+    );
+    let r = c.send_raw("POST", "/oauth/token", &form).await;
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+#[tokio::test]
+async fn location_endpoint_needs_the_locations_readonly_scope_in_oauth_mode() {
+    let mut config = unlimited(1);
+    config.oauth.required = true;
+    let (sim, mut c) = start(config).await;
+    let path = format!("/locations/{LOC}");
+
+    c.token = Some(oauth_token(&sim, &c, "contacts.readonly contacts.write").await);
+    let r = c.get(&path).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.json()["message"],
+        "The token is not authorized for this scope."
+    );
+    assert_eq!(
+        c.get(&format!("/contacts/?locationId={LOC}")).await.status,
+        200,
+        "contacts routes do not check scopes"
+    );
+
+    c.token = Some(oauth_token(&sim, &c, "contacts.readonly locations.readonly").await);
+    assert_eq!(c.get(&path).await.status, 200);
+    assert_eq!(c.get("/locations/someoneElsesLocation1").await.status, 403);
+}
+
+#[test]
+fn sim_flags_reach_the_config() {
+    use clap::Parser;
+    let config = |args: &[&str]| {
+        let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+        match crate::cli::Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(crate::cli::Command::Sim(a)) => Ok(crate::cli::sim_config(&a)),
+            Ok(_) => panic!("not the sim command"),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    let c = config(&[
+        "--write-latency-ms",
+        "50-400",
+        "--search-lag-ms",
+        "1500",
+        "--allow-duplicates",
+        "--country",
+        "de",
+    ])
+    .expect("valid flags");
+    let ms = Duration::from_millis;
+    assert_eq!(c.write_latency, ms(50)..=ms(400));
+    assert_eq!(c.search_lag, ms(1500));
+    assert!(c.allow_duplicates);
+    assert_eq!(c.country, "DE");
+
+    let c = config(&["--write-latency-ms", "200"]).expect("one value");
+    assert_eq!(c.write_latency, ms(200)..=ms(200));
+    let d = config(&[]).expect("defaults");
+    let today = SimConfig::default();
+    assert_eq!(today.write_latency, Duration::ZERO..=Duration::ZERO);
+    assert_eq!(
+        (d.write_latency, d.search_lag, d.allow_duplicates, d.country),
+        (today.write_latency, today.search_lag, false, today.country)
+    );
+
+    for bad in [
+        ["--write-latency-ms", "400-50"],
+        ["--write-latency-ms", "fast"],
+        ["--country", "USA"],
+    ] {
+        assert!(config(&bad).is_err(), "{bad:?} is refused");
     }
 }

@@ -1,6 +1,11 @@
 //! Write handlers. Bodies are validated as strictly as the real API (an unknown property is
 //! a 422), then applied to the overlay under the location's write lock. Every write moves the
 //! contact's `dateUpdated`. Writes are rare next to reads, so `serde_json::Value` is fine here.
+//!
+//! A handler runs when the write is applied (after the configured write latency; see
+//! `routes`), so `dateAdded` and `dateUpdated` are the apply time. The rule against
+//! duplicates reads the primary state ([`View::Primary`]): it sees every applied write at
+//! once, unlike the duplicate search. A location that allows duplicates never applies it.
 
 use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
@@ -9,7 +14,7 @@ use super::gen::CfDef;
 use super::model::{CfValue, Contact, CustomField, Ms, Note, OrJson, Task, Text, F};
 use super::now_ms;
 use super::routes::{ApiError, Kind, Reply, Req};
-use super::store::{write, Location};
+use super::store::{write, Location, View};
 
 const CONTACT_FIELDS: &[&str] = &[
     "firstName",
@@ -268,11 +273,23 @@ fn body_location<'a>(
     }
 }
 
-/// Checks for a duplicate of `c`, then adds it; returns the reply body's contact.
-fn insert(l: &mut Location, mut c: Contact) -> Result<Value, ApiError> {
+/// Checks for a duplicate of `c` (unless the location allows them), then adds it; returns
+/// the reply body's contact.
+fn insert(l: &mut Location, mut c: Contact, allow_duplicates: bool) -> Result<Value, ApiError> {
     let email = c.email.get().map(|e| e.to_string());
     let phone = c.phone.get().map(|p| p.to_string());
-    if let Some((slot, field)) = l.find_duplicate(email.as_deref(), phone.as_deref(), None) {
+    let found = (!allow_duplicates)
+        .then(|| {
+            l.find_duplicate(
+                email.as_deref(),
+                phone.as_deref(),
+                None,
+                View::Primary,
+                false,
+            )
+        })
+        .flatten();
+    if let Some((slot, field)) = found {
         return Err(duplicate_error(l, slot, field));
     }
     let slot = l.create(|id| {
@@ -290,7 +307,7 @@ pub(crate) fn create(req: &Req<'_>) -> Result<Reply, ApiError> {
     let mut l = write(lock);
     let mut c = new_contact(l.id());
     apply_contact(&mut c, &map, l.gen.custom_fields())?;
-    let contact = insert(&mut l, c)?;
+    let contact = insert(&mut l, c, req.sim.config.allow_duplicates)?;
     Ok(Reply::new(
         StatusCode::CREATED,
         &json!({"contact": contact, "traceId": req.sim.trace_id()}),
@@ -298,6 +315,8 @@ pub(crate) fn create(req: &Req<'_>) -> Result<Reply, ApiError> {
 }
 
 /// `POST /contacts/upsert`: updates the contact matching by email, else by phone, or creates.
+/// Where duplicates are allowed, the oldest match is updated, and `createNewIfDuplicateAllowed:
+/// true` always creates (as the spec describes).
 pub(crate) fn upsert(req: &Req<'_>) -> Result<Reply, ApiError> {
     let map = object(req.body)?;
     only(&map, &[CONTACT_FIELDS, CREATE_ONLY, UPSERT_ONLY])?;
@@ -306,7 +325,16 @@ pub(crate) fn upsert(req: &Req<'_>) -> Result<Reply, ApiError> {
     let email = map.get("email").and_then(Value::as_str);
     let phone = map.get("phone").and_then(Value::as_str);
     let trace_id = req.sim.trace_id();
-    match l.find_duplicate(email, phone, None) {
+    let allow = req.sim.config.allow_duplicates;
+    let always_new = allow
+        && map
+            .get("createNewIfDuplicateAllowed")
+            .and_then(Value::as_bool)
+            == Some(true);
+    let found = (!always_new)
+        .then(|| l.find_duplicate(email, phone, None, View::Primary, allow))
+        .flatten();
+    match found {
         Some((slot, _)) => {
             let mut c = l.contact(slot).into_owned();
             apply_contact(&mut c, &map, l.gen.custom_fields())?;
@@ -320,7 +348,7 @@ pub(crate) fn upsert(req: &Req<'_>) -> Result<Reply, ApiError> {
         None => {
             let mut c = new_contact(l.id());
             apply_contact(&mut c, &map, l.gen.custom_fields())?;
-            let contact = insert(&mut l, c)?;
+            let contact = insert(&mut l, c, allow)?;
             Ok(Reply::new(
                 StatusCode::CREATED,
                 &json!({"new": true, "contact": contact, "traceId": trace_id}),
@@ -362,9 +390,18 @@ pub(crate) fn update(req: &Req<'_>) -> Result<Reply, ApiError> {
             .contains_key("phone")
             .then(|| c.phone.get().map(|p| p.to_string()))
             .flatten();
-        if let Some((other, field)) =
-            l.find_duplicate(email.as_deref(), phone.as_deref(), Some(slot))
-        {
+        let found = (!req.sim.config.allow_duplicates)
+            .then(|| {
+                l.find_duplicate(
+                    email.as_deref(),
+                    phone.as_deref(),
+                    Some(slot),
+                    View::Primary,
+                    false,
+                )
+            })
+            .flatten();
+        if let Some((other, field)) = found {
             return Err(duplicate_error(l, other, field));
         }
         touch(&mut c);
