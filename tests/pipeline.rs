@@ -236,8 +236,9 @@ fn every_error_in_a_pipeline_file_names_its_line_and_key() {
             format!("{head}{base}")
         };
         let p = write(dir.path(), "case.toml", &text);
-        let e = pipeline::load(&p).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (*line, *key), "{e}");
+        let all = pipeline::load(&p).unwrap_err();
+        let e = all.first();
+        assert_eq!((e.line, e.key.as_str()), (*line, *key), "{all}");
         assert!(
             e.to_string().contains(words)
                 && e.to_string()
@@ -266,8 +267,9 @@ fn every_error_in_a_pipeline_file_names_its_line_and_key() {
         let text =
             format!("[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n{export}");
         let p = write(dir.path(), "case.toml", &text);
-        let e = pipeline::load(&p).unwrap_err();
-        assert_eq!((e.line, e.key.as_str()), (7, *key), "{e}");
+        let all = pipeline::load(&p).unwrap_err();
+        let e = all.first();
+        assert_eq!((e.line, e.key.as_str()), (7, *key), "{all}");
         assert!(e.to_string().contains(words), "{e}");
     }
     let p = write(
@@ -275,7 +277,8 @@ fn every_error_in_a_pipeline_file_names_its_line_and_key() {
         "case.toml",
         "[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n",
     );
-    let e = pipeline::load(&p).unwrap_err();
+    let all = pipeline::load(&p).unwrap_err();
+    let e = all.first();
     assert!(
         e.to_string().contains("no token for location L1") && e.line == 2,
         "{e}"

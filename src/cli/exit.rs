@@ -25,6 +25,15 @@ pub const PARTIAL: u8 = 7;
 /// (`export`). Nothing was done; schedulers can treat it as "skipped". Inside a pipeline, a
 /// location whose export lock is held fails like any other location (exit 7).
 pub const BUSY: u8 = 8;
+/// Stopped by SIGINT (128 + 2): the complete pages are committed; rerun to resume.
+pub const INTERRUPTED_INT: u8 = 130;
+/// Stopped by SIGTERM (128 + 15): the complete pages are committed; rerun to resume.
+pub const INTERRUPTED_TERM: u8 = 143;
+
+/// Whether an exit code means "stopped by a signal" (status `interrupted` in the reports).
+pub fn is_interrupted(code: u8) -> bool {
+    code == INTERRUPTED_INT || code == INTERRUPTED_TERM
+}
 
 /// Marks an error as a usage error (bad settings found before any work).
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +53,7 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
         if let Some(e) = cause.downcast_ref::<ExportError>() {
             return match e {
                 ExportError::QuotaStop { .. } => QUOTA,
+                ExportError::Interrupted { signal, .. } => signal.exit_code(),
                 ExportError::Lock(LockError::Busy { .. }) => BUSY,
                 ExportError::CheckpointMismatch { .. } | ExportError::Unsupported(_) => USAGE,
                 ExportError::Sink(crate::sink::SinkError::UnsafeLocationId { .. }) => USAGE,

@@ -32,8 +32,10 @@ Exit codes:
   5   a transient failure outlasted the retries: run again later
   6   (import) some rows were rejected: see the rejects file
   7   (pipeline) some locations failed, others completed: see its report
-  8   another run holds the lock: nothing was done
-  75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume";
+  8   another run holds the lock: nothing was done (its report is left alone)
+  75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume
+  130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM: complete pages committed, the report says
+      'interrupted'; rerun to resume (a second signal exits at once)";
 
 /// Bulk export of HighLevel (LeadConnector) contacts with their tasks, notes and
 /// appointments, to Parquet or CSV.
@@ -102,7 +104,8 @@ pub enum Command {
     /// does not stop the others. Two runs of one pipeline never overlap (a lock in
     /// OUT/_state; a lock left by a dead run is taken over). HL_BASE_URL overrides the file's
     /// base_url. Writes OUT/_pipeline_report.json; exit 0 all complete, 7 some locations
-    /// failed (partial), 75 stopped for the daily quota, otherwise as for export.
+    /// failed (partial), 75 stopped for the daily quota, 130/143 interrupted by SIGINT/SIGTERM
+    /// (complete pages committed; rerun to resume), otherwise as for export.
     Run(RunArgs),
     /// Check a pipeline file without running it: every problem is reported with its line and
     /// key.
@@ -440,6 +443,8 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
         max_requests: args.daily_budget,
         reserve: args.daily_reserve / 100.0,
     };
+    crate::export::interrupt::install(&plan.interrupt)
+        .context("cannot install the SIGTERM/SIGINT handlers")?;
     if args.incremental {
         plan.incremental = Some(crate::export::IncrementalPlan {
             state_dir: args
@@ -468,6 +473,11 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
         .report
         .clone()
         .unwrap_or_else(|| args.out.join("_report.json"));
+    // Refused because another export of this location holds the lock: the report there is
+    // that run's, and this one did nothing to report.
+    if report.exit_code == exit::BUSY {
+        return result;
+    }
     if let Err(e) = report.write(&report_path) {
         tracing::error!(error = %e, "cannot write the run report");
     }
@@ -669,7 +679,10 @@ pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
     let p = crate::pipeline::load(&args.file).map_err(|e| exit::UsageError(e.to_string()))?;
     match &p.job {
         crate::pipeline::Job::Export(job) => {
-            let report = crate::pipeline::run_export(&p, job).await?;
+            let interrupt = crate::export::Interrupt::default();
+            crate::export::interrupt::install(&interrupt)
+                .context("cannot install the SIGTERM/SIGINT handlers")?;
+            let report = crate::pipeline::run_export_until(&p, job, &interrupt).await?;
             if !quiet {
                 for r in &report.locations {
                     eprintln!(

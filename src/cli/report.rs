@@ -15,7 +15,8 @@ pub struct RunReport {
     pub tool: String,
     pub command: String,
     pub location_id: String,
-    /// `complete`, `stopped` (daily quota or budget: resume later) or `failed`.
+    /// `complete`, `stopped` (daily quota or budget: resume later), `interrupted` (SIGTERM or
+    /// SIGINT: what was complete is committed; rerun to resume) or `failed`.
     pub status: String,
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,6 +64,7 @@ impl RunReport {
         let status = match exit_code {
             super::exit::OK => "complete",
             super::exit::QUOTA => "stopped",
+            c if super::exit::is_interrupted(c) => "interrupted",
             _ => "failed",
         };
         let ck = crate::checkpoint::load(&crate::checkpoint::path(&crate::checkpoint::state_dir(

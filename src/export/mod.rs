@@ -7,8 +7,10 @@
 //! A run that finds an unfinished checkpoint with the same settings resumes it: it deletes
 //! part files the checkpoint does not list (written after its last commit) and continues the
 //! listing after the committed position. A run stopped by the daily quota, an error or a kill
-//! therefore costs time, never rows.
+//! therefore costs time, never rows. SIGTERM and SIGINT stop it the same way, with the
+//! complete pages committed first ([`interrupt`]).
 
+pub mod interrupt;
 mod resources;
 mod writer;
 
@@ -21,6 +23,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
 
 use crate::api::{Client, StatsSnapshot};
@@ -64,6 +67,9 @@ pub struct ExportPlan {
     pub export_date: Option<String>,
     /// Where the manifest goes (default `OUT/_manifest.json`; pipelines use one per location).
     pub manifest_path: Option<PathBuf>,
+    /// Raised by SIGTERM or SIGINT: stop listing, commit the complete pages, return
+    /// [`ExportError::Interrupted`].
+    pub interrupt: Interrupt,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -141,6 +147,7 @@ impl ExportPlan {
             incremental: None,
             export_date: None,
             manifest_path: None,
+            interrupt: Interrupt::default(),
         }
     }
 
@@ -228,6 +235,8 @@ pub enum ExportError {
     CheckpointMismatch { path: PathBuf, why: String },
     #[error("stopped before the daily quota ran out: {reason}. {contacts} contacts are committed.\nhint: HighLevel resets the quota within 24 hours (it does not say when); rerun the same command then to resume")]
     QuotaStop { reason: String, contacts: u64 },
+    #[error("stopped by {signal}: {contacts} contacts are committed.\nhint: rerun the same command to resume")]
+    Interrupted { signal: Signal, contacts: u64 },
     #[error("the writer thread stopped unexpectedly")]
     WriterLost,
     /// Settings or a situation the export refuses (a usage error).
@@ -313,13 +322,6 @@ pub async fn run(
 /// Resumes the unfinished checkpoint, or starts afresh.
 fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoint, ExportError> {
     let settings = plan.settings();
-    let cleaned = sink::clean_temp_files(&plan.out)?;
-    if cleaned > 0 {
-        tracing::info!(
-            files = cleaned,
-            "removed temporary files left by an interrupted run"
-        );
-    }
     // With --restart even a damaged checkpoint is simply replaced.
     let loaded = match checkpoint::load(ck_path) {
         Err(e) if plan.restart => {
@@ -328,6 +330,27 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         }
         other => other?,
     };
+    // Temporary parts of a stopped run of this location: in the partition it wrote to and in
+    // the one this run writes to. Nothing else under OUT is ours to delete (another location's
+    // export may be writing there right now).
+    let mut cleaned = 0;
+    let mut dates = vec![plan.export_date.clone()];
+    dates.extend(loaded.as_ref().map(|ck| ck.export_date.clone()));
+    dates.dedup();
+    for export_date in dates {
+        let partition = Partition {
+            export_date,
+            location_id: plan.location_id.clone(),
+        };
+        cleaned += sink::clean_temp_parts(&plan.out, &partition)?;
+    }
+    if cleaned > 0 {
+        tracing::info!(
+            files = cleaned,
+            location = %plan.location_id,
+            "removed temporary files left by an interrupted run"
+        );
+    }
     if let Some(mut ck) = loaded {
         if !ck.complete && !plan.restart {
             if let Some(why) = settings.mismatch(&ck.settings) {
@@ -452,9 +475,22 @@ async fn stream(
     // here when the stream stops is an incomplete page, which the writer would discard anyway.
     let mut batch = Vec::new();
     let mut failure = None;
+    let mut interrupted = None;
     let mut listing_done = false;
+    let stop = plan.interrupt.raised();
+    let mut stop = std::pin::pin!(stop);
     loop {
-        match items.next().await {
+        // A signal stops the listing between items; the pages already sent are committed
+        // below, the incomplete one in `batch` is dropped (the next run lists it again).
+        let next = tokio::select! {
+            biased;
+            signal = &mut stop => {
+                interrupted = Some(signal);
+                break;
+            }
+            next = items.next() => next,
+        };
+        match next {
             None => {
                 listing_done = true;
                 break;
@@ -500,6 +536,12 @@ async fn stream(
     let _ = tx.send(writer::Msg::Finish { listing_done }).await;
     drop(tx);
     let ck = join(handle).await?;
+    if let Some(signal) = interrupted {
+        return Err(ExportError::Interrupted {
+            signal,
+            contacts: ck.contacts_listed,
+        });
+    }
     if let Some(reason) = failure {
         return Err(ExportError::QuotaStop {
             reason,

@@ -21,11 +21,11 @@ use tokio::sync::Semaphore;
 
 use crate::api::{Client, ClientConfig, Token, DEFAULT_BASE_URL};
 use crate::cli::{exit, RunReport};
-use crate::export::{Budget, ExportPlan, IncrementalPlan, Progress};
+use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Progress};
 use crate::fanout::Include;
 use crate::ratelimit::Quota;
 use crate::sink::Format;
-use config::{ConfigError, Source};
+use config::{ConfigError, ConfigErrors, Source};
 
 /// Where a location's token comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,8 +90,8 @@ pub struct ExportJob {
     pub commit_interval: Duration,
 }
 
-/// Reads and checks a pipeline file.
-pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
+/// Reads and checks a pipeline file. Every problem found is returned, not only the first.
+pub fn load(path: &Path) -> Result<Pipeline, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.display().to_string(),
         line: 0,
@@ -102,8 +102,98 @@ pub fn load(path: &Path) -> Result<Pipeline, ConfigError> {
         file: path,
         text: &text,
     };
-    let f = config::parse(&src)?;
-    check(&src, f)
+    let (parsed, mut problems) = parse_all(&src);
+    if let Some((f, semantics)) = parsed {
+        match check(&src, f) {
+            Ok(p) if problems.is_empty() => return Ok(p),
+            Ok(_) => {}
+            Err(mut e) if semantics => problems.append(&mut e.0),
+            Err(_) => {}
+        }
+    }
+    problems.sort_by_key(|e| e.line);
+    Err(ConfigErrors(problems))
+}
+
+/// Most key-level problems reported from one file (the rest are found on the next run).
+const MAX_PARSE_PROBLEMS: usize = 50;
+
+/// Parses the file, collecting every key-level problem (unknown keys, wrong types) rather than
+/// stopping at the first: a key in error is blanked out (its line, or a whole table for a bad
+/// table header) and the file parsed again. Returns the file as parsed without those keys, and
+/// whether checking its values can add problems that are not mere consequences of the blanking
+/// (not once a table or a required key was dropped). A syntax error stops the collection: the
+/// first one is reported, later ones may come from the blanking itself and are not.
+fn parse_all(src: &Source<'_>) -> (Option<(config::PipelineFile, bool)>, Vec<ConfigError>) {
+    let mut text = src.text.to_owned();
+    let mut problems: Vec<ConfigError> = Vec::new();
+    let mut semantics = true;
+    while problems.len() < MAX_PARSE_PROBLEMS {
+        let s = Source {
+            file: src.file,
+            text: &text,
+        };
+        let e = match config::parse(&s) {
+            Ok(f) => return (Some((f, semantics)), problems),
+            Err(e) => e,
+        };
+        let syntax = text.parse::<toml::Table>().is_err();
+        if !problems.is_empty() {
+            // A required key the blanking removed, or broken syntax the blanking left
+            // behind (a multi-line value): nothing more can be learnt reliably.
+            let consequence = e
+                .message
+                .strip_prefix("missing field `")
+                .and_then(|r| r.split('`').next())
+                .is_some_and(|k| problems.iter().any(|p| p.key == k));
+            if syntax || consequence {
+                break;
+            }
+        }
+        let line = e.line;
+        let header = src
+            .text
+            .lines()
+            .nth(line.saturating_sub(1))
+            .is_some_and(|l| l.trim_start().starts_with('['));
+        // A dropped table or required key makes later checks of the values misleading.
+        if header || e.message.starts_with("missing field") {
+            semantics = false;
+        }
+        problems.push(e);
+        if syntax || line == 0 || !blank(&mut text, line) {
+            break;
+        }
+    }
+    (None, problems)
+}
+
+/// Replaces line `line` (1-based) with spaces, and when it is a table header, the table's
+/// lines up to the next header. False when there is nothing left to blank there.
+fn blank(text: &mut String, line: usize) -> bool {
+    let mut out = String::with_capacity(text.len());
+    let mut blanked = false;
+    let mut in_table = false;
+    for (i, l) in text.split_inclusive('\n').enumerate() {
+        let header = l.trim_start().starts_with('[');
+        let this = i + 1 == line;
+        if this {
+            in_table = header;
+        } else if header {
+            in_table = false;
+        }
+        if (this || in_table) && !l.trim().is_empty() {
+            blanked = true;
+            out.extend(
+                l.chars()
+                    .map(|c| if c == '\n' || c == '\r' { c } else { ' ' }),
+            );
+        } else {
+            out.push_str(l);
+        }
+    }
+    *text = out;
+    blanked
 }
 
 fn positive(
@@ -135,7 +225,21 @@ fn resolve(src: &Source<'_>, p: &Path) -> PathBuf {
         .map_or_else(|| p.to_path_buf(), |d| d.join(p))
 }
 
-fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigError> {
+/// Keeps `r`'s value, or records its problem and gives `None`.
+fn keep<T>(problems: &mut Vec<ConfigError>, r: Result<T, ConfigError>) -> Option<T> {
+    r.map_err(|e| problems.push(e)).ok()
+}
+
+/// Checks the parsed file's values. Every problem is collected; a value in error takes its
+/// default so the checks after it still run.
+fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigErrors> {
+    let mut problems = Vec::new();
+    let p = &mut problems;
+    let stem = || {
+        src.file
+            .file_stem()
+            .map_or_else(|| "pipeline".into(), |s| s.to_string_lossy().into_owned())
+    };
     let name = match &f.name {
         Some(n)
             if n.get_ref().trim().is_empty()
@@ -144,219 +248,392 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) =>
         {
-            return Err(src.at(
+            p.push(src.at(
                 n,
                 "name",
                 "use letters, digits, '-', '_' or '.' (it names the lock and report files)",
             ));
+            stem()
         }
         Some(n) => n.get_ref().clone(),
-        None => src
-            .file
-            .file_stem()
-            .map_or_else(|| "pipeline".into(), |s| s.to_string_lossy().into_owned()),
+        None => stem(),
     };
     let api = &f.api;
     let rate_limit = match &api.rate_limit {
         None => Some(Quota::API_DEFAULT),
         Some(r) if r.get_ref().trim().eq_ignore_ascii_case("off") => None,
         Some(r) => Some(
-            r.get_ref()
-                .parse::<Quota>()
-                .map_err(|e| src.at(r, "rate_limit", e))?,
+            keep(
+                p,
+                r.get_ref()
+                    .parse::<Quota>()
+                    .map_err(|e| src.at(r, "rate_limit", e)),
+            )
+            .unwrap_or(Quota::API_DEFAULT),
         ),
     };
     let base_url = match &api.base_url {
-        Some(u) => {
-            if reqwest::Url::parse(u.get_ref()).is_err() {
-                return Err(src.at(u, "base_url", format!("'{}' is not a URL", u.get_ref())));
+        Some(u) => match reqwest::Url::parse(u.get_ref()) {
+            Err(_) => {
+                p.push(src.at(u, "base_url", format!("'{}' is not a URL", u.get_ref())));
+                DEFAULT_BASE_URL.into()
             }
-            u.get_ref().clone()
-        }
+            // The rule `run` applies when it builds the client, and its message.
+            Ok(url) if url.scheme() == "http" && !crate::api::is_loopback(&url) => {
+                p.push(src.at(
+                    u,
+                    "base_url",
+                    crate::api::ClientBuildError::InsecureUrl(u.get_ref().clone()).to_string(),
+                ));
+                DEFAULT_BASE_URL.into()
+            }
+            Ok(_) => u.get_ref().clone(),
+        },
         None => DEFAULT_BASE_URL.into(),
     };
-    let concurrency = positive(src, &api.concurrency, "concurrency", 4, 256)? as usize;
-    let max_concurrency =
-        positive(src, &api.max_concurrency, "max_concurrency", 64, 4096)? as usize;
-    let parallel_locations =
-        positive(src, &api.parallel_locations, "parallel_locations", 8, 1024)? as usize;
-    let timeout =
-        Duration::from_secs(positive(src, &api.timeout_secs, "timeout_secs", 60, 3600)? as u64);
+    let concurrency = keep(p, positive(src, &api.concurrency, "concurrency", 4, 256)).unwrap_or(4);
+    let max_concurrency = keep(
+        p,
+        positive(src, &api.max_concurrency, "max_concurrency", 64, 4096),
+    )
+    .unwrap_or(64);
+    let parallel_locations = keep(
+        p,
+        positive(src, &api.parallel_locations, "parallel_locations", 8, 1024),
+    )
+    .unwrap_or(8);
+    let timeout = keep(
+        p,
+        positive(src, &api.timeout_secs, "timeout_secs", 60, 3600),
+    )
+    .unwrap_or(60);
 
     if let Some(t) = &f.auth.token {
-        return Err(src.at(t, "token", "a token must not be written in a pipeline file: name an environment variable (token_env) or a file (token_file)"));
+        p.push(src.at(t, "token", "a token must not be written in a pipeline file: name an environment variable (token_env) or a file (token_file)"));
     }
     let oauth = match &f.auth.oauth {
         None => None,
         Some(o) => {
-            let client_id = match (&o.get_ref().client_id, &o.get_ref().client_id_env) {
-                (Some(id), None) => id.get_ref().clone(),
-                (None, Some(var)) => std::env::var(var.get_ref()).unwrap_or_default(),
+            let conf = o.get_ref();
+            let client_id = match (&conf.client_id, &conf.client_id_env) {
+                (Some(id), None) => Some(id.get_ref().clone()),
+                (None, Some(var)) => keep(p, secret_name(src, var, "client_id_env"))
+                    .map(|()| std::env::var(var.get_ref()).unwrap_or_default()),
                 _ => {
-                    return Err(src.at(o, "oauth", "give client_id or client_id_env (exactly one)"))
+                    p.push(src.at(o, "oauth", "give client_id or client_id_env (exactly one)"));
+                    None
                 }
             };
-            Some(OAuthConf {
-                token_store: resolve(src, o.get_ref().token_store.get_ref()),
+            if let Some(v) = &conf.client_secret_env {
+                keep(p, secret_name(src, v, "client_secret_env"));
+            }
+            if let Some(v) = &conf.client_secret_file {
+                keep(p, secret_path(src, v, "client_secret_file"));
+            }
+            client_id.map(|client_id| OAuthConf {
+                token_store: resolve(src, conf.token_store.get_ref()),
                 client_id,
-                client_secret_env: o
-                    .get_ref()
+                client_secret_env: conf
                     .client_secret_env
                     .as_ref()
                     .map_or_else(|| "HL_CLIENT_SECRET".to_owned(), |v| v.get_ref().clone()),
-                client_secret_file: o
-                    .get_ref()
+                client_secret_file: conf
                     .client_secret_file
                     .as_ref()
                     .map(|p| resolve(src, p.get_ref())),
-                company_id: o.get_ref().company_id.as_ref().map(|c| c.get_ref().clone()),
-                all_installed_locations: o.get_ref().all_installed_locations,
+                company_id: conf.company_id.as_ref().map(|c| c.get_ref().clone()),
+                all_installed_locations: conf.all_installed_locations,
             })
         }
     };
-    let default_token = match (&f.auth.token_env, &f.auth.token_file) {
-        (None, None) if oauth.is_some() => Some(TokenRef::OAuth),
-        (Some(e), None) => Some(TokenRef::Env(e.get_ref().clone())),
-        (None, Some(p)) => Some(TokenRef::File(resolve(src, p.get_ref()))),
-        (Some(e), Some(_)) => {
-            return Err(src.at(e, "token_env", "give token_env or token_file, not both"))
-        }
-        (None, None) => None,
-    };
-    if f.locations.is_empty() && !oauth.as_ref().is_some_and(|o| o.all_installed_locations) {
-        return Err(src.error(
+    let oauth_given = f.auth.oauth.is_some();
+    let default_token = token_ref(src, p, &f.auth.token_env, &f.auth.token_file)
+        .or_else(|| oauth_given.then_some(TokenRef::OAuth));
+    let all_installed = f
+        .auth
+        .oauth
+        .as_ref()
+        .is_some_and(|o| o.get_ref().all_installed_locations);
+    if f.locations.is_empty() && !all_installed {
+        p.push(src.error(
             src.text.len(),
             "locations",
             "no locations: add a [[locations]] table with an id for each location to run",
         ));
     }
-    let mut locations = Vec::new();
+    let mut locations: Vec<LocationTarget> = Vec::new();
     for l in &f.locations {
         let id = l.id.get_ref().trim().to_owned();
+        let mut ok = true;
         if id.is_empty()
             || !id
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
         {
-            return Err(src.at(
+            p.push(src.at(
                 &l.id,
                 "id",
                 format!("'{}' is not a location id", l.id.get_ref()),
             ));
+            ok = false;
+        } else if locations.iter().any(|x| x.id == id) {
+            p.push(src.at(&l.id, "id", format!("location {id} is listed twice")));
+            ok = false;
         }
-        if locations.iter().any(|x: &LocationTarget| x.id == id) {
-            return Err(src.at(&l.id, "id", format!("location {id} is listed twice")));
-        }
-        let token = match (&l.token_env, &l.token_file) {
-            (Some(e), None) => TokenRef::Env(e.get_ref().clone()),
-            (None, Some(p)) => TokenRef::File(resolve(src, p.get_ref())),
-            (Some(e), Some(_)) => {
-                return Err(src.at(e, "token_env", "give token_env or token_file, not both"))
+        let given = l.token_env.is_some() || l.token_file.is_some();
+        let token = match token_ref(src, p, &l.token_env, &l.token_file) {
+            Some(t) => Some(t),
+            // Its own token is in error (already reported): not the default's business.
+            None if given => None,
+            None => {
+                if default_token.is_none() && ok {
+                    p.push(src.at(
+                        &l.id,
+                        "id",
+                        format!("no token for location {id}: set token_env or token_file here or in [auth]"),
+                    ));
+                }
+                default_token.clone()
             }
-            (None, None) => default_token.clone().ok_or_else(|| {
-                src.at(
-                    &l.id,
-                    "id",
-                    format!(
-                        "no token for location {id}: set token_env or token_file here or in [auth]"
-                    ),
-                )
-            })?,
         };
-        locations.push(LocationTarget { id, token });
+        if let (true, Some(token)) = (ok, token) {
+            locations.push(LocationTarget { id, token });
+        }
     }
 
     let job = match (&f.export, &f.import) {
-        (Some(e), None) => Job::Export(check_export(src, e)?),
+        (Some(e), None) => check_export(src, p, e).map(Job::Export),
         (None, Some(i)) => {
-            if locations.len() != 1 {
-                return Err(src.error(
+            if f.locations.len() != 1 {
+                p.push(src.error(
                     0,
                     "locations",
                     "an import pipeline loads into exactly one location",
                 ));
             }
-            Job::Import(import_args(src, i, &locations[0].id)?)
+            let location = locations.first().map_or("", |l| l.id.as_str());
+            import_args(src, p, i, location).map(Job::Import)
         }
         (Some(_), Some(i)) => {
-            return Err(src.at(
+            p.push(src.at(
                 &i.input,
                 "import",
                 "a pipeline has an [export] or an [import] section, not both",
-            ))
+            ));
+            None
         }
         (None, None) => {
-            return Err(src.error(
+            p.push(src.error(
                 src.text.len(),
                 "export",
                 "nothing to do: add an [export] or an [import] section",
-            ))
+            ));
+            None
         }
     };
-    if let (Job::Import(_), Some(TokenRef::OAuth)) = (&job, locations.first().map(|l| &l.token)) {
-        return Err(src.error(
+    if let (Some(Job::Import(_)), Some(TokenRef::OAuth)) =
+        (&job, locations.first().map(|l| &l.token))
+    {
+        p.push(src.error(
             0,
             "oauth",
             "an import pipeline reads its token from HL_TOKEN or a token_file",
         ));
     }
-    Ok(Pipeline {
-        name,
-        file: src.file.to_path_buf(),
-        base_url,
-        rate_limit,
-        concurrency,
-        max_concurrency,
-        parallel_locations,
-        timeout,
-        locations,
-        oauth,
-        job,
-    })
+    match job {
+        Some(job) if problems.is_empty() => Ok(Pipeline {
+            name,
+            file: src.file.to_path_buf(),
+            base_url,
+            rate_limit,
+            concurrency: concurrency as usize,
+            max_concurrency: max_concurrency as usize,
+            parallel_locations: parallel_locations as usize,
+            timeout: Duration::from_secs(timeout as u64),
+            locations,
+            oauth,
+            job,
+        }),
+        _ => Err(ConfigErrors(problems)),
+    }
 }
 
-fn check_export(src: &Source<'_>, e: &config::ExportSection) -> Result<ExportJob, ConfigError> {
+/// The token source a `token_env` / `token_file` pair names, if it names one correctly.
+fn token_ref(
+    src: &Source<'_>,
+    p: &mut Vec<ConfigError>,
+    env: &Option<toml::Spanned<String>>,
+    file: &Option<toml::Spanned<PathBuf>>,
+) -> Option<TokenRef> {
+    match (env, file) {
+        (Some(e), Some(_)) => {
+            p.push(src.at(e, "token_env", "give token_env or token_file, not both"));
+            None
+        }
+        (Some(e), None) => {
+            keep(p, secret_name(src, e, "token_env")).map(|()| TokenRef::Env(e.get_ref().clone()))
+        }
+        (None, Some(f)) => keep(p, secret_path(src, f, "token_file"))
+            .map(|()| TokenRef::File(resolve(src, f.get_ref()))),
+        (None, None) => None,
+    }
+}
+
+/// Checks a key that names the environment variable holding a secret. The value is never
+/// quoted in the message: when it is wrong, it is often the secret itself, pasted in.
+fn secret_name(src: &Source<'_>, v: &toml::Spanned<String>, key: &str) -> Result<(), ConfigError> {
+    let name = v.get_ref();
+    if looks_like_secret(name) {
+        return Err(src.at(v, key, format!("the value looks like a secret (a token), not the name of an environment variable; it is not shown here. Put the secret in an environment variable and write its name here (e.g. {key} = \"HL_TOKEN\"), and treat the secret as exposed if this file was shared")));
+    }
+    let valid = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !valid {
+        return Err(src.at(v, key, "the value is not an environment variable name (letters, digits and '_', not starting with a digit); it is not shown here in case it is a secret. Write the name of the variable that holds the secret (e.g. HL_TOKEN)"));
+    }
+    Ok(())
+}
+
+/// Checks a key that names the file holding a secret (never quoted, as for [`secret_name`]).
+fn secret_path(src: &Source<'_>, v: &toml::Spanned<PathBuf>, key: &str) -> Result<(), ConfigError> {
+    let path = v.get_ref().to_string_lossy();
+    if looks_like_secret(&path) {
+        return Err(src.at(v, key, "the value looks like a secret (a token), not a file path; it is not shown here. Put the secret in a file (mode 0600) and write its path here, and treat the secret as exposed if this file was shared"));
+    }
+    if path.trim().is_empty() {
+        return Err(src.at(v, key, "the file path is empty"));
+    }
+    Ok(())
+}
+
+/// Whether a value written where a variable name or a path belongs looks like a credential:
+/// a Private Integration Token (`pit-…`), a JWT (`eyJ….….…`, the form of OAuth access
+/// tokens), a bearer header, a UUID, or long random-looking text (hex, or letters of both
+/// cases and digits changing class at almost every other character, as generated keys do and
+/// names like `HL_TOKEN_Acme2024` do not).
+pub(crate) fn looks_like_secret(value: &str) -> bool {
+    let v = value.trim();
+    let lower = v.to_ascii_lowercase();
+    let digits = v.bytes().filter(u8::is_ascii_digit).count();
+    if lower.starts_with("bearer ")
+        || (lower.starts_with("pit-") && v.len() >= 20 && digits >= 4 && !v.contains(['/', '.']))
+    {
+        return true;
+    }
+    if v.starts_with("eyJ") && v.len() >= 30 && v.split('.').count() >= 3 {
+        return true;
+    }
+    let is_uuid = v.len() == 36
+        && v.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
+    if is_uuid {
+        return true;
+    }
+    if v.len() < 24 || v.contains(['/', '\\', ' ', '.']) {
+        return false;
+    }
+    if v.len() >= 32
+        && v.bytes().all(|b| b.is_ascii_hexdigit())
+        && v.bytes().any(|b| b.is_ascii_digit())
+        && v.bytes().any(|b| b.is_ascii_alphabetic())
+    {
+        return true;
+    }
+    let class = |b: u8| match b {
+        b'a'..=b'z' => 0,
+        b'A'..=b'Z' => 1,
+        b'0'..=b'9' => 2,
+        _ => 3,
+    };
+    let bytes = v.as_bytes();
+    let has = |c| bytes.iter().any(|&b| class(b) == c);
+    let changes = bytes
+        .windows(2)
+        .filter(|w| class(w[0]) != class(w[1]))
+        .count();
+    has(0) && has(1) && has(2) && changes * 100 >= (bytes.len() - 1) * 45
+}
+
+fn check_export(
+    src: &Source<'_>,
+    p: &mut Vec<ConfigError>,
+    e: &config::ExportSection,
+) -> Option<ExportJob> {
+    let before = p.len();
     let format = match &e.format {
         None => Format::Parquet,
         Some(f) => match f.get_ref().as_str() {
             "parquet" => Format::Parquet,
             "csv" => Format::Csv,
             other => {
-                return Err(src.at(
+                p.push(src.at(
                     f,
                     "format",
                     format!("'{other}' is not a format: use parquet or csv"),
-                ))
+                ));
+                Format::Parquet
             }
         },
     };
     let include = match &e.include {
         None => Include::ALL,
-        Some(list) => list
-            .get_ref()
-            .join(",")
-            .parse::<Include>()
-            .map_err(|m| src.at(list, "include", m))?,
+        Some(list) => keep(
+            p,
+            list.get_ref()
+                .join(",")
+                .parse::<Include>()
+                .map_err(|m| src.at(list, "include", m)),
+        )
+        .unwrap_or(Include::ALL),
     };
     let reserve = match &e.daily_reserve_percent {
         None => 0.05,
         Some(r) if (0.0..100.0).contains(r.get_ref()) => r.get_ref() / 100.0,
         Some(r) => {
-            return Err(src.at(
+            p.push(src.at(
                 r,
                 "daily_reserve_percent",
                 format!("{} is not a percentage below 100", r.get_ref()),
-            ))
+            ));
+            0.05
         }
     };
     let daily_budget = match &e.daily_budget {
         None => None,
-        Some(_) => Some(positive(src, &e.daily_budget, "daily_budget", 1, i64::MAX)? as u64),
+        Some(_) => keep(
+            p,
+            positive(src, &e.daily_budget, "daily_budget", 1, i64::MAX),
+        )
+        .map(|n| n as u64),
     };
     if e.out.get_ref().as_os_str().is_empty() {
-        return Err(src.at(&e.out, "out", "the output directory is empty"));
+        p.push(src.at(&e.out, "out", "the output directory is empty"));
     }
-    Ok(ExportJob {
+    let part_contacts = keep(
+        p,
+        positive(src, &e.part_contacts, "part_contacts", 250_000, i64::MAX),
+    )
+    .unwrap_or(250_000);
+    let commit_interval = keep(
+        p,
+        positive(
+            src,
+            &e.commit_interval_secs,
+            "commit_interval_secs",
+            600,
+            86_400,
+        ),
+    )
+    .unwrap_or(600);
+    (p.len() == before).then(|| ExportJob {
         out: resolve(src, e.out.get_ref()),
         format,
         include,
@@ -368,37 +645,34 @@ fn check_export(src: &Source<'_>, e: &config::ExportSection) -> Result<ExportJob
             max_requests: daily_budget,
             reserve,
         },
-        part_contacts: positive(src, &e.part_contacts, "part_contacts", 250_000, i64::MAX)? as u64,
-        commit_interval: Duration::from_secs(positive(
-            src,
-            &e.commit_interval_secs,
-            "commit_interval_secs",
-            600,
-            86_400,
-        )? as u64),
+        part_contacts: part_contacts as u64,
+        commit_interval: Duration::from_secs(commit_interval as u64),
     })
 }
 
 /// The `import` command line the section stands for.
 fn import_args(
     src: &Source<'_>,
+    p: &mut Vec<ConfigError>,
     i: &config::ImportSection,
     location: &str,
-) -> Result<Vec<String>, ConfigError> {
+) -> Option<Vec<String>> {
+    let before = p.len();
     let entity = match &i.entity {
         None => "contacts".to_owned(),
         Some(e) if ["contacts", "tasks", "notes"].contains(&e.get_ref().as_str()) => {
             e.get_ref().clone()
         }
         Some(e) => {
-            return Err(src.at(
+            p.push(src.at(
                 e,
                 "entity",
                 format!(
                     "'{}' cannot be imported: use contacts, tasks or notes",
                     e.get_ref()
                 ),
-            ))
+            ));
+            "contacts".to_owned()
         }
     };
     let mut args = vec![
@@ -423,7 +697,7 @@ fn import_args(
     }
     if let Some(d) = &i.on_duplicate {
         if entity != "contacts" || !["update", "skip", "fail"].contains(&d.get_ref().as_str()) {
-            return Err(src.at(
+            p.push(src.at(
                 d,
                 "on_duplicate",
                 "use update, skip or fail (contacts imports only)",
@@ -436,7 +710,7 @@ fn import_args(
         args.push("--default-country".into());
         args.push(c.get_ref().clone());
     }
-    Ok(args)
+    (p.len() == before).then_some(args)
 }
 
 impl TokenRef {
@@ -466,7 +740,8 @@ impl TokenRef {
 pub struct PipelineReport {
     pub pipeline: String,
     pub file: String,
-    /// `complete`, `partial` (some locations failed), `stopped` (quota) or `failed`.
+    /// `complete`, `partial` (some locations failed), `stopped` (quota), `interrupted`
+    /// (SIGTERM or SIGINT: what was complete is committed; rerun to resume) or `failed`.
     pub status: String,
     pub exit_code: u8,
     pub started_at: String,
@@ -487,6 +762,16 @@ impl Pipeline {
 /// Runs an export pipeline over its locations and returns its report (also written to
 /// `OUT/_pipeline_report.json`). The exit code is in the report.
 pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<PipelineReport> {
+    run_export_until(p, job, &Interrupt::default()).await
+}
+
+/// [`run_export`], stopped by `interrupt` (SIGTERM, SIGINT): no location starts after it is
+/// raised, the running ones commit what is complete, and the report says `interrupted`.
+pub async fn run_export_until(
+    p: &Pipeline,
+    job: &ExportJob,
+    interrupt: &Interrupt,
+) -> anyhow::Result<PipelineReport> {
     let lock_path = job
         .out
         .join("_state")
@@ -542,7 +827,16 @@ pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<Pipelin
             let base_url = base_url.clone();
             let export_date = export_date.clone();
             let provider = provider.clone();
-            async move { run_location(p, job, &loc, &base_url, global, export_date, provider).await }
+            let interrupt = interrupt.clone();
+            async move {
+                let run = LocationRun {
+                    global,
+                    export_date,
+                    provider,
+                    interrupt,
+                };
+                run_location(p, job, &loc, &base_url, run).await
+            }
         })
         .buffer_unordered(p.parallel_locations);
     let mut reports: Vec<RunReport> = runs.collect().await;
@@ -556,7 +850,13 @@ pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<Pipelin
         .iter()
         .filter(|r| r.exit_code == exit::QUOTA)
         .count();
-    let (status, code) = if failed == 0 && stopped == 0 {
+    let interrupted = reports
+        .iter()
+        .find(|r| exit::is_interrupted(r.exit_code))
+        .map(|r| r.exit_code);
+    let (status, code) = if let Some(code) = interrupted {
+        ("interrupted", code)
+    } else if failed == 0 && stopped == 0 {
         ("complete", exit::OK)
     } else if failed == reports.len() {
         (
@@ -588,15 +888,27 @@ pub async fn run_export(p: &Pipeline, job: &ExportJob) -> anyhow::Result<Pipelin
     Ok(report)
 }
 
+/// What the locations of one pipeline run share.
+struct LocationRun {
+    global: Arc<Semaphore>,
+    export_date: Option<String>,
+    provider: Option<Arc<crate::auth::OAuthProvider>>,
+    interrupt: Interrupt,
+}
+
 async fn run_location(
     p: &Pipeline,
     job: &ExportJob,
     loc: &LocationTarget,
     base_url: &str,
-    global: Arc<Semaphore>,
-    export_date: Option<String>,
-    provider: Option<Arc<crate::auth::OAuthProvider>>,
+    run: LocationRun,
 ) -> RunReport {
+    let LocationRun {
+        global,
+        export_date,
+        provider,
+        interrupt,
+    } = run;
     let started = (
         crate::timefmt::format_iso_millis(crate::export::now_millis()),
         std::time::Instant::now(),
@@ -609,6 +921,7 @@ async fn run_location(
     plan.budget = job.budget.clone();
     plan.window = (p.concurrency * 8).max(128);
     plan.export_date = export_date;
+    plan.interrupt = interrupt.clone();
     plan.manifest_path =
         Some(crate::checkpoint::state_dir(&job.out, &loc.id).join("manifest.json"));
     if job.incremental {
@@ -664,9 +977,22 @@ async fn run_location(
             );
         }
     };
-    let result: anyhow::Result<crate::export::Manifest> = match token {
-        Err(msg) => Err(exit::UsageError(msg).into()),
-        Ok(_) => {
+    let result: anyhow::Result<crate::export::Manifest> = match (token, interrupt.signal()) {
+        // Stopped before this location's turn: nothing of it ran; what an earlier run
+        // committed stays committed.
+        (_, Some(signal)) => Err(crate::export::ExportError::Interrupted {
+            signal,
+            contacts: crate::checkpoint::load(&crate::checkpoint::path(
+                &crate::checkpoint::state_dir(&job.out, &loc.id),
+            ))
+            .ok()
+            .flatten()
+            .filter(|ck| !ck.complete)
+            .map_or(0, |ck| ck.contacts_listed),
+        }
+        .into()),
+        (Err(msg), None) => Err(exit::UsageError(msg).into()),
+        (Ok(_), None) => {
             tracing::info!(location = %loc.id, "export started");
             let progress = Arc::new(Progress::default());
             crate::export::run(client.clone(), &plan, progress)
@@ -681,6 +1007,82 @@ async fn run_location(
         Err(e) => tracing::warn!(location = %loc.id, error = %format!("{e:#}"), "location failed"),
     }
     let report = RunReport::build(&plan, &client, started, &result, 0);
-    let _ = report.write(&crate::checkpoint::state_dir(&job.out, &loc.id).join("report.json"));
+    // A location whose export lock another run holds did nothing: its report file is that
+    // run's to write.
+    if report.exit_code != exit::BUSY {
+        let _ = report.write(&crate::checkpoint::state_dir(&job.out, &loc.id).join("report.json"));
+    }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_told_from_names_and_paths() {
+        for secret in [
+            "pit-7d3f2a9e-1b4c-4e8a-9f21-0c5d6b7a8e90",
+            "PIT-7D3F2A9E-1B4C-4E8A-9F21-0C5D6B7A8E90",
+            "7d3f2a9e-1b4c-4e8a-9f21-0c5d6b7a8e90",
+            "eyJhbGciOiJIUzI1NiJ9.eyJsb2NhdGlvbklkIjoiTDEifQ.c2lnbmF0dXJl",
+            "Bearer abc",
+            "8d938f9b0f0239e089feeef1c664096a0a4b43a3",
+            "aEVkWGqIEh5S-KzpZNrdw2X6",
+            "9a_wBeOpnVb40m8ArjBnAZZM",
+        ] {
+            assert!(looks_like_secret(secret), "{secret}");
+        }
+        for name in [
+            "HL_TOKEN",
+            "HL_TOKEN_ACME",
+            "HL_TOKEN_AGENCY_LOCATION_0001",
+            "HL_TOKEN_Acme2024_Location",
+            "MyCompanyToken2024Production",
+            "tokens/acme.token",
+            "pit-token.txt",
+            "/run/secrets/hl-token-location-2024",
+            "hl-token-location-2024.txt",
+        ] {
+            assert!(!looks_like_secret(name), "{name}");
+        }
+    }
+
+    fn problems(text: &str) -> Vec<(usize, String)> {
+        let src = Source {
+            file: Path::new("p.toml"),
+            text,
+        };
+        let (parsed, mut found) = parse_all(&src);
+        if let Some((f, true)) = parsed {
+            if let Err(e) = check(&src, f) {
+                found.extend(e.0);
+            }
+        }
+        found.sort_by_key(|e| e.line);
+        found.into_iter().map(|e| (e.line, e.key)).collect()
+    }
+
+    #[test]
+    fn every_key_level_problem_is_collected_without_follow_on_noise() {
+        let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n";
+        // Two unknown keys and a wrong type, then a bad value the checks find.
+        let text = format!("[api]\nconcurency = 4\ntimeout_secs = \"x\"\nfoo = 1\n{base}[export]\nout = \"o\"\nformat = \"xlsx\"\n");
+        assert_eq!(
+            problems(&text),
+            [
+                (2, "concurency".to_owned()),
+                (3, "timeout_secs".to_owned()),
+                (4, "foo".to_owned()),
+                (11, "format".to_owned())
+            ]
+        );
+        // A required key of the wrong type is reported once, not again as missing.
+        let text = format!("{base}[export]\nout = 1\nformat = \"xlsx\"\n");
+        assert_eq!(problems(&text), [(6, "out".to_owned())]);
+        // Syntax errors stop the collection at the first.
+        let text =
+            format!("[api]\nconcurency = 4\nrate_limit = \"x\n{base}[export]\nout = \"o\"\n");
+        assert_eq!(problems(&text).len(), 1, "{:?}", problems(&text));
+    }
 }

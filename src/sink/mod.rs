@@ -12,8 +12,9 @@
 //! A part is written to `.part-<n>.<ext>.tmp` in its final directory, then flushed, fsynced,
 //! renamed to `part-<n>.<ext>`, and the directory fsynced. A part file that exists under its
 //! final name is therefore complete: readers never see half a file, and after a crash only
-//! `*.tmp` files need cleaning ([`clean_temp_files`]). Renaming over an existing part of the
-//! same number replaces it: a resumed export rewrites the part it had not finished.
+//! the partition's own `.part-*.tmp` files need cleaning ([`clean_temp_parts`]). Renaming over
+//! an existing part of the same number replaces it: a resumed export rewrites the part it had
+//! not finished.
 //!
 //! Both formats take the same [`RecordBatch`] from [`crate::schema`]. The module docs of
 //! `sink/parquet.rs` and `sink/csv.rs` say how each encodes the columns (the CSV cell
@@ -58,7 +59,7 @@ pub struct PartInfo {
 }
 
 /// One part file being written. Dropping it without `finish` leaves only the temporary file
-/// (which `clean_temp_files` removes).
+/// (which `clean_temp_parts` removes).
 pub trait PartWriter: Send {
     fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError>;
     /// Flushes, fsyncs, renames the temp file to its final name (and fsyncs the directory),
@@ -178,42 +179,57 @@ pub fn open_part_at(
     })
 }
 
-/// Removes leftover `*.tmp` part files under OUT (after a crash). Returns how many.
+/// Removes the temporary part files a stopped run left in one partition: each entity's
+/// `location_id=<id>` directory (and `deleted_contacts`'), under `partition`. Returns how many.
 ///
-/// Only files named like a part in progress (`.part-*.tmp`) are removed, so temporary files of
-/// other writers sharing the output root (the checkpoint) are left alone. Symbolic links are
-/// not followed. A missing OUT counts as clean.
-pub fn clean_temp_files(out: &Path) -> Result<usize, SinkError> {
-    fn walk(dir: &Path, removed: &mut usize) -> Result<(), SinkError> {
-        let entries = match fs::read_dir(dir) {
+/// Only this partition is touched, and only names this module writes
+/// (`.part-<digits>.<parquet|csv>.tmp`): another location's export may be writing into the same
+/// OUT at this moment, and other tools' files may sit anywhere under it. Symbolic links are not
+/// followed. Missing directories count as clean.
+pub fn clean_temp_parts(out: &Path, partition: &Partition) -> Result<usize, SinkError> {
+    partition.check()?;
+    let mut removed = 0;
+    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+        let dir = out.join(partition.rel_dir(entity));
+        let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(SinkError::io("list", dir)(e)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(SinkError::io("list", &dir)(e)),
         };
         for entry in entries {
-            let entry = entry.map_err(SinkError::io("list", dir))?;
+            let entry = entry.map_err(SinkError::io("list", &dir))?;
             let path = entry.path();
             let kind = entry.file_type().map_err(SinkError::io("inspect", &path))?;
-            if kind.is_dir() {
-                walk(&path, removed)?;
-            } else if kind.is_file() && is_temp_part_name(&entry.file_name().to_string_lossy()) {
+            if kind.is_file() && is_temp_part_name(&entry.file_name().to_string_lossy()) {
                 match fs::remove_file(&path) {
-                    Ok(()) => *removed += 1,
+                    Ok(()) => removed += 1,
                     // Removed meanwhile: the goal is met.
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(SinkError::io("remove", &path)(e)),
                 }
             }
         }
-        Ok(())
     }
-    let mut removed = 0;
-    walk(out, &mut removed)?;
     Ok(removed)
 }
 
+/// Whether `name` is a temporary part file as [`PartTarget`] names it:
+/// `.part-<digits>.<parquet|csv>.tmp`.
 fn is_temp_part_name(name: &str) -> bool {
-    name.starts_with(".part-") && name.ends_with(".tmp")
+    let Some(rest) = name
+        .strip_prefix(".part-")
+        .and_then(|r| r.strip_suffix(".tmp"))
+    else {
+        return false;
+    };
+    let Some((number, ext)) = rest.split_once('.') else {
+        return false;
+    };
+    !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && [Format::Parquet, Format::Csv]
+            .iter()
+            .any(|f| f.extension() == ext)
 }
 
 /// Rejects a location id that is not a plain directory-name token.

@@ -5,7 +5,7 @@ use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use arrow::record_batch::RecordBatch;
 use serde_json::value::RawValue;
 
-use super::{clean_temp_files, open_part, Format, PartInfo, SinkError};
+use super::{clean_temp_parts, open_part, Format, PartInfo, Partition, SinkError};
 use crate::schema::{BatchBuilder, Entity, RowContext};
 
 const CTX: RowContext<'static> = RowContext {
@@ -312,10 +312,11 @@ fn part_is_written_under_temp_name_until_finish() {
 }
 
 #[test]
-fn clean_temp_files_removes_only_abandoned_parts() {
+fn cleaning_removes_only_this_partitions_own_temp_parts() {
     let out = tempfile::tempdir().expect("tempdir");
+    let loc1 = Partition::location("loc1");
     assert_eq!(
-        clean_temp_files(&out.path().join("missing")).expect("missing dir is clean"),
+        clean_temp_parts(&out.path().join("missing"), &loc1).expect("missing dir is clean"),
         0
     );
 
@@ -329,21 +330,24 @@ fn clean_temp_files_removes_only_abandoned_parts() {
         .write(&BatchBuilder::new(Entity::Tasks).finish())
         .expect("write");
     drop(abandoned);
+    drop(open_part(out.path(), Format::Csv, Entity::DeletedContacts, "loc1", 2).expect("open"));
+    // Another location's export in progress, and files that are not ours.
     drop(open_part(out.path(), Format::Csv, Entity::Notes, "loc2", 0).expect("open"));
-    fs::write(out.path().join("checkpoint.json.tmp"), b"{}").expect("foreign temp file");
+    let dir1 = out.path().join("tasks/location_id=loc1");
+    fs::write(dir1.join(".part-x.tmp"), b"other tool").expect("foreign temp file");
+    fs::write(out.path().join(".part-00001.csv.tmp"), b"other tool").expect("foreign temp file");
 
-    assert_eq!(clean_temp_files(out.path()).expect("clean"), 2);
+    assert_eq!(clean_temp_parts(out.path(), &loc1).expect("clean"), 2);
+    assert_eq!(names_in(&dir1), [".part-x.tmp", "part-00000.csv"]);
+    assert!(names_in(&out.path().join("deleted_contacts/location_id=loc1")).is_empty());
     assert_eq!(
-        names_in(&out.path().join("tasks/location_id=loc1")),
-        ["part-00000.csv"]
+        names_in(&out.path().join("notes/location_id=loc2")),
+        [".part-00000.csv.tmp"],
+        "another location's part in progress is left alone"
     );
-    assert!(names_in(&out.path().join("notes/location_id=loc2")).is_empty());
     assert!(out.path().join(&done.path).is_file());
-    assert!(
-        out.path().join("checkpoint.json.tmp").is_file(),
-        "other writers' temp files are not ours"
-    );
-    assert_eq!(clean_temp_files(out.path()).expect("clean"), 0);
+    assert!(out.path().join(".part-00001.csv.tmp").is_file());
+    assert_eq!(clean_temp_parts(out.path(), &loc1).expect("clean"), 0);
 }
 
 #[test]
