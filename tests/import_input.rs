@@ -330,6 +330,41 @@ async fn dry_run_exits_2_like_the_real_run_on_a_duplicate_header_and_lists_every
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_exits_2_like_the_real_run_on_a_journal_of_another_location() {
+    let sim = TestSim::start(fast_sim(0, 3)).await;
+    let loc = sim.location();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    std::fs::write(&input, "email\na@example.com\n").unwrap();
+    let journal = dir.path().join("j.jsonl");
+    let j = journal.to_str().unwrap();
+    let (code, _, stderr) = run_bin(
+        &sim.base_url,
+        &contacts_args(&loc, &input, &["--journal", j]),
+    )
+    .await;
+    assert_eq!(code, 0, "{stderr}");
+    let other = "otherLocation0000001";
+    let (real, _, real_err) = run_bin(
+        &sim.base_url,
+        &contacts_args(other, &input, &["--journal", j]),
+    )
+    .await;
+    assert_eq!(real, 2, "{real_err}");
+    for extra in [&["--dry-run", "--offline"][..], &["--dry-run"][..]] {
+        let mut args = contacts_args(other, &input, &["--journal", j]);
+        args.extend_from_slice(extra);
+        let (code, stdout, stderr) = run_bin(&sim.base_url, &args).await;
+        assert_eq!(code, real, "{extra:?}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("location {loc}, not {other}")),
+            "{stdout}"
+        );
+    }
+    assert_eq!(sim.sim.contacts(&loc).len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_in_cells_are_rejected_with_line_and_column_not_sent() {
     let sim = TestSim::start(fast_sim(0, 3)).await;
     let loc = sim.location();

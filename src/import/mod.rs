@@ -213,7 +213,16 @@ pub async fn import_contacts(
         validate_all(&client, Entity::Contacts, &opts.source, &mut rules).await?;
     if let Some(mode) = opts.source.dry_run {
         finish_rejects(rejects, &opts.source)?;
-        if mode == DryRun::Lookup {
+        dry_journal_check(
+            &opts.source,
+            Entity::Contacts,
+            &opts.location_id,
+            None,
+            &mut report,
+        )?;
+        // A file the real run would refuse gets no lookups: that run would send nothing.
+        report.looked_up &= report.refused.is_none();
+        if mode == DryRun::Lookup && report.refused.is_none() {
             dry_lookup(&client, opts, &rules, plan, &mut report).await?;
         }
         return Ok(report);
@@ -270,6 +279,14 @@ pub async fn import_children(
         validate_all(&client, opts.entity, &opts.source, &mut rules).await?;
     if opts.source.dry_run.is_some() {
         finish_rejects(rejects, &opts.source)?;
+        let id_map = opts.id_map.as_deref();
+        dry_journal_check(
+            &opts.source,
+            opts.entity,
+            &opts.location_id,
+            id_map,
+            &mut report,
+        )?;
         return Ok(report);
     }
     let map = match &opts.id_map {
@@ -407,7 +424,7 @@ async fn validate_all(
                 problems: file_problems.iter().map(ToString::to_string).collect(),
             });
         }
-        report.refused = Some(format!(
+        report.refuse(format!(
             "the header has {} problem(s) (line 1 above)",
             file_problems.len()
         ));
@@ -463,11 +480,7 @@ async fn validate_all(
             }
             .into());
         }
-        let why = format!("line {line}: {message}");
-        report.refused = Some(match report.refused.take() {
-            Some(header) => format!("{header}; {why}"),
-            None => why,
-        });
+        report.refuse(format!("line {line}: {message}"));
     }
     let mut repeats = grouper.map(Grouper::finish).unwrap_or_default();
     for (into, lines) in &repeats.groups {
@@ -496,6 +509,42 @@ async fn validate_all(
     ))
 }
 
+/// Dry run: reads (never writes) the journal and the `--id-map` journal, and records in
+/// `report.refused` what the real run would refuse about them (the same checks as
+/// [`open_journal`] and `import_children`).
+fn dry_journal_check(
+    source: &SourceOptions,
+    entity: Entity,
+    location: &str,
+    id_map: Option<&std::path::Path>,
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    let (state, _) = journal::read(&source.journal)?;
+    let journal = source.journal.display();
+    if let Some(e) = state.entity.filter(|e| *e != entity) {
+        report.refuse(format!(
+            "journal {journal} records a {} import, not {}",
+            e.name(),
+            entity.name()
+        ));
+    }
+    if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
+        report.refuse(format!(
+            "journal {journal} records an import into location {l}, not {location}"
+        ));
+    }
+    if let Some(p) = id_map {
+        let (s, _) = journal::read(p)?;
+        if s.entity != Some(Entity::Contacts) {
+            report.refuse(format!(
+                "--id-map {}: it needs the journal of a contacts import",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Settles the default country of national phone numbers: `--default-country`, else (when
 /// allowed and the file has phones) the location's own country, else none.
 async fn settle_country(
@@ -506,6 +555,7 @@ async fn settle_country(
     report: &mut ImportReport,
 ) {
     if rules.default_country.is_none() && source.country_from_location && plan.reads_phones() {
+        report.asked_location = true;
         rules.default_country = location_country(client, &rules.location_id).await;
         if let Some(c) = &rules.default_country {
             tracing::info!(country = %c.code, "default country of national phone numbers: the location's");

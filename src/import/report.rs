@@ -42,6 +42,9 @@ pub struct ImportReport {
     pub dry_run: bool,
     /// Dry run only: whether existing contacts were looked up to tell creates from updates.
     pub looked_up: bool,
+    /// Whether `GET /locations/:id` was sent (for the default country).
+    #[serde(skip)]
+    pub asked_location: bool,
     pub journal: Option<PathBuf>,
     pub rejects: PathBuf,
     /// Data rows read (blank lines and the header not counted).
@@ -115,6 +118,14 @@ impl ImportReport {
             && self.refused.is_none()
     }
 
+    /// Dry run: adds a reason the real run would refuse the file for.
+    pub(crate) fn refuse(&mut self, why: String) {
+        self.refused = Some(match self.refused.take() {
+            Some(earlier) => format!("{earlier}; {why}"),
+            None => why,
+        });
+    }
+
     /// Records that the rows `lines` were merged into the row at `into`.
     pub(crate) fn add_merge(&mut self, into: u64, lines: Vec<u64>) {
         self.merged += lines.len() as u64;
@@ -149,6 +160,8 @@ impl ImportReport {
                 self.input.display(),
                 if self.looked_up {
                     " (existing contacts were looked up, read-only)"
+                } else if self.asked_location {
+                    " (only the location's country was read)"
                 } else {
                     " (no API call made)"
                 }
