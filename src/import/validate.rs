@@ -543,6 +543,8 @@ struct Parsed {
     values: BTreeMap<&'static str, Value>,
     custom: Vec<(String, Value)>,
     source_location: Option<String>,
+    /// Fields (`customField.<id>` for custom fields) whose value is a mapping constant.
+    constants: Vec<String>,
 }
 
 fn read_cell(kind: Kind, cell: &str, rules: &Rules) -> Result<Option<Value>, (Reason, String)> {
@@ -704,6 +706,9 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
             let t = if rules.keep_spaces { cell } else { cell.trim() };
             if !t.trim().is_empty() {
                 p.custom.push((id.clone(), Value::String(t.to_owned())));
+                if is_constant {
+                    p.constants.push(format!("customField.{id}"));
+                }
             }
         }
         Target::Field(name, kind) => {
@@ -718,6 +723,9 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
                         }
                     } else {
                         p.values.insert(name, v);
+                        if is_constant {
+                            p.constants.push((*name).to_owned());
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -788,6 +796,9 @@ pub(crate) struct ContactRow {
     /// Rows merged from several rows of the file: the first row's key, which stays the
     /// journal key of the one write (so a rerun finds it whatever the later rows changed).
     pub merged_key: Option<String>,
+    /// Fields (`customField.<id>`) set by a mapping constant, not a cell: in a merge, a
+    /// later row's constant does not replace an earlier row's cell.
+    pub from_constants: Vec<String>,
 }
 
 impl ContactRow {
@@ -837,9 +848,15 @@ impl ContactRow {
         keep(&mut self.source_id, later.source_id);
         keep(&mut self.email, later.email);
         keep(&mut self.phone, later.phone);
-        self.fields.extend(later.fields);
+        let constant = |k: &str| later.from_constants.iter().any(|c| c == k);
+        for (k, v) in later.fields {
+            if !(constant(&k) && self.fields.contains_key(&k)) {
+                self.fields.insert(k, v);
+            }
+        }
         for (id, value) in later.custom {
             match self.custom.iter_mut().find(|(i, _)| *i == id) {
+                Some(_) if constant(&format!("customField.{id}")) => {}
                 Some(slot) => slot.1 = value,
                 None => self.custom.push((id, value)),
             }
@@ -1020,6 +1037,7 @@ impl Validator {
                 .collect(),
             _ => Vec::new(),
         };
+        let from_constants = std::mem::take(&mut p.constants);
         let mut custom = p.custom;
         if let Some(Value::Array(items)) = p.values.remove("customFields") {
             for item in items {
@@ -1053,6 +1071,7 @@ impl Validator {
             custom,
             tags,
             merged_key: None,
+            from_constants,
         })
     }
 
@@ -1500,6 +1519,28 @@ mod tests {
         assert_eq!(m.fields["firstName"], "Anna");
         assert_eq!(m.tags, ["vip", "new"]);
         assert_eq!(m.custom, [("cf1".to_owned(), Value::String("blue".into()))]);
+    }
+
+    #[test]
+    fn in_file_duplicates_merge_keeps_an_earlier_cell_over_a_later_constant() {
+        let m = Mapping::parse("[constants]\nsource = \"crm\"\ncity = \"Paris\"\n").unwrap();
+        let headers = ["email", "source", "city"].map(String::from);
+        let plan = ColumnPlan::new(Entity::Contacts, &headers, &m);
+        let mut v = Validator::new(plan, Rules::default());
+        let row = |v: &mut Validator, line, cells: &[&str]| match v.check(&rec(line, cells)) {
+            Ok(Row::Contact(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let mut first = row(&mut v, 2, &["a@x.io", "web", ""]);
+        first.merge(row(&mut v, 3, &["a@x.io", "", "Rome"]));
+        assert_eq!(
+            first.fields["source"], "web",
+            "a constant does not replace a cell"
+        );
+        assert_eq!(
+            first.fields["city"], "Rome",
+            "a later cell replaces a constant"
+        );
     }
 
     #[test]
