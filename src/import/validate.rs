@@ -681,6 +681,20 @@ pub(crate) fn control_char(s: &str) -> Option<(usize, char)> {
         .map(|(i, c)| (i + 1, c))
 }
 
+/// The first control character ([`control_char`]) in a JSON value's strings and keys.
+fn json_control_char(v: &Value) -> Option<char> {
+    match v {
+        Value::String(s) => control_char(s).map(|(_, c)| c),
+        Value::Array(items) => items.iter().find_map(json_control_char),
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            control_char(k)
+                .map(|(_, c)| c)
+                .or_else(|| json_control_char(v))
+        }),
+        _ => None,
+    }
+}
+
 fn short(s: &str) -> String {
     crate::schema::truncate_for_message(s, 80)
 }
@@ -717,6 +731,20 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
             }
             match read_cell(*kind, cell, rules) {
                 Ok(Some(v)) => {
+                    // JSON cells (tags, customFields, dndSettings) can spell a control
+                    // character as an escape (`\u0000`): the parsed value is checked too.
+                    if let Some(c) = json_control_char(&v) {
+                        problems.push(Problem {
+                            line: rec.line,
+                            field: Some((*name).to_owned()),
+                            reason: Reason::ControlCharacter,
+                            message: format!(
+                                "the JSON holds the control character U+{:04X} (as an escape): remove it (nothing of the row was sent)",
+                                c as u32
+                            ),
+                        });
+                        return;
+                    }
                     if let (Kind::Tags, Some(Value::Array(old))) = (kind, p.values.get_mut(name)) {
                         if let Value::Array(new) = v {
                             old.extend(new);
@@ -1519,6 +1547,40 @@ mod tests {
         assert_eq!(m.fields["firstName"], "Anna");
         assert_eq!(m.tags, ["vip", "new"]);
         assert_eq!(m.custom, [("cf1".to_owned(), Value::String("blue".into()))]);
+    }
+
+    #[test]
+    fn control_characters_spelled_as_json_escapes_are_rejected_too() {
+        let mut v = validator(
+            Entity::Contacts,
+            &["email", "tags", "dndSettings", "firstName"],
+        );
+        let errs = v
+            .check(&rec(
+                2,
+                &[
+                    "a@x.io",
+                    r#"["ok","b\u0000"]"#,
+                    r#"{"SMS\u001b":{}}"#,
+                    "Ann",
+                ],
+            ))
+            .unwrap_err();
+        let got: Vec<_> = errs
+            .iter()
+            .map(|p| (p.field.as_deref().unwrap(), p.reason))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("tags", Reason::ControlCharacter),
+                ("dndSettings", Reason::ControlCharacter)
+            ]
+        );
+        assert!(errs[0].message.contains("U+0000"), "{}", errs[0].message);
+        assert!(v
+            .check(&rec(3, &["b@x.io", r#"["a\tb"]"#, "", "x"]))
+            .is_ok());
     }
 
     #[test]
