@@ -201,6 +201,21 @@ fn enc(s: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// A location (sub-account) as `GET /locations/:id` returns it: the fields this tool reads,
+/// every other field kept as received.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct Location {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub name: Option<String>,
+    /// ISO 3166 alpha-2 code (`US`), as the location's settings hold it.
+    #[serde(default)]
+    pub country: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
 #[derive(Deserialize)]
 struct TasksEnv {
     tasks: Vec<Box<RawValue>>,
@@ -328,6 +343,23 @@ impl Client {
             )
             .await?;
         Ok(env.contact)
+    }
+
+    /// `GET /locations/:locationId` (scope `locations.readonly`): the location (sub-account)
+    /// itself. The import reads its `country` as the default of national phone numbers.
+    pub async fn get_location(&self, location_id: &str) -> Result<Location, ApiError> {
+        /// `{"location": {...}}`.
+        #[derive(Deserialize)]
+        struct LocationEnv {
+            location: Location,
+        }
+        let env: LocationEnv = self
+            .get_json(
+                RequestKind::Other,
+                format!("/locations/{}", enc(location_id)),
+            )
+            .await?;
+        Ok(env.location)
     }
 
     /// `GET /contacts/:id/tasks`, objects as received.

@@ -9,6 +9,7 @@ mod stats;
 
 pub use auth::{StaticToken, TokenSource};
 pub(crate) use client::is_loopback;
+pub use client::Location;
 pub use client::{BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token};
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use models::{Contact, ListMeta, Note, Task};

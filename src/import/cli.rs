@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::{
     ChildImportOptions, ContactImportOptions, Country, DryRun, Entity, ImportError, ImportReport,
-    Mapping, OnDuplicate, SourceOptions,
+    InputEncoding, InputError, Mapping, OnDuplicate, SourceOptions,
 };
 use crate::api::Client;
 use crate::cli::{env, load_token, ConnArgs};
@@ -34,12 +34,16 @@ pub enum ImportCommand {
     /// are not update targets.
     ///
     /// Every row is validated before anything is written; rejected rows go to the rejects
-    /// file with a reason. Each row's outcome goes to the journal (fsync'd); rerunning the
+    /// file with a reason. Rows of the file naming the same person (same email ignoring case,
+    /// same phone, or same id) follow --on-duplicate: merged into one write, skipped, or
+    /// rejected. Each row's outcome goes to the journal (fsync'd); rerunning the
     /// same command skips finished rows, and looks a contact up before creating it again
     /// when an earlier create may have happened (timeout, 5xx, the process killed).
     ///
-    /// Exit status: 0 all rows imported; 5 some rows failed transiently (rerun the same
-    /// command); 6 some rows were rejected (see the rejects file); 3, 4, 75 as for export.
+    /// Exit status: 0 all rows imported; 2 the file cannot be imported as it is (its header,
+    /// its encoding, an output path that is an input), a dry run included; 5 some rows failed
+    /// transiently (rerun the same command); 6 some rows were rejected (see the rejects file);
+    /// 3, 4, 75 as for export.
     Contacts(ContactsArgs),
     /// Import tasks from a CSV file: title, dueDate, body, assignedTo, completed, and the
     /// contact as contactId, email or phone.
@@ -62,9 +66,17 @@ pub enum ImportCommand {
 /// The input file and what to do with it; shared by the import commands.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// The CSV file (UTF-8, with or without BOM; a header row).
+    /// The CSV file (a header row; UTF-8 with or without BOM, or see --encoding).
     #[arg(long, value_name = "FILE")]
     pub input: PathBuf,
+
+    /// The file's text encoding: utf-8, latin1 or windows-1252. A file that is not UTF-8
+    /// stops the import (exit 2, naming the line) unless this says which it is. latin1 is
+    /// decoded as windows-1252, as the WHATWG Encoding Standard (and the encoding_rs crate)
+    /// define that label: the same letters, plus printable characters such as € in
+    /// 0x80-0x9F. The rejects file keeps rejected rows in the input's encoding, byte for byte.
+    #[arg(long, value_enum, value_name = "ENCODING", default_value_t = InputEncoding::Utf8)]
+    pub encoding: InputEncoding,
 
     /// A TOML file mapping other column names to API fields, with constants and tags for
     /// every row: [columns] "E-mail" = "email"; ignore = ["Col"]; [constants] source = "x";
@@ -77,7 +89,9 @@ pub struct SourceArgs {
     pub delimiter: Option<u8>,
 
     /// Country of phone numbers written without a country code (ISO code such as US, GB, DE,
-    /// or a calling code such as +44). Without it such numbers are rejected.
+    /// or a calling code such as +44). Without it, the location's country is used
+    /// (GET /locations/:id, scope locations.readonly; not with --offline); when that cannot be
+    /// read, a warning says so and such numbers are rejected.
     #[arg(long, value_name = "COUNTRY")]
     pub default_country: Option<Country>,
 
@@ -94,7 +108,8 @@ pub struct SourceArgs {
     /// Validate and report; write nothing to the API. Contacts: looks each valid row up with
     /// read-only calls (GET /contacts/search/duplicate, or GET /contacts/:id for an id column)
     /// to tell creates from updates; with --offline, makes no API call at all (no token needed).
-    /// The rejects file is written.
+    /// The rejects file is written. Every problem is reported, and the exit status is the
+    /// one the real run would have (2 where it would refuse the file, 6 for rejected rows).
     #[arg(long)]
     pub dry_run: bool,
 
@@ -107,8 +122,9 @@ pub struct SourceArgs {
     #[arg(long, value_name = "FILE")]
     pub journal: Option<PathBuf>,
 
-    /// Where rejected rows go (each row as read, plus line and reason). Default:
-    /// INPUT.rejects.csv.
+    /// Where rejected rows go: line and reason first, then the row's cells as read (a row with
+    /// more or fewer cells than the header keeps them under the right headers; bytes as in the
+    /// input). Default: INPUT.rejects.csv. No output may be an input (or a link to one).
     #[arg(long, value_name = "FILE")]
     pub rejects: Option<PathBuf>,
 
@@ -151,7 +167,12 @@ pub struct ContactsArgs {
     pub source: SourceArgs,
 
     /// When a row matches an existing contact (same email or phone): update it (PUT without
-    /// tags, then add the row's tags), skip it, or fail the row.
+    /// tags, then add the row's tags), skip it, or fail the row. Rows of the file naming the
+    /// same person as an earlier row (same email ignoring case, same phone, or same id):
+    /// update merges them in file order into the first row's one write (a later non-empty
+    /// cell wins, tags and custom fields are merged), skip writes only the first, fail rejects
+    /// the later ones naming the first's line. A row that matches two different earlier
+    /// people (one by email, another by phone), or another id, is rejected as ambiguous.
     #[arg(long, value_enum, default_value_t = OnDuplicate::Update)]
     pub on_duplicate: OnDuplicate,
 
@@ -237,6 +258,31 @@ impl Incomplete {
     }
 }
 
+/// Refuses outputs (rejects, summary, journal) that are an input (the file, the mapping, the
+/// --id-map journal) or each other, through links or `..`: exit 2 before anything is written.
+fn refuse_clobbering(
+    args: &SourceArgs,
+    s: &SourceOptions,
+    id_map: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let mut outputs = vec![
+        ("--rejects", s.rejects.as_path()),
+        ("--journal", s.journal.as_path()),
+    ];
+    if let Some(p) = &args.summary {
+        outputs.push(("--summary", p.as_path()));
+    }
+    let mut inputs = vec![("--input", s.input.as_path())];
+    if let Some(p) = &args.mapping {
+        inputs.push(("--mapping", p.as_path()));
+    }
+    if let Some(p) = id_map {
+        inputs.push(("--id-map", p));
+    }
+    super::input::refuse_clobbering(&outputs, &inputs)
+        .map_err(|m| crate::cli::exit::UsageError(m).into())
+}
+
 fn source_options(args: &SourceArgs, conn: &ConnArgs) -> anyhow::Result<SourceOptions> {
     let concurrency = conn.concurrency;
     let mut s = SourceOptions::new(&args.input);
@@ -245,7 +291,9 @@ fn source_options(args: &SourceArgs, conn: &ConnArgs) -> anyhow::Result<SourceOp
         s.mapping = Mapping::load(m)?;
     }
     s.delimiter = args.delimiter;
+    s.encoding = args.encoding;
     s.default_country = args.default_country.clone();
+    s.country_from_location = args.default_country.is_none() && !args.offline;
     s.keep_spaces = args.keep_spaces;
     s.ignore_unknown_columns = args.ignore_unknown_columns;
     s.dry_run = args.dry_run.then_some(if args.offline {
@@ -306,6 +354,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
         }
         ImportCommand::Contacts(c) => {
             let source = source_options(&c.source, &c.conn)?;
+            refuse_clobbering(&c.source, &source, None)?;
             let client = if source.dry_run == Some(DryRun::Offline) {
                 offline_client()?
             } else {
@@ -327,11 +376,20 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             } else {
                 Entity::Notes
             };
-            let source = source_options(&c.source, &c.conn)?;
-            let client = if source.dry_run.is_some() {
-                offline_client()?
-            } else {
-                client(&c.conn)?
+            let mut source = source_options(&c.source, &c.conn)?;
+            refuse_clobbering(&c.source, &source, c.id_map.as_deref())?;
+            // A dry run of tasks or notes looks nothing up but the location's country, and
+            // only with a token at hand.
+            let client = match source.dry_run {
+                Some(DryRun::Offline) => offline_client()?,
+                Some(DryRun::Lookup) => match client(&c.conn) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        source.country_from_location = false;
+                        offline_client()?
+                    }
+                },
+                None => client(&c.conn)?,
             };
             let opts = ChildImportOptions {
                 entity,
@@ -355,15 +413,25 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
                 report.created, report.updated
             )));
         }
-        Err(e @ (ImportError::Columns { .. } | ImportError::JournalMismatch { .. })) => {
-            return Err(crate::cli::exit::UsageError(e.to_string()).into())
-        }
+        Err(
+            e @ (ImportError::Columns { .. }
+            | ImportError::JournalMismatch { .. }
+            | ImportError::Clobber(_)
+            | ImportError::Input(InputError::Encoding { .. })),
+        ) => return Err(crate::cli::exit::UsageError(e.to_string()).into()),
         Err(e) => {
             return Err(e)
                 .with_context(|| format!("import of {} did not complete", source.input.display()))
         }
     };
     finish(&report, summary.as_deref(), quiet)?;
+    if let Some(why) = &report.refused {
+        return Err(crate::cli::exit::UsageError(format!(
+            "{}: a real run would refuse this file before any write: {why}\nhint: fix the problems listed above, then run again",
+            source.input.display()
+        ))
+        .into());
+    }
     if report.complete() {
         Ok(())
     } else {

@@ -2,10 +2,12 @@
 //! resumable, and never a duplicate.
 //!
 //! A run reads the input twice. The first pass validates every row ([`validate`]) and writes
-//! the rejects file; nothing is sent unless the header is usable. The second pass writes the
-//! valid rows with bounded concurrency through the one [`Client`] (its rate limiter and retry
-//! policy), journaling each row ([`journal`]). A rerun with the same journal skips finished
-//! rows and looks up rows whose create may have happened before creating them again.
+//! the rejects file; nothing is sent unless the header is usable and the file decodes. It also
+//! groups rows naming the same person ([`validate::Grouper`]); when rows are to be merged, one
+//! more read collects just those rows. The second pass writes the valid rows with bounded
+//! concurrency through the one [`Client`] (its rate limiter and retry policy), journaling each
+//! row ([`journal`]). A rerun with the same journal skips finished rows and looks up rows whose
+//! create may have happened before creating them again.
 //!
 //! # Layout
 //! - `input`: CSV reading (BOM, delimiter sniffing, quoted newlines) and the mapping file.
@@ -36,25 +38,27 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 pub use ambiguous::{Settle, DEFAULT_SETTLE};
-pub use input::{InputError, Mapping};
+pub use input::{InputEncoding, InputError, Mapping};
 pub use journal::{
     read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState,
 };
-pub use report::{ImportReport, ProblemEntry};
+pub use report::{DefaultCountry, ImportReport, MergedLines, ProblemEntry};
 pub use undo::{undo, UndoReport};
 pub use validate::{Country, Entity, Reason};
 
 use crate::api::{ApiError, Client};
-use input::{open_csv, CsvInput, RawRecord};
+use input::{open_csv, RawRecord};
 use journal::Journal;
 use report::{reason_text, Rejects};
-use validate::{ColumnPlan, Row, Rules, Validator};
+use validate::{ColumnPlan, Grouper, Place, Repeats, Row, Rules, Validator};
 use ambiguous::InFlight;
 use write::{classify, ContactWriter, RowResult};
 
 /// `--on-duplicate`: what to do when a create matches an existing contact (the API's 400
 /// "does not allow duplicated contacts", or a contact found after an ambiguous failure that
-/// predates the import).
+/// predates the import), and with later rows of the file naming the same person as an earlier
+/// row (same email ignoring case, phone, or id): merged into the earlier row's write, skipped,
+/// or rejected.
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnDuplicate {
     /// Update the existing contact (`PUT` without tags, then add the row's tags).
@@ -83,7 +87,12 @@ pub struct SourceOptions {
     /// `None`: sniffed from the header line (`,` `;` tab `|`).
     pub delimiter: Option<u8>,
     pub mapping: Mapping,
+    /// How the file's bytes become text.
+    pub encoding: InputEncoding,
     pub default_country: Option<Country>,
+    /// Without `default_country`: use the location's country (`GET /locations/:id`) when the
+    /// file has a phone column. Off for offline dry runs (no API call).
+    pub country_from_location: bool,
     /// Keep leading and trailing spaces of free-text cells.
     pub keep_spaces: bool,
     /// Leave unknown columns out instead of refusing to write.
@@ -112,7 +121,9 @@ impl SourceOptions {
             input,
             delimiter: None,
             mapping: Mapping::default(),
+            encoding: InputEncoding::default(),
             default_country: None,
+            country_from_location: false,
             keep_spaces: false,
             ignore_unknown_columns: false,
             dry_run: None,
@@ -174,6 +185,9 @@ pub enum ImportError {
     JournalMismatch { path: PathBuf, message: String },
     #[error("journal {0}: no import recorded in it")]
     EmptyJournal(PathBuf),
+    /// An output would overwrite an input (or another output): nothing was written.
+    #[error("{0}")]
+    Clobber(String),
     #[error("rejects file {path}: {source}")]
     Rejects {
         path: PathBuf,
@@ -196,17 +210,28 @@ pub async fn import_contacts(
     client: Arc<Client>,
     opts: &ContactImportOptions,
 ) -> Result<ImportReport, ImportError> {
-    let rules = Rules {
+    let mut rules = Rules {
         default_country: opts.source.default_country.clone(),
         keep_spaces: opts.source.keep_spaces,
         location_id: opts.location_id.clone(),
         ignore_ids: opts.ignore_ids,
+        on_duplicate: opts.on_duplicate,
     };
-    let (mut report, rejects, plan) = validate_all(Entity::Contacts, &opts.source, &rules)?;
+    let (mut report, rejects, plan) =
+        validate_all(&client, Entity::Contacts, &opts.source, &mut rules).await?;
     if let Some(mode) = opts.source.dry_run {
         finish_rejects(rejects, &opts.source)?;
-        if mode == DryRun::Lookup {
-            dry_lookup(&client, opts, &rules, &plan, &mut report).await?;
+        dry_journal_check(
+            &opts.source,
+            Entity::Contacts,
+            &opts.location_id,
+            None,
+            &mut report,
+        )?;
+        // A file the real run would refuse gets no lookups: that run would send nothing.
+        report.looked_up &= report.refused.is_none();
+        if mode == DryRun::Lookup && report.refused.is_none() {
+            dry_lookup(&client, opts, &rules, plan, &mut report).await?;
         }
         return Ok(report);
     }
@@ -257,15 +282,25 @@ pub async fn import_children(
     client: Arc<Client>,
     opts: &ChildImportOptions,
 ) -> Result<ImportReport, ImportError> {
-    let rules = Rules {
+    let mut rules = Rules {
         default_country: opts.source.default_country.clone(),
         keep_spaces: opts.source.keep_spaces,
         location_id: opts.location_id.clone(),
         ignore_ids: true,
+        on_duplicate: OnDuplicate::default(),
     };
-    let (mut report, rejects, plan) = validate_all(opts.entity, &opts.source, &rules)?;
+    let (mut report, rejects, plan) =
+        validate_all(&client, opts.entity, &opts.source, &mut rules).await?;
     if opts.source.dry_run.is_some() {
         finish_rejects(rejects, &opts.source)?;
+        let id_map = opts.id_map.as_deref();
+        dry_journal_check(
+            &opts.source,
+            opts.entity,
+            &opts.location_id,
+            id_map,
+            &mut report,
+        )?;
         return Ok(report);
     }
     let map = match &opts.id_map {
@@ -365,13 +400,34 @@ fn mismatch(journal: &std::path::Path, line: u64, key: &str, prior: &RowState) -
     }
 }
 
-/// Pass 1: every row validated, rejects written, the header checked.
-fn validate_all(
+/// What the first pass decided, for the passes after it: how columns map to fields, and what
+/// becomes of rows naming the same person as an earlier row.
+pub(crate) struct Checked {
+    columns: ColumnPlan,
+    repeats: Repeats,
+}
+
+/// Pass 1: the outputs checked against the inputs, the header checked, the default country
+/// settled, every row validated and grouped by person, rejects written.
+///
+/// A dry run goes on where a real run stops before writing (header problems, bytes that do not
+/// decode) so that it reports every problem; `report.refused` then says why the real run would
+/// stop, and the dry run exits as it would.
+async fn validate_all(
+    client: &Client,
     entity: Entity,
     source: &SourceOptions,
-    rules: &Rules,
-) -> Result<(ImportReport, Rejects, ColumnPlan), ImportError> {
-    let mut input = open_csv(&source.input, source.delimiter)?;
+    rules: &mut Rules,
+) -> Result<(ImportReport, Rejects, Checked), ImportError> {
+    input::refuse_clobbering(
+        &[
+            ("the rejects file", &source.rejects),
+            ("the journal", &source.journal),
+        ],
+        &[("the input", &source.input)],
+    )
+    .map_err(ImportError::Clobber)?;
+    let mut input = open_csv(&source.input, source.delimiter, source.encoding)?;
     let plan = ColumnPlan::new(entity, &input.headers, &source.mapping);
     let mut report = ImportReport {
         entity: Some(entity),
@@ -389,29 +445,194 @@ fn validate_all(
         file_problems = plan.file_problems();
     }
     report.problems.extend(file_problems.iter().map(Into::into));
-    if !file_problems.is_empty() && source.dry_run.is_none() {
-        return Err(ImportError::Columns {
-            path: source.input.clone(),
-            problems: file_problems.iter().map(ToString::to_string).collect(),
-        });
+    if !file_problems.is_empty() {
+        if source.dry_run.is_none() {
+            return Err(ImportError::Columns {
+                path: source.input.clone(),
+                problems: file_problems.iter().map(ToString::to_string).collect(),
+            });
+        }
+        report.refuse(format!(
+            "the header has {} problem(s) (line 1 above)",
+            file_problems.len()
+        ));
     }
-    let mut rejects =
-        Rejects::create(&source.rejects, &input.headers).map_err(|e| rejects_err(source, e))?;
+    settle_country(client, source, &plan, rules, &mut report).await;
+    let mut rejects = Rejects::create(&source.rejects, &input.raw_headers, source.encoding)
+        .map_err(|e| rejects_err(source, e))?;
     let mut v = Validator::new(plan.clone(), rules.clone());
+    let mut grouper = (entity == Entity::Contacts).then(|| Grouper::new(rules.on_duplicate));
+    // The first row that does not decode, and how many do not.
+    let mut undecodable: Option<(u64, String)> = None;
+    let mut undecodable_rows = 0u64;
     while let Some(rec) = input.next_record() {
         let rec = rec?;
         report.rows += 1;
-        match v.check(&rec) {
-            Ok(_) => report.valid += 1,
-            Err(problems) => {
-                report.add_problems(&problems);
-                rejects
-                    .push(&rec, &reason_text(&problems))
-                    .map_err(|e| rejects_err(source, e))?;
+        if rec.undecodable {
+            undecodable_rows += 1;
+            undecodable.get_or_insert_with(|| (rec.line, rec.problem.clone().unwrap_or_default()));
+        }
+        let problems = match (v.check(&rec), grouper.as_mut()) {
+            (Ok(Row::Contact(c)), Some(g)) => match g.place(&c) {
+                Place::First | Place::Merged { .. } => {
+                    report.valid += 1;
+                    continue;
+                }
+                Place::Skipped { .. } => {
+                    report.valid += 1;
+                    report.skipped += 1;
+                    report.skipped_in_file += 1;
+                    continue;
+                }
+                Place::Rejected(p) => vec![p],
+            },
+            (Ok(_), _) => {
+                report.valid += 1;
+                continue;
+            }
+            (Err(problems), _) => problems,
+        };
+        report.add_problems(&problems);
+        rejects
+            .push(&rec, &reason_text(&problems))
+            .map_err(|e| rejects_err(source, e))?;
+    }
+    if let Some((line, first)) = undecodable {
+        let message = format!("{undecodable_rows} row(s) are not UTF-8; the first: {first}");
+        if source.dry_run.is_none() {
+            finish_rejects(rejects, source)?;
+            return Err(InputError::Encoding {
+                path: source.input.clone(),
+                line,
+                message,
+            }
+            .into());
+        }
+        report.refuse(format!("line {line}: {message}"));
+    }
+    let mut repeats = grouper.map(Grouper::finish).unwrap_or_default();
+    for (into, lines) in &repeats.groups {
+        report.add_merge(*into, lines.clone());
+    }
+    if repeats.merging() {
+        // The rows of each group, merged in file order: only they are kept.
+        let mut input = open_csv(&source.input, source.delimiter, source.encoding)?;
+        let mut v = Validator::new(plan.clone(), rules.clone());
+        while let Some(rec) = input.next_record() {
+            let rec = rec?;
+            if repeats.wants(rec.line) {
+                if let Ok(row) = v.check(&rec) {
+                    repeats.collect(rec.line, row);
+                }
             }
         }
     }
-    Ok((report, rejects, plan))
+    Ok((
+        report,
+        rejects,
+        Checked {
+            columns: plan,
+            repeats,
+        },
+    ))
+}
+
+/// Dry run: reads (never writes) the journal and the `--id-map` journal, and records in
+/// `report.refused` what the real run would refuse about them (the same checks as
+/// [`open_journal`] and `import_children`).
+fn dry_journal_check(
+    source: &SourceOptions,
+    entity: Entity,
+    location: &str,
+    id_map: Option<&std::path::Path>,
+    report: &mut ImportReport,
+) -> Result<(), ImportError> {
+    let (state, _) = journal::read(&source.journal)?;
+    let journal = source.journal.display();
+    if let Some(e) = state.entity.filter(|e| *e != entity) {
+        report.refuse(format!(
+            "journal {journal} records a {} import, not {}",
+            e.name(),
+            entity.name()
+        ));
+    }
+    if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
+        report.refuse(format!(
+            "journal {journal} records an import into location {l}, not {location}"
+        ));
+    }
+    if let Some(p) = id_map {
+        let (s, _) = journal::read(p)?;
+        if s.entity != Some(Entity::Contacts) {
+            report.refuse(format!(
+                "--id-map {}: it needs the journal of a contacts import",
+                p.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Settles the default country of national phone numbers: `--default-country`, else (when
+/// allowed and the file has phones) the location's own country, else none.
+async fn settle_country(
+    client: &Client,
+    source: &SourceOptions,
+    plan: &ColumnPlan,
+    rules: &mut Rules,
+    report: &mut ImportReport,
+) {
+    if rules.default_country.is_none() && source.country_from_location && plan.reads_phones() {
+        report.asked_location = true;
+        rules.default_country = location_country(client, &rules.location_id).await;
+        if let Some(c) = &rules.default_country {
+            tracing::info!(country = %c.code, "default country of national phone numbers: the location's");
+        }
+        report.default_country = rules
+            .default_country
+            .as_ref()
+            .map(|c| report::DefaultCountry {
+                code: c.code.clone(),
+                from: "location",
+            });
+    } else if let Some(c) = &rules.default_country {
+        report.default_country = Some(report::DefaultCountry {
+            code: c.code.clone(),
+            from: "flag",
+        });
+    }
+}
+
+/// The location's country (`GET /locations/:id`, scope `locations.readonly`). Any failure
+/// leaves no default, said in one warning line: national numbers are then rejected.
+async fn location_country(client: &Client, location: &str) -> Option<Country> {
+    let what = "national phone numbers will be rejected; pass --default-country to read them";
+    match client.get_location(location).await {
+        Ok(l) => {
+            match l
+                .country
+                .as_deref()
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+            {
+                Some(code) => match code.parse::<Country>() {
+                    Ok(c) => Some(c),
+                    Err(_) => {
+                        tracing::warn!("the location's country '{}' is not one --default-country knows: {what}", crate::schema::truncate_for_message(code, 40));
+                        None
+                    }
+                },
+                None => {
+                    tracing::warn!("the location has no country: {what}");
+                    None
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!("could not read the location's country (GET /locations/{location}: {e}; the token needs the locations.readonly scope): {what}");
+            None
+        }
+    }
 }
 
 fn rejects_err(source: &SourceOptions, e: std::io::Error) -> ImportError {
@@ -425,22 +646,33 @@ fn finish_rejects(rejects: Rejects, source: &SourceOptions) -> Result<(), Import
     rejects.finish().map_err(|e| rejects_err(source, e))
 }
 
-/// The valid rows of a second read of the input, with their records.
+/// The rows to write, from a second read of the input, with their records: valid rows
+/// written on their own, a group's merged row in place of its first row.
 fn valid_rows(
-    input: CsvInput,
-    mut v: Validator,
-) -> impl Iterator<Item = Result<(RawRecord, Row), InputError>> {
-    let mut input = input;
-    std::iter::from_fn(move || loop {
+    source: &SourceOptions,
+    checked: Checked,
+    rules: &Rules,
+) -> Result<impl Iterator<Item = Result<(RawRecord, Row), InputError>>, InputError> {
+    let mut input = open_csv(&source.input, source.delimiter, source.encoding)?;
+    let Checked {
+        columns,
+        mut repeats,
+    } = checked;
+    let mut v = Validator::new(columns, rules.clone());
+    Ok(std::iter::from_fn(move || loop {
         match input.next_record()? {
             Err(e) => return Some(Err(e)),
             Ok(rec) => {
+                if !repeats.written(rec.line) {
+                    continue;
+                }
                 if let Ok(row) = v.check(&rec) {
+                    let row = repeats.take(rec.line, row);
                     return Some(Ok((rec, row)));
                 }
             }
         }
-    })
+    }))
 }
 
 async fn open_journal(
@@ -483,7 +715,7 @@ async fn open_journal(
 async fn write_all<F, Fut>(
     source: &SourceOptions,
     rules: &Rules,
-    plan: ColumnPlan,
+    plan: Checked,
     report: &mut ImportReport,
     mut rejects: Rejects,
     work: F,
@@ -492,8 +724,7 @@ where
     F: Fn(RawRecord, Row) -> Fut,
     Fut: std::future::Future<Output = (RawRecord, Result<Step, ImportError>)>,
 {
-    let input = open_csv(&source.input, source.delimiter)?;
-    let rows = valid_rows(input, Validator::new(plan, rules.clone()));
+    let rows = valid_rows(source, plan, rules)?;
     let results = futures::stream::iter(rows)
         .map(|r| {
             let fut = r.map(|(rec, row)| work(rec, row));
@@ -614,12 +845,10 @@ async fn dry_lookup(
     client: &Client,
     opts: &ContactImportOptions,
     rules: &Rules,
-    plan: &ColumnPlan,
+    plan: Checked,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
-    let input = open_csv(&opts.source.input, opts.source.delimiter)?;
-    let rows: Vec<_> =
-        valid_rows(input, Validator::new(plan.clone(), rules.clone())).collect::<Result<_, _>>()?;
+    let rows: Vec<_> = valid_rows(&opts.source, plan, rules)?.collect::<Result<_, _>>()?;
     let location = opts.location_id.as_str();
     let mut results = std::pin::pin!(futures::stream::iter(rows)
         .map(|(_, row)| async move {

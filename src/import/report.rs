@@ -1,12 +1,12 @@
-//! What an import reports: the rejects CSV (each rejected row as read, plus its line and
-//! reason), the JSON summary, and the report printed for people.
+//! What an import reports: the rejects CSV (its line and reason, then each rejected row's
+//! cells as read, bytes and all), the JSON summary, and the report printed for people.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use super::input::RawRecord;
+use super::input::{InputEncoding, RawRecord};
 use super::validate::{Entity, Problem};
 
 /// Most problems kept in the summary (all of them are in the rejects file).
@@ -42,6 +42,9 @@ pub struct ImportReport {
     pub dry_run: bool,
     /// Dry run only: whether existing contacts were looked up to tell creates from updates.
     pub looked_up: bool,
+    /// Whether `GET /locations/:id` was sent (for the default country).
+    #[serde(skip)]
+    pub asked_location: bool,
     pub journal: Option<PathBuf>,
     pub rejects: PathBuf,
     /// Data rows read (blank lines and the header not counted).
@@ -58,6 +61,18 @@ pub struct ImportReport {
     pub already_done: u64,
     /// Rows that failed transiently: a rerun with the same journal retries them.
     pub failed_retryable: u64,
+    /// Rows naming a person an earlier row of the file names (same email ignoring case,
+    /// same phone, or same id), merged into that row's write (`--on-duplicate update`).
+    pub merged: u64,
+    /// Which lines were merged into which (the first line of each person), up to 10,000.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub merged_lines: Vec<MergedLines>,
+    /// Of `skipped`: rows skipped because an earlier row of the file names the same person
+    /// (`--on-duplicate skip`).
+    pub skipped_in_file: u64,
+    /// The country of national phone numbers, and where it came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_country: Option<DefaultCountry>,
     /// Dry run: valid rows that would create or update (when looked up).
     pub would_create: u64,
     pub would_update: u64,
@@ -74,12 +89,49 @@ pub struct ImportReport {
     /// Set when the run stopped early (token refused, quota spent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stopped: Option<String>,
+    /// Dry run: why a real run would refuse the file before any write (its header, its
+    /// encoding, the journal); the dry run then exits 2 as the real run would.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
+}
+
+/// Rows merged into the write of an earlier row (`into`, the person's first line).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct MergedLines {
+    pub into: u64,
+    pub lines: Vec<u64>,
+}
+
+/// `--default-country` as used: the code, and `flag` or `location` (`GET /locations/:id`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct DefaultCountry {
+    pub code: String,
+    pub from: &'static str,
 }
 
 impl ImportReport {
     /// True when every row was written (or was already): the exit code is 0.
     pub fn complete(&self) -> bool {
-        self.rejected == 0 && self.failed_retryable == 0 && self.stopped.is_none()
+        self.rejected == 0
+            && self.failed_retryable == 0
+            && self.stopped.is_none()
+            && self.refused.is_none()
+    }
+
+    /// Dry run: adds a reason the real run would refuse the file for.
+    pub(crate) fn refuse(&mut self, why: String) {
+        self.refused = Some(match self.refused.take() {
+            Some(earlier) => format!("{earlier}; {why}"),
+            None => why,
+        });
+    }
+
+    /// Records that the rows `lines` were merged into the row at `into`.
+    pub(crate) fn add_merge(&mut self, into: u64, lines: Vec<u64>) {
+        self.merged += lines.len() as u64;
+        if self.merged_lines.len() < MAX_PROBLEMS {
+            self.merged_lines.push(MergedLines { into, lines });
+        }
     }
 
     pub(crate) fn add_problems(&mut self, problems: &[Problem]) {
@@ -108,6 +160,8 @@ impl ImportReport {
                 self.input.display(),
                 if self.looked_up {
                     " (existing contacts were looked up, read-only)"
+                } else if self.asked_location {
+                    " (only the location's country was read)"
                 } else {
                     " (no API call made)"
                 }
@@ -119,6 +173,41 @@ impl ImportReport {
             "  rows: {} read, {} valid, {} rejected\n",
             self.rows, self.valid, self.rejected
         ));
+        if let Some(c) = &self.default_country {
+            let from = if c.from == "location" {
+                "from the location"
+            } else {
+                "from --default-country"
+            };
+            s.push_str(&format!("  default country {} ({from})\n", c.code));
+        }
+        if self.merged > 0 {
+            let shown: Vec<String> = self
+                .merged_lines
+                .iter()
+                .take(5)
+                .map(|m| {
+                    let lines: Vec<String> = m.lines.iter().map(u64::to_string).collect();
+                    format!("{} into {}", lines.join(", "), m.into)
+                })
+                .collect();
+            let more = if self.merged_lines.len() > 5 {
+                ", …"
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "  merged {} rows into an earlier row of the same person (lines {}{more}): one write each\n",
+                self.merged,
+                shown.join("; ")
+            ));
+        }
+        if self.skipped_in_file > 0 {
+            s.push_str(&format!(
+                "  skipped {} rows naming the same person as an earlier row (--on-duplicate skip)\n",
+                self.skipped_in_file
+            ));
+        }
         if self.dry_run {
             if self.looked_up {
                 s.push_str(&format!(
@@ -171,19 +260,31 @@ impl ImportReport {
         if let Some(why) = &self.stopped {
             s.push_str(&format!("  stopped early: {why}\n"));
         }
+        if let Some(why) = &self.refused {
+            s.push_str(&format!("  a real run would refuse this file: {why}\n"));
+        }
         s
     }
 }
 
 /// The rejects CSV, written under a temporary name and renamed when complete.
+///
+/// `line` and `reason` come first, then the row's cells as read: a row with more or fewer
+/// cells than the header keeps its cells under the right headers, and every cell keeps its
+/// original bytes (the file is in the input's encoding, the reasons encoded to match).
 pub(crate) struct Rejects {
     path: PathBuf,
     tmp: PathBuf,
     writer: csv::Writer<std::fs::File>,
+    encoding: InputEncoding,
 }
 
 impl Rejects {
-    pub(crate) fn create(path: &Path, headers: &[String]) -> std::io::Result<Rejects> {
+    pub(crate) fn create(
+        path: &Path,
+        headers: &csv::ByteRecord,
+        encoding: InputEncoding,
+    ) -> std::io::Result<Rejects> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -197,29 +298,30 @@ impl Rejects {
             .flexible(true)
             .from_path(&tmp)
             .map_err(csv_io)?;
-        let mut header: Vec<String> = headers.to_vec();
+        let mut header: Vec<Vec<u8>> = Vec::with_capacity(headers.len() + 2);
         for extra in ["line", "reason"] {
             let mut name = extra.to_owned();
-            while header.contains(&name) {
+            while headers.iter().any(|h| h == name.as_bytes()) {
                 name.insert(0, '_');
             }
-            header.push(name);
+            header.push(name.into_bytes());
         }
+        header.extend(headers.iter().map(<[u8]>::to_vec));
         writer.write_record(&header).map_err(csv_io)?;
         Ok(Rejects {
             path: path.to_owned(),
             tmp,
             writer,
+            encoding,
         })
     }
 
     pub(crate) fn push(&mut self, rec: &RawRecord, reason: &str) -> std::io::Result<()> {
         let line = rec.line.to_string();
-        let fields = rec
-            .cells
-            .iter()
-            .map(String::as_str)
-            .chain([line.as_str(), reason]);
+        let reason = self.encoding.encode(reason);
+        let fields = [line.as_bytes(), reason.as_ref()]
+            .into_iter()
+            .chain(rec.original_cells());
         self.writer.write_record(fields).map_err(csv_io)
     }
 

@@ -4,14 +4,19 @@
 //!
 //! Checks: email syntax; phones normalised to E.164 (`--default-country` for national
 //! numbers); booleans; dates; JSON cells (tags, customFields, dndSettings as the export writes
-//! them); unknown columns; contacts without email or phone; rows that duplicate an earlier row
-//! of the same file (by email, phone or id).
+//! them); control characters in cells that would be sent; unknown columns; contacts without
+//! email or phone.
+//!
+//! Rows of one file that name the same person (by id, email or phone) are grouped by
+//! [`Grouper`] in the first pass and follow `--on-duplicate` ([`Repeats`]): the API would
+//! otherwise see two writes for one contact, racing each other.
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 
 use super::input::{constant_text, Mapping, RawRecord};
+use super::OnDuplicate;
 
 /// What a file's rows become.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -149,6 +154,7 @@ pub enum Reason {
     InvalidValue,
     NoEmailOrPhone,
     MissingField,
+    ControlCharacter,
     DuplicateInFile,
     /// Found at write time: the API refused the row (422, duplicate with `--on-duplicate fail`, …).
     Api,
@@ -165,6 +171,7 @@ impl Reason {
             Reason::InvalidValue => "invalid value",
             Reason::NoEmailOrPhone => "no email or phone",
             Reason::MissingField => "missing required field",
+            Reason::ControlCharacter => "control character",
             Reason::DuplicateInFile => "duplicate in file",
             Reason::Api => "refused by the API",
         }
@@ -362,6 +369,8 @@ enum Target {
 #[derive(Clone, Debug)]
 pub(crate) struct ColumnPlan {
     entity: Entity,
+    /// The header's column names, in order (for messages).
+    columns: Vec<String>,
     targets: Vec<Target>,
     constants: Vec<(Target, String)>,
     extra_tags: Vec<String>,
@@ -422,6 +431,7 @@ impl ColumnPlan {
     pub(crate) fn new(entity: Entity, headers: &[String], mapping: &Mapping) -> ColumnPlan {
         let mut plan = ColumnPlan {
             entity,
+            columns: headers.to_vec(),
             targets: Vec::with_capacity(headers.len()),
             constants: Vec::new(),
             extra_tags: mapping.tags.clone(),
@@ -467,6 +477,15 @@ impl ColumnPlan {
             plan.targets.push(target);
         }
         for (field, value) in &mapping.constants {
+            if let Some((at, c)) = control_char(&constant_text(value)) {
+                plan.header_problems.push(Problem {
+                    line: 1,
+                    field: Some(field.clone()),
+                    reason: Reason::ControlCharacter,
+                    message: format!("the mapping's constant has the control character U+{:04X} at character {at}: remove it", c as u32),
+                });
+                continue;
+            }
             match resolve(entity, field) {
                 Some(t @ (Target::Field(..) | Target::CustomField(_))) => plan.constants.push((t, constant_text(value))),
                 _ => plan.header_problems.push(Problem {
@@ -478,6 +497,14 @@ impl ColumnPlan {
             }
         }
         plan
+    }
+
+    /// Whether rows carry phone numbers (a column or a constant).
+    pub(crate) fn reads_phones(&self) -> bool {
+        self.targets
+            .iter()
+            .chain(self.constants.iter().map(|(t, _)| t))
+            .any(|t| matches!(t, Target::Field("phone", _)))
     }
 
     /// Problems that concern the whole file: reported once, against the header (line 1).
@@ -506,6 +533,8 @@ pub struct Rules {
     pub location_id: String,
     /// Never treat `id` as an update target.
     pub ignore_ids: bool,
+    /// What later rows naming the same person as an earlier row of the file become.
+    pub on_duplicate: OnDuplicate,
 }
 
 /// A row read into API values, before entity-specific checks.
@@ -514,6 +543,8 @@ struct Parsed {
     values: BTreeMap<&'static str, Value>,
     custom: Vec<(String, Value)>,
     source_location: Option<String>,
+    /// Fields (`customField.<id>` for custom fields) whose value is a mapping constant.
+    constants: Vec<String>,
 }
 
 fn read_cell(kind: Kind, cell: &str, rules: &Rules) -> Result<Option<Value>, (Reason, String)> {
@@ -634,6 +665,36 @@ fn parse_custom_fields(cell: &str) -> Result<Value, String> {
     Ok(Value::Array(items))
 }
 
+/// The first control character of a cell (1-based character position): NUL and the other
+/// C0 controls except tab, line feed and carriage return (quoted cells may span lines), DEL,
+/// and the C1 controls. Such bytes are never sent: the API stores them and they break the
+/// CRM's own exports and the terminals that show them.
+pub(crate) fn control_char(s: &str) -> Option<(usize, char)> {
+    s.chars()
+        .enumerate()
+        .find(|(_, c)| {
+            matches!(
+                *c,
+                '\0'..='\x08' | '\x0B' | '\x0C' | '\x0E'..='\x1F' | '\x7F'..='\u{9F}'
+            )
+        })
+        .map(|(i, c)| (i + 1, c))
+}
+
+/// The first control character ([`control_char`]) in a JSON value's strings and keys.
+fn json_control_char(v: &Value) -> Option<char> {
+    match v {
+        Value::String(s) => control_char(s).map(|(_, c)| c),
+        Value::Array(items) => items.iter().find_map(json_control_char),
+        Value::Object(m) => m.iter().find_map(|(k, v)| {
+            control_char(k)
+                .map(|(_, c)| c)
+                .or_else(|| json_control_char(v))
+        }),
+        _ => None,
+    }
+}
+
 fn short(s: &str) -> String {
     crate::schema::truncate_for_message(s, 80)
 }
@@ -659,6 +720,9 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
             let t = if rules.keep_spaces { cell } else { cell.trim() };
             if !t.trim().is_empty() {
                 p.custom.push((id.clone(), Value::String(t.to_owned())));
+                if is_constant {
+                    p.constants.push(format!("customField.{id}"));
+                }
             }
         }
         Target::Field(name, kind) => {
@@ -667,12 +731,29 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
             }
             match read_cell(*kind, cell, rules) {
                 Ok(Some(v)) => {
+                    // JSON cells (tags, customFields, dndSettings) can spell a control
+                    // character as an escape (`\u0000`): the parsed value is checked too.
+                    if let Some(c) = json_control_char(&v) {
+                        problems.push(Problem {
+                            line: rec.line,
+                            field: Some((*name).to_owned()),
+                            reason: Reason::ControlCharacter,
+                            message: format!(
+                                "the JSON holds the control character U+{:04X} (as an escape): remove it (nothing of the row was sent)",
+                                c as u32
+                            ),
+                        });
+                        return;
+                    }
                     if let (Kind::Tags, Some(Value::Array(old))) = (kind, p.values.get_mut(name)) {
                         if let Value::Array(new) = v {
                             old.extend(new);
                         }
                     } else {
                         p.values.insert(name, v);
+                        if is_constant {
+                            p.constants.push((*name).to_owned());
+                        }
                     }
                 }
                 Ok(None) => {}
@@ -685,7 +766,26 @@ fn parse(plan: &ColumnPlan, rec: &RawRecord, rules: &Rules, problems: &mut Vec<P
             }
         }
     };
-    for (target, cell) in plan.targets.iter().zip(&rec.cells) {
+    for (i, (target, cell)) in plan.targets.iter().zip(&rec.cells).enumerate() {
+        if *target != Target::Skip {
+            if let Some((at, c)) = control_char(cell) {
+                let field = match target {
+                    Target::Field(name, _) => (*name).to_owned(),
+                    Target::CustomField(id) => format!("customField.{id}"),
+                    _ => plan.columns[i].clone(),
+                };
+                problems.push(Problem {
+                    line: rec.line,
+                    field: Some(field),
+                    reason: Reason::ControlCharacter,
+                    message: format!(
+                        "column '{}' has the control character U+{:04X} at character {at}: remove it (nothing of the row was sent)",
+                        plan.columns[i], c as u32
+                    ),
+                });
+                continue;
+            }
+        }
         put(target, cell, problems, &mut p, false);
     }
     for (target, text) in &plan.constants {
@@ -721,11 +821,20 @@ pub(crate) struct ContactRow {
     pub fields: Map<String, Value>,
     pub custom: Vec<(String, Value)>,
     pub tags: Vec<String>,
+    /// Rows merged from several rows of the file: the first row's key, which stays the
+    /// journal key of the one write (so a rerun finds it whatever the later rows changed).
+    pub merged_key: Option<String>,
+    /// Fields (`customField.<id>`) set by a mapping constant, not a cell: in a merge, a
+    /// later row's constant does not replace an earlier row's cell.
+    pub from_constants: Vec<String>,
 }
 
 impl ContactRow {
     /// The journal key: what identifies the row's contact.
     pub(crate) fn key(&self) -> String {
+        if let Some(k) = &self.merged_key {
+            return k.clone();
+        }
         match (&self.id, &self.email, &self.phone) {
             (Some(id), _, _) => format!("id:{id}"),
             (None, e, p) => format!(
@@ -733,6 +842,57 @@ impl ContactRow {
                 e.as_deref().unwrap_or("").to_lowercase(),
                 p.as_deref().unwrap_or("")
             ),
+        }
+    }
+
+    /// What groups the row with other rows of the file naming the same person.
+    fn group_keys(&self) -> Vec<(&'static str, String)> {
+        let mut keys = Vec::with_capacity(3);
+        if let Some(id) = &self.id {
+            keys.push(("id", id.clone()));
+        }
+        if let Some(e) = &self.email {
+            keys.push(("email", e.to_lowercase()));
+        }
+        if let Some(ph) = &self.phone {
+            keys.push(("phone", ph.clone()));
+        }
+        keys
+    }
+
+    /// Merges a later row of the same person into this one: a later non-empty cell wins,
+    /// tags are the union, custom fields are merged by id (a later value wins). The line and
+    /// the journal key stay this row's.
+    pub(crate) fn merge(&mut self, later: ContactRow) {
+        if self.merged_key.is_none() {
+            self.merged_key = Some(self.key());
+        }
+        let keep = |mine: &mut Option<String>, theirs: Option<String>| {
+            if theirs.is_some() {
+                *mine = theirs;
+            }
+        };
+        keep(&mut self.id, later.id);
+        keep(&mut self.source_id, later.source_id);
+        keep(&mut self.email, later.email);
+        keep(&mut self.phone, later.phone);
+        let constant = |k: &str| later.from_constants.iter().any(|c| c == k);
+        for (k, v) in later.fields {
+            if !(constant(&k) && self.fields.contains_key(&k)) {
+                self.fields.insert(k, v);
+            }
+        }
+        for (id, value) in later.custom {
+            match self.custom.iter_mut().find(|(i, _)| *i == id) {
+                Some(_) if constant(&format!("customField.{id}")) => {}
+                Some(slot) => slot.1 = value,
+                None => self.custom.push((id, value)),
+            }
+        }
+        for t in later.tags {
+            if !self.tags.contains(&t) {
+                self.tags.push(t);
+            }
         }
     }
 
@@ -828,23 +988,18 @@ pub(crate) enum Row {
     Child(ChildRow),
 }
 
-/// Validates rows in file order and remembers keys to catch in-file duplicates.
+/// Validates one row at a time (rows naming the same person: [`Grouper`]).
 pub(crate) struct Validator {
     pub plan: ColumnPlan,
     rules: Rules,
-    seen: HashMap<String, u64>,
 }
 
 impl Validator {
     pub(crate) fn new(plan: ColumnPlan, rules: Rules) -> Validator {
-        Validator {
-            plan,
-            rules,
-            seen: HashMap::new(),
-        }
+        Validator { plan, rules }
     }
 
-    /// Checks one record. Call in file order: a row duplicating an earlier one is rejected.
+    /// Checks one record on its own.
     pub(crate) fn check(&mut self, rec: &RawRecord) -> Result<Row, Vec<Problem>> {
         if let Some(p) = &rec.problem {
             return Err(vec![Problem {
@@ -863,33 +1018,7 @@ impl Validator {
         if !problems.is_empty() {
             return Err(problems);
         }
-        let row = row.ok_or_else(Vec::new)?;
-        if let Row::Contact(c) = &row {
-            let mut keys = Vec::new();
-            if let Some(id) = &c.id {
-                keys.push(("id", id.clone()));
-            }
-            if let Some(e) = &c.email {
-                keys.push(("email", e.to_lowercase()));
-            }
-            if let Some(ph) = &c.phone {
-                keys.push(("phone", ph.clone()));
-            }
-            for (what, k) in &keys {
-                if let Some(first) = self.seen.get(&format!("{what}:{k}")) {
-                    return Err(vec![Problem {
-                        line: rec.line,
-                        field: Some((*what).to_owned()),
-                        reason: Reason::DuplicateInFile,
-                        message: format!("duplicate of line {first} (same {what} {k})"),
-                    }]);
-                }
-            }
-            for (what, k) in keys {
-                self.seen.insert(format!("{what}:{k}"), rec.line);
-            }
-        }
-        Ok(row)
+        row.ok_or_else(Vec::new)
     }
 
     fn contact(&self, line: u64, mut p: Parsed, problems: &mut Vec<Problem>) -> Option<ContactRow> {
@@ -917,9 +1046,10 @@ impl Validator {
             .get("phone")
             .and_then(Value::as_str)
             .map(str::to_owned);
-        let failed_key = problems
-            .iter()
-            .any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone));
+        let failed_key = problems.iter().any(|x| {
+            matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone)
+                || matches!(x.field.as_deref(), Some("email" | "phone" | "id"))
+        });
         if id.is_none() && email.is_none() && phone.is_none() && !failed_key {
             problems.push(Problem {
                 line,
@@ -935,6 +1065,7 @@ impl Validator {
                 .collect(),
             _ => Vec::new(),
         };
+        let from_constants = std::mem::take(&mut p.constants);
         let mut custom = p.custom;
         if let Some(Value::Array(items)) = p.values.remove("customFields") {
             for item in items {
@@ -967,6 +1098,8 @@ impl Validator {
             fields,
             custom,
             tags,
+            merged_key: None,
+            from_constants,
         })
     }
 
@@ -980,10 +1113,10 @@ impl Validator {
             (_, Some(Value::String(e)), _) => Some(ContactRef::Email(e)),
             (_, _, Some(Value::String(ph))) => Some(ContactRef::Phone(ph)),
             _ => {
-                if !problems
-                    .iter()
-                    .any(|x| matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone))
-                {
+                if !problems.iter().any(|x| {
+                    matches!(x.reason, Reason::InvalidEmail | Reason::InvalidPhone)
+                        || matches!(x.field.as_deref(), Some("email" | "phone" | "contactId"))
+                }) {
                     problems.push(Problem {
                         line,
                         field: Some("contactId".into()),
@@ -1032,6 +1165,175 @@ impl Validator {
     }
 }
 
+/// Where the first pass puts a contact row among the rows before it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Place {
+    /// The first row of its person (so far): written.
+    First,
+    /// `--on-duplicate update`: merged into the write of the row at `into`.
+    Merged { into: u64 },
+    /// `--on-duplicate skip`: not written; the row at `first` is.
+    Skipped { first: u64 },
+    /// `--on-duplicate fail`, or ambiguous: rejected.
+    Rejected(Problem),
+}
+
+/// Groups the contact rows of one file that name the same person, in file order.
+///
+/// A row joins the group of the earlier rows it shares a key with (its id, its email ignoring
+/// case, its phone in E.164) and brings its other keys to that group. The rule for a row that
+/// shares keys with two different groups (say one by email and another by phone), or whose id
+/// differs from its group's id, is to reject it as ambiguous whatever `--on-duplicate` says:
+/// merging it would join two people, and writing it alone would race the others' writes.
+///
+/// Memory: one entry per key of each row (what any duplicate check needs), the ids of groups
+/// that have one, and an entry per later row of a group.
+pub(crate) struct Grouper {
+    on_duplicate: OnDuplicate,
+    /// `what:key` to the first line of its group.
+    first: HashMap<String, u64>,
+    /// The id of each group that has one, by first line.
+    ids: HashMap<u64, String>,
+    repeats: Repeats,
+}
+
+/// What the first pass decided about rows that repeat a person, for the passes after it.
+#[derive(Debug, Default)]
+pub(crate) struct Repeats {
+    /// Rows not written on their own (merged, skipped or rejected): line to the first line of
+    /// their person.
+    aside: HashMap<u64, u64>,
+    /// `--on-duplicate update`: the lines merged into each first line.
+    pub groups: BTreeMap<u64, Vec<u64>>,
+    /// The merged rows, by first line (filled by [`Repeats::collect`]).
+    merged: HashMap<u64, ContactRow>,
+}
+
+impl Grouper {
+    pub(crate) fn new(on_duplicate: OnDuplicate) -> Grouper {
+        Grouper {
+            on_duplicate,
+            first: HashMap::new(),
+            ids: HashMap::new(),
+            repeats: Repeats::default(),
+        }
+    }
+
+    /// Places a valid row; call in file order.
+    pub(crate) fn place(&mut self, row: &ContactRow) -> Place {
+        let keys = row.group_keys();
+        let mut found: Option<(u64, &(&'static str, String))> = None;
+        for k in &keys {
+            let Some(&g) = self.first.get(&format!("{}:{}", k.0, k.1)) else {
+                continue;
+            };
+            match found {
+                None => found = Some((g, k)),
+                Some((h, hk)) if h != g => {
+                    return self.reject(row, k.0, format!(
+                        "same {} as line {h} and same {} as line {g}, which are two different people in this file: the row is ambiguous (fix its {} or {})",
+                        hk.0, k.0, hk.0, k.0
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let Some((g, (what, value))) = found else {
+            for (what, value) in keys {
+                self.first.insert(format!("{what}:{value}"), row.line);
+            }
+            if let Some(id) = &row.id {
+                self.ids.insert(row.line, id.clone());
+            }
+            return Place::First;
+        };
+        let (what, value) = (*what, value.clone());
+        if let (Some(id), Some(gid)) = (&row.id, self.ids.get(&g)) {
+            if id != gid {
+                let message = format!("same {what} {value} as line {g}, but id {id} where line {g} has id {gid}: the row is ambiguous (two contacts cannot be merged)");
+                return self.reject(row, "id", message);
+            }
+        }
+        for (w, v) in keys {
+            self.first.entry(format!("{w}:{v}")).or_insert(g);
+        }
+        if let Some(id) = &row.id {
+            self.ids.entry(g).or_insert_with(|| id.clone());
+        }
+        self.repeats.aside.insert(row.line, g);
+        match self.on_duplicate {
+            OnDuplicate::Update => {
+                self.repeats.groups.entry(g).or_default().push(row.line);
+                Place::Merged { into: g }
+            }
+            OnDuplicate::Skip => Place::Skipped { first: g },
+            OnDuplicate::Fail => Place::Rejected(Problem {
+                line: row.line,
+                field: Some(what.to_owned()),
+                reason: Reason::DuplicateInFile,
+                message: format!(
+                    "duplicate of line {g} (same {what} {value}): rejected by --on-duplicate fail"
+                ),
+            }),
+        }
+    }
+
+    fn reject(&mut self, row: &ContactRow, field: &str, message: String) -> Place {
+        self.repeats.aside.insert(row.line, 0);
+        Place::Rejected(Problem {
+            line: row.line,
+            field: Some(field.to_owned()),
+            reason: Reason::DuplicateInFile,
+            message,
+        })
+    }
+
+    pub(crate) fn finish(self) -> Repeats {
+        self.repeats
+    }
+}
+
+impl Repeats {
+    /// Whether the row at `line` is written on its own (or as the first of merged rows).
+    pub(crate) fn written(&self, line: u64) -> bool {
+        !self.aside.contains_key(&line)
+    }
+
+    /// Whether rows of the file are to be merged (and a read to collect them is needed).
+    pub(crate) fn merging(&self) -> bool {
+        !self.groups.is_empty()
+    }
+
+    /// Builds the merged rows from a read of the file: only the rows of groups are kept.
+    pub(crate) fn collect(&mut self, line: u64, row: Row) {
+        let Row::Contact(c) = row else { return };
+        if self.groups.contains_key(&line) {
+            self.merged.insert(line, c);
+        } else if let Some(into) = self.aside.get(&line) {
+            if let Some(m) = self.merged.get_mut(into) {
+                m.merge(c);
+            }
+        }
+    }
+
+    /// Whether `collect` wants the row at `line`.
+    pub(crate) fn wants(&self, line: u64) -> bool {
+        self.groups.contains_key(&line)
+            || self
+                .aside
+                .get(&line)
+                .is_some_and(|into| self.groups.contains_key(into))
+    }
+
+    /// The row to write for the row at `line` (its group's merged row, taken once).
+    pub(crate) fn take(&mut self, line: u64, row: Row) -> Row {
+        match self.merged.remove(&line) {
+            Some(m) => Row::Contact(m),
+            None => row,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1040,7 +1342,7 @@ mod tests {
         RawRecord {
             line,
             cells: cells.iter().map(|s| s.to_string()).collect(),
-            problem: None,
+            ..RawRecord::default()
         }
     }
 
@@ -1157,18 +1459,185 @@ mod tests {
         assert_eq!(errs[0].reason, Reason::NoEmailOrPhone);
     }
 
+    fn place_all(mode: OnDuplicate, rows: &[(u64, &[&str])]) -> (Vec<Place>, Repeats, Validator) {
+        let mut v = validator(
+            Entity::Contacts,
+            &[
+                "id",
+                "email",
+                "phone",
+                "firstName",
+                "tags",
+                "customField.cf1",
+            ],
+        );
+        let mut g = Grouper::new(mode);
+        let places = rows
+            .iter()
+            .map(|(line, cells)| match v.check(&rec(*line, cells)).unwrap() {
+                Row::Contact(c) => g.place(&c),
+                Row::Child(_) => unreachable!(),
+            })
+            .collect();
+        (places, g.finish(), v)
+    }
+
     #[test]
-    fn in_file_duplicates_name_the_first_line() {
-        let mut v = validator(Entity::Contacts, &["email", "phone"]);
-        assert!(v.check(&rec(2, &["A@x.io", ""])).is_ok());
-        assert!(v.check(&rec(3, &["b@x.io", "5550109999"])).is_ok());
-        let e = v.check(&rec(4, &["a@X.io", ""])).unwrap_err();
-        assert_eq!(e[0].reason, Reason::DuplicateInFile);
-        assert!(e[0].message.contains("line 2"), "{}", e[0].message);
-        let e = v
-            .check(&rec(5, &["c@x.io", "+1 555 010 9999"]))
+    fn in_file_duplicates_fail_naming_the_first_line() {
+        let rows: &[(u64, &[&str])] = &[
+            (2, &["", "A@x.io", "", "", "", ""]),
+            (3, &["", "b@x.io", "5550109999", "", "", ""]),
+            (4, &["", "a@X.io", "", "", "", ""]),
+            (5, &["", "c@x.io", "+1 555 010 9999", "", "", ""]),
+        ];
+        let (places, _, _) = place_all(OnDuplicate::Fail, rows);
+        assert_eq!(places[..2], [Place::First, Place::First]);
+        let Place::Rejected(p) = &places[2] else {
+            panic!("{places:?}")
+        };
+        assert_eq!(p.reason, Reason::DuplicateInFile);
+        assert!(p.message.contains("line 2"), "{}", p.message);
+        let Place::Rejected(p) = &places[3] else {
+            panic!("{places:?}")
+        };
+        assert!(
+            p.message.contains("line 3") && p.field.as_deref() == Some("phone"),
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn in_file_duplicates_merge_in_file_order_under_the_first_line() {
+        let rows: &[(u64, &[&str])] = &[
+            (2, &["", "a@x.io", "", "Ann", "vip", "red"]),
+            (3, &["", "z@x.io", "", "Zed", "", ""]),
+            (5, &["", "A@X.IO", "+44 7700 900123", "", "new, vip", ""]),
+            // Joins through the phone the row above brought to the group.
+            (7, &["", "", "+447700900123", "Anna", "", "blue"]),
+        ];
+        let (places, mut repeats, mut v) = place_all(OnDuplicate::Update, rows);
+        assert_eq!(
+            places,
+            [
+                Place::First,
+                Place::First,
+                Place::Merged { into: 2 },
+                Place::Merged { into: 2 }
+            ]
+        );
+        assert_eq!(repeats.groups, BTreeMap::from([(2, vec![5, 7])]));
+        for (line, cells) in rows {
+            if repeats.wants(*line) {
+                repeats.collect(*line, v.check(&rec(*line, cells)).unwrap());
+            }
+        }
+        assert!(!repeats.written(5) && !repeats.written(7) && repeats.written(2));
+        let first = v.check(&rec(2, rows[0].1)).unwrap();
+        let Row::Contact(first_key) = &first else {
+            panic!()
+        };
+        let first_key = first_key.key();
+        let Row::Contact(m) = repeats.take(2, first) else {
+            panic!()
+        };
+        assert_eq!(m.line, 2);
+        assert_eq!(m.key(), first_key, "the journal key stays the first row's");
+        assert_eq!(m.email.as_deref(), Some("A@X.IO"));
+        assert_eq!(m.phone.as_deref(), Some("+447700900123"));
+        assert_eq!(m.fields["firstName"], "Anna");
+        assert_eq!(m.tags, ["vip", "new"]);
+        assert_eq!(m.custom, [("cf1".to_owned(), Value::String("blue".into()))]);
+    }
+
+    #[test]
+    fn control_characters_spelled_as_json_escapes_are_rejected_too() {
+        let mut v = validator(
+            Entity::Contacts,
+            &["email", "tags", "dndSettings", "firstName"],
+        );
+        let errs = v
+            .check(&rec(
+                2,
+                &[
+                    "a@x.io",
+                    r#"["ok","b\u0000"]"#,
+                    r#"{"SMS\u001b":{}}"#,
+                    "Ann",
+                ],
+            ))
             .unwrap_err();
-        assert!(e[0].message.contains("line 3"), "{}", e[0].message);
+        let got: Vec<_> = errs
+            .iter()
+            .map(|p| (p.field.as_deref().unwrap(), p.reason))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("tags", Reason::ControlCharacter),
+                ("dndSettings", Reason::ControlCharacter)
+            ]
+        );
+        assert!(errs[0].message.contains("U+0000"), "{}", errs[0].message);
+        assert!(v
+            .check(&rec(3, &["b@x.io", r#"["a\tb"]"#, "", "x"]))
+            .is_ok());
+    }
+
+    #[test]
+    fn in_file_duplicates_merge_keeps_an_earlier_cell_over_a_later_constant() {
+        let m = Mapping::parse("[constants]\nsource = \"crm\"\ncity = \"Paris\"\n").unwrap();
+        let headers = ["email", "source", "city"].map(String::from);
+        let plan = ColumnPlan::new(Entity::Contacts, &headers, &m);
+        let mut v = Validator::new(plan, Rules::default());
+        let row = |v: &mut Validator, line, cells: &[&str]| match v.check(&rec(line, cells)) {
+            Ok(Row::Contact(c)) => c,
+            other => panic!("{other:?}"),
+        };
+        let mut first = row(&mut v, 2, &["a@x.io", "web", ""]);
+        first.merge(row(&mut v, 3, &["a@x.io", "", "Rome"]));
+        assert_eq!(
+            first.fields["source"], "web",
+            "a constant does not replace a cell"
+        );
+        assert_eq!(
+            first.fields["city"], "Rome",
+            "a later cell replaces a constant"
+        );
+    }
+
+    #[test]
+    fn in_file_duplicates_linking_two_people_are_ambiguous() {
+        let rows: &[(u64, &[&str])] = &[
+            (2, &["", "a@x.io", "", "", "", ""]),
+            (3, &["", "b@x.io", "+15550109999", "", "", ""]),
+            (4, &["", "A@x.io", "+15550109999", "", "", ""]),
+            (5, &["id1", "c@x.io", "", "", "", ""]),
+            (6, &["id2", "c@x.io", "", "", "", ""]),
+            (7, &["id1", "", "", "Cy", "", ""]),
+        ];
+        for mode in [OnDuplicate::Update, OnDuplicate::Skip] {
+            let (places, repeats, _) = place_all(mode, rows);
+            let Place::Rejected(p) = &places[2] else {
+                panic!("{places:?}")
+            };
+            assert!(
+                p.message.contains("line 2") && p.message.contains("line 3"),
+                "{}",
+                p.message
+            );
+            let Place::Rejected(p) = &places[4] else {
+                panic!("{places:?}")
+            };
+            assert!(
+                p.message.contains("id id2") && p.message.contains("id1"),
+                "{}",
+                p.message
+            );
+            assert!(!repeats.written(4) && !repeats.written(6));
+            assert_ne!(places[5], Place::First, "same id as line 5");
+        }
+        let (places, _, _) = place_all(OnDuplicate::Skip, &rows[3..]);
+        assert_eq!(places[2], Place::Skipped { first: 5 });
     }
 
     #[test]
