@@ -98,8 +98,10 @@ impl ImportReport {
         }
     }
 
-    /// The report for people.
+    /// The report for people. Problems and reasons quote cells and server messages: they
+    /// are escaped ([`crate::term::escape`]) so neither can drive the terminal or forge a line.
     pub fn render(&self) -> String {
+        use crate::term::Escaped;
         let what = self.entity.map_or("rows", Entity::name);
         let mut s = String::new();
         if self.dry_run {
@@ -135,7 +137,7 @@ impl ImportReport {
         if !self.rejected_by_reason.is_empty() {
             s.push_str("  rejected by reason:\n");
             for (r, n) in &self.rejected_by_reason {
-                s.push_str(&format!("    {r}: {n}\n"));
+                s.push_str(&format!("    {}: {n}\n", Escaped(r)));
             }
         }
         if !self.skipped_columns.is_empty() {
@@ -154,8 +156,13 @@ impl ImportReport {
             s.push_str("  problems:\n");
             for p in &self.problems {
                 match &p.field {
-                    Some(f) => s.push_str(&format!("    line {}, {f}: {}\n", p.line, p.message)),
-                    None => s.push_str(&format!("    line {}: {}\n", p.line, p.message)),
+                    Some(f) => s.push_str(&format!(
+                        "    line {}, {}: {}\n",
+                        p.line,
+                        Escaped(f),
+                        Escaped(&p.message)
+                    )),
+                    None => s.push_str(&format!("    line {}: {}\n", p.line, Escaped(&p.message))),
                 }
             }
             if self.problems_truncated {
@@ -169,7 +176,7 @@ impl ImportReport {
             s.push_str(&format!("  journal: {}\n", j.display()));
         }
         if let Some(why) = &self.stopped {
-            s.push_str(&format!("  stopped early: {why}\n"));
+            s.push_str(&format!("  stopped early: {}\n", Escaped(why)));
         }
         s
     }
