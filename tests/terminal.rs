@@ -12,7 +12,8 @@ use axum::response::IntoResponse;
 const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 
 /// What a hostile server puts in every text field it controls.
-const HOSTILE: &str = "bad request\x1b]0;pwned\x07\x1b[2J\nerror: forged by the server\u{202e}gpj.exe\u{9b}31m";
+const HOSTILE: &str =
+    "bad request\x1b]0;pwned\x07\x1b[2J\nerror: forged by the server\u{202e}gpj.exe\u{9b}31m";
 
 /// A server answering every request 400 with [`HOSTILE`] as its message and trace id.
 async fn hostile_server() -> String {
@@ -89,7 +90,9 @@ async fn server_escape_sequences_in_an_error_never_reach_the_terminal_raw() {
     assert_printed_safely("stdout", &out.stdout);
     // What the server said is still there to read, escaped.
     assert!(
-        stderr.contains("bad request\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\nerror: forged by the server\\u{202e}"),
+        stderr.contains(
+            "bad request\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\nerror: forged by the server\\u{202e}"
+        ),
         "{stderr}"
     );
     // The final error line, and the debug log's field, both quote it.

@@ -225,7 +225,10 @@ async fn login(args: &LoginArgs, quiet: bool) -> anyhow::Result<()> {
 /// are escaped ([`crate::term::escape`]), like every server value this module prints.
 fn describe(e: &StoredToken) -> String {
     match e.user_type {
-        UserType::Location => format!("location {}", Escaped(e.location_id.as_deref().unwrap_or("?"))),
+        UserType::Location => format!(
+            "location {}",
+            Escaped(e.location_id.as_deref().unwrap_or("?"))
+        ),
         UserType::Company => format!(
             "agency (company) {}",
             Escaped(e.company_id.as_deref().unwrap_or("?"))

@@ -206,10 +206,7 @@ enum Outcome {
 /// `http://127.0.0.1:PORT/callback?code=THEIRS` during the login (a link, a page's image)
 /// would have their own grant saved as the user's (login CSRF), and the user's exports and
 /// imports would go to the attacker's location. It is compared in constant time.
-async fn callback(
-    State(redirects): State<Arc<Redirects>>,
-    RawQuery(query): RawQuery,
-) -> Response {
+async fn callback(State(redirects): State<Arc<Redirects>>, RawQuery(query): RawQuery) -> Response {
     let params: Vec<(String, String)> = query
         .as_deref()
         .unwrap_or("")
@@ -321,7 +318,9 @@ fn random_state() -> Result<String, AuthError> {
         .secure_random
         .fill(&mut bytes)
         .map_err(|_| {
-            AuthError::Login("the system's random number generator failed: no login state can be drawn".into())
+            AuthError::Login(
+                "the system's random number generator failed: no login state can be drawn".into(),
+            )
         })?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
@@ -361,7 +360,10 @@ mod tests {
         assert!(!url.contains("secret"));
         let (a, b) = (random_state().unwrap(), random_state().unwrap());
         assert_ne!(a, b);
-        assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert!(
+            a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
     }
 
     #[test]
@@ -383,7 +385,11 @@ mod tests {
         let browser = tokio::spawn(async move {
             let http = reqwest::Client::new();
             // A stray request first: ignored.
-            let r = http.get(format!("{base}/favicon.ico")).send().await.unwrap();
+            let r = http
+                .get(format!("{base}/favicon.ico"))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status().as_u16(), 404);
             let r = http
                 .get(format!(
