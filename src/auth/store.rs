@@ -420,13 +420,17 @@ pub fn warn_if_exposed(path: &Path, what: &str) {
         use std::os::unix::fs::PermissionsExt;
         if let Ok(meta) = std::fs::metadata(path) {
             let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
-                tracing::warn!(
-                    "{what} {} may be read by other users (mode {mode:04o}): anyone who can read it can use the secret; fix: chmod 600 {}",
-                    path.display(),
-                    path.display()
-                );
-            }
+            let open_to = match (mode & 0o044 != 0, mode & 0o022 != 0) {
+                (true, true) => "read and written",
+                (true, false) => "read",
+                (false, true) => "written",
+                (false, false) => return,
+            };
+            tracing::warn!(
+                "{what} {} may be {open_to} by other users (mode {mode:04o}): anyone who can read it can use the secret; fix: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
         }
     }
     #[cfg(not(unix))]
