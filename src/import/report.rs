@@ -176,7 +176,11 @@ impl ImportReport {
             s.push_str(&format!("  journal: {}\n", j.display()));
         }
         if let Some(why) = &self.stopped {
-            s.push_str(&format!("  stopped early: {}\n", Escaped(why)));
+            // An error of ours (its `hint:` line kept); server text in it is escaped already.
+            s.push_str(&format!(
+                "  stopped early: {}\n",
+                crate::term::escape_text(why)
+            ));
         }
         s
     }
