@@ -16,6 +16,7 @@
 //!   sources, agency-to-location tokens.
 //! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
 //! - [`cli`]: command-line arguments, progress and logging.
+//! - [`term`]: text from outside (server messages, ids) escaped before it reaches a terminal.
 
 pub mod api;
 pub mod auth;
@@ -31,4 +32,5 @@ pub mod ratelimit;
 pub mod schema;
 pub mod sim;
 pub mod sink;
+pub mod term;
 pub mod timefmt;

@@ -46,7 +46,10 @@ fn main() -> ExitCode {
             if is_broken_pipe(&err) {
                 return ExitCode::from(exit::OK);
             }
-            eprintln!("error: {err:#}");
+            // The last line between the server and the terminal: control characters in the
+            // chain are shown escaped; the chain's own newlines (`hint:` lines) stay.
+            let text = format!("{err:#}");
+            eprintln!("error: {}", contacts_etl::term::escape_text(&text));
             ExitCode::from(exit::code_for(&err))
         }
     }

@@ -641,3 +641,303 @@ async fn an_agency_pipeline_exports_every_installed_location_with_oauth() {
         &secrets,
     );
 }
+
+// Issue 11, item 14: the loopback redirect requires this login's `state` and is served
+// concurrently.
+
+/// Starts a login against the simulator; the caller plays the browser.
+async fn start_login(sim: &TestSim, store: &Path) -> PendingLogin {
+    let req = LoginRequest {
+        app: app(sim),
+        base_url: sim.base_url.clone(),
+        authorize_url: format!("{}/oauth/chooselocation", sim.base_url),
+        scopes: vec!["contacts.readonly".into()],
+        user_type: UserType::Location,
+        redirect_port: 0,
+        store: store.to_path_buf(),
+        timeout: Duration::from_secs(20),
+    };
+    PendingLogin::start(req).await.unwrap()
+}
+
+/// A redirect planted by someone else (a link, an image on a page): answered with an error
+/// page, which is returned.
+async fn planted_redirect(redirect_uri: &str, query: &str) -> String {
+    let r = reqwest::get(format!("{redirect_uri}?{query}"))
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400, "a planted redirect is refused");
+    r.text().await.unwrap()
+}
+
+#[tokio::test]
+async fn login_refuses_a_redirect_without_state_and_never_exchanges_its_code() {
+    let sim = TestSim::start(oauth_sim(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let pending = start_login(&sim, &store).await;
+    let (consent, redirect) = (
+        pending.consent_url().to_string(),
+        pending.redirect_uri().to_string(),
+    );
+    let login = tokio::spawn(pending.finish());
+
+    let page = planted_redirect(&redirect, "code=attackers-code").await;
+    assert!(page.contains("Login not accepted"), "{page}");
+    // The login goes on: the user's own redirect still completes it.
+    let page = play_browser(consent).await;
+    assert!(page.contains("Logged in"), "{page}");
+    let entry = login.await.unwrap().unwrap();
+    assert_eq!(entry.location_id.as_deref(), Some(LOCATIONS[0]));
+    assert_eq!(
+        token_calls(&sim),
+        1,
+        "only the user's own code is exchanged"
+    );
+}
+
+#[tokio::test]
+async fn login_refuses_a_redirect_with_another_state_then_accepts_its_own() {
+    let sim = TestSim::start(oauth_sim(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let pending = start_login(&sim, &store).await;
+    let (consent, redirect) = (
+        pending.consent_url().to_string(),
+        pending.redirect_uri().to_string(),
+    );
+    let login = tokio::spawn(pending.finish());
+
+    // As long as the real state, and shorter; and an error that would end the login.
+    for query in [
+        format!("code=attackers-code&state={}", "0".repeat(32)),
+        "code=attackers-code&state=x".to_string(),
+        "code=attackers-code&state=".to_string(),
+        "error=access_denied&state=x".to_string(),
+    ] {
+        let page = planted_redirect(&redirect, &query).await;
+        assert!(page.contains("another login attempt"), "{query}: {page}");
+    }
+    assert!(
+        !login.is_finished(),
+        "a planted redirect does not end the login"
+    );
+    play_browser(consent).await;
+    let entry = login.await.unwrap().unwrap();
+    assert_eq!(entry.location_id.as_deref(), Some(LOCATIONS[0]));
+    assert_eq!(
+        token_calls(&sim),
+        1,
+        "only the user's own code is exchanged"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_to_the_redirect_listener_do_not_delay_the_login() {
+    let sim = TestSim::start(oauth_sim(10)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tokens.json");
+    let pending = start_login(&sim, &store).await;
+    let consent = pending.consent_url().to_string();
+    let addr = pending
+        .redirect_uri()
+        .trim_start_matches("http://")
+        .trim_end_matches("/callback")
+        .to_string();
+    // Three connections that never send a request (a browser's preconnects), opened first:
+    // a listener serving one connection at a time waited 10 s on each before the redirect
+    // (longer than this login's 20 s timeout in all).
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+    }
+    let login = tokio::spawn(pending.finish());
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let consent = http.get(&consent).send().await.unwrap();
+    let redirect = consent.headers()["location"].to_str().unwrap().to_string();
+    // The idle connections are open and unanswered when the redirect is sent…
+    for s in &idle {
+        let mut buf = [0u8; 64];
+        let e = s
+            .try_read(&mut buf)
+            .expect_err("nothing was sent on an idle connection");
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+    }
+    // … and the redirect is answered anyway, and the login completes.
+    let page = http
+        .get(&redirect)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains("Logged in"), "{page}");
+    let entry = login.await.unwrap().unwrap();
+    assert_eq!(entry.location_id.as_deref(), Some(LOCATIONS[0]));
+    // Ending the login closes them without an answer.
+    for s in &idle {
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.try_read(&mut buf) {
+            assert_eq!(n, 0, "an idle connection got an answer");
+        }
+    }
+}
+
+// Issue 11, item 17: the token store's directory, a linked store, and a token file others
+// can read.
+
+#[cfg(unix)]
+#[test]
+fn token_store_in_a_world_writable_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    let path = shared.join("tokens.json");
+    // World-writable, and world-writable with the sticky bit (/tmp).
+    for mode in [0o777, 0o1777, 0o703] {
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        let store = TokenStore::new(&path);
+        let err = store.load().unwrap_err().to_string();
+        assert!(err.contains(&shared.display().to_string()), "{err}");
+        assert!(err.contains("may be written by any user"), "{err}");
+        assert!(err.contains(&format!("{mode:04o}")), "{err}");
+        assert!(err.contains("hint: "), "{err}");
+        assert!(store.put(entry_for("L1", "ref-1")).is_err());
+        assert!(!path.exists(), "nothing is written there");
+    }
+    // Group-writable (user-private groups) is accepted with a warning; private, silently.
+    for mode in [0o770, 0o755] {
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(mode)).unwrap();
+        TokenStore::new(&path)
+            .put(entry_for("L1", "ref-1"))
+            .unwrap();
+    }
+}
+
+#[cfg(unix)]
+fn entry_for(location: &str, refresh: &str) -> StoredToken {
+    StoredToken {
+        user_type: UserType::Location,
+        company_id: None,
+        location_id: Some(location.into()),
+        access_token: contacts_etl::auth::Secret::new(format!("acc-{refresh}")),
+        refresh_token: Some(contacts_etl::auth::Secret::new(refresh)),
+        expires_at: 1_900_000_000,
+        scope: None,
+        user_id: None,
+        updated_at: 0,
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinked_token_store_is_written_through_not_replaced_by_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("private");
+    let config = dir.path().join("config");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    let target = private.join("tokens.json");
+    TokenStore::new(&target)
+        .put(entry_for("L1", "ref-1"))
+        .unwrap();
+    // A relative link, as dotfile managers make them.
+    let link = config.join("tokens.json");
+    std::os::unix::fs::symlink("../private/tokens.json", &link).unwrap();
+
+    // A refresh saves a new refresh token through the link.
+    TokenStore::new(&link)
+        .put(entry_for("L1", "ref-2"))
+        .unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link stays a link"
+    );
+    let key = StoreKey::Location("L1".into());
+    let on_target = stored(&target, &key);
+    assert_eq!(on_target.refresh_token.unwrap().expose(), "ref-2");
+    assert_eq!(mode(&target), 0o600);
+    // No temporary file is left in either directory.
+    assert_eq!(std::fs::read_dir(&private).unwrap().count(), 1);
+    assert_eq!(std::fs::read_dir(&config).unwrap().count(), 1);
+
+    // A link made before the first login: the target is created.
+    let dangling = config.join("new.json");
+    std::os::unix::fs::symlink(private.join("new.json"), &dangling).unwrap();
+    TokenStore::new(&dangling)
+        .put(entry_for("L2", "ref-3"))
+        .unwrap();
+    assert!(std::fs::symlink_metadata(&dangling)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert!(private.join("new.json").is_file());
+}
+
+#[cfg(unix)]
+#[test]
+fn symlinked_token_store_into_a_world_writable_directory_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let link = dir.path().join("tokens.json");
+    std::os::unix::fs::symlink(open.join("tokens.json"), &link).unwrap();
+    let err = TokenStore::new(&link)
+        .put(entry_for("L1", "ref-1"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains(&open.display().to_string()), "{err}");
+}
+
+/// Runs `export` against the simulator with `--token-file` at `mode`; returns stderr and the
+/// token file.
+#[cfg(unix)]
+async fn export_with_token_file(dir: &Path, mode: u32) -> (String, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let sim = TestSim::start(common::fast_sim(3, 1)).await;
+    let token = dir.join("token");
+    std::fs::write(&token, "pit-test-token\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_contacts-etl"))
+        .args(["export", "--base-url", &sim.base_url, "--location"])
+        .arg(sim.location())
+        .arg("--token-file")
+        .arg(&token)
+        .arg("--out")
+        .arg(dir.join("out"))
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (stderr, token)
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn token_file_readable_by_others_is_warned_about_with_the_chmod_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stderr, token) = export_with_token_file(dir.path(), 0o644).await;
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("chmod 600 {}", token.display())),
+        "{stderr}"
+    );
+    assert!(stderr.contains("0644"), "{stderr}");
+    assert!(!stderr.contains("pit-test-token"), "{stderr}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (stderr, _) = export_with_token_file(dir.path(), 0o600).await;
+    assert!(!stderr.contains("chmod 600"), "{stderr}");
+}

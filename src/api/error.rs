@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use crate::term::Escaped;
+
 /// What a caller should do about a failed request.
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum ErrorKind {
@@ -26,14 +28,16 @@ pub struct RequestLabel(pub String);
 
 impl std::fmt::Display for RequestLabel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&crate::term::escape(&self.0))
     }
 }
 
-/// A failed API call. Every variant names the request; none carries the token.
+/// A failed API call. Every variant names the request; none carries the token. Text the
+/// server sent (messages, trace ids, ids) is shown escaped ([`crate::term::escape`]): a
+/// control character or newline in it can neither drive the terminal nor forge a line.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    #[error("{request}: {reason}{}", trace(.trace_id))]
+    #[error("{request}: {}{}", Escaped(.reason), trace(.trace_id))]
     Transient {
         request: RequestLabel,
         reason: String,
@@ -45,26 +49,26 @@ pub enum ApiError {
         status: Option<u16>,
         trace_id: Option<String>,
     },
-    #[error("{request}: HTTP 401 {message}{}\nhint: the token is invalid or expired; set a fresh one in HL_TOKEN or --token-file", trace(.trace_id))]
+    #[error("{request}: HTTP 401 {}{}\nhint: the token is invalid or expired; set a fresh one in HL_TOKEN or --token-file", Escaped(.message), trace(.trace_id))]
     Unauthorized {
         request: RequestLabel,
         message: String,
         trace_id: Option<String>,
     },
-    #[error("{request}: HTTP {status} {}{}", messages.join("; "), trace(.trace_id))]
+    #[error("{request}: HTTP {status} {}{}", Escaped(&messages.join("; ")), trace(.trace_id))]
     Fatal {
         request: RequestLabel,
         status: u16,
         messages: Vec<String>,
         trace_id: Option<String>,
     },
-    #[error("{request}: not found ({message}){}", trace(.trace_id))]
+    #[error("{request}: not found ({}){}", Escaped(.message), trace(.trace_id))]
     NotFound {
         request: RequestLabel,
         message: String,
         trace_id: Option<String>,
     },
-    #[error("{request}: duplicate of existing contact {contact_id} (matching {}){}", matching_field.as_deref().unwrap_or("?"), trace(.trace_id))]
+    #[error("{request}: duplicate of existing contact {} (matching {}){}", Escaped(.contact_id), Escaped(matching_field.as_deref().unwrap_or("?")), trace(.trace_id))]
     Duplicate {
         request: RequestLabel,
         contact_id: String,
@@ -82,7 +86,7 @@ pub enum ApiError {
 
 fn trace(id: &Option<String>) -> String {
     match id {
-        Some(t) => format!(" [traceId {t}]"),
+        Some(t) => format!(" [traceId {}]", Escaped(t)),
         None => String::new(),
     }
 }

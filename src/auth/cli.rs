@@ -13,6 +13,7 @@ use super::{
 use crate::api::DEFAULT_BASE_URL;
 use crate::cli::env::HL_BASE_URL;
 use crate::cli::exit::UsageError;
+use crate::term::Escaped;
 
 /// The Marketplace app's client id.
 pub const HL_CLIENT_ID: &str = "HL_CLIENT_ID";
@@ -176,6 +177,7 @@ pub fn into_anyhow(e: AuthError) -> anyhow::Error {
         AuthError::Api(api) => api.into(),
         AuthError::Config(_)
         | AuthError::StorePermissions { .. }
+        | AuthError::StoreUnsafe { .. }
         | AuthError::StoreCorrupt { .. }
         | AuthError::NotFound { .. } => UsageError(e.to_string()).into(),
         other => other.into(),
@@ -219,12 +221,17 @@ async fn login(args: &LoginArgs, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The grant's location or agency, for a terminal: the ids came from the server, so they
+/// are escaped ([`crate::term::escape`]), like every server value this module prints.
 fn describe(e: &StoredToken) -> String {
     match e.user_type {
-        UserType::Location => format!("location {}", e.location_id.as_deref().unwrap_or("?")),
+        UserType::Location => format!(
+            "location {}",
+            Escaped(e.location_id.as_deref().unwrap_or("?"))
+        ),
         UserType::Company => format!(
             "agency (company) {}",
-            e.company_id.as_deref().unwrap_or("?")
+            Escaped(e.company_id.as_deref().unwrap_or("?"))
         ),
     }
 }
@@ -255,7 +262,7 @@ fn status(path: &Path) -> anyhow::Result<()> {
             e.user_type.as_str(),
             expiry,
             crate::timefmt::format_iso_millis(e.expires_at.saturating_mul(1000)),
-            e.scope.as_deref().unwrap_or("?"),
+            Escaped(e.scope.as_deref().unwrap_or("?")),
         );
     }
     Ok(())
@@ -273,7 +280,11 @@ async fn locations(args: &LocationsArgs) -> anyhow::Result<()> {
         .await
         .map_err(into_anyhow)?;
     for l in &list {
-        println!("{}\t{}", l.id, l.name.as_deref().unwrap_or(""));
+        println!(
+            "{}\t{}",
+            Escaped(&l.id),
+            Escaped(l.name.as_deref().unwrap_or(""))
+        );
     }
     Ok(())
 }

@@ -3,26 +3,35 @@
 //!
 //! [`PendingLogin::start`] binds the listener first, so the redirect URI (with its port) is
 //! known when the consent URL is printed; [`PendingLogin::finish`] waits for the redirect.
-//! The URL carries a random `state`; a redirect that brings back a different one is
-//! answered 400 and ignored (HighLevel's consent screen is not documented to echo `state`,
-//! so a redirect without one is accepted).
+//! The URL carries a random `state` (128 bits from a CSPRNG). A redirect must bring it
+//! back: one without it, or with another, is answered with an error page and ignored, and
+//! its code is never exchanged (RFC 9700 §2.1). RFC 6749 §4.1.2 requires the consent screen
+//! to return `state` unchanged; HighLevel's documentation does not mention it, so if a real
+//! redirect ever came back without it, the login would time out with the page saying why
+//! rather than accept a code anyone could have planted.
 
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use axum::extract::{RawQuery, State};
+use axum::http::header::CACHE_CONTROL;
+use axum::http::StatusCode;
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 
 use super::oauth::{decode, encode, Endpoints, Grant, OAuthApp};
 use super::store::{StoredToken, TokenStore, UserType};
 use super::AuthError;
+use crate::term;
 
 /// HighLevel's consent screen ("choose location").
 pub const DEFAULT_AUTHORIZE_URL: &str = "https://marketplace.gohighlevel.com/oauth/chooselocation";
 /// The path of the redirect URI on the loopback listener.
 const CALLBACK_PATH: &str = "/callback";
-/// Longest request head the listener reads.
-const MAX_HEAD: usize = 16 * 1024;
 
 /// What a login asks for.
 #[derive(Clone, Debug)]
@@ -78,7 +87,7 @@ impl PendingLogin {
             .map_err(|e| AuthError::Login(format!("cannot read the listener's address: {e}")))?
             .port();
         let redirect_uri = format!("http://127.0.0.1:{port}{CALLBACK_PATH}");
-        let state = random_state();
+        let state = random_state()?;
         let sep = if authorize.query().is_some() {
             '&'
         } else {
@@ -112,27 +121,52 @@ impl PendingLogin {
 
     /// Waits for the redirect, exchanges the code and saves the grant; returns what was
     /// saved.
+    ///
+    /// The listener is served by axum, one task per connection: a connection that never
+    /// sends a request (a browser's speculative preconnect, a port scanner) cannot hold up
+    /// the real redirect. Only a redirect bringing back this login's `state` can end the
+    /// wait; anything else is answered with an error page and the wait goes on until the
+    /// timeout.
     pub async fn finish(self) -> Result<StoredToken, AuthError> {
         let deadline = tokio::time::Instant::now() + self.req.timeout;
-        let code = loop {
-            let accepted = tokio::time::timeout_at(deadline, self.listener.accept()).await;
-            let (stream, _) = match accepted {
-                Err(_) => {
-                    return Err(AuthError::Login(format!(
-                        "no redirect reached {} within {}s\nhint: open the consent URL in a browser on this machine; the app's redirect URI must be {}",
-                        self.redirect_uri,
-                        self.req.timeout.as_secs(),
-                        self.redirect_uri
-                    )))
-                }
-                Ok(Err(e)) => return Err(AuthError::Login(format!("accepting the redirect failed: {e}"))),
-                Ok(Ok(s)) => s,
-            };
-            match self.serve(stream).await {
-                Callback::Code(c) => break c,
-                Callback::Refused(msg) => return Err(AuthError::Login(msg)),
-                Callback::Ignored => continue,
+        let (outcome_tx, outcome_rx) = oneshot::channel();
+        let redirects = Arc::new(Redirects {
+            state: self.state.clone(),
+            outcome: Mutex::new(Some(outcome_tx)),
+        });
+        let app = Router::new()
+            .route(CALLBACK_PATH, get(callback))
+            .fallback(not_found)
+            .with_state(redirects);
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        // Detached: once told to stop it closes the listener at once, and each open
+        // connection ends when hyper has closed it; the login does not wait for them.
+        let server = axum::serve(self.listener, app).with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        });
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::debug!(error = %e, "the redirect listener stopped");
             }
+        });
+        let outcome = tokio::time::timeout_at(deadline, outcome_rx).await;
+        let _ = stop_tx.send(());
+        let code = match outcome {
+            Err(_) => {
+                return Err(AuthError::Login(format!(
+                    "no redirect reached {} within {}s\nhint: open the consent URL in a browser on this machine; the app's redirect URI must be {}",
+                    self.redirect_uri,
+                    self.req.timeout.as_secs(),
+                    self.redirect_uri
+                )))
+            }
+            Ok(Err(_)) => {
+                return Err(AuthError::Login(
+                    "the redirect listener stopped before a redirect arrived".into(),
+                ))
+            }
+            Ok(Ok(Outcome::Refused(msg))) => return Err(AuthError::Login(msg)),
+            Ok(Ok(Outcome::Code(c))) => c,
         };
         let reply = self
             .endpoints
@@ -150,137 +184,145 @@ impl PendingLogin {
         TokenStore::new(&self.req.store).put(entry.clone())?;
         Ok(entry)
     }
-
-    /// Answers one connection to the listener.
-    async fn serve(&self, mut stream: TcpStream) -> Callback {
-        let target =
-            match tokio::time::timeout(Duration::from_secs(10), read_target(&mut stream)).await {
-                Ok(Some(t)) => t,
-                _ => return Callback::Ignored,
-            };
-        let (path, query) = target.split_once('?').unwrap_or((target.as_str(), ""));
-        if path != CALLBACK_PATH {
-            reply(
-                &mut stream,
-                "404 Not Found",
-                "Not found",
-                "This listener only receives the OAuth redirect.",
-            )
-            .await;
-            return Callback::Ignored;
-        }
-        let params: Vec<(String, String)> = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (decode(k), decode(v))
-            })
-            .collect();
-        let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
-        if let Some(state) = get("state") {
-            if state != self.state {
-                tracing::warn!("ignored a redirect carrying another login's state");
-                reply(
-                    &mut stream,
-                    "400 Bad Request",
-                    "Login not accepted",
-                    "This redirect belongs to another login attempt.",
-                )
-                .await;
-                return Callback::Ignored;
-            }
-        }
-        if let Some(error) = get("error") {
-            let detail = get("error_description").unwrap_or("");
-            reply(
-                &mut stream,
-                "400 Bad Request",
-                "Login refused",
-                "The authorization was refused. Return to the terminal.",
-            )
-            .await;
-            return Callback::Refused(
-                format!("the authorization was refused: {error} {detail}")
-                    .trim()
-                    .to_string(),
-            );
-        }
-        match get("code").filter(|c| !c.is_empty()) {
-            Some(code) => {
-                reply(&mut stream, "200 OK", "Logged in", "contacts-etl received the authorization. You can close this tab and return to the terminal.").await;
-                Callback::Code(code.to_string())
-            }
-            None => {
-                reply(
-                    &mut stream,
-                    "400 Bad Request",
-                    "No code",
-                    "The redirect carried no authorization code.",
-                )
-                .await;
-                Callback::Ignored
-            }
-        }
-    }
 }
 
-enum Callback {
+/// What the redirect handler shares with [`PendingLogin::finish`].
+struct Redirects {
+    /// The `state` of the consent URL this login printed.
+    state: String,
+    /// Taken by the first redirect that carries this login's state and ends the login.
+    outcome: Mutex<Option<oneshot::Sender<Outcome>>>,
+}
+
+/// How a redirect with this login's state ended it.
+enum Outcome {
     Code(String),
     Refused(String),
-    Ignored,
 }
 
-/// Reads a request head and returns its target (`/callback?code=…`), or `None` for
-/// anything that is not an HTTP GET.
-async fn read_target(stream: &mut TcpStream) -> Option<String> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await.ok()?;
-        if n == 0 {
-            break;
+/// `GET /callback?code=…&state=…` (or `?error=…&error_description=…&state=…`).
+///
+/// `state` is required: without it anyone able to make the user's browser load
+/// `http://127.0.0.1:PORT/callback?code=THEIRS` during the login (a link, a page's image)
+/// would have their own grant saved as the user's (login CSRF), and the user's exports and
+/// imports would go to the attacker's location. It is compared in constant time.
+async fn callback(State(redirects): State<Arc<Redirects>>, RawQuery(query): RawQuery) -> Response {
+    let params: Vec<(String, String)> = query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (decode(k), decode(v))
+        })
+        .collect();
+    let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    match param("state") {
+        None => {
+            tracing::warn!("ignored a redirect without a state: it was not started by this login; still waiting for the redirect of the consent URL");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Login not accepted",
+                "This redirect carries no state, so it was not started by the login running in the terminal. It was ignored.",
+            );
         }
-        buf.extend_from_slice(chunk.get(..n)?);
-        if buf.len() > MAX_HEAD {
-            return None;
+        Some(state) if !same_secret(state.as_bytes(), redirects.state.as_bytes()) => {
+            tracing::warn!("ignored a redirect carrying another login's state; still waiting for the redirect of the consent URL");
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Login not accepted",
+                "This redirect belongs to another login attempt. It was ignored.",
+            );
         }
+        Some(_) => {}
     }
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.lines().next()?.split_whitespace();
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some(target)) => Some(target.to_string()),
-        _ => None,
+    // The guarded value is an Option, valid whatever a panicking holder left.
+    let mut slot = redirects
+        .outcome
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let Some(tx) = slot.take() else {
+        return page(
+            StatusCode::CONFLICT,
+            "Login already finished",
+            "This login has already received its redirect. Return to the terminal.",
+        );
+    };
+    if let Some(error) = param("error") {
+        let detail = param("error_description").unwrap_or("");
+        // The reason reaches the terminal: it is text from the redirect, so escaped.
+        let reason = format!(
+            "the authorization was refused: {} {}",
+            term::escape(error),
+            term::escape(detail)
+        );
+        let _ = tx.send(Outcome::Refused(reason.trim().to_string()));
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Login refused",
+            "The authorization was refused. Return to the terminal.",
+        );
+    }
+    match param("code").filter(|c| !c.is_empty()) {
+        Some(code) => {
+            let _ = tx.send(Outcome::Code(code.to_string()));
+            page(
+                StatusCode::OK,
+                "Logged in",
+                "contacts-etl received the authorization. You can close this tab and return to the terminal.",
+            )
+        }
+        None => {
+            *slot = Some(tx);
+            page(
+                StatusCode::BAD_REQUEST,
+                "No code",
+                "The redirect carried no authorization code.",
+            )
+        }
     }
 }
 
-async fn reply(stream: &mut TcpStream, status: &str, title: &str, text: &str) {
+async fn not_found() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        "This listener only receives the OAuth redirect.",
+    )
+}
+
+/// A small HTML page. Only our own text goes into it, never a query value.
+fn page(status: StatusCode, title: &str, text: &str) -> Response {
     let body = format!(
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{title}</title></head><body><h1>{title}</h1><p>{text}</p></body></html>"
     );
-    let resp = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    // The browser going away early changes nothing for the login.
-    let _ = stream.write_all(resp.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    (status, [(CACHE_CONTROL, "no-store")], Html(body)).into_response()
 }
 
-/// 128 random bits as hex, from std's randomly keyed SipHash (no RNG dependency needed).
-fn random_state() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    (0..2u64)
-        .map(|i| {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(i);
-            h.write_u128(nanos);
-            format!("{:016x}", h.finish())
-        })
-        .collect()
+/// Byte strings compared in time that depends on their length only, so the answer time
+/// does not tell a guesser how much of the state it got right.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// 128 bits from a CSPRNG, as hex: the system's generator through ring (`SystemRandom`,
+/// getrandom underneath), as the TLS stack already links it, so no RNG crate is added.
+fn random_state() -> Result<String, AuthError> {
+    let mut bytes = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut bytes)
+        .map_err(|_| {
+            AuthError::Login(
+                "the system's random number generator failed: no login state can be drawn".into(),
+            )
+        })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]
@@ -309,13 +351,27 @@ mod tests {
         let url = p.consent_url();
         assert!(url.starts_with("https://marketplace.gohighlevel.com/oauth/chooselocation?response_type=code&redirect_uri=http%3A%2F%2F127.0.0.1%3A"), "{url}");
         assert!(
-            url.contains(
-                "%2Fcallback&client_id=app1-x&scope=contacts.readonly%20contacts.write&state="
-            ),
+            url.contains(&format!(
+                "%2Fcallback&client_id=app1-x&scope=contacts.readonly%20contacts.write&state={}",
+                p.state
+            )),
             "{url}"
         );
         assert!(!url.contains("secret"));
-        assert_ne!(random_state(), random_state());
+        let (a, b) = (random_state().unwrap(), random_state().unwrap());
+        assert_ne!(a, b);
+        assert!(
+            a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn states_compare_equal_only_when_every_byte_matches() {
+        assert!(same_secret(b"0123abcd", b"0123abcd"));
+        assert!(!same_secret(b"0123abcd", b"0123abce"));
+        assert!(!same_secret(b"0123abcd", b"0123abc"));
+        assert!(!same_secret(b"", b"x"));
     }
 
     #[tokio::test]
@@ -324,30 +380,32 @@ mod tests {
         let p = PendingLogin::start(request(dir.path().join("t.json")))
             .await
             .unwrap();
-        let addr = p
-            .redirect_uri()
-            .trim_start_matches("http://")
-            .trim_end_matches(CALLBACK_PATH)
-            .to_string();
+        let base = p.redirect_uri().trim_end_matches(CALLBACK_PATH).to_string();
+        let state = p.state.clone();
         let browser = tokio::spawn(async move {
-            let mut s = TcpStream::connect(&addr).await.unwrap();
+            let http = reqwest::Client::new();
             // A stray request first: ignored.
-            s.write_all(b"GET /favicon.ico HTTP/1.1\r\nHost: x\r\n\r\n")
+            let r = http
+                .get(format!("{base}/favicon.ico"))
+                .send()
                 .await
                 .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            assert!(out.starts_with("HTTP/1.1 404"));
-            let mut s = TcpStream::connect(&addr).await.unwrap();
-            s.write_all(b"GET /callback?error=access_denied HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert_eq!(r.status().as_u16(), 404);
+            let r = http
+                .get(format!(
+                    "{base}{CALLBACK_PATH}?error=access_denied&error_description=no%1B%5B2J%0Aerror%3A+forged&state={state}"
+                ))
+                .send()
                 .await
                 .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
+            assert_eq!(r.status().as_u16(), 400);
+            r.text().await.unwrap()
         });
         let err = p.finish().await.unwrap_err().to_string();
         assert!(err.contains("access_denied"), "{err}");
+        // The description is the redirect's text: escaped, on the error's own line.
+        assert!(err.contains("no\\u{1b}[2J\\nerror: forged"), "{err}");
+        assert!(!err.contains('\x1b') && !err.contains('\n'), "{err}");
         assert!(browser.await.unwrap().contains("Login refused"));
     }
 }

@@ -40,7 +40,7 @@ pub use source::{
     token_source_from_store, LocationTokenSource, OAuthProvider, OAuthSettings, OAuthTokenSource,
     DEFAULT_REFRESH_MARGIN,
 };
-pub use store::{Secret, StoreKey, StoredToken, TokenStore, UserType};
+pub use store::{warn_if_exposed, Secret, StoreKey, StoredToken, TokenStore, UserType};
 
 use crate::api::ApiError;
 
@@ -55,6 +55,13 @@ pub enum AuthError {
     },
     #[error("token store {} may be read or changed by other users (mode {mode:04o}); it holds refresh tokens, so it is not used\nhint: chmod 600 {}", path.display(), path.display())]
     StorePermissions { path: PathBuf, mode: u32 },
+    /// Where the store lies (a directory others may write) would let someone else replace it.
+    #[error("token store {}: {reason}\nhint: {hint}", path.display())]
+    StoreUnsafe {
+        path: PathBuf,
+        reason: String,
+        hint: String,
+    },
     #[error("token store {} is damaged: {message}\nhint: move it away and run `contacts-etl auth login` again", path.display())]
     StoreCorrupt { path: PathBuf, message: String },
     #[error("token store {} holds no OAuth grant for {what}\nhint: run `contacts-etl auth login --token-store {}` (with --user-type Company for an agency)", path.display(), path.display())]

@@ -42,9 +42,15 @@ impl OAuthApp {
             return Err(AuthError::Config("the OAuth client id is empty".into()));
         }
         let secret = match secret_file {
-            Some(path) => std::fs::read_to_string(path).map_err(|e| {
-                AuthError::Config(format!("cannot read the client secret file {}: {e}", path.display()))
-            })?,
+            Some(path) => {
+                super::store::warn_if_exposed(path, "client secret file");
+                std::fs::read_to_string(path).map_err(|e| {
+                    AuthError::Config(format!(
+                        "cannot read the client secret file {}: {e}",
+                        path.display()
+                    ))
+                })?
+            }
             None => std::env::var(secret_var).map_err(|_| {
                 AuthError::Config(format!(
                     "no OAuth client secret: set the environment variable {secret_var} or pass --client-secret-file FILE"

@@ -175,7 +175,9 @@ fn bearer(token: &Secret) -> HeaderValue {
 fn store_failure(label: &str, e: AuthError) -> ApiError {
     ApiError::Transient {
         request: RequestLabel(label.into()),
-        reason: format!("{e}"),
+        // One line: the reason is shown escaped (it usually quotes the server), so the
+        // store error's own `hint:` line is joined rather than turned into `\n`.
+        reason: e.to_string().replace('\n', "; "),
         retry_after: None,
         maybe_applied: false,
         status: None,

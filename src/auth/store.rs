@@ -8,6 +8,23 @@
 //! returns a new refresh token and invalidates the previous one: losing the newest means
 //! logging in again.
 //!
+//! A store in a directory any user may write (world-writable) is refused too (unix), with or
+//! without the sticky bit: without it anyone can replace the store with one holding their
+//! own grant (the user's runs then export from, or import into, their location); with it
+//! (`/tmp`) they can still take the store's name before the first login, and such
+//! directories are emptied on reboot anyway. ssh refuses group-writable directories as
+//! well; here a group-writable one is only warned about, because with user-private groups
+//! (umask 002) every directory is group-writable and the group holds the user alone.
+//!
+//! A store that is a symbolic link (a dotfiles setup linking `~/.config/contacts-etl/tokens.json`
+//! into a private directory) is written through: the link is resolved and the target
+//! replaced atomically in the target's own directory, whose permissions are checked too.
+//! Replacing the link by a regular file, as renaming over the link's path did, left the
+//! target holding a refresh token that refresh had spent: whatever still read the target
+//! (the dotfiles checkout, another tool pointed at it) was refused with `invalid_grant`. Refusing links would
+//! break such setups for no gain: whoever can plant a link in the store's directory can
+//! replace the store anyway, and that directory must not be writable by others.
+//!
 //! Writers in one process are serialised; the read-modify-write of another process running
 //! at the same moment could lose the other's update (std has no portable file lock at the
 //! crate's minimum Rust version). Token sources therefore re-read the store before and after
@@ -17,7 +34,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -147,6 +164,8 @@ enum StoreFile {
 
 /// Serialises read-modify-write cycles of every store within this process.
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
+/// A group-writable store directory is reported once per process, not on every read.
+static GROUP_WRITABLE_WARNED: AtomicBool = AtomicBool::new(false);
 /// Makes temporary file names unique within this process.
 static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
@@ -185,9 +204,21 @@ impl TokenStore {
         }
     }
 
-    /// Every entry; an absent file is an empty store. Refuses a file others may read.
+    /// The file the store's path names: the path itself, or the end of its chain of
+    /// symbolic links (which need not exist yet).
+    fn target(&self) -> Result<PathBuf, AuthError> {
+        resolve_links(&self.path).map_err(|e| self.io(e))
+    }
+
+    /// Every entry; an absent file is an empty store. Refuses a file others may read, or a
+    /// store in a directory others may write.
     pub fn load(&self) -> Result<BTreeMap<String, StoredToken>, AuthError> {
-        let mut file = match File::open(&self.path) {
+        let target = self.target()?;
+        check_directory(&self.path, &self.path)?;
+        if target != self.path {
+            check_directory(&self.path, &target)?;
+        }
+        let mut file = match File::open(&target) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
             Err(e) => return Err(self.io(e)),
@@ -243,16 +274,18 @@ impl TokenStore {
         self.write_atomically(&bytes)
     }
 
+    /// Replaces the store's target (see [`TokenStore::target`]) by a temporary file in the
+    /// target's directory, so a linked store stays a link.
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), AuthError> {
-        let dir = match self.path.parent() {
+        let target = self.target()?;
+        let dir = match target.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => PathBuf::from("."),
         };
         if !dir.exists() {
             create_private_dir(&dir).map_err(|e| self.io(e))?;
         }
-        let name = self
-            .path
+        let name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tokens.json".into());
@@ -267,7 +300,7 @@ impl TokenStore {
             f.write_all(b"\n")?;
             f.sync_all()?;
             drop(f);
-            std::fs::rename(&tmp, &self.path)?;
+            std::fs::rename(&tmp, &target)?;
             // Makes the rename itself durable; some filesystems cannot sync a directory.
             if let Ok(d) = File::open(&dir) {
                 let _ = d.sync_all();
@@ -302,6 +335,106 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
         b.mode(0o700);
     }
     b.create(dir)
+}
+
+/// Follows `path`'s symbolic links to the file they name; a dangling link resolves to the
+/// path it points at (created on the first write). A relative link is read from the link's
+/// directory, as the kernel reads it.
+fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    // Linux's own limit on the links of one lookup.
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            Ok(_) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(p),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("too many levels of symbolic links"))
+}
+
+/// Refuses a store whose `file` (the store's path or its link target) lies in a
+/// world-writable directory; warns once about a group-writable one. A directory that does
+/// not exist yet is created 0700 later.
+#[cfg(unix)]
+fn check_directory(store: &Path, file: &Path) -> Result<(), AuthError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(AuthError::StoreIo {
+                path: dir.to_path_buf(),
+                source: e,
+            })
+        }
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o002 == 0 {
+        if mode & 0o020 != 0 && !GROUP_WRITABLE_WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the directory {} of token store {} may be written by its group (mode {mode:04o}); fine if only you are in that group, else: chmod g-w {}",
+                dir.display(),
+                store.display(),
+                dir.display()
+            );
+        }
+        return Ok(());
+    }
+    Err(AuthError::StoreUnsafe {
+        path: store.to_path_buf(),
+        reason: format!(
+            "the directory {} may be written by any user (mode {mode:04o}), who could replace the store with their own grant or take its name; it holds refresh tokens, so it is not used",
+            dir.display()
+        ),
+        hint: format!(
+            "keep the store in a private directory with --token-store (the default ~/.config/contacts-etl is created 0700), or chmod o-w {}",
+            dir.display()
+        ),
+    })
+}
+
+#[cfg(not(unix))]
+fn check_directory(_store: &Path, _file: &Path) -> Result<(), AuthError> {
+    Ok(())
+}
+
+/// Warns, as ssh does for a private key, when a file holding a secret (`--token-file`, the
+/// client secret file) may be read or written by other users: they could use the secret.
+/// A warning, not a refusal: the file is the user's choice, and a token file is often
+/// written by a secret manager whose mode the user does not control.
+pub fn warn_if_exposed(path: &Path, what: &str) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode() & 0o777;
+            let open_to = match (mode & 0o044 != 0, mode & 0o022 != 0) {
+                (true, true) => "read and written",
+                (true, false) => "read",
+                (false, true) => "written",
+                (false, false) => return,
+            };
+            tracing::warn!(
+                "{what} {} may be {open_to} by other users (mode {mode:04o}): anyone who can read it can use the secret; fix: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (path, what);
 }
 
 #[cfg(unix)]

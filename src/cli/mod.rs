@@ -389,7 +389,10 @@ pub fn init_logging(cli: &Cli) {
         .with_target(false);
     match cli.log_format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .fmt_fields(crate::term::log_fields())
+            .init(),
     }
 }
 
@@ -398,6 +401,7 @@ pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
     let usage = |m: String| anyhow::Error::from(exit::UsageError(m));
     match file {
         Some(path) => {
+            crate::auth::warn_if_exposed(path, "token file");
             let raw = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the token file {}: {e}", path.display())))?;
             Token::new(&raw).map_err(|e| usage(format!("token file {}: {e}", path.display())))
         }

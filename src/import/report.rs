@@ -150,8 +150,10 @@ impl ImportReport {
         }
     }
 
-    /// The report for people.
+    /// The report for people. Problems and reasons quote cells and server messages: they
+    /// are escaped ([`crate::term::escape`]) so neither can drive the terminal or forge a line.
     pub fn render(&self) -> String {
+        use crate::term::Escaped;
         let what = self.entity.map_or("rows", Entity::name);
         let mut s = String::new();
         if self.dry_run {
@@ -224,7 +226,7 @@ impl ImportReport {
         if !self.rejected_by_reason.is_empty() {
             s.push_str("  rejected by reason:\n");
             for (r, n) in &self.rejected_by_reason {
-                s.push_str(&format!("    {r}: {n}\n"));
+                s.push_str(&format!("    {}: {n}\n", Escaped(r)));
             }
         }
         if !self.skipped_columns.is_empty() {
@@ -243,8 +245,13 @@ impl ImportReport {
             s.push_str("  problems:\n");
             for p in &self.problems {
                 match &p.field {
-                    Some(f) => s.push_str(&format!("    line {}, {f}: {}\n", p.line, p.message)),
-                    None => s.push_str(&format!("    line {}: {}\n", p.line, p.message)),
+                    Some(f) => s.push_str(&format!(
+                        "    line {}, {}: {}\n",
+                        p.line,
+                        Escaped(f),
+                        Escaped(&p.message)
+                    )),
+                    None => s.push_str(&format!("    line {}: {}\n", p.line, Escaped(&p.message))),
                 }
             }
             if self.problems_truncated {
@@ -258,7 +265,11 @@ impl ImportReport {
             s.push_str(&format!("  journal: {}\n", j.display()));
         }
         if let Some(why) = &self.stopped {
-            s.push_str(&format!("  stopped early: {why}\n"));
+            // An error of ours (its `hint:` line kept); server text in it is escaped already.
+            s.push_str(&format!(
+                "  stopped early: {}\n",
+                crate::term::escape_text(why)
+            ));
         }
         if let Some(why) = &self.refused {
             s.push_str(&format!("  a real run would refuse this file: {why}\n"));
