@@ -270,6 +270,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         ImportCommand::Contacts(c) => {
+            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
             let source = source_options(&c.source, c.conn.concurrency)?;
             let client = if source.dry_run == Some(DryRun::Offline) {
                 offline_client()?
@@ -292,6 +293,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             } else {
                 Entity::Notes
             };
+            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
             let source = source_options(&c.source, c.conn.concurrency)?;
             let client = if source.dry_run.is_some() {
                 offline_client()?

@@ -64,6 +64,11 @@ pub struct Pipeline {
     pub max_concurrency: usize,
     pub parallel_locations: usize,
     pub timeout: Duration,
+    /// HTTP limits of every client (see `ConnArgs`: --max-retry-wait, --request-deadline,
+    /// --max-response-bytes).
+    pub max_retry_wait: Duration,
+    pub request_deadline: Duration,
+    pub max_response_bytes: u64,
     pub locations: Vec<LocationTarget>,
     pub oauth: Option<OAuthConf>,
     pub job: Job,
@@ -182,6 +187,27 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
         positive(src, &api.parallel_locations, "parallel_locations", 8, 1024)? as usize;
     let timeout =
         Duration::from_secs(positive(src, &api.timeout_secs, "timeout_secs", 60, 3600)? as u64);
+    let max_retry_wait = Duration::from_secs(positive(
+        src,
+        &api.max_retry_wait_secs,
+        "max_retry_wait_secs",
+        300,
+        86_400,
+    )? as u64);
+    let request_deadline = Duration::from_secs(positive(
+        src,
+        &api.request_deadline_secs,
+        "request_deadline_secs",
+        900,
+        604_800,
+    )? as u64);
+    let max_response_bytes = positive(
+        src,
+        &api.max_response_bytes,
+        "max_response_bytes",
+        crate::api::DEFAULT_MAX_RESPONSE_BYTES as i64,
+        1 << 40,
+    )? as u64;
 
     if let Some(t) = &f.auth.token {
         return Err(src.at(t, "token", "a token must not be written in a pipeline file: name an environment variable (token_env) or a file (token_file)"));
@@ -233,16 +259,8 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
     let mut locations = Vec::new();
     for l in &f.locations {
         let id = l.id.get_ref().trim().to_owned();
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            return Err(src.at(
-                &l.id,
-                "id",
-                format!("'{}' is not a location id", l.id.get_ref()),
-            ));
+        if let Err(e) = crate::api::check_id(&id) {
+            return Err(src.at(&l.id, "id", format!("not a location id: {e}")));
         }
         if locations.iter().any(|x: &LocationTarget| x.id == id) {
             return Err(src.at(&l.id, "id", format!("location {id} is listed twice")));
@@ -309,6 +327,9 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
         max_concurrency,
         parallel_locations,
         timeout,
+        max_retry_wait,
+        request_deadline,
+        max_response_bytes,
         locations,
         oauth,
         job,
@@ -360,7 +381,15 @@ fn check_export(src: &Source<'_>, e: &config::ExportSection) -> Result<ExportJob
         out: resolve(src, e.out.get_ref()),
         format,
         include,
-        businesses: e.businesses.clone(),
+        businesses: e
+            .businesses
+            .iter()
+            .map(|b| {
+                crate::api::check_id(b.get_ref())
+                    .map(|()| b.get_ref().clone())
+                    .map_err(|m| src.at(b, "businesses", format!("not a business id: {m}")))
+            })
+            .collect::<Result<_, _>>()?,
         incremental: e.incremental,
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
@@ -644,6 +673,9 @@ async fn run_location(
     cfg.rate_limit = p.rate_limit;
     cfg.concurrency = p.concurrency;
     cfg.timeout = p.timeout;
+    cfg.retry.max_wait = p.max_retry_wait;
+    cfg.retry.deadline = p.request_deadline;
+    cfg.max_response_bytes = p.max_response_bytes;
     cfg.global_permits = Some(global);
     let client = match Client::new(cfg) {
         Ok(c) => Arc::new(c),
