@@ -142,9 +142,15 @@ async fn business_listing_cycling_through_pages_already_read_never_ends() {
     let Err(ExtractError::PageLoop { request, reason }) = &result else {
         panic!("a loop error: {result:?}");
     };
-    assert!(request.starts_with("GET /contacts/business/B1?"), "{request}");
+    assert!(
+        request.starts_with("GET /contacts/business/B1?"),
+        "{request}"
+    );
     assert!(reason.contains("no contact not already read"), "{reason}");
-    assert_eq!(hits.load(Ordering::SeqCst), 2 + extract::STALE_PAGES as usize);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2 + extract::STALE_PAGES as usize
+    );
 }
 
 #[tokio::test]
@@ -156,7 +162,8 @@ async fn business_listing_far_beyond_its_announced_count_never_ends() {
             get(|State(hits): State<Arc<AtomicUsize>>| async move {
                 // New ids on every page, and a count that keeps one page ahead.
                 let n = hits.fetch_add(1, Ordering::SeqCst);
-                let contacts: Vec<Value> = (0..100).map(|i| contact(&format!("p{n}c{i}"))).collect();
+                let contacts: Vec<Value> =
+                    (0..100).map(|i| contact(&format!("p{n}c{i}"))).collect();
                 Json(json!({ "contacts": contacts, "count": 100 * (n + 2) }))
             }),
         )
@@ -338,7 +345,10 @@ async fn a_400_mb_reply_with_content_length_was_read_whole_into_memory() {
     assert!(err.contains("GET /contacts/?locationId=L1"), "{err}");
     assert!(err.contains("1048576-byte cap"), "{err}");
     assert!(err.contains("Content-Length"), "{err}");
-    assert!(err.contains("--max-response-bytes"), "says how to raise it: {err}");
+    assert!(
+        err.contains("--max-response-bytes"),
+        "says how to raise it: {err}"
+    );
     assert_eq!(hits.load(Ordering::SeqCst), 1, "not retried");
 }
 
@@ -381,7 +391,12 @@ async fn a_reply_under_a_raised_cap_is_accepted() {
     ))
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let o = export(&base, dir.path(), &["--max-response-bytes", "8M", "--format", "csv"]).await;
+    let o = export(
+        &base,
+        dir.path(),
+        &["--max-response-bytes", "8M", "--format", "csv"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
@@ -404,26 +419,54 @@ async fn a_100_kb_business_id_was_retried_8_times_and_exited_5() {
     let o = export(&base, dir.path(), &["--business", &long]).await;
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{}", &err[..err.len().min(2000)]);
-    assert!(err.contains("--business") && err.contains("100000 bytes long"), "{err}");
-    assert!(err.len() < 2000, "the id is not echoed whole: {} bytes", err.len());
+    assert!(
+        err.contains("--business") && err.contains("100000 bytes long"),
+        "{err}"
+    );
+    assert!(
+        err.len() < 2000,
+        "the id is not echoed whole: {} bytes",
+        err.len()
+    );
 
-    let o = export(&base, dir.path(), &["--business", "B1", "--business", "a/../b"]).await;
+    let o = export(
+        &base,
+        dir.path(),
+        &["--business", "B1", "--business", "a/../b"],
+    )
+    .await;
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("--business") && err.contains("'/'"), "{err}");
 
     let o = run(&[
-        "export", "--base-url", &base, "--location", "L 1", "--out", dir.path().to_str().unwrap(),
+        "export",
+        "--base-url",
+        &base,
+        "--location",
+        "L 1",
+        "--out",
+        dir.path().to_str().unwrap(),
     ])
     .await;
     let err = stderr(&o);
     assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains("--location") && err.contains("a space"), "{err}");
+    assert!(
+        err.contains("--location") && err.contains("a space"),
+        "{err}"
+    );
 
     let csv = dir.path().join("in.csv");
     std::fs::write(&csv, "email\na@example.com\n").unwrap();
     let o = run(&[
-        "import", "contacts", "--base-url", &base, "--location", &long, "--input", csv.to_str().unwrap(),
+        "import",
+        "contacts",
+        "--base-url",
+        &base,
+        "--location",
+        &long,
+        "--input",
+        csv.to_str().unwrap(),
     ])
     .await;
     let err = stderr(&o);
@@ -468,7 +511,11 @@ async fn a_request_that_cannot_be_built_was_retried_as_transient() {
     assert_eq!(err.kind(), ErrorKind::Fatal, "{err}");
     let msg = err.to_string();
     assert!(msg.contains("cannot be built"), "{msg}");
-    assert!(msg.len() < 2000, "the label is shortened: {} bytes", msg.len());
+    assert!(
+        msg.len() < 2000,
+        "the label is shortened: {} bytes",
+        msg.len()
+    );
     assert_eq!(client.stats().snapshot().attempts, 1, "tried once");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }

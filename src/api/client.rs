@@ -710,7 +710,12 @@ impl Client {
         let cap = self.max_response_bytes;
         let announced = resp.content_length();
         if let Some(len) = announced.filter(|&len| len > cap) {
-            return Err(too_large(label, status, cap, format!("announces {len} bytes (Content-Length)")));
+            return Err(too_large(
+                label,
+                status,
+                cap,
+                format!("announces {len} bytes (Content-Length)"),
+            ));
         }
         // Reserve what was announced (already under the cap), not more.
         let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
@@ -906,11 +911,7 @@ impl Client {
 }
 
 /// A 3xx: never followed (see the module doc).
-fn redirected(
-    label: &RequestLabel,
-    status: u16,
-    headers: &reqwest::header::HeaderMap,
-) -> ApiError {
+fn redirected(label: &RequestLabel, status: u16, headers: &reqwest::header::HeaderMap) -> ApiError {
     let location = headers
         .get(reqwest::header::LOCATION)
         .map(|v| super::error::printable(&String::from_utf8_lossy(v.as_bytes()), 200));
@@ -1080,7 +1081,10 @@ mod tests {
             None,
             "a date in the past leaves the pause to the caller"
         );
-        assert_eq!(parse_retry_after("999999", now), Some(D::from_secs(999_999)));
+        assert_eq!(
+            parse_retry_after("999999", now),
+            Some(D::from_secs(999_999))
+        );
         assert_eq!(
             parse_retry_after("1e300", now),
             Some(D::from_secs(100 * 366 * 86_400))

@@ -153,7 +153,11 @@ impl RetryPolicy {
             }
             tokio::time::sleep(delay).await;
             if loud {
-                tracing::info!("{}: wait over, sending attempt {}", err.request(), total + 1);
+                tracing::info!(
+                    "{}: wait over, sending attempt {}",
+                    err.request(),
+                    total + 1
+                );
             }
         }
     }
@@ -346,8 +350,16 @@ mod tests {
             )
             .await
             .unwrap_err();
-        assert!(start.elapsed() <= Duration::from_secs(900), "{:?}", start.elapsed());
-        assert_eq!(calls.get(), 3, "attempts at 0, 5 and 10 minutes; a 4th would pass 15");
+        assert!(
+            start.elapsed() <= Duration::from_secs(900),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            calls.get(),
+            3,
+            "attempts at 0, 5 and 10 minutes; a 4th would pass 15"
+        );
         assert_eq!(err.kind(), ErrorKind::Retry, "exit 5: try again later");
         let ApiError::GaveUp {
             out_of_time: true,

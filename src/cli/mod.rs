@@ -261,13 +261,19 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "K" | "KB" | "KIB" => 10,
         "M" | "MB" | "MIB" => 20,
         "G" | "GB" | "GIB" => 30,
-        _ => return Err(format!("'{s}' is not a size: use a number of bytes, or e.g. 64M or 1G")),
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size: use a number of bytes, or e.g. 64M or 1G"
+            ))
+        }
     };
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(1 << shift))
         .filter(|&n| n > 0)
-        .ok_or_else(|| format!("'{s}' is not a size: use a positive number of bytes, or e.g. 64M or 1G"))
+        .ok_or_else(|| {
+            format!("'{s}' is not a size: use a positive number of bytes, or e.g. 64M or 1G")
+        })
 }
 
 /// `--rate-limit`: a quota, or off.
@@ -432,8 +438,11 @@ impl ConnArgs {
 /// Checks ids given with `flag` before anything is sent (exit 2, naming the flag).
 pub fn check_ids(flag: &str, ids: &[String]) -> anyhow::Result<()> {
     for id in ids {
-        crate::api::check_id(id)
-            .map_err(|e| exit::UsageError(format!("{flag}: {e}\nhint: give the id as HighLevel shows it, e.g. ve9EPM428h8vShlRW1KT")))?;
+        crate::api::check_id(id).map_err(|e| {
+            exit::UsageError(format!(
+                "{flag}: {e}\nhint: give the id as HighLevel shows it, e.g. ve9EPM428h8vShlRW1KT"
+            ))
+        })?;
     }
     Ok(())
 }
