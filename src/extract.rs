@@ -9,7 +9,9 @@
 //!
 //! Every listing is guarded against a server that would keep it going forever, and each guard
 //! stops the run with an error naming the request (exit 4) rather than hanging:
-//! - the contacts listing: a cursor that does not move forward ([`ExtractError::CursorLoop`]);
+//! - the contacts listing: a cursor that does not move forward ([`ExtractError::CursorLoop`]),
+//!   or a page with the same ids as the one before under a new cursor
+//!   ([`ExtractError::PageLoop`]);
 //! - the business listing (offset paging, no cursor): a page with the same ids as the one
 //!   before, or [`STALE_PAGES`] pages in a row that bring no contact not already seen (the
 //!   offset moves, the listing does not) ([`ExtractError::PageLoop`]);
@@ -181,6 +183,8 @@ pub fn location_contacts(
             .iter()
             .filter_map(|c| ContactHead::of(c).id)
             .collect();
+        // Judged once the cursor is known: a cursor loop is reported as such.
+        let same_page = !this_ids.is_empty() && this_ids == st.prev_page_ids;
         if !st.prev_page_ids.is_empty() {
             contacts.retain(|c| {
                 ContactHead::of(c)
@@ -215,7 +219,18 @@ pub fn location_contacts(
                     })
                 }
             };
+            let request =
+                same_page.then(|| Client::list_contacts_label(&st.location, st.page_size, after).0);
             check_progress(&mut st, &cursor)?;
+            if let Some(request) = request {
+                return Err(ExtractError::PageLoop {
+                    request,
+                    reason: format!(
+                        "the server returned the same {} contacts as for the previous cursor",
+                        st.prev_page_ids.len()
+                    ),
+                });
+            }
             Some(cursor)
         };
         st.done = next.is_none();

@@ -180,6 +180,37 @@ async fn business_listing_far_beyond_its_announced_count_never_ends() {
     assert!(hits.load(Ordering::SeqCst) <= 15, "stopped promptly");
 }
 
+#[tokio::test]
+async fn contacts_listing_serving_one_page_under_ever_new_cursors_never_ends() {
+    let hits = counter();
+    let router = Router::new()
+        .route(
+            "/contacts/",
+            get(|State(hits): State<Arc<AtomicUsize>>| async move {
+                // The same contacts each time, under a cursor that moves (and no total).
+                let n = hits.fetch_add(1, Ordering::SeqCst) as i64;
+                let contacts: Vec<Value> = (0..10).map(|i| contact(&format!("c{i}"))).collect();
+                Json(json!({ "contacts": contacts, "meta": {
+                    "startAfter": 1_700_000_000_000i64 - n, "startAfterId": format!("c{n}"), "nextPage": 2 } }))
+            }),
+        )
+        .with_state(hits.clone());
+    let base = serve(router).await;
+    let result: Result<Vec<_>, _> =
+        extract::location_contacts(lib_client(base), "L1".into(), None, 10)
+            .try_collect()
+            .await;
+    let Err(ExtractError::PageLoop { request, reason }) = &result else {
+        panic!("a loop error: {result:?}");
+    };
+    assert!(
+        request.starts_with("GET /contacts/?locationId=L1&limit=10&startAfter="),
+        "{request}"
+    );
+    assert!(reason.contains("same 10 contacts"), "{reason}");
+    assert_eq!(hits.load(Ordering::SeqCst), 2);
+}
+
 // ---- item 9: far-future Retry-After -------------------------------------------------------
 
 /// A server that answers every listing request 429 with `retry_after`.
