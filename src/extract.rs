@@ -6,6 +6,17 @@
 //! empty page or when `meta.nextPage` is null (or, without `meta`, on a short page). A cursor
 //! that does not move forward means the server would loop: that is an error, not a hang.
 //! Ids seen on the previous page are dropped if a server repeats them across a boundary.
+//!
+//! Every listing is guarded against a server that would keep it going forever, and each guard
+//! stops the run with an error naming the request (exit 4) rather than hanging:
+//! - the contacts listing: a cursor that does not move forward ([`ExtractError::CursorLoop`]),
+//!   or a page with the same ids as the one before under a new cursor
+//!   ([`ExtractError::PageLoop`]);
+//! - the business listing (offset paging, no cursor): a page with the same ids as the one
+//!   before, or [`STALE_PAGES`] pages in a row that bring no contact not already seen (the
+//!   offset moves, the listing does not) ([`ExtractError::PageLoop`]);
+//! - both: many more rows than the total the server announced at the start
+//!   ([`rows_beyond_total`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -16,6 +27,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::api::{ApiError, Client};
+
+/// Pages in a row without a new contact after which a business listing is taken to loop.
+/// (One or two can happen when contacts are added while paging shifts the offsets.)
+pub const STALE_PAGES: u32 = 3;
+
+/// Whether `rows` read in this run are far beyond the `total` the server first announced:
+/// more than twice it plus 1,000 (a listing may grow while it is read, never like that).
+pub fn rows_beyond_total(rows: u64, total: Option<u64>) -> bool {
+    total.is_some_and(|t| rows > t.saturating_mul(2).saturating_add(1000))
+}
 
 /// Where the contacts listing continues: after the contact with this `dateAdded` and id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +73,10 @@ pub enum ExtractError {
     CursorLoop { location: String, cursor: Cursor },
     #[error("the contacts listing of location {location} returned a full page without a usable cursor (no meta.startAfter/startAfterId and no dateAdded/id on the last contact)")]
     NoCursor { location: String },
+    /// A listing that would go on forever: the same page again, pages of contacts already
+    /// seen, or far more rows than announced.
+    #[error("{request}: the listing is not advancing: {reason}; stopping rather than looping\nhint: retry later; if it persists, report it to HighLevel support (with the request above)")]
+    PageLoop { request: String, reason: String },
 }
 
 /// The few fields of a contact the pipeline itself needs, read leniently: a field of an
@@ -102,6 +127,9 @@ struct ListState {
     /// Cursor ids already used within the cursor's millisecond (a loop inside a tie group).
     ids_in_ms: HashSet<String>,
     prev_page_ids: HashSet<String>,
+    /// Rows read by this stream, and the total the server announced first.
+    rows: u64,
+    first_total: Option<u64>,
     done: bool,
 }
 
@@ -119,6 +147,8 @@ pub fn location_contacts(
         cursor: start,
         ids_in_ms: HashSet::new(),
         prev_page_ids: HashSet::new(),
+        rows: 0,
+        first_total: None,
         done: false,
     };
     futures::stream::try_unfold(state, |mut st| async move {
@@ -136,11 +166,25 @@ pub fn location_contacts(
         let meta = page.meta.unwrap_or_default();
         let total = meta.total.map(|t| t as u64);
         let fetched = page.contacts.len();
+        st.first_total = st.first_total.or(total);
+        st.rows += fetched as u64;
+        if rows_beyond_total(st.rows, st.first_total) {
+            return Err(ExtractError::PageLoop {
+                request: Client::list_contacts_label(&st.location, st.page_size, after).0,
+                reason: format!(
+                    "{} contacts read, far more than the {} the server announced (meta.total)",
+                    st.rows,
+                    st.first_total.unwrap_or_default()
+                ),
+            });
+        }
         let mut contacts = page.contacts;
         let this_ids: HashSet<String> = contacts
             .iter()
             .filter_map(|c| ContactHead::of(c).id)
             .collect();
+        // Judged once the cursor is known: a cursor loop is reported as such.
+        let same_page = !this_ids.is_empty() && this_ids == st.prev_page_ids;
         if !st.prev_page_ids.is_empty() {
             contacts.retain(|c| {
                 ContactHead::of(c)
@@ -175,7 +219,18 @@ pub fn location_contacts(
                     })
                 }
             };
+            let request =
+                same_page.then(|| Client::list_contacts_label(&st.location, st.page_size, after).0);
             check_progress(&mut st, &cursor)?;
+            if let Some(request) = request {
+                return Err(ExtractError::PageLoop {
+                    request,
+                    reason: format!(
+                        "the server returned the same {} contacts as for the previous cursor",
+                        st.prev_page_ids.len()
+                    ),
+                });
+            }
             Some(cursor)
         };
         st.done = next.is_none();
@@ -235,6 +290,12 @@ struct BusinessState {
     /// Offset paging can repeat ids when the listing shifts; a business is small enough to
     /// remember its ids.
     seen: HashSet<String>,
+    /// The ids of the previous page, in order (a page served again is an error).
+    prev_ids: Vec<String>,
+    /// Pages in a row that brought no contact not already seen.
+    stale: u32,
+    rows: u64,
+    first_total: Option<u64>,
     done: bool,
 }
 
@@ -259,6 +320,10 @@ pub fn business_contacts(
         page_size: page_size.clamp(1, 100),
         skip,
         seen: HashSet::new(),
+        prev_ids: Vec::new(),
+        stale: 0,
+        rows: 0,
+        first_total: None,
         done: false,
     };
     futures::stream::try_unfold(state, |mut st| async move {
@@ -270,12 +335,63 @@ pub fn business_contacts(
             .business_contacts(&st.location, &st.business, st.skip, st.page_size)
             .await?;
         let fetched = page.contacts.len() as u64;
-        st.skip += fetched;
         let total = page.count.map(|c| c as u64);
-        // Without a `count`, only an empty page ends the listing (the limit may be capped).
-        st.done = fetched == 0 || total.is_some_and(|t| st.skip >= t);
+        let looping = |st: &BusinessState, reason: String| ExtractError::PageLoop {
+            request: Client::business_contacts_label(
+                &st.location,
+                &st.business,
+                st.skip,
+                st.page_size,
+            )
+            .0,
+            reason,
+        };
+        let ids: Vec<String> = page
+            .contacts
+            .iter()
+            .filter_map(|c| ContactHead::of(c).id)
+            .collect();
+        if !ids.is_empty() && ids == st.prev_ids {
+            return Err(looping(
+                &st,
+                format!(
+                    "the server returned the same {} contacts as for the previous offset",
+                    ids.len()
+                ),
+            ));
+        }
+        st.first_total = st.first_total.or(total);
+        st.rows += fetched;
+        if rows_beyond_total(st.rows, st.first_total) {
+            return Err(looping(
+                &st,
+                format!(
+                    "{} contacts read, far more than the {} the server announced (count)",
+                    st.rows,
+                    st.first_total.unwrap_or_default()
+                ),
+            ));
+        }
         let mut contacts = page.contacts;
         contacts.retain(|c| ContactHead::of(c).id.is_none_or(|id| st.seen.insert(id)));
+        st.stale = if fetched > 0 && contacts.is_empty() {
+            st.stale + 1
+        } else {
+            0
+        };
+        if st.stale >= STALE_PAGES {
+            return Err(looping(
+                &st,
+                format!(
+                    "{} pages in a row brought no contact not already read (the offset moves, the listing does not)",
+                    st.stale
+                ),
+            ));
+        }
+        st.prev_ids = ids;
+        st.skip += fetched;
+        // Without a `count`, only an empty page ends the listing (the limit may be capped).
+        st.done = fetched == 0 || total.is_some_and(|t| st.skip >= t);
         // The end of a business that is not the last continues at the next business: `None`
         // is kept for the end of the whole listing.
         let next = match (st.done, st.last) {

@@ -4,6 +4,14 @@
 //! then the permit shared across locations (if any), one HTTP attempt, classification of the
 //! reply into an [`ApiError`] kind, and the single [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
 //! decode them straight into columns; single-record calls and writes return lenient models.
+//!
+//! What the client refuses, and why (each is [`ApiError::Refused`]: fatal, never retried):
+//! - Redirects. The API does not send them; following one would export another host's data
+//!   as the location's. A 3xx names its `Location`.
+//! - A reply body over [`ClientConfig::max_response_bytes`], checked against `Content-Length`
+//!   first, then while streaming (a compressed or unannounced body cannot swell memory).
+//! - A request that cannot be built (a URL too long for HTTP): sending it again would fail
+//!   the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +86,12 @@ pub struct ClientConfig {
     pub retry: RetryPolicy,
     /// A cap shared with other clients (a pipeline's global concurrency across locations).
     pub global_permits: Option<Arc<Semaphore>>,
+    /// The largest reply body accepted (`--max-response-bytes`); a larger one fails the request.
+    pub max_response_bytes: u64,
 }
+
+/// The default cap on one reply body: a page of 100 contacts is well under 1 MiB.
+pub const DEFAULT_MAX_RESPONSE_BYTES: u64 = 64 << 20;
 
 impl ClientConfig {
     pub fn new(base_url: impl Into<String>, token: Token) -> Self {
@@ -90,6 +103,7 @@ impl ClientConfig {
             timeout: Duration::from_secs(60),
             retry: RetryPolicy::default(),
             global_permits: None,
+            max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
         }
     }
 }
@@ -134,6 +148,7 @@ pub struct Client {
     global_permits: Option<Arc<Semaphore>>,
     retry: RetryPolicy,
     stats: Arc<Stats>,
+    max_response_bytes: u64,
 }
 
 /// Installs ring as the process's TLS crypto provider (reqwest is built without one).
@@ -216,6 +231,24 @@ pub struct Location {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// Path and query of `GET /contacts/`.
+fn list_path(location_id: &str, limit: u32, after: Option<(i64, &str)>) -> String {
+    let mut pq = format!("/contacts/?locationId={}&limit={limit}", enc(location_id));
+    if let Some((ms, id)) = after {
+        pq.push_str(&format!("&startAfter={ms}&startAfterId={}", enc(id)));
+    }
+    pq
+}
+
+/// Path and query of `GET /contacts/business/:businessId`.
+fn business_path(location_id: &str, business_id: &str, skip: u64, limit: u32) -> String {
+    format!(
+        "/contacts/business/{}?locationId={}&limit={limit}&skip={skip}",
+        enc(business_id),
+        enc(location_id)
+    )
+}
+
 #[derive(Deserialize)]
 struct TasksEnv {
     tasks: Vec<Box<RawValue>>,
@@ -280,6 +313,8 @@ impl Client {
             .connect_timeout(Duration::from_secs(15))
             .pool_max_idle_per_host(concurrency)
             .tcp_nodelay(true)
+            // The API never redirects: a 3xx is an error, not a hop to another host.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("contacts-etl/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ClientBuildError::Http(e.to_string()))?;
@@ -293,6 +328,7 @@ impl Client {
             global_permits: config.global_permits,
             retry: config.retry,
             stats: Arc::new(Stats::default()),
+            max_response_bytes: config.max_response_bytes.max(1),
         })
     }
 
@@ -312,11 +348,17 @@ impl Client {
         limit: u32,
         after: Option<(i64, &str)>,
     ) -> Result<ContactsPage, ApiError> {
-        let mut pq = format!("/contacts/?locationId={}&limit={limit}", enc(location_id));
-        if let Some((ms, id)) = after {
-            pq.push_str(&format!("&startAfter={ms}&startAfterId={}", enc(id)));
-        }
-        self.get_json(RequestKind::List, pq).await
+        self.get_json(RequestKind::List, list_path(location_id, limit, after))
+            .await
+    }
+
+    /// The request [`Client::list_contacts`] sends, as errors name it.
+    pub fn list_contacts_label(
+        location_id: &str,
+        limit: u32,
+        after: Option<(i64, &str)>,
+    ) -> RequestLabel {
+        RequestLabel::new(&Method::GET, &list_path(location_id, limit, after))
     }
 
     /// `GET /contacts/business/:businessId` with offset paging.
@@ -327,12 +369,21 @@ impl Client {
         skip: u64,
         limit: u32,
     ) -> Result<BusinessPage, ApiError> {
-        let pq = format!(
-            "/contacts/business/{}?locationId={}&limit={limit}&skip={skip}",
-            enc(business_id),
-            enc(location_id)
-        );
+        let pq = business_path(location_id, business_id, skip, limit);
         self.get_json(RequestKind::Business, pq).await
+    }
+
+    /// The request [`Client::business_contacts`] sends, as errors name it.
+    pub fn business_contacts_label(
+        location_id: &str,
+        business_id: &str,
+        skip: u64,
+        limit: u32,
+    ) -> RequestLabel {
+        RequestLabel::new(
+            &Method::GET,
+            &business_path(location_id, business_id, skip, limit),
+        )
     }
 
     pub async fn get_contact(&self, contact_id: &str) -> Result<Contact, ApiError> {
@@ -642,7 +693,7 @@ impl Client {
         body: Option<Bytes>,
         idem: Idempotency,
     ) -> Result<T, ApiError> {
-        let label = RequestLabel(format!("{method} {path_and_query}"));
+        let label = RequestLabel::new(&method, &path_and_query);
         let (path, query) = path_and_query
             .split_once('?')
             .map_or((path_and_query.as_str(), None), |(p, q)| (p, Some(q)));
@@ -678,6 +729,54 @@ impl Client {
             tracing::debug!(error = %e, "request failed");
         }
         result
+    }
+
+    /// Reads a reply body, refusing one over the cap: by its `Content-Length` before reading
+    /// anything, else as soon as the bytes received pass the cap.
+    async fn read_body(
+        &self,
+        resp: &mut reqwest::Response,
+        label: &RequestLabel,
+        status: u16,
+    ) -> Result<Vec<u8>, ApiError> {
+        let cap = self.max_response_bytes;
+        let announced = resp.content_length();
+        if let Some(len) = announced.filter(|&len| len > cap) {
+            return Err(too_large(
+                label,
+                status,
+                cap,
+                format!("announces {len} bytes (Content-Length)"),
+            ));
+        }
+        // Reserve what was announced (already under the cap), not more.
+        let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > cap {
+                        return Err(too_large(
+                            label,
+                            status,
+                            cap,
+                            format!("passed it after {} bytes", body.len() + chunk.len()),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body),
+                Err(e) => {
+                    self.stats.network_error();
+                    return Err(transient(
+                        label,
+                        format!("reading the reply failed: {}", describe_reqwest(&e)),
+                        None,
+                        true,
+                        Some(status),
+                    ));
+                }
+            }
+        }
     }
 
     /// One HTTP attempt: permit, pace, send, read, classify.
@@ -719,8 +818,9 @@ impl Client {
         if let Some(b) = body {
             req = req.header(CONTENT_TYPE, "application/json").body(b);
         }
-        let resp = match req.send().await {
+        let mut resp = match req.send().await {
             Ok(r) => r,
+            Err(e) if e.is_builder() => return Err(unbuildable(label, url, &e)),
             Err(e) => {
                 self.stats.network_error();
                 // A connection that was never made cannot have applied anything.
@@ -735,20 +835,16 @@ impl Client {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
-        self.limiter.observe(status, &rate, retry_after);
-        let bytes = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                self.stats.network_error();
-                return Err(transient(
-                    label,
-                    format!("reading the reply failed: {}", describe_reqwest(&e)),
-                    None,
-                    true,
-                    Some(status),
-                ));
-            }
-        };
+        // The location-wide pause a 429 sets is held to the same cap as one retry wait.
+        self.limiter.observe(
+            status,
+            &rate,
+            retry_after.map(|d| d.min(self.retry.max_wait)),
+        );
+        if (300..400).contains(&status) {
+            return Err(redirected(label, status, resp.headers()));
+        }
+        let bytes = self.read_body(&mut resp, label, status).await?;
         if (200..300).contains(&status) {
             return match serde_json::from_slice::<T>(&bytes) {
                 Ok(v) => {
@@ -846,6 +942,50 @@ impl Client {
     }
 }
 
+/// A 3xx: never followed (see the module doc).
+fn redirected(label: &RequestLabel, status: u16, headers: &reqwest::header::HeaderMap) -> ApiError {
+    let location = headers
+        .get(reqwest::header::LOCATION)
+        .map(|v| super::error::printable(&String::from_utf8_lossy(v.as_bytes()), 200));
+    ApiError::Refused {
+        request: label.clone(),
+        status: Some(status),
+        reason: match location {
+            Some(l) => format!("HTTP {status} redirect to '{l}', not followed"),
+            None => format!("HTTP {status} redirect (no Location), not followed"),
+        },
+        hint: "the API does not redirect: check --base-url (HL_BASE_URL, or base_url in a pipeline file); it must name the API itself, e.g. https://services.leadconnectorhq.com, or a proxy that forwards requests rather than redirecting them".into(),
+    }
+}
+
+/// A reply over the body cap.
+fn too_large(label: &RequestLabel, status: u16, cap: u64, what: String) -> ApiError {
+    ApiError::Refused {
+        request: label.clone(),
+        status: Some(status),
+        reason: format!("the HTTP {status} reply is larger than the {cap}-byte cap on one reply: it {what}"),
+        hint: "a page of contacts is normally well under 1 MiB, so this is likely a misbehaving server or proxy; if such replies are expected, raise the cap with --max-response-bytes (max_response_bytes in a pipeline file's [api])".into(),
+    }
+}
+
+/// A request reqwest cannot build (the URL does not fit an HTTP request line).
+fn unbuildable(label: &RequestLabel, url: &reqwest::Url, e: &reqwest::Error) -> ApiError {
+    // The http crate's limit on a request target.
+    const MAX_URI: usize = 65_534;
+    let len = url.as_str().len();
+    let reason = if len > MAX_URI {
+        format!("the request cannot be built: its URL is {len} bytes, more than HTTP allows ({MAX_URI})")
+    } else {
+        format!("the request cannot be built: {}", describe_reqwest(e))
+    };
+    ApiError::Refused {
+        request: label.clone(),
+        status: None,
+        reason,
+        hint: "an id or value in the request is malformed or far too long: check the ids and values given on the command line, in the pipeline file or in the input".into(),
+    }
+}
+
 fn transient(
     label: &RequestLabel,
     reason: String,
@@ -899,11 +1039,12 @@ fn describe_reqwest(e: &reqwest::Error) -> String {
 }
 
 /// `Retry-After` as seconds (`120`, `1.5`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`),
-/// as a wait from `now`, capped at an hour so a bad header cannot stall a run for days. A date
-/// that is not in the future says nothing usable (clocks differ): `None`, so the caller's own
-/// pause applies.
+/// as a wait from `now`. The value is kept as the server said it (up to a century, so the
+/// arithmetic cannot overflow): the retry policy caps each wait (`RetryPolicy::max_wait`) and
+/// names the server's time when it gives up. A date that is not in the future says nothing
+/// usable (clocks differ): `None`, so the caller's own pause applies.
 pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    const CAP: Duration = Duration::from_secs(3600);
+    const CAP: Duration = Duration::from_secs(100 * 366 * 86_400);
     let value = value.trim();
     if let Ok(secs) = value.parse::<f64>() {
         return (secs.is_finite() && secs >= 0.0)
@@ -972,7 +1113,14 @@ mod tests {
             None,
             "a date in the past leaves the pause to the caller"
         );
-        assert_eq!(parse_retry_after("999999", now), Some(D::from_secs(3600)));
+        assert_eq!(
+            parse_retry_after("999999", now),
+            Some(D::from_secs(999_999))
+        );
+        assert_eq!(
+            parse_retry_after("1e300", now),
+            Some(D::from_secs(100 * 366 * 86_400))
+        );
         assert_eq!(parse_retry_after("-1", now), None);
         assert_eq!(parse_retry_after("soon", now), None);
     }

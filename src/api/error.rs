@@ -1,6 +1,6 @@
 //! The one error type of the API client, classified by what the caller should do.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use crate::term::Escaped;
 
@@ -25,6 +25,34 @@ pub enum ErrorKind {
 /// A request as it may be shown to a user: method and path with query, never a header.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestLabel(pub String);
+
+impl RequestLabel {
+    /// The label of `method path_and_query`; a path of absurd length (an id pasted wrongly)
+    /// is shortened so that messages stay readable.
+    pub fn new(method: &reqwest::Method, path_and_query: &str) -> RequestLabel {
+        RequestLabel(format!(
+            "{method} {}",
+            crate::schema::truncate_for_message(path_and_query, 300)
+        ))
+    }
+}
+
+/// Text from outside (a header) made safe to print: control characters escaped, at most
+/// `max` bytes kept.
+pub(crate) fn printable(s: &str, max: usize) -> String {
+    let escaped: String = s
+        .chars()
+        .flat_map(|c| {
+            let e: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            e
+        })
+        .collect();
+    crate::schema::truncate_for_message(&escaped, max)
+}
 
 impl std::fmt::Display for RequestLabel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -80,8 +108,63 @@ pub enum ApiError {
         request: RequestLabel,
         trace_id: Option<String>,
     },
-    #[error("{last}\n(gave up after {attempts} attempts)")]
-    GaveUp { attempts: u32, last: Box<ApiError> },
+    /// Refused on this side: a redirect, a reply over the size cap, a request that cannot be
+    /// built. Never retried (the same request would meet the same refusal).
+    #[error("{request}: {reason}\nhint: {hint}")]
+    Refused {
+        request: RequestLabel,
+        /// HTTP status, if a reply arrived.
+        status: Option<u16>,
+        reason: String,
+        hint: String,
+    },
+    #[error("{last}\n(gave up after {attempts} attempts in {}{})\nhint: {}", human(.elapsed), if *.out_of_time { ": the next attempt would pass the request deadline (--request-deadline)" } else { "" }, when_to_retry(.retry_at))]
+    GaveUp {
+        attempts: u32,
+        /// From the first attempt to giving up.
+        elapsed: Duration,
+        /// True when the request's deadline (not the attempt count) ended the retries.
+        out_of_time: bool,
+        /// When the server said it will take requests again (its last `Retry-After`).
+        retry_at: Option<SystemTime>,
+        last: Box<ApiError>,
+    },
+}
+
+/// A duration as people read it: `4.2s`, `5m00s`, `1h00m`.
+pub(crate) fn human(d: &Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{:.1}s", d.as_secs_f64()),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+    }
+}
+
+/// The advice of a request that ran out of retries: the server's own time when it gave one.
+fn when_to_retry(at: &Option<SystemTime>) -> String {
+    match at {
+        Some(t) => format!(
+            "the server asked to retry after {} (its Retry-After): run again after that",
+            utc(*t)
+        ),
+        None => "run again later; the run resumes where it stopped".into(),
+    }
+}
+
+/// A time as an absolute UTC timestamp, to the second.
+pub(crate) fn utc(t: SystemTime) -> String {
+    // Clamped to year 9999 so that no header can overflow the arithmetic.
+    const MAX_SECS: u64 = 253_402_300_799;
+    let ms = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs().min(MAX_SECS) as i64 * 1000);
+    let mut s = crate::timefmt::format_iso_millis(ms);
+    // `…T12:00:00.000Z` to `…T12:00:00Z`: a retry time needs no milliseconds.
+    if let Some(dot) = s.rfind('.') {
+        s.replace_range(dot.., "Z");
+    }
+    s
 }
 
 fn trace(id: &Option<String>) -> String {
@@ -100,6 +183,7 @@ impl ApiError {
             ApiError::NotFound { .. } => ErrorKind::NotFound,
             ApiError::Duplicate { .. } => ErrorKind::Duplicate,
             ApiError::QuotaExhausted { .. } => ErrorKind::QuotaExhausted,
+            ApiError::Refused { .. } => ErrorKind::Fatal,
             ApiError::GaveUp { last, .. } => last.kind(),
         }
     }
@@ -129,8 +213,23 @@ impl ApiError {
             ApiError::Unauthorized { .. } => Some(401),
             ApiError::Fatal { status, .. } => Some(*status),
             ApiError::QuotaExhausted { .. } => Some(429),
+            ApiError::Refused { status, .. } => *status,
             ApiError::GaveUp { last, .. } => last.status(),
             _ => None,
+        }
+    }
+
+    /// The request that failed.
+    pub fn request(&self) -> &RequestLabel {
+        match self {
+            ApiError::Transient { request, .. }
+            | ApiError::Unauthorized { request, .. }
+            | ApiError::Fatal { request, .. }
+            | ApiError::NotFound { request, .. }
+            | ApiError::Duplicate { request, .. }
+            | ApiError::QuotaExhausted { request, .. }
+            | ApiError::Refused { request, .. } => request,
+            ApiError::GaveUp { last, .. } => last.request(),
         }
     }
 }

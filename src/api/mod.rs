@@ -3,6 +3,7 @@
 mod auth;
 mod client;
 mod error;
+mod ids;
 mod models;
 mod retry;
 mod stats;
@@ -10,10 +11,14 @@ mod stats;
 pub use auth::{StaticToken, TokenSource};
 pub(crate) use client::is_loopback;
 pub use client::Location;
-pub use client::{BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token};
+pub use client::{
+    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token,
+    DEFAULT_MAX_RESPONSE_BYTES,
+};
 pub use error::{ApiError, ErrorKind, RequestLabel};
+pub use ids::{check_id, MAX_ID_LEN};
 pub use models::{Contact, ListMeta, Note, Task};
-pub use retry::{Idempotency, RetryPolicy};
+pub use retry::{Idempotency, RetryPolicy, LONG_WAIT};
 pub use stats::{RequestKind, Stats, StatsSnapshot};
 
 /// The API's production base URL.

@@ -235,6 +235,7 @@ impl Endpoints {
                 max_rate_limited_attempts: 6,
                 base_delay: Duration::from_millis(500),
                 max_delay: Duration::from_secs(10),
+                ..RetryPolicy::default()
             },
         })
     }

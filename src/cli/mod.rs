@@ -233,6 +233,50 @@ pub struct ConnArgs {
     /// Timeout of one request, in seconds (connect, send, and read the reply).
     #[arg(long, default_value_t = 60, value_name = "SECS")]
     pub timeout: u64,
+
+    /// Longest single wait before retrying a request, in seconds, whatever the server's
+    /// Retry-After asks (a 429 asking for an hour is tried again after this). Waits over 30 s
+    /// are logged.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_retry_wait: u64,
+
+    /// Longest time one request may take with all its retries, in seconds. When it runs out
+    /// (or the attempts do) the run stops with exit 5 and says when the server asked to be
+    /// retried; rerun then to resume.
+    #[arg(long, default_value_t = 900, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub request_deadline: u64,
+
+    /// Largest reply body accepted, in bytes (or with K, M, G for KiB, MiB, GiB). A larger
+    /// reply stops the run (exit 4) before it can exhaust memory.
+    #[arg(long, default_value = "64M", value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_response_bytes: u64,
+}
+
+/// `--max-response-bytes`: a byte count, with an optional binary suffix.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => t.split_at(i),
+        None => (t, ""),
+    };
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        _ => {
+            return Err(format!(
+                "'{s}' is not a size: use a number of bytes, or e.g. 64M or 1G"
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1 << shift))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| {
+            format!("'{s}' is not a size: use a positive number of bytes, or e.g. 64M or 1G")
+        })
 }
 
 /// `--rate-limit`: a quota, or off.
@@ -421,8 +465,39 @@ impl ConnArgs {
         cfg.rate_limit = self.rate_limit.0;
         cfg.concurrency = usize::from(self.concurrency);
         cfg.timeout = Duration::from_secs(self.timeout.max(1));
+        cfg.retry.max_wait = Duration::from_secs(self.max_retry_wait);
+        cfg.retry.deadline = Duration::from_secs(self.request_deadline);
+        cfg.max_response_bytes = self.max_response_bytes;
         cfg
     }
+
+    /// The same settings as arguments, for a pipeline's import (run through this parser).
+    pub fn http_limits_args(
+        max_retry_wait: Duration,
+        request_deadline: Duration,
+        max_response_bytes: u64,
+    ) -> [String; 6] {
+        [
+            "--max-retry-wait".into(),
+            max_retry_wait.as_secs().max(1).to_string(),
+            "--request-deadline".into(),
+            request_deadline.as_secs().max(1).to_string(),
+            "--max-response-bytes".into(),
+            max_response_bytes.to_string(),
+        ]
+    }
+}
+
+/// Checks ids given with `flag` before anything is sent (exit 2, naming the flag).
+pub fn check_ids(flag: &str, ids: &[String]) -> anyhow::Result<()> {
+    for id in ids {
+        crate::api::check_id(id).map_err(|e| {
+            exit::UsageError(format!(
+                "{flag}: {e}\nhint: give the id as HighLevel shows it, e.g. ve9EPM428h8vShlRW1KT"
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// Runs `export` and prints the closing summary.
@@ -434,6 +509,8 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
         ))
         .into());
     }
+    check_ids("--location", std::slice::from_ref(&args.location))?;
+    check_ids("--business", &args.businesses)?;
     let token = load_token(args.conn.token_file.as_deref())?;
     let client = Arc::new(Client::new(args.conn.client_config(token))?);
     let mut plan = ExportPlan::new(args.location.clone(), args.format.into(), args.out.clone());
@@ -724,6 +801,11 @@ pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
                     .unwrap_or_else(|| p.base_url.clone()),
             ]);
             full.extend(["--concurrency".to_owned(), p.concurrency.to_string()]);
+            full.extend(ConnArgs::http_limits_args(
+                p.max_retry_wait,
+                p.request_deadline,
+                p.max_response_bytes,
+            ));
             full.extend([
                 "--rate-limit".to_owned(),
                 p.rate_limit.map_or_else(|| "off".into(), |q| q.to_string()),

@@ -353,6 +353,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             return Ok(());
         }
         ImportCommand::Contacts(c) => {
+            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
             let source = source_options(&c.source, &c.conn)?;
             refuse_clobbering(&c.source, &source, None)?;
             let client = if source.dry_run == Some(DryRun::Offline) {
@@ -376,6 +377,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
             } else {
                 Entity::Notes
             };
+            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
             let mut source = source_options(&c.source, &c.conn)?;
             refuse_clobbering(&c.source, &source, c.id_map.as_deref())?;
             // A dry run of tasks or notes looks nothing up but the location's country, and

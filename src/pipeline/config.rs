@@ -36,6 +36,12 @@ pub struct ApiSection {
     /// Locations exported at once.
     pub parallel_locations: Option<Spanned<i64>>,
     pub timeout_secs: Option<Spanned<i64>>,
+    /// The longest single wait before a retry (`--max-retry-wait`), in seconds.
+    pub max_retry_wait_secs: Option<Spanned<i64>>,
+    /// The longest one request may take with its retries (`--request-deadline`), in seconds.
+    pub request_deadline_secs: Option<Spanned<i64>>,
+    /// The largest reply body accepted (`--max-response-bytes`), in bytes.
+    pub max_response_bytes: Option<Spanned<i64>>,
 }
 
 /// Where tokens come from. Secrets never sit in the file: it names variables or files.
@@ -83,7 +89,7 @@ pub struct ExportSection {
     pub format: Option<Spanned<String>>,
     pub include: Option<Spanned<Vec<String>>>,
     #[serde(default)]
-    pub businesses: Vec<String>,
+    pub businesses: Vec<Spanned<String>>,
     #[serde(default)]
     pub incremental: bool,
     pub state_dir: Option<Spanned<PathBuf>>,

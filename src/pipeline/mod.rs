@@ -64,6 +64,11 @@ pub struct Pipeline {
     pub max_concurrency: usize,
     pub parallel_locations: usize,
     pub timeout: Duration,
+    /// HTTP limits of every client (see `ConnArgs`: --max-retry-wait, --request-deadline,
+    /// --max-response-bytes).
+    pub max_retry_wait: Duration,
+    pub request_deadline: Duration,
+    pub max_response_bytes: u64,
     pub locations: Vec<LocationTarget>,
     pub oauth: Option<OAuthConf>,
     pub job: Job,
@@ -307,6 +312,27 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
         positive(src, &api.timeout_secs, "timeout_secs", 60, 3600),
     )
     .unwrap_or(60);
+    let max_retry_wait = keep(
+        p,
+        positive(src, &api.max_retry_wait_secs, "max_retry_wait_secs", 300, 86_400),
+    )
+    .unwrap_or(300);
+    let request_deadline = keep(
+        p,
+        positive(src, &api.request_deadline_secs, "request_deadline_secs", 900, 604_800),
+    )
+    .unwrap_or(900);
+    let max_response_bytes = keep(
+        p,
+        positive(
+            src,
+            &api.max_response_bytes,
+            "max_response_bytes",
+            crate::api::DEFAULT_MAX_RESPONSE_BYTES as i64,
+            1 << 40,
+        ),
+    )
+    .unwrap_or(crate::api::DEFAULT_MAX_RESPONSE_BYTES as i64);
 
     if let Some(t) = &f.auth.token {
         p.push(src.at(t, "token", "a token must not be written in a pipeline file: name an environment variable (token_env) or a file (token_file)"));
@@ -365,16 +391,8 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
     for l in &f.locations {
         let id = l.id.get_ref().trim().to_owned();
         let mut ok = true;
-        if id.is_empty()
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        {
-            p.push(src.at(
-                &l.id,
-                "id",
-                format!("'{}' is not a location id", l.id.get_ref()),
-            ));
+        if let Err(e) = crate::api::check_id(&id) {
+            p.push(src.at(&l.id, "id", format!("not a location id: {e}")));
             ok = false;
         } else if locations.iter().any(|x| x.id == id) {
             p.push(src.at(&l.id, "id", format!("location {id} is listed twice")));
@@ -450,6 +468,9 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
             max_concurrency: max_concurrency as usize,
             parallel_locations: parallel_locations as usize,
             timeout: Duration::from_secs(timeout as u64),
+            max_retry_wait: Duration::from_secs(max_retry_wait as u64),
+            request_deadline: Duration::from_secs(request_deadline as u64),
+            max_response_bytes: max_response_bytes as u64,
             locations,
             oauth,
             job,
@@ -633,11 +654,21 @@ fn check_export(
         ),
     )
     .unwrap_or(600);
+    let businesses: Vec<String> = e
+        .businesses
+        .iter()
+        .filter_map(|b| {
+            let checked = crate::api::check_id(b.get_ref())
+                .map(|()| b.get_ref().clone())
+                .map_err(|m| src.at(b, "businesses", format!("not a business id: {m}")));
+            keep(p, checked)
+        })
+        .collect();
     (p.len() == before).then(|| ExportJob {
         out: resolve(src, e.out.get_ref()),
         format,
         include,
-        businesses: e.businesses.clone(),
+        businesses,
         incremental: e.incremental,
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
@@ -957,6 +988,9 @@ async fn run_location(
     cfg.rate_limit = p.rate_limit;
     cfg.concurrency = p.concurrency;
     cfg.timeout = p.timeout;
+    cfg.retry.max_wait = p.max_retry_wait;
+    cfg.retry.deadline = p.request_deadline;
+    cfg.max_response_bytes = p.max_response_bytes;
     cfg.global_permits = Some(global);
     let client = match Client::new(cfg) {
         Ok(c) => Arc::new(c),
