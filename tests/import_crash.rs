@@ -263,25 +263,39 @@ impl Lcg {
     }
 }
 
-/// Runs the import, SIGKILLing it `kills` times at random instants (creates are in flight
-/// almost all the time), then lets it finish; reruns after exit 5 (rows that failed
-/// ambiguously too often: the documented answer is to rerun).
-async fn import_with_kills(sim: &TestSim, args: &[String], kills: usize, rng: &mut Lcg) {
+/// Runs the import, SIGKILLing it `kills` times at random instants, then lets it finish;
+/// reruns after exit 5 (rows that failed ambiguously too often: the documented answer is to
+/// rerun). Returns how many kills struck while the simulator had writes in flight.
+///
+/// A resumed run first waits up to `resume_wait` for the creates the killed one left
+/// unconfirmed, so its kill instant is drawn after that: the kill then strikes its own creates.
+async fn import_with_kills(
+    sim: &TestSim,
+    args: &[String],
+    kills: usize,
+    resume_wait: Duration,
+    rng: &mut Lcg,
+) -> usize {
     let mut killed = 0;
+    let mut in_flight = 0;
     for _ in 0..40 {
         let mut child = command(sim, args).spawn().unwrap();
         if killed < kills {
-            let wait = Duration::from_millis(200 + rng.next(1_500));
+            let after = if killed == 0 { Duration::ZERO } else { resume_wait };
+            let wait = after + Duration::from_millis(200 + rng.next(1_500));
             tokio::select! {
                 status = child.wait() => {
                     let code = status.unwrap().code();
                     assert!(matches!(code, Some(0 | 5)), "exit {code:?}");
                     if code == Some(0) {
-                        return;
+                        return in_flight;
                     }
                     continue;
                 }
                 () = tokio::time::sleep(wait) => {
+                    if sim.sim.writes_in_flight() > 0 {
+                        in_flight += 1;
+                    }
                     child.start_kill().unwrap();
                     let _ = child.wait().await;
                     killed += 1;
@@ -291,7 +305,7 @@ async fn import_with_kills(sim: &TestSim, args: &[String], kills: usize, rng: &m
         }
         let out = child.wait_with_output().await.unwrap();
         match out.status.code() {
-            Some(0) => return,
+            Some(0) => return in_flight,
             Some(5) => continue,
             code => panic!("exit {code:?}: {}", String::from_utf8_lossy(&out.stderr)),
         }
@@ -385,7 +399,11 @@ async fn acceptance_run(seed: u64, allow_duplicates: bool, repeats: bool) {
         &input,
         &["--concurrency", "16", "--timeout", "2", "--settle-secs", "1"],
     );
-    import_with_kills(&sim, &args, 5, &mut rng).await;
+    let struck = import_with_kills(&sim, &args, 5, Duration::from_secs(3), &mut rng).await;
+    assert!(
+        struck >= 3,
+        "seed {seed}: only {struck} of 5 kills struck while creates were in flight"
+    );
     sim.sim.settle().await;
     let got = contacts_by_email(&sim);
     let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(e, v)| (e.clone(), v.len())).collect();
