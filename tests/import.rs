@@ -624,9 +624,14 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
         assert_eq!(sim.sim.notes(id).len(), old.len() + 1);
     }
 
-    let undo = import::undo(&client, &dir.path().join("notes.journal"), 4, &quick_settle())
-        .await
-        .unwrap();
+    let undo = import::undo(
+        &client,
+        &dir.path().join("notes.journal"),
+        4,
+        &quick_settle(),
+    )
+    .await
+    .unwrap();
     assert_eq!((undo.deleted, undo.failed), (3, 0), "{}", undo.render());
     for (id, old) in ids.iter().zip(&before) {
         assert_eq!(
@@ -635,9 +640,14 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
             "only the imported note of {id} is gone"
         );
     }
-    let again = import::undo(&client, &dir.path().join("notes.journal"), 4, &quick_settle())
-        .await
-        .unwrap();
+    let again = import::undo(
+        &client,
+        &dir.path().join("notes.journal"),
+        4,
+        &quick_settle(),
+    )
+    .await
+    .unwrap();
     assert_eq!((again.deleted, again.failed), (0, 0), "{}", again.render());
 }
 

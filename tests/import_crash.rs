@@ -245,7 +245,10 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     sim.sim.settle().await;
     let people = contacts_by_email(&sim);
     assert_eq!(people.len(), 60);
-    assert!(people.values().all(|v| v.len() == 1), "no row written twice");
+    assert!(
+        people.values().all(|v| v.len() == 1),
+        "no row written twice"
+    );
     let (state, _) = contacts_etl::import::read_journal(&journal).expect("journal intact");
     assert_eq!(state.runs, 1, "only the first run is in the journal");
     assert!(state.rows.values().all(|r| r.done.is_some()));
@@ -281,7 +284,11 @@ async fn import_with_kills(
     for _ in 0..40 {
         let mut child = command(sim, args).spawn().unwrap();
         if killed < kills {
-            let after = if killed == 0 { Duration::ZERO } else { resume_wait };
+            let after = if killed == 0 {
+                Duration::ZERO
+            } else {
+                resume_wait
+            };
             let wait = after + Duration::from_millis(200 + rng.next(1_500));
             tokio::select! {
                 status = child.wait() => {
@@ -324,7 +331,11 @@ struct Person {
 fn person_of(c: &Value) -> Person {
     let mut tags: Vec<String> = c["tags"]
         .as_array()
-        .map(|a| a.iter().filter_map(|t| t.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     tags.sort();
     Person {
@@ -337,7 +348,12 @@ fn person_of(c: &Value) -> Person {
 /// Writes a CSV of `people` distinct persons; with `repeats`, one row in ten names an earlier
 /// person again with newer values (a new first name, a city where there was none, a blank
 /// cell that must not erase, one more tag). Returns the file and each person's final state.
-fn people_csv(dir: &Path, people: usize, repeats: bool, rng: &mut Lcg) -> (PathBuf, BTreeMap<String, Person>) {
+fn people_csv(
+    dir: &Path,
+    people: usize,
+    repeats: bool,
+    rng: &mut Lcg,
+) -> (PathBuf, BTreeMap<String, Person>) {
     let mut text = String::from("email,phone,firstName,city,tags\n");
     let mut want: BTreeMap<String, Person> = BTreeMap::new();
     let mut order: Vec<String> = Vec::new();
@@ -349,7 +365,11 @@ fn people_csv(dir: &Path, people: usize, repeats: bool, rng: &mut Lcg) -> (PathB
             let email = order[rng.next(order.len() as u64) as usize].clone();
             let p = want.get_mut(&email).unwrap();
             let first = format!("{}-r{rows}", p.first_name.split('-').next().unwrap());
-            let city = if rows % 20 == 0 { String::new() } else { format!("City{rows}") };
+            let city = if rows % 20 == 0 {
+                String::new()
+            } else {
+                format!("City{rows}")
+            };
             let tag = format!("t{rows}");
             // Upper case: the same person whatever the case of the email.
             text.push_str(&format!("{},,{first},{city},{tag}\n", email.to_uppercase()));
@@ -397,7 +417,14 @@ async fn acceptance_run(seed: u64, allow_duplicates: bool, repeats: bool) {
         "contacts",
         &loc,
         &input,
-        &["--concurrency", "16", "--timeout", "2", "--settle-secs", "1"],
+        &[
+            "--concurrency",
+            "16",
+            "--timeout",
+            "2",
+            "--settle-secs",
+            "1",
+        ],
     );
     let struck = import_with_kills(&sim, &args, 5, Duration::from_secs(3), &mut rng).await;
     assert!(
@@ -406,12 +433,25 @@ async fn acceptance_run(seed: u64, allow_duplicates: bool, repeats: bool) {
     );
     sim.sim.settle().await;
     let got = contacts_by_email(&sim);
-    let twice: Vec<_> = got.iter().filter(|(_, v)| v.len() > 1).map(|(e, v)| (e.clone(), v.len())).collect();
-    assert!(twice.is_empty(), "seed {seed}: people created more than once: {twice:?}");
+    let twice: Vec<_> = got
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(e, v)| (e.clone(), v.len()))
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "seed {seed}: people created more than once: {twice:?}"
+    );
     assert_eq!(got.len(), want.len(), "seed {seed}: one contact per person");
     for (email, p) in &want {
-        let c = &got.get(email).unwrap_or_else(|| panic!("seed {seed}: {email} missing"))[0];
-        assert_eq!(&person_of(c), p, "seed {seed}: {email} holds the last non-empty values");
+        let c = &got
+            .get(email)
+            .unwrap_or_else(|| panic!("seed {seed}: {email} missing"))[0];
+        assert_eq!(
+            &person_of(c),
+            p,
+            "seed {seed}: {email} holds the last non-empty values"
+        );
     }
 }
 

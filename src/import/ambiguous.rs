@@ -75,15 +75,17 @@ struct Pending {
     attempts: u32,
 }
 
-/// This run's unconfirmed creates, by input line.
-pub(crate) struct InFlight {
+/// This run's unconfirmed creates, by input line, and the journal their intents go to.
+pub(crate) struct InFlight<'a> {
+    journal: &'a Journal,
     settle: Settle,
     rows: Mutex<HashMap<u64, Pending>>,
 }
 
-impl InFlight {
-    pub(crate) fn new(settle: Settle) -> InFlight {
+impl<'a> InFlight<'a> {
+    pub(crate) fn new(journal: &'a Journal, settle: Settle) -> InFlight<'a> {
         InFlight {
+            journal,
             settle,
             rows: Mutex::new(HashMap::new()),
         }
@@ -97,7 +99,6 @@ impl InFlight {
     /// journal an intent and create. `lookup` gets the row's first intent (epoch ms).
     pub(crate) async fn create<F, C>(
         &self,
-        journal: &Journal,
         line: u64,
         key: &str,
         contact: Option<&str>,
@@ -124,9 +125,9 @@ impl InFlight {
             return Ok(Attempt::GaveUp);
         }
         let at = now_ms();
-        journal
+        self.journal
             .append(&Record::Intent {
-                run: journal.run_id().to_owned(),
+                run: self.journal.run_id().to_owned(),
                 row: line,
                 key: key.to_owned(),
                 action: Action::Create,

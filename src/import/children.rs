@@ -107,7 +107,7 @@ pub(crate) struct ChildWriter<'a> {
     /// Child ids some row owns (from the journal, and created or adopted in this run).
     pub claimed: Mutex<HashSet<String>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    in_flight: &'a InFlight,
+    in_flight: &'a InFlight<'a>,
 }
 
 impl<'a> ChildWriter<'a> {
@@ -116,7 +116,7 @@ impl<'a> ChildWriter<'a> {
         journal: &'a Journal,
         entity: Entity,
         claimed: HashSet<String>,
-        in_flight: &'a InFlight,
+        in_flight: &'a InFlight<'a>,
     ) -> Self {
         ChildWriter {
             client,
@@ -224,7 +224,6 @@ impl<'a> ChildWriter<'a> {
         let attempt = self
             .in_flight
             .create(
-                self.journal,
                 row.line,
                 key,
                 Some(contact_id),

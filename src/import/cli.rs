@@ -340,7 +340,7 @@ pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
                 &settle,
             )
             .await
-                .with_context(|| format!("undo of {} did not complete", u.journal.display()))?;
+            .with_context(|| format!("undo of {} did not complete", u.journal.display()))?;
             if !quiet {
                 println!("{}", report.render());
             }

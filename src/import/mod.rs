@@ -47,11 +47,11 @@ pub use undo::{undo, UndoReport};
 pub use validate::{Country, Entity, Reason};
 
 use crate::api::{ApiError, Client};
+use ambiguous::InFlight;
 use input::{open_csv, RawRecord};
 use journal::Journal;
 use report::{reason_text, Rejects};
 use validate::{ColumnPlan, Grouper, Place, Repeats, Row, Rules, Validator};
-use ambiguous::InFlight;
 use write::{classify, ContactWriter, RowResult};
 
 /// `--on-duplicate`: what to do when a create matches an existing contact (the API's 400
@@ -238,7 +238,7 @@ pub async fn import_contacts(
     let (journal, state) = open_journal(&opts.source, Entity::Contacts, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
     ambiguous::startup_wait(&state, &opts.source.settle).await;
-    let in_flight = InFlight::new(opts.source.settle);
+    let in_flight = InFlight::new(&journal, opts.source.settle);
     let writer = ContactWriter {
         in_flight: &in_flight,
         client: &client,
@@ -319,7 +319,7 @@ pub async fn import_children(
     let (journal, state) = open_journal(&opts.source, opts.entity, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
     ambiguous::startup_wait(&state, &opts.source.settle).await;
-    let in_flight = InFlight::new(opts.source.settle);
+    let in_flight = InFlight::new(&journal, opts.source.settle);
     let resolver =
         children::ContactResolver::new(&client, &opts.location_id, map, opts.id_map.is_some());
     let writer = children::ChildWriter::new(
@@ -387,7 +387,10 @@ enum Step {
     Wrote(RowResult),
     /// An ambiguous create: the row comes back after the others, once `until` (epoch ms) has
     /// passed.
-    Later { row: Row, until: i64 },
+    Later {
+        row: Row,
+        until: i64,
+    },
 }
 
 fn mismatch(journal: &std::path::Path, line: u64, key: &str, prior: &RowState) -> ImportError {
@@ -779,9 +782,7 @@ impl Tally<'_> {
     /// Drains `results`; returns the error that stops the whole import, if one came.
     async fn consume(
         &mut self,
-        results: impl futures::Stream<
-            Item = Result<(RawRecord, Result<Step, ImportError>), InputError>,
-        >,
+        results: impl futures::Stream<Item = Result<(RawRecord, Result<Step, ImportError>), InputError>>,
     ) -> Result<Option<ApiError>, ImportError> {
         let mut results = std::pin::pin!(results);
         while let Some(item) = results.next().await {

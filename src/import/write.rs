@@ -30,7 +30,9 @@ pub(crate) enum RowResult {
     Abort(ApiError),
     /// The create failed ambiguously: take the row up again (lookup first) at `until` (epoch
     /// ms), when the create has surely landed if it was applied (see `super::ambiguous`).
-    Deferred { until: i64 },
+    Deferred {
+        until: i64,
+    },
 }
 
 /// A row whose creates kept failing ambiguously in this run.
@@ -63,7 +65,7 @@ pub(crate) struct ContactWriter<'a> {
     pub location_id: &'a str,
     pub on_duplicate: OnDuplicate,
     pub value_key: &'a str,
-    pub in_flight: &'a InFlight,
+    pub in_flight: &'a InFlight<'a>,
 }
 
 /// Whether `c` was added at or after `since` (epoch ms), allowing for clock skew.
@@ -124,14 +126,17 @@ impl ContactWriter<'_> {
         let attempt = self
             .in_flight
             .create(
-                self.journal,
                 row.line,
                 &row.key(),
                 None,
                 prior,
                 async |_since| {
                     self.client
-                        .find_duplicate(self.location_id, row.email.as_deref(), row.phone.as_deref())
+                        .find_duplicate(
+                            self.location_id,
+                            row.email.as_deref(),
+                            row.phone.as_deref(),
+                        )
                         .await
                 },
                 async || self.client.create_contact(&body).await,

@@ -314,12 +314,24 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
     .unwrap_or(60);
     let max_retry_wait = keep(
         p,
-        positive(src, &api.max_retry_wait_secs, "max_retry_wait_secs", 300, 86_400),
+        positive(
+            src,
+            &api.max_retry_wait_secs,
+            "max_retry_wait_secs",
+            300,
+            86_400,
+        ),
     )
     .unwrap_or(300);
     let request_deadline = keep(
         p,
-        positive(src, &api.request_deadline_secs, "request_deadline_secs", 900, 604_800),
+        positive(
+            src,
+            &api.request_deadline_secs,
+            "request_deadline_secs",
+            900,
+            604_800,
+        ),
     )
     .unwrap_or(900);
     let max_response_bytes = keep(
