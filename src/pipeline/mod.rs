@@ -768,6 +768,7 @@ impl TokenRef {
                 Token::new(&raw).map_err(|e| format!("{var}: {e}"))
             }
             TokenRef::File(p) => {
+                crate::auth::warn_if_exposed(p, "token file");
                 let raw = std::fs::read_to_string(p)
                     .map_err(|e| format!("cannot read the token file {}: {e}", p.display()))?;
                 Token::new(&raw).map_err(|e| format!("token file {}: {e}", p.display()))
