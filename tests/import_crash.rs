@@ -119,9 +119,53 @@ async fn a_create_still_in_flight_when_the_importer_is_killed_is_not_made_again_
         Some(1),
         "exactly one contact, the one the killed run's create made"
     );
+    assert!(!stderr.contains("panicked"), "stderr: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_held_back_by_429s_then_killed_in_flight_is_not_made_again() {
+    // The location's window is full when the import starts: its create is answered 429 and
+    // sent again seconds after the row's first intent. The rerun must count the in-flight
+    // time from the attempt that went out, not from the first intent.
+    let sim = TestSim::start(SimConfig {
+        rate_limit: Some((3, Duration::from_secs(6))),
+        ..slow_sim(5, (1_500, 1_500), 0, true)
+    })
+    .await;
+    let loc = sim.location();
+    let client = sim.client(None, 1);
+    for _ in 0..3 {
+        client.get_location(&loc).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("people.csv");
+    std::fs::write(&input, "email,firstName\ncy@example.com,Cy\n").unwrap();
+    let args = import_args(
+        "contacts",
+        &loc,
+        &input,
+        &["--timeout", "3", "--settle-secs", "1"],
+    );
+    let mut first = command(&sim, &args).spawn().unwrap();
+    let mut waited = 0;
+    while sim.sim.writes_in_flight() == 0 {
+        assert!(waited < 3_000, "the create never reached the simulator");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        waited += 1;
+    }
     assert!(
-        stderr.is_empty() || !stderr.contains("panicked"),
-        "stderr: {stderr}"
+        sim.sim.stats().rate_limited > 0,
+        "the create was held back by 429s first"
+    );
+    first.start_kill().unwrap(); // SIGKILL while the create is in flight
+    first.wait().await.unwrap();
+
+    run_to_end(&sim, &args, 0).await;
+    sim.sim.settle().await;
+    assert_eq!(
+        contacts_by_email(&sim).get("cy@example.com").map(Vec::len),
+        Some(1),
+        "exactly one contact, the one the killed run's last attempt made"
     );
 }
 
@@ -132,7 +176,10 @@ async fn a_task_or_note_create_in_flight_when_the_importer_is_killed_is_not_made
         let loc = sim.location();
         let client = sim.client(None, 2);
         let contact = client
-            .create_contact(&serde_json::json!({"locationId": loc, "email": "bo@example.com"}))
+            .create_contact(
+                &serde_json::json!({"locationId": loc, "email": "bo@example.com"}),
+                None,
+            )
             .await
             .unwrap()
             .id
@@ -207,7 +254,7 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     let loc = sim.location();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("people.csv");
-    let mut text = String::from("email\n");
+    let mut text = String::from("email\nnot-an-email\n");
     for i in 0..60 {
         text.push_str(&format!("q{i}@example.com\n"));
     }
@@ -221,6 +268,14 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_eq!(second.status.code(), Some(8), "stderr: {stderr}");
     assert!(stderr.contains("in use"), "says why: {stderr}");
+    let mut dry = args.clone();
+    dry.push("--dry-run".into());
+    let dry = command(&sim, &dry).output().await.unwrap();
+    assert_eq!(
+        dry.status.code(),
+        Some(8),
+        "a dry run would rewrite the rejects file too"
+    );
     let undo = command(
         &sim,
         &[
@@ -238,9 +293,16 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     let out = first.wait_with_output().await.unwrap();
     assert_eq!(
         out.status.code(),
-        Some(0),
-        "{}",
+        Some(6),
+        "the first run ends as if alone (one row rejected): {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let rejects = std::fs::read_to_string(dir.path().join("people.csv.rejects.csv")).unwrap();
+    assert!(rejects.contains("not-an-email"), "{rejects}");
+    assert_eq!(
+        rejects.lines().count(),
+        2,
+        "header and the one rejected row: {rejects}"
     );
     sim.sim.settle().await;
     let people = contacts_by_email(&sim);
@@ -251,7 +313,7 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     );
     let (state, _) = contacts_etl::import::read_journal(&journal).expect("journal intact");
     assert_eq!(state.runs, 1, "only the first run is in the journal");
-    assert!(state.rows.values().all(|r| r.done.is_some()));
+    assert_eq!(state.rows.values().filter(|r| r.done.is_some()).count(), 60);
 }
 
 /// A deterministic generator for kill instants and data.

@@ -70,6 +70,23 @@ impl std::fmt::Debug for Token {
     }
 }
 
+/// Called right before each attempt of a create goes on the wire, after the waits for the pace
+/// and a permit. The importer makes its intent durable there, stamped with the real send time:
+/// a create held back by a 429 or the pace is then never taken for older than it is, and a run
+/// after a crash knows how long such a create may still be in flight. An error stops the
+/// request unsent.
+pub type BeforeSend<'a> =
+    &'a (dyn Fn() -> futures::future::BoxFuture<'a, Result<(), ApiError>> + Send + Sync);
+
+/// What one attempt sends, besides the token and the body.
+struct Outgoing<'a, 'h> {
+    kind: RequestKind,
+    method: &'a Method,
+    url: &'a reqwest::Url,
+    label: &'a RequestLabel,
+    before_send: Option<BeforeSend<'h>>,
+}
+
 /// Settings of a [`Client`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
@@ -485,13 +502,19 @@ impl Client {
     }
 
     /// `POST /contacts/`. Not retried after an ambiguous failure: look the contact up first.
-    pub async fn create_contact(&self, body: &serde_json::Value) -> Result<Contact, ApiError> {
+    /// `before_send` runs before each attempt is sent ([`BeforeSend`]).
+    pub async fn create_contact(
+        &self,
+        body: &serde_json::Value,
+        before_send: Option<BeforeSend<'_>>,
+    ) -> Result<Contact, ApiError> {
         let env: ContactEnv = self
-            .write(
+            .write_with(
                 Method::POST,
                 "/contacts/".into(),
                 body,
                 Idempotency::NonIdempotent,
+                before_send,
             )
             .await?;
         Ok(env.contact)
@@ -557,13 +580,15 @@ impl Client {
         &self,
         contact_id: &str,
         body: &serde_json::Value,
+        before_send: Option<BeforeSend<'_>>,
     ) -> Result<Task, ApiError> {
         let env: TaskEnv = self
-            .write(
+            .write_with(
                 Method::POST,
                 format!("/contacts/{}/tasks", enc(contact_id)),
                 body,
                 Idempotency::NonIdempotent,
+                before_send,
             )
             .await?;
         Ok(env.task)
@@ -628,13 +653,15 @@ impl Client {
         &self,
         contact_id: &str,
         body: &serde_json::Value,
+        before_send: Option<BeforeSend<'_>>,
     ) -> Result<Note, ApiError> {
         let env: NoteEnv = self
-            .write(
+            .write_with(
                 Method::POST,
                 format!("/contacts/{}/notes", enc(contact_id)),
                 body,
                 Idempotency::NonIdempotent,
+                before_send,
             )
             .await?;
         Ok(env.note)
@@ -651,6 +678,7 @@ impl Client {
             path_and_query,
             None,
             Idempotency::Idempotent,
+            None,
         )
         .await
     }
@@ -675,13 +703,24 @@ impl Client {
         body: &serde_json::Value,
         idem: Idempotency,
     ) -> Result<T, ApiError> {
+        self.write_with(method, path, body, idem, None).await
+    }
+
+    async fn write_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: String,
+        body: &serde_json::Value,
+        idem: Idempotency,
+        before_send: Option<BeforeSend<'_>>,
+    ) -> Result<T, ApiError> {
         let body = if body.is_null() {
             None
         } else {
             // Serialising a Value cannot fail.
             Some(Bytes::from(serde_json::to_vec(body).unwrap_or_default()))
         };
-        self.call(RequestKind::Write, method, path, body, idem)
+        self.call(RequestKind::Write, method, path, body, idem, before_send)
             .await
     }
 
@@ -692,6 +731,7 @@ impl Client {
         path_and_query: String,
         body: Option<Bytes>,
         idem: Idempotency,
+        before_send: Option<BeforeSend<'_>>,
     ) -> Result<T, ApiError> {
         let label = RequestLabel::new(&method, &path_and_query);
         let (path, query) = path_and_query
@@ -702,13 +742,20 @@ impl Client {
         url.set_path(&format!("{prefix}{path}"));
         url.set_query(query);
         let mut refreshed = false;
+        let out = Outgoing {
+            kind,
+            method: &method,
+            url: &url,
+            label: &label,
+            before_send,
+        };
         let result = loop {
             let auth = self.auth.current().await?;
             let result = self
                 .retry
                 .run(
                     idem,
-                    || self.attempt(kind, &method, &url, &label, &auth, body.clone()),
+                    || self.attempt(&out, &auth, body.clone()),
                     |err, delay| {
                         self.stats.retry();
                         tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
@@ -779,16 +826,20 @@ impl Client {
         }
     }
 
-    /// One HTTP attempt: permit, pace, send, read, classify.
+    /// One HTTP attempt: permit, pace, the caller's [`BeforeSend`], send, read, classify.
     async fn attempt<T: DeserializeOwned>(
         &self,
-        kind: RequestKind,
-        method: &Method,
-        url: &reqwest::Url,
-        label: &RequestLabel,
+        out: &Outgoing<'_, '_>,
         auth: &HeaderValue,
         body: Option<Bytes>,
     ) -> Result<T, ApiError> {
+        let Outgoing {
+            kind,
+            method,
+            url,
+            label,
+            before_send,
+        } = *out;
         // The semaphore is never closed, so acquire cannot fail.
         let _permit = self
             .permits
@@ -808,6 +859,9 @@ impl Client {
             })
             .await;
         self.stats.waited(waited);
+        if let Some(hook) = before_send {
+            hook().await?;
+        }
         self.stats.attempt();
         let mut req = self
             .http

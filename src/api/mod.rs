@@ -10,7 +10,7 @@ mod stats;
 
 pub use auth::{StaticToken, TokenSource};
 pub(crate) use client::is_loopback;
-pub use client::Location;
+pub use client::{BeforeSend, Location};
 pub use client::{
     BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token,
     DEFAULT_MAX_RESPONSE_BYTES,

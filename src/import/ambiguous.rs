@@ -6,9 +6,11 @@
 //! search is backed by an index that sees a write only a while after it landed. Looking the
 //! record up right after such a failure can find nothing and create it a second time. So:
 //!
-//! 1. Before each create an `intent` line is made durable in the journal.
+//! 1. Before each attempt of a create goes on the wire (after the client's pace and permit
+//!    waits, and before every retry of a 429) an `intent` line stamped with that instant is
+//!    made durable in the journal.
 //! 2. A create that fails ambiguously is not looked up at once: the row is set aside
-//!    ([`Attempt::Deferred`]) until its latest intent is older than the request timeout (the
+//!    ([`Attempt::Deferred`]) until its last attempt is older than the request timeout (the
 //!    longest the request can have been in flight) plus a settle time (for the write to land
 //!    and the search index to see it). Rows set aside do not hold a slot of the run's
 //!    concurrency; they are taken up again after the other rows, after one wait.
@@ -20,8 +22,10 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
+
 use super::journal::{now_ms, Action, Journal, JournalError, JournalState, Record, RowState};
-use crate::api::ApiError;
+use crate::api::{ApiError, BeforeSend, RequestLabel};
 
 /// Attempts at an ambiguous create for one row in one run before the row is left for a rerun.
 const MAX_AMBIGUOUS: u32 = 6;
@@ -96,7 +100,9 @@ impl<'a> InFlight<'a> {
     }
 
     /// One pass for one row: look up (if an earlier create of the row is unconfirmed), else
-    /// journal an intent and create. `lookup` gets the row's first intent (epoch ms).
+    /// create, with an intent made durable right before each attempt goes on the wire (the
+    /// client calls the [`BeforeSend`] it is given after its pace and permit waits, so the
+    /// intent carries the real send time). `lookup` gets the row's first intent (epoch ms).
     pub(crate) async fn create<F, C>(
         &self,
         line: u64,
@@ -104,7 +110,7 @@ impl<'a> InFlight<'a> {
         contact: Option<&str>,
         prior: Option<&RowState>,
         lookup: impl AsyncFnOnce(i64) -> Result<Option<F>, ApiError>,
-        create: impl AsyncFnOnce() -> Result<C, ApiError>,
+        create: impl AsyncFnOnce(BeforeSend<'_>) -> Result<C, ApiError>,
     ) -> Result<Attempt<F, C>, JournalError> {
         let mine = self.rows().get(&line).copied();
         let earlier = match (prior.and_then(|p| p.pending_since), mine.map(|m| m.first)) {
@@ -124,33 +130,68 @@ impl<'a> InFlight<'a> {
         if mine.is_some_and(|m| m.attempts >= MAX_AMBIGUOUS) {
             return Ok(Attempt::GaveUp);
         }
-        let at = now_ms();
-        self.journal
-            .append(&Record::Intent {
-                run: self.journal.run_id().to_owned(),
-                row: line,
-                key: key.to_owned(),
-                action: Action::Create,
-                at,
-                contact: contact.map(str::to_owned),
+        // (first, last) send times of this pass's attempts, and a journal failure, if any.
+        let sent: Mutex<Option<(i64, i64)>> = Mutex::new(None);
+        let failed: Mutex<Option<JournalError>> = Mutex::new(None);
+        let (sent_ref, failed_ref, journal) = (&sent, &failed, self.journal);
+        let hook = move || -> BoxFuture<'_, Result<(), ApiError>> {
+            Box::pin(async move {
+                let at = now_ms();
+                let intent = Record::Intent {
+                    run: journal.run_id().to_owned(),
+                    row: line,
+                    key: key.to_owned(),
+                    action: Action::Create,
+                    at,
+                    contact: contact.map(str::to_owned),
+                };
+                match journal.append(&intent).await {
+                    Ok(()) => {
+                        let mut s = sent_ref.lock().unwrap_or_else(|e| e.into_inner());
+                        *s = Some(s.map_or((at, at), |(first, _)| (first, at)));
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let refused = ApiError::Refused {
+                            request: RequestLabel(format!("create of line {line}")),
+                            status: None,
+                            reason: format!("not sent: {e}"),
+                            hint: "the journal must record a create before it is sent".into(),
+                        };
+                        *failed_ref.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        Err(refused)
+                    }
+                }
             })
-            .await?;
-        let first_intent = earlier.unwrap_or(at);
-        match create().await {
+        };
+        let result = create(&hook).await;
+        if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            return Err(e);
+        }
+        let sent = *sent.lock().unwrap_or_else(|e| e.into_inner());
+        let first_intent = match (earlier, sent) {
+            (Some(a), Some((b, _))) => a.min(b),
+            (Some(a), None) => a,
+            (None, Some((b, _))) => b,
+            (None, None) => now_ms(),
+        };
+        match result {
             Ok(c) => {
                 self.rows().remove(&line);
                 Ok(Attempt::Created(c))
             }
             Err(e) if e.maybe_applied() => {
                 tracing::debug!(line, error = %e, "ambiguous create; the row is looked up after the settle time");
+                let last_sent = sent.map_or_else(now_ms, |(_, last)| last);
                 let mut rows = self.rows();
                 let p = rows.entry(line).or_insert(Pending {
                     first: first_intent,
                     attempts: 0,
                 });
+                p.first = p.first.min(first_intent);
                 p.attempts += 1;
                 Ok(Attempt::Deferred {
-                    until: at.saturating_add(self.wait_ms()),
+                    until: last_sent.saturating_add(self.wait_ms()),
                 })
             }
             Err(error) => {

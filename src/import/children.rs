@@ -229,15 +229,15 @@ impl<'a> ChildWriter<'a> {
                 Some(contact_id),
                 prior,
                 async |since| self.find(row, contact_id, since).await,
-                async || match self.entity {
+                async |sent| match self.entity {
                     Entity::Tasks => self
                         .client
-                        .create_task(contact_id, &body)
+                        .create_task(contact_id, &body, Some(sent))
                         .await
                         .map(|t| t.id),
                     _ => self
                         .client
-                        .create_note(contact_id, &body)
+                        .create_note(contact_id, &body, Some(sent))
                         .await
                         .map(|n| n.id),
                 },

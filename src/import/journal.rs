@@ -355,8 +355,9 @@ pub struct Journal {
 /// A journal locked for this run and replayed, before its run line is written.
 pub struct LockedJournal {
     path: PathBuf,
-    file: File,
     lock: RunLock,
+    /// Length of the journal's whole lines; a torn tail after it is cut at [`Self::start`].
+    good_len: u64,
 }
 
 /// What a run records about itself in its `run` line.
@@ -376,8 +377,9 @@ pub fn lock_path(path: &Path) -> PathBuf {
 }
 
 impl Journal {
-    /// Locks the journal for this run (or fails with [`JournalError::Busy`]), replays it, and
-    /// drops a torn tail. Nothing is appended until [`LockedJournal::start`].
+    /// Locks the journal for this run (or fails with [`JournalError::Busy`]) and replays it.
+    /// Nothing is written (a torn tail is cut, the run line appended) until
+    /// [`LockedJournal::start`], so a dry run can hold the lock and change nothing.
     pub fn lock(path: &Path) -> Result<(LockedJournal, JournalState), JournalError> {
         let io = |source| JournalError::Io {
             path: path.to_owned(),
@@ -394,26 +396,18 @@ impl Journal {
             LockError::Io { source, .. } => io(source),
         })?;
         let (state, good_len) = read(path)?;
-        // Append mode: every write lands at the end, whatever else has the file open.
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io)?;
-        if file.metadata().map_err(io)?.len() != good_len {
-            file.set_len(good_len).map_err(io)?;
-        }
         Ok((
             LockedJournal {
                 path: path.to_owned(),
-                file,
                 lock,
+                good_len,
             },
             state,
         ))
     }
 
     /// [`Journal::lock`] then [`LockedJournal::start`].
+    #[cfg(test)]
     pub async fn open(
         path: &Path,
         info: &RunInfo<'_>,
@@ -454,7 +448,24 @@ impl Journal {
 impl LockedJournal {
     /// Starts the writer and appends this run's `run` line.
     pub async fn start(self, info: &RunInfo<'_>) -> Result<Journal, JournalError> {
-        let LockedJournal { path, file, lock } = self;
+        let LockedJournal {
+            path,
+            lock,
+            good_len,
+        } = self;
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        // Append mode: every write lands at the end, whatever else has the file open.
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        if file.metadata().map_err(io)?.len() != good_len {
+            file.set_len(good_len).map_err(io)?;
+        }
         let (tx, rx) = std::sync::mpsc::channel::<(Vec<u8>, Ack)>();
         let thread = std::thread::Builder::new()
             .name("import-journal".into())
@@ -625,19 +636,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn journal_lines_written_concurrently_are_never_torn() {
+    async fn journal_lines_land_at_the_end_even_when_the_file_grew_under_the_writer() {
+        // Append mode: a line written by anything else after the journal was opened is never
+        // overwritten (a writer that seeks to the end once at open would write over it).
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("j.jsonl");
         let (j, _) = Journal::open(&path, &info(Some("L"))).await.unwrap();
-        let j = &j;
-        futures::future::join_all((0..500u64).map(|row| async move {
-            j.append(&done(row, &format!("id-{row}-{}", "x".repeat(300))))
-                .await
-                .unwrap()
-        }))
-        .await;
+        let mut other = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut line = serde_json::to_vec(&done(7, "c7")).unwrap();
+        line.push(b'\n');
+        other.write_all(&line).unwrap();
+        j.append(&done(8, "c8")).await.unwrap();
         let (state, _) = read(&path).unwrap();
-        assert_eq!(state.rows.len(), 500);
+        assert_eq!(state.rows[&7].done.as_ref().unwrap().id, "c7");
+        assert_eq!(state.rows[&8].done.as_ref().unwrap().id, "c8");
     }
 
     #[tokio::test]

@@ -49,7 +49,7 @@ pub use validate::{Country, Entity, Reason};
 use crate::api::{ApiError, Client};
 use ambiguous::InFlight;
 use input::{open_csv, RawRecord};
-use journal::Journal;
+use journal::{Journal, LockedJournal};
 use report::{reason_text, Rejects};
 use validate::{ColumnPlan, Grouper, Place, Repeats, Row, Rules, Validator};
 use write::{classify, ContactWriter, RowResult};
@@ -217,6 +217,9 @@ pub async fn import_contacts(
         ignore_ids: opts.ignore_ids,
         on_duplicate: opts.on_duplicate,
     };
+    // The journal is locked before anything is written, the rejects file included, so a
+    // second run with the same journal is refused having done nothing.
+    let (locked, state) = Journal::lock(&opts.source.journal)?;
     let (mut report, rejects, plan) =
         validate_all(&client, Entity::Contacts, &opts.source, &mut rules).await?;
     if let Some(mode) = opts.source.dry_run {
@@ -235,7 +238,14 @@ pub async fn import_contacts(
         }
         return Ok(report);
     }
-    let (journal, state) = open_journal(&opts.source, Entity::Contacts, &opts.location_id).await?;
+    let journal = open_journal(
+        locked,
+        &state,
+        &opts.source,
+        Entity::Contacts,
+        &opts.location_id,
+    )
+    .await?;
     report.journal = Some(opts.source.journal.clone());
     ambiguous::startup_wait(&state, &opts.source.settle).await;
     let in_flight = InFlight::new(&journal, opts.source.settle);
@@ -289,6 +299,7 @@ pub async fn import_children(
         ignore_ids: true,
         on_duplicate: OnDuplicate::default(),
     };
+    let (locked, state) = Journal::lock(&opts.source.journal)?;
     let (mut report, rejects, plan) =
         validate_all(&client, opts.entity, &opts.source, &mut rules).await?;
     if opts.source.dry_run.is_some() {
@@ -316,7 +327,8 @@ pub async fn import_children(
         }
         None => Default::default(),
     };
-    let (journal, state) = open_journal(&opts.source, opts.entity, &opts.location_id).await?;
+    let journal =
+        open_journal(locked, &state, &opts.source, opts.entity, &opts.location_id).await?;
     report.journal = Some(opts.source.journal.clone());
     ambiguous::startup_wait(&state, &opts.source.settle).await;
     let in_flight = InFlight::new(&journal, opts.source.settle);
@@ -678,18 +690,14 @@ fn valid_rows(
     }))
 }
 
+/// Checks the locked journal belongs to this import, then starts this run in it.
 async fn open_journal(
+    locked: LockedJournal,
+    state: &JournalState,
     source: &SourceOptions,
     entity: Entity,
     location: &str,
-) -> Result<(Journal, JournalState), ImportError> {
-    let info = journal::RunInfo {
-        entity,
-        location: Some(location),
-        input: &source.input,
-        timeout: source.settle.timeout,
-    };
-    let (journal, state) = Journal::open(&source.journal, &info).await?;
+) -> Result<Journal, ImportError> {
     let mismatch = |message: String| ImportError::JournalMismatch {
         path: source.journal.clone(),
         message,
@@ -709,7 +717,13 @@ async fn open_journal(
     if state.runs > 0 {
         tracing::info!(journal = %source.journal.display(), earlier_runs = state.runs, rows = state.rows.len(), "resuming from the journal");
     }
-    Ok((journal, state))
+    let info = journal::RunInfo {
+        entity,
+        location: Some(location),
+        input: &source.input,
+        timeout: source.settle.timeout,
+    };
+    Ok(locked.start(&info).await?)
 }
 
 /// Pass 2: valid rows through `work` with bounded concurrency; outcomes counted, refusals

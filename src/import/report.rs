@@ -303,7 +303,9 @@ impl Rejects {
             || "rejects.csv".into(),
             |n| n.to_string_lossy().into_owned(),
         );
-        let tmp = path.with_file_name(format!(".{name}.tmp"));
+        // This process's own temporary name: two runs writing the same rejects file never
+        // write into, or rename, each other's.
+        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
         // Always comma-separated, whatever the input used: the file is read by people and tools.
         let mut writer = csv::WriterBuilder::new()
             .flexible(true)

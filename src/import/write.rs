@@ -139,7 +139,7 @@ impl ContactWriter<'_> {
                         )
                         .await
                 },
-                async || self.client.create_contact(&body).await,
+                async |sent| self.client.create_contact(&body, Some(sent)).await,
             )
             .await?;
         Ok(match attempt {
