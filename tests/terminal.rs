@@ -285,13 +285,16 @@ fn agency_store(dir: &Path) {
 
 #[tokio::test]
 async fn server_escape_sequences_in_an_installed_location_id_never_reach_the_terminal_raw() {
-    // The agency's one installed location has a hostile id: the pipeline must neither use it
+    // One of the agency's installed locations has a hostile id: the pipeline must neither use it
     // (requests, directories) nor print it raw in its summary.
     let app = axum::Router::new().fallback(|uri: axum::http::Uri| async move {
         if uri.path() == "/oauth/installedLocations" {
             axum::Json(serde_json::json!({
-                "locations": [{ "_id": HOSTILE, "name": "x", "isInstalled": true }],
-                "count": 1,
+                "locations": [
+                    { "_id": HOSTILE, "name": "x", "isInstalled": true },
+                    { "_id": "goodLoc1", "name": "y", "isInstalled": true },
+                ],
+                "count": 2,
             }))
             .into_response()
         } else {
@@ -311,6 +314,14 @@ async fn server_escape_sequences_in_an_installed_location_id_never_reach_the_ter
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("skipping an installed location"),
+        "{stderr}"
+    );
+    // The other location still runs (its token request meets the hostile 400), and its
+    // summary line, quoting that error, is printed safely too.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("goodLoc1") && l.contains("failed")),
         "{stderr}"
     );
     assert!(

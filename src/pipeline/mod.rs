@@ -858,7 +858,6 @@ pub async fn run_export_until(
                 // server made up (`../x`, escape sequences) is skipped, not used.
                 if let Err(why) = crate::api::check_id(&l.id) {
                     tracing::warn!(
-                        location = %crate::term::escape(&l.id),
                         "skipping an installed location: the id the server gave for it cannot be used: {}",
                         crate::term::escape(&why)
                     );
