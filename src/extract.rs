@@ -17,6 +17,9 @@
 //!   offset moves, the listing does not) ([`ExtractError::PageLoop`]);
 //! - both: many more rows than the total the server announced at the start
 //!   ([`rows_beyond_total`]).
+//!
+//! The offset-paging checks live in [`OffsetGuard`], which the OAuth `installedLocations`
+//! listing (also skip/limit) uses too.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -36,6 +39,81 @@ pub const STALE_PAGES: u32 = 3;
 /// more than twice it plus 1,000 (a listing may grow while it is read, never like that).
 pub fn rows_beyond_total(rows: u64, total: Option<u64>) -> bool {
     total.is_some_and(|t| rows > t.saturating_mul(2).saturating_add(1000))
+}
+
+/// The guard of an offset-paged listing (skip/limit, no cursor) against a server that would
+/// keep it going forever: the same page again, [`STALE_PAGES`] pages in a row of items
+/// already read, or far more items than first announced ([`rows_beyond_total`]). It
+/// remembers every id read, so use it for listings small enough for that (one business's
+/// contacts, an agency's locations).
+#[derive(Debug)]
+pub(crate) struct OffsetGuard {
+    /// What is listed, for messages: one and many (`"contact"`, `"contacts"`).
+    noun: (&'static str, &'static str),
+    seen: HashSet<String>,
+    /// The ids of the previous page, in order.
+    prev_ids: Vec<String>,
+    /// Pages in a row that brought no item not already read.
+    stale: u32,
+    rows: u64,
+    first_total: Option<u64>,
+}
+
+impl OffsetGuard {
+    pub(crate) fn new(one: &'static str, many: &'static str) -> OffsetGuard {
+        OffsetGuard {
+            noun: (one, many),
+            seen: HashSet::new(),
+            prev_ids: Vec::new(),
+            stale: 0,
+            rows: 0,
+            first_total: None,
+        }
+    }
+
+    /// Checks the next page, given the ids of its items in order (`None` for an item without
+    /// one) and the total the server announced with it. Returns, for each item, whether it is
+    /// new (an item without an id always is), or why the listing is taken to loop.
+    pub(crate) fn page(
+        &mut self,
+        ids: &[Option<String>],
+        total: Option<u64>,
+    ) -> Result<Vec<bool>, String> {
+        let (one, many) = self.noun;
+        let present: Vec<String> = ids.iter().flatten().cloned().collect();
+        if !present.is_empty() && present == self.prev_ids {
+            return Err(format!(
+                "the server returned the same {} {many} as for the previous offset",
+                present.len()
+            ));
+        }
+        self.first_total = self.first_total.or(total);
+        self.rows += ids.len() as u64;
+        if rows_beyond_total(self.rows, self.first_total) {
+            return Err(format!(
+                "{} {many} read, far more than the {} the server announced (count)",
+                self.rows,
+                self.first_total.unwrap_or_default()
+            ));
+        }
+        let fresh: Vec<bool> = ids
+            .iter()
+            .map(|id| id.as_ref().is_none_or(|id| self.seen.insert(id.clone())))
+            .collect();
+        self.stale = if !ids.is_empty() && !fresh.contains(&true) {
+            self.stale + 1
+        } else {
+            0
+        };
+        if self.stale >= STALE_PAGES {
+            return Err(format!(
+                "{} pages in a row brought no {one} not already read (the offset moves, the listing does not)",
+                self.stale
+            ));
+        }
+        self.prev_ids = present;
+        Ok(fresh)
+    }
 }
 
 /// Where the contacts listing continues: after the contact with this `dateAdded` and id.
@@ -69,7 +147,7 @@ pub struct Page {
 pub enum ExtractError {
     #[error(transparent)]
     Api(#[from] ApiError),
-    #[error("the contacts listing of location {location} did not advance: the server returned cursor startAfter={} startAfterId={} again (or an earlier one); stopping rather than looping. Retry later; if it persists, report it to HighLevel support", .cursor.start_after, .cursor.start_after_id)]
+    #[error("the contacts listing of location {location} did not advance: the server returned cursor startAfter={} startAfterId={} again (or an earlier one); stopping rather than looping. Retry later; if it persists, report it to HighLevel support", .cursor.start_after, crate::term::Escaped(&.cursor.start_after_id))]
     CursorLoop { location: String, cursor: Cursor },
     #[error("the contacts listing of location {location} returned a full page without a usable cursor (no meta.startAfter/startAfterId and no dateAdded/id on the last contact)")]
     NoCursor { location: String },
@@ -289,13 +367,7 @@ struct BusinessState {
     skip: u64,
     /// Offset paging can repeat ids when the listing shifts; a business is small enough to
     /// remember its ids.
-    seen: HashSet<String>,
-    /// The ids of the previous page, in order (a page served again is an error).
-    prev_ids: Vec<String>,
-    /// Pages in a row that brought no contact not already seen.
-    stale: u32,
-    rows: u64,
-    first_total: Option<u64>,
+    guard: OffsetGuard,
     done: bool,
 }
 
@@ -319,11 +391,7 @@ pub fn business_contacts(
         last,
         page_size: page_size.clamp(1, 100),
         skip,
-        seen: HashSet::new(),
-        prev_ids: Vec::new(),
-        stale: 0,
-        rows: 0,
-        first_total: None,
+        guard: OffsetGuard::new("contact", "contacts"),
         done: false,
     };
     futures::stream::try_unfold(state, |mut st| async move {
@@ -346,49 +414,18 @@ pub fn business_contacts(
             .0,
             reason,
         };
-        let ids: Vec<String> = page
+        let ids: Vec<Option<String>> = page
             .contacts
             .iter()
-            .filter_map(|c| ContactHead::of(c).id)
+            .map(|c| ContactHead::of(c).id)
             .collect();
-        if !ids.is_empty() && ids == st.prev_ids {
-            return Err(looping(
-                &st,
-                format!(
-                    "the server returned the same {} contacts as for the previous offset",
-                    ids.len()
-                ),
-            ));
-        }
-        st.first_total = st.first_total.or(total);
-        st.rows += fetched;
-        if rows_beyond_total(st.rows, st.first_total) {
-            return Err(looping(
-                &st,
-                format!(
-                    "{} contacts read, far more than the {} the server announced (count)",
-                    st.rows,
-                    st.first_total.unwrap_or_default()
-                ),
-            ));
-        }
-        let mut contacts = page.contacts;
-        contacts.retain(|c| ContactHead::of(c).id.is_none_or(|id| st.seen.insert(id)));
-        st.stale = if fetched > 0 && contacts.is_empty() {
-            st.stale + 1
-        } else {
-            0
+        let fresh = match st.guard.page(&ids, total) {
+            Ok(fresh) => fresh,
+            Err(reason) => return Err(looping(&st, reason)),
         };
-        if st.stale >= STALE_PAGES {
-            return Err(looping(
-                &st,
-                format!(
-                    "{} pages in a row brought no contact not already read (the offset moves, the listing does not)",
-                    st.stale
-                ),
-            ));
-        }
-        st.prev_ids = ids;
+        let mut contacts = page.contacts;
+        let mut fresh = fresh.into_iter();
+        contacts.retain(|_| fresh.next().unwrap_or(true));
         st.skip += fetched;
         // Without a `count`, only an empty page ends the listing (the limit may be capped).
         st.done = fetched == 0 || total.is_some_and(|t| st.skip >= t);

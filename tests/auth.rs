@@ -941,3 +941,102 @@ async fn token_file_readable_by_others_is_warned_about_with_the_chmod_fix() {
     let (stderr, _) = export_with_token_file(dir.path(), 0o600).await;
     assert!(!stderr.contains("chmod 600"), "{stderr}");
 }
+
+// Issue 11, items 8 and 12, for the OAuth endpoints: `installedLocations` pages that never
+// end, and reply bodies without a cap.
+
+/// An OAuth provider for a fake server (`router`) holding a valid agency grant of `co1`.
+async fn agency_provider(dir: &Path, router: axum::Router) -> OAuthProvider {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let store = dir.join("tokens.json");
+    TokenStore::new(&store)
+        .put(StoredToken {
+            user_type: UserType::Company,
+            company_id: Some("co1".into()),
+            location_id: None,
+            access_token: contacts_etl::auth::Secret::new("agency-access"),
+            refresh_token: Some(contacts_etl::auth::Secret::new("agency-refresh")),
+            expires_at: 4_102_444_800,
+            scope: None,
+            user_id: None,
+            updated_at: 0,
+        })
+        .unwrap();
+    let settings = OAuthSettings::new(base, OAuthApp::new("app-1", "secret"), store);
+    OAuthProvider::new(settings).unwrap()
+}
+
+/// Answers `/oauth/installedLocations` with `reply`, counting the requests.
+fn installed_locations_route<F, Fut, R>(
+    hits: Arc<std::sync::atomic::AtomicUsize>,
+    reply: F,
+) -> axum::Router
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = R> + Send + 'static,
+    R: axum::response::IntoResponse + 'static,
+{
+    axum::Router::new().route(
+        "/oauth/installedLocations",
+        axum::routing::get(move || {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reply()
+        }),
+    )
+}
+
+#[tokio::test]
+async fn installed_locations_serving_one_full_page_forever_never_ended() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = installed_locations_route(hits.clone(), || async {
+        // The same 100 locations on every page, and no count.
+        let locations: Vec<serde_json::Value> = (0..100)
+            .map(|i| serde_json::json!({ "_id": format!("loc{i:03}"), "isInstalled": true }))
+            .collect();
+        axum::Json(serde_json::json!({ "locations": locations }))
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let provider = agency_provider(dir.path(), router).await;
+    let result = tokio::time::timeout(Duration::from_secs(30), provider.installed_locations(None))
+        .await
+        .expect("the listing ends");
+    let err = result.expect_err("a loop error").to_string();
+    assert!(
+        err.contains("GET /oauth/installedLocations?companyId=co1"),
+        "{err}"
+    );
+    assert!(err.contains("not advancing"), "{err}");
+    assert!(err.contains("same 100 locations"), "{err}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn an_oauth_reply_over_the_body_cap_was_read_whole_into_memory() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let router = installed_locations_route(hits.clone(), || async {
+        // 65 MiB, streamed without a Content-Length: over the default 64 MiB cap.
+        let chunks = std::iter::repeat_n(bytes::Bytes::from(vec![b' '; 1 << 20]), 65)
+            .map(Ok::<_, std::io::Error>);
+        axum::response::Response::builder()
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from_stream(futures::stream::iter(chunks)))
+            .unwrap()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let provider = agency_provider(dir.path(), router).await;
+    let err = provider
+        .installed_locations(None)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(err.contains("GET /oauth/installedLocations"), "{err}");
+    assert!(err.contains("67108864-byte cap"), "{err}");
+    assert!(err.contains("passed it after"), "{err}");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "not retried"
+    );
+}

@@ -431,6 +431,42 @@ async fn a_reply_under_a_raised_cap_is_accepted() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
 
+#[tokio::test]
+async fn a_petabyte_content_length_under_a_raised_cap_aborted_the_process() {
+    // A raw server: announces 10^15 bytes, sends a few, hangs up. Reserving the announced
+    // length up front aborts the process (no allocator gives a petabyte).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000000000000\r\n\r\n{\"contacts\": [")
+                    .await;
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let o = export(
+        &base,
+        dir.path(),
+        &[
+            "--max-response-bytes",
+            "1000000G",
+            "--request-deadline",
+            "2",
+        ],
+    )
+    .await;
+    let err = stderr(&o);
+    assert!(o.status.code().is_some(), "killed by a signal: {err}");
+    assert!(err.contains("GET /contacts/?locationId=L1"), "{err}");
+    assert!(err.contains("reading the reply failed"), "{err}");
+}
+
 // ---- item 13: ids that cannot go into a request -------------------------------------------
 
 #[tokio::test]

@@ -498,6 +498,78 @@ async fn a_token_pasted_into_token_env_or_token_file_is_refused_and_never_echoed
     assert_eq!(sim.sim.stats().requests, 0, "nothing was run");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pasted_as_token_file_was_echoed_on_stderr_and_in_the_report() {
+    let sim = TestSim::start(fast_sim(5, 15)).await;
+    let loc = sim.location();
+    let pit = "pit-7d3f2a9e-1b4c-4e8a-9f21-0c5d6b7a8e90";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let input = write(
+        &dir.path().join("in.csv"),
+        "firstName,email\nAda,ada@example.com\n",
+    );
+    let base = sim.base_url.as_str();
+    let runs: [Vec<&str>; 3] = [
+        ["export", "--base-url", base, "--location", &loc, "--out"]
+            .into_iter()
+            .chain([out.to_str().unwrap(), "--token-file", pit])
+            .collect(),
+        [
+            "import",
+            "contacts",
+            "--base-url",
+            base,
+            "--location",
+            &loc,
+            "--input",
+        ]
+        .into_iter()
+        .chain([input.to_str().unwrap(), "--token-file", pit])
+        .collect(),
+        vec![
+            "auth",
+            "locations",
+            "--client-id",
+            "app-1",
+            "--client-secret-file",
+            pit,
+            "--token-store",
+            "tokens.json",
+            "--base-url",
+            base,
+        ],
+    ];
+    for args in runs {
+        let o = bin(&args, &[])
+            .current_dir(dir.path())
+            .output()
+            .await
+            .unwrap();
+        let (so, se) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {se}");
+        assert!(se.contains("looks like a secret"), "{args:?}: {se}");
+        for (name, text) in [("stdout", &so), ("stderr", &se)] {
+            assert!(
+                !text.contains(&pit[..12]),
+                "{args:?} echoed the token on {name}: {text}"
+            );
+        }
+    }
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&pit[..12]),
+            "{} holds the token",
+            entry.display()
+        );
+    }
+    assert_eq!(sim.sim.stats().requests, 0, "nothing was run");
+}
+
 /// Every file under `dir` (none if it does not exist).
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut files = Vec::new();

@@ -212,3 +212,135 @@ async fn server_values_kept_in_the_token_store_are_printed_escaped_by_auth_statu
     assert_printed_safely("stdout", &out.stdout);
     assert_printed_safely("stderr", &out.stderr);
 }
+
+/// Serves `app` on 127.0.0.1:<free port>.
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn server_escape_sequences_in_a_looping_cursor_id_never_reach_the_terminal_raw() {
+    // Every page: a new contact, but the same cursor, whose id is hostile: the listing
+    // stops with CursorLoop, which quotes the cursor.
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let app = axum::Router::new().route(
+        "/contacts/",
+        axum::routing::get(move || {
+            let n = hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                axum::Json(serde_json::json!({
+                    "contacts": [{ "id": format!("c{n}"), "dateAdded": "2024-01-01T00:00:00.000Z" }],
+                    "meta": { "startAfter": 1_700_000_000_000i64, "startAfterId": HOSTILE, "nextPage": 2 },
+                }))
+            }
+        }),
+    );
+    let base = serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(
+        &[
+            "export",
+            "--base-url",
+            &base,
+            "--location",
+            "loc1",
+            "--out",
+            "out",
+            "--include",
+            "none",
+            "--rate-limit",
+            "off",
+        ],
+        dir.path(),
+    )
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("did not advance"), "{stderr}");
+    assert!(stderr.contains("pwned"), "{stderr}");
+    assert_printed_safely("stderr", &out.stderr);
+    assert_printed_safely("stdout", &out.stdout);
+}
+
+/// A token store holding a valid agency (Company) token of company `co1`, and the app's
+/// client secret, in `dir`.
+fn agency_store(dir: &Path) {
+    std::fs::write(dir.join("secret"), "client-secret").unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.join("secret"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+    }
+    write_store(
+        &dir.join("tokens.json"),
+        r#"{"version":"1","tokens":{"company:co1":{"user_type":"Company","company_id":"co1","access_token":"a","refresh_token":"r","expires_at":4102444800}}}"#,
+    );
+}
+
+#[tokio::test]
+async fn server_escape_sequences_in_an_installed_location_id_never_reach_the_terminal_raw() {
+    // One of the agency's installed locations has a hostile id: the pipeline must neither use it
+    // (requests, directories) nor print it raw in its summary.
+    let app = axum::Router::new().fallback(|uri: axum::http::Uri| async move {
+        if uri.path() == "/oauth/installedLocations" {
+            axum::Json(serde_json::json!({
+                "locations": [
+                    { "_id": HOSTILE, "name": "x", "isInstalled": true },
+                    { "_id": "goodLoc1", "name": "y", "isInstalled": true },
+                ],
+                "count": 2,
+            }))
+            .into_response()
+        } else {
+            let body = serde_json::json!({ "statusCode": 400, "message": HOSTILE });
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
+    });
+    let base = serve(app).await;
+    let dir = tempfile::tempdir().unwrap();
+    agency_store(dir.path());
+    std::fs::write(
+        dir.path().join("p.toml"),
+        format!("name = \"agency\"\n[api]\nbase_url = \"{base}\"\nrate_limit = \"off\"\n[auth.oauth]\ntoken_store = \"tokens.json\"\nclient_id = \"app-1\"\nclient_secret_file = \"secret\"\nall_installed_locations = true\n[export]\nout = \"out\"\ninclude = [\"tasks\"]\n"),
+    )
+    .unwrap();
+    let out = run(&["run", "p.toml"], dir.path()).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("skipping an installed location"),
+        "{stderr}"
+    );
+    // The other location still runs (its token request meets the hostile 400), and its
+    // summary line, quoting that error, is printed safely too.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("goodLoc1") && l.contains("failed")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pwned"),
+        "the id is shown escaped: {stderr}"
+    );
+    assert_printed_safely("stderr", &out.stderr);
+    assert_printed_safely("stdout", &out.stdout);
+    // Nothing was made for it: no file or directory is named after the hostile id.
+    for sub in ["out", "out/_state"] {
+        for entry in std::fs::read_dir(dir.path().join(sub))
+            .into_iter()
+            .flatten()
+        {
+            let name = entry.unwrap().file_name();
+            assert!(
+                !name.to_string_lossy().contains("pwned"),
+                "{sub} has an entry named after the hostile id: {name:?}"
+            );
+        }
+    }
+}

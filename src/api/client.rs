@@ -778,52 +778,21 @@ impl Client {
         result
     }
 
-    /// Reads a reply body, refusing one over the cap: by its `Content-Length` before reading
-    /// anything, else as soon as the bytes received pass the cap.
+    /// Reads a reply body under this client's cap ([`read_body`]).
     async fn read_body(
         &self,
         resp: &mut reqwest::Response,
         label: &RequestLabel,
         status: u16,
     ) -> Result<Vec<u8>, ApiError> {
-        let cap = self.max_response_bytes;
-        let announced = resp.content_length();
-        if let Some(len) = announced.filter(|&len| len > cap) {
-            return Err(too_large(
-                label,
-                status,
-                cap,
-                format!("announces {len} bytes (Content-Length)"),
-            ));
-        }
-        // Reserve what was announced (already under the cap), not more.
-        let mut body = Vec::with_capacity(announced.unwrap_or(0) as usize);
-        loop {
-            match resp.chunk().await {
-                Ok(Some(chunk)) => {
-                    if (body.len() + chunk.len()) as u64 > cap {
-                        return Err(too_large(
-                            label,
-                            status,
-                            cap,
-                            format!("passed it after {} bytes", body.len() + chunk.len()),
-                        ));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(None) => return Ok(body),
-                Err(e) => {
-                    self.stats.network_error();
-                    return Err(transient(
-                        label,
-                        format!("reading the reply failed: {}", describe_reqwest(&e)),
-                        None,
-                        true,
-                        Some(status),
-                    ));
-                }
-            }
-        }
+        read_body(
+            resp,
+            label,
+            status,
+            self.max_response_bytes,
+            Some(&self.stats),
+        )
+        .await
     }
 
     /// One HTTP attempt: permit, pace, the caller's [`BeforeSend`], send, read, classify.
@@ -1009,6 +978,63 @@ fn redirected(label: &RequestLabel, status: u16, headers: &reqwest::header::Head
             None => format!("HTTP {status} redirect (no Location), not followed"),
         },
         hint: "the API does not redirect: check --base-url (HL_BASE_URL, or base_url in a pipeline file); it must name the API itself, e.g. https://services.leadconnectorhq.com, or a proxy that forwards requests rather than redirecting them".into(),
+    }
+}
+
+/// At most this much is reserved up front for a reply body, whatever its `Content-Length`
+/// says: a raised cap must not let one announced length allocate (and abort on) terabytes;
+/// a body that really is larger grows as its bytes arrive.
+const MAX_BODY_RESERVATION: u64 = 8 << 20;
+
+/// Reads a reply body, refusing one over `cap`: by its `Content-Length` before reading
+/// anything, else as soon as the bytes received pass the cap. The one body reader of the
+/// crate: the API client and the OAuth endpoints both read through it. A failed read counts
+/// as a network error in `stats`, when given.
+pub(crate) async fn read_body(
+    resp: &mut reqwest::Response,
+    label: &RequestLabel,
+    status: u16,
+    cap: u64,
+    stats: Option<&Stats>,
+) -> Result<Vec<u8>, ApiError> {
+    let announced = resp.content_length();
+    if let Some(len) = announced.filter(|&len| len > cap) {
+        return Err(too_large(
+            label,
+            status,
+            cap,
+            format!("announces {len} bytes (Content-Length)"),
+        ));
+    }
+    let reserve = announced.unwrap_or(0).min(MAX_BODY_RESERVATION);
+    let mut body = Vec::with_capacity(reserve as usize);
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if (body.len() + chunk.len()) as u64 > cap {
+                    return Err(too_large(
+                        label,
+                        status,
+                        cap,
+                        format!("passed it after {} bytes", body.len() + chunk.len()),
+                    ));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body),
+            Err(e) => {
+                if let Some(stats) = stats {
+                    stats.network_error();
+                }
+                return Err(transient(
+                    label,
+                    format!("reading the reply failed: {}", describe_reqwest(&e)),
+                    None,
+                    true,
+                    Some(status),
+                ));
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod stats;
 
 pub use auth::{StaticToken, TokenSource};
 pub(crate) use client::is_loopback;
+pub(crate) use client::read_body;
 pub use client::{BeforeSend, Location};
 pub use client::{
     BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token,

@@ -6,6 +6,10 @@
 //! grant (400 or 401 from `/oauth/token`) is `Unauthorized` (log in again), network errors,
 //! 429 and 5xx are `Transient` (retried a few times here, then reported), anything else is
 //! `Fatal`. No error carries a request body: it holds the client secret and the tokens.
+//!
+//! Replies are read through the API client's capped reader ([`crate::api::read_body`]), and
+//! the `installedLocations` paging through the business listing's loop guard
+//! ([`crate::extract::OffsetGuard`]); either refusal is `Refused`, never retried.
 
 use std::time::Duration;
 
@@ -43,6 +47,10 @@ impl OAuthApp {
         }
         let secret = match secret_file {
             Some(path) => {
+                // A secret pasted as the path would be echoed below: refused unshown.
+                if crate::pipeline::looks_like_secret(&path.to_string_lossy()) {
+                    return Err(AuthError::Config("the client secret file path looks like a secret itself; it is not shown here. Put the secret in a file (mode 0600) and pass its path, and treat the secret as exposed if this command line or file was shared".into()));
+                }
                 super::store::warn_if_exposed(path, "client secret file");
                 std::fs::read_to_string(path).map_err(|e| {
                     AuthError::Config(format!(
@@ -212,6 +220,8 @@ pub(crate) struct Endpoints {
     http: reqwest::Client,
     base: String,
     retry: RetryPolicy,
+    /// The cap on one reply body (the API client's default: OAuth replies are small).
+    max_response_bytes: u64,
 }
 
 impl Endpoints {
@@ -237,6 +247,7 @@ impl Endpoints {
                 max_delay: Duration::from_secs(10),
                 ..RetryPolicy::default()
             },
+            max_response_bytes: crate::api::DEFAULT_MAX_RESPONSE_BYTES,
         })
     }
 
@@ -317,12 +328,15 @@ impl Endpoints {
     ) -> Result<Vec<InstalledLocation>, ApiError> {
         const PAGE: usize = 100;
         let mut all: Vec<InstalledLocation> = Vec::new();
+        let mut skip = 0;
+        // The same guard as the business listing: a server serving one page forever, or
+        // pages of locations already read, stops the listing with an error.
+        let mut guard = crate::extract::OffsetGuard::new("location", "locations");
         loop {
             let path = format!(
-                "/oauth/installedLocations?companyId={}&appId={}&isInstalled=true&skip={}&limit={PAGE}",
+                "/oauth/installedLocations?companyId={}&appId={}&isInstalled=true&skip={skip}&limit={PAGE}",
                 encode(company_id),
                 encode(app_id),
-                all.len()
             );
             let label = RequestLabel(format!("GET {path}"));
             let page: InstalledPage = self
@@ -334,9 +348,24 @@ impl Endpoints {
                 )
                 .await?;
             let n = page.locations.len();
-            all.extend(page.locations);
-            let total = page.count.map_or(usize::MAX, |c| c.max(0.0) as usize);
-            if n < PAGE || all.len() >= total {
+            let count = page.count.map(|c| c.max(0.0) as u64);
+            let ids: Vec<Option<String>> =
+                page.locations.iter().map(|l| Some(l.id.clone())).collect();
+            let fresh = guard.page(&ids, count).map_err(|reason| ApiError::Refused {
+                request: label.clone(),
+                status: Some(200),
+                reason: format!("the listing is not advancing: {reason}; stopping rather than looping"),
+                hint: "retry later; if it persists, report it to HighLevel support (with the request above)".into(),
+            })?;
+            // A location served twice (the listing shifted under the offsets) is kept once.
+            let mut fresh = fresh.into_iter();
+            all.extend(
+                page.locations
+                    .into_iter()
+                    .filter(|_| fresh.next().unwrap_or(true)),
+            );
+            skip += n;
+            if n < PAGE || count.is_some_and(|c| skip as u64 >= c) {
                 return Ok(all);
             }
         }
@@ -380,12 +409,10 @@ impl Endpoints {
             // query of installedLocations is harmless, but keep errors uniform.
             .map_err(|e| transient(format!("request failed: {}", e.without_url()), None))?;
         let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| {
-            transient(
-                format!("reading the reply failed: {}", e.without_url()),
-                Some(status),
-            )
-        })?;
+        let mut resp = resp;
+        // The API client's reader and cap: an endless or huge reply is refused, not buffered.
+        let bytes =
+            crate::api::read_body(&mut resp, label, status, self.max_response_bytes, None).await?;
         if (200..300).contains(&status) {
             return serde_json::from_slice(&bytes).map_err(|e| {
                 transient(

@@ -445,6 +445,11 @@ pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
     let usage = |m: String| anyhow::Error::from(exit::UsageError(m));
     match file {
         Some(path) => {
+            // A token pasted as the path would be echoed by every message below (and the
+            // export's report): refused without showing it.
+            if crate::pipeline::looks_like_secret(&path.to_string_lossy()) {
+                return Err(usage("--token-file: the value looks like a secret (a token), not a file path; it is not shown here\nhint: put the token in a file (mode 0600) and pass its path, or set HL_TOKEN; treat the token as exposed if this command line was logged or shared".into()));
+            }
             crate::auth::warn_if_exposed(path, "token file");
             let raw = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the token file {}: {e}", path.display())))?;
             Token::new(&raw).map_err(|e| usage(format!("token file {}: {e}", path.display())))
@@ -765,16 +770,19 @@ pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
                 .context("cannot install the SIGTERM/SIGINT handlers")?;
             let report = crate::pipeline::run_export_until(&p, job, &interrupt).await?;
             if !quiet {
+                // Ids and errors can hold server text: printed escaped (crate::term).
                 for r in &report.locations {
                     eprintln!(
                         "  {:<24} {:<9} {:>8} contacts  {}",
-                        r.location_id,
+                        crate::term::escape(&r.location_id),
                         r.status,
                         r.rows.get("contacts").copied().unwrap_or(0),
-                        r.error
-                            .as_deref()
-                            .map(|e| e.lines().next().unwrap_or(""))
-                            .unwrap_or("")
+                        crate::term::escape(
+                            r.error
+                                .as_deref()
+                                .map(|e| e.lines().next().unwrap_or(""))
+                                .unwrap_or("")
+                        )
                     );
                 }
                 eprintln!(

@@ -854,6 +854,15 @@ pub async fn run_export_until(
                 .into_iter()
                 .filter(|l| l.is_installed != Some(false))
             {
+                // The id goes into requests and names this location's directories: one the
+                // server made up (`../x`, escape sequences) is skipped, not used.
+                if let Err(why) = crate::api::check_id(&l.id) {
+                    tracing::warn!(
+                        "skipping an installed location: the id the server gave for it cannot be used: {}",
+                        crate::term::escape(&why)
+                    );
+                    continue;
+                }
                 if !locations.iter().any(|x| x.id == l.id) {
                     locations.push(LocationTarget {
                         id: l.id,
