@@ -586,3 +586,32 @@ async fn a_request_that_cannot_be_built_was_retried_as_transient() {
     assert_eq!(client.stats().snapshot().attempts, 1, "tried once");
     assert_eq!(hits.load(Ordering::SeqCst), 0);
 }
+
+#[tokio::test]
+async fn a_create_answered_201_with_a_reply_over_the_cap_was_taken_as_refused() {
+    // The create happened (201); only its reply was too large to read. Taken as "refused",
+    // the importer would put the row in its rejects and a re-import would create it again.
+    let base = serve(Router::new().route(
+        "/contacts/",
+        axum::routing::post(|| async {
+            (
+                StatusCode::CREATED,
+                [(header::CONTENT_TYPE, "application/json")],
+                json!({"contact": {"id": "c1", "source": "x".repeat(4_096)}}).to_string(),
+            )
+        }),
+    ))
+    .await;
+    let mut cfg = ClientConfig::new(base, Token::new("t").unwrap());
+    cfg.rate_limit = None;
+    cfg.max_response_bytes = 1_024;
+    let client = Client::new(cfg).unwrap();
+    let err = client
+        .create_contact(&json!({"locationId": "L", "email": "a@b.co"}), None)
+        .await
+        .unwrap_err();
+    assert!(
+        err.maybe_applied(),
+        "a 2xx create whose reply could not be read is ambiguous: {err}"
+    );
+}

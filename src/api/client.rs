@@ -867,7 +867,15 @@ impl Client {
         if (300..400).contains(&status) {
             return Err(redirected(label, status, resp.headers()));
         }
-        let bytes = self.read_body(&mut resp, label, status).await?;
+        let bytes = match self.read_body(&mut resp, label, status).await {
+            Ok(b) => b,
+            // A POST answered 2xx took effect, whatever its reply: one too large to read is
+            // ambiguous, so a create is looked up, never taken as refused and made again.
+            Err(e) if *method == Method::POST && (200..300).contains(&status) => {
+                return Err(transient(label, e.to_string(), None, true, Some(status)))
+            }
+            Err(e) => return Err(e),
+        };
         if (200..300).contains(&status) {
             return match serde_json::from_slice::<T>(&bytes) {
                 Ok(v) => {

@@ -821,20 +821,17 @@ pub(crate) struct ContactRow {
     pub fields: Map<String, Value>,
     pub custom: Vec<(String, Value)>,
     pub tags: Vec<String>,
-    /// Rows merged from several rows of the file: the first row's key, which stays the
-    /// journal key of the one write (so a rerun finds it whatever the later rows changed).
-    pub merged_key: Option<String>,
     /// Fields (`customField.<id>`) set by a mapping constant, not a cell: in a merge, a
     /// later row's constant does not replace an earlier row's cell.
     pub from_constants: Vec<String>,
 }
 
 impl ContactRow {
-    /// The journal key: what identifies the row's contact.
+    /// The journal key: what identifies the row's contact. For rows merged from several rows
+    /// of the file, the merged values: the email and phone the create sends, so `undo` looks
+    /// an unconfirmed create up by what it was made with (the merge is deterministic, so a
+    /// rerun on the same file computes the same key; an edited file is told apart).
     pub(crate) fn key(&self) -> String {
-        if let Some(k) = &self.merged_key {
-            return k.clone();
-        }
         match (&self.id, &self.email, &self.phone) {
             (Some(id), _, _) => format!("id:{id}"),
             (None, e, p) => format!(
@@ -861,12 +858,9 @@ impl ContactRow {
     }
 
     /// Merges a later row of the same person into this one: a later non-empty cell wins,
-    /// tags are the union, custom fields are merged by id (a later value wins). The line and
-    /// the journal key stay this row's.
+    /// tags are the union, custom fields are merged by id (a later value wins). The line
+    /// stays this row's.
     pub(crate) fn merge(&mut self, later: ContactRow) {
-        if self.merged_key.is_none() {
-            self.merged_key = Some(self.key());
-        }
         let keep = |mine: &mut Option<String>, theirs: Option<String>| {
             if theirs.is_some() {
                 *mine = theirs;
@@ -1098,7 +1092,6 @@ impl Validator {
             fields,
             custom,
             tags,
-            merged_key: None,
             from_constants,
         })
     }
