@@ -115,6 +115,10 @@ pub struct ImportSection {
     pub default_country: Option<Spanned<String>>,
     pub journal: Option<Spanned<PathBuf>>,
     pub rejects: Option<Spanned<PathBuf>>,
+    /// `utf-8`, `latin1` or `windows-1252` (`--encoding`).
+    pub encoding: Option<Spanned<String>>,
+    /// `--settle-secs`: how long a write may take to land and show in searches.
+    pub settle_secs: Option<Spanned<i64>>,
 }
 
 /// A problem in a pipeline file, located.

@@ -18,7 +18,7 @@ pub struct RunLock {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("another run is in progress (pid {pid}, lock {path}); runs of one pipeline, or exports of one location into one output, never overlap. Nothing was done: wait for it to finish, or stop it")]
+    #[error("another run is in progress (pid {pid}, lock {path}); runs of one pipeline, exports of one location into one output, and imports or undos with one journal never overlap. Nothing was done: wait for it to finish, or stop it")]
     Busy { path: PathBuf, pid: String },
     #[error("{path}: {source}")]
     Io {

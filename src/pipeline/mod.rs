@@ -753,6 +753,26 @@ fn import_args(
         args.push("--default-country".into());
         args.push(c.get_ref().clone());
     }
+    if let Some(e) = &i.encoding {
+        if ![
+            "utf-8",
+            "utf8",
+            "latin1",
+            "iso-8859-1",
+            "windows-1252",
+            "cp1252",
+        ]
+        .contains(&e.get_ref().as_str())
+        {
+            p.push(src.at(e, "encoding", "use utf-8, latin1 or windows-1252"));
+        }
+        args.push("--encoding".into());
+        args.push(e.get_ref().clone());
+    }
+    if let Some(secs) = keep(p, positive(src, &i.settle_secs, "settle_secs", 10, 3_600)) {
+        args.push("--settle-secs".into());
+        args.push(secs.to_string());
+    }
     (p.len() == before).then_some(args)
 }
 
@@ -1117,6 +1137,31 @@ mod tests {
         }
         found.sort_by_key(|e| e.line);
         found.into_iter().map(|e| (e.line, e.key)).collect()
+    }
+
+    #[test]
+    fn import_pipelines_reach_the_encoding_and_settle_options_of_import() {
+        let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[import]\ninput = \"in.csv\"\n";
+        let good = format!("{base}encoding = \"windows-1252\"\nsettle_secs = 3\n");
+        assert_eq!(problems(&good), []);
+        let src = Source {
+            file: Path::new("p.toml"),
+            text: &good,
+        };
+        let (Some((f, true)), _) = parse_all(&src) else {
+            panic!("parses")
+        };
+        let Job::Import(args) = check(&src, f).unwrap().job else {
+            panic!("an import job")
+        };
+        let joined = args.join(" ");
+        assert!(joined.contains("--encoding windows-1252"), "{joined}");
+        assert!(joined.contains("--settle-secs 3"), "{joined}");
+        let bad = format!("{base}encoding = \"ebcdic\"\nsettle_secs = 0\n");
+        assert_eq!(
+            problems(&bad),
+            [(7, "encoding".to_owned()), (8, "settle_secs".to_owned())]
+        );
     }
 
     #[test]
