@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fast_sim, TestSim};
+use common::{fast_sim, Lcg, TestSim};
 use contacts_etl::export::{self, ExportPlan, Progress};
 use contacts_etl::import::{
     self, ChildImportOptions, ContactImportOptions, Entity, ImportReport, SourceOptions,
@@ -649,18 +649,6 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
     .await
     .unwrap();
     assert_eq!((again.deleted, again.failed), (0, 0), "{}", again.render());
-}
-
-/// A tiny deterministic generator for the kill test's timings.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
 }
 
 /// Runs the binary, SIGKILLing it at random instants `kills` times, then lets it finish.

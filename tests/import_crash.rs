@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{fast_sim, TestSim};
+use common::{fast_sim, Lcg, TestSim};
 use contacts_etl::sim::{Faults, SimConfig};
 use serde_json::Value;
 
@@ -314,18 +314,6 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     let (state, _) = contacts_etl::import::read_journal(&journal).expect("journal intact");
     assert_eq!(state.runs, 1, "only the first run is in the journal");
     assert_eq!(state.rows.values().filter(|r| r.done.is_some()).count(), 60);
-}
-
-/// A deterministic generator for kill instants and data.
-struct Lcg(u64);
-impl Lcg {
-    fn next(&mut self, n: u64) -> u64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (self.0 >> 33) % n
-    }
 }
 
 /// Runs the import, SIGKILLing it `kills` times at random instants, then lets it finish;

@@ -58,6 +58,21 @@ impl Drop for TestSim {
     }
 }
 
+/// A tiny deterministic generator (an LCG) for kill instants and test data: the same seed
+/// gives the same run.
+pub struct Lcg(pub u64);
+
+impl Lcg {
+    /// A number in `0..n`.
+    pub fn next(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
 /// A simulator configuration without limits or faults.
 pub fn fast_sim(contacts: usize, seed: u64) -> SimConfig {
     SimConfig {
