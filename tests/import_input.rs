@@ -624,3 +624,61 @@ async fn location_country_refused_by_scope_warns_once_and_goes_on_without() {
     assert!(stdout.contains("1 valid"), "{stdout}");
     assert!(!stderr.contains("test-token"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_merged_into_a_write_the_api_refuses_were_missing_from_the_rejects_file() {
+    // Every create is refused for good (422): the rejects file must hold every line of the
+    // file, the lines merged into another one included, so that fixing and re-importing the
+    // rejects loses none of their values.
+    use axum::http::StatusCode;
+    use axum::routing::{get, post};
+    let app = axum::Router::new()
+        .route(
+            "/locations/{id}",
+            get(|| async {
+                axum::Json(serde_json::json!({"location": {"id": "L", "country": "US"}}))
+            }),
+        )
+        .route(
+            "/contacts/",
+            post(|| async {
+                (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    axum::Json(serde_json::json!({
+                        "statusCode": 422,
+                        "message": ["property firstName should not exist"],
+                        "error": "Unprocessable Entity"
+                    })),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    std::fs::write(
+        &input,
+        "email,firstName,tags\na@x.io,Ann,vip\nzed@x.io,Zed,\nA@X.IO,Anna,new\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_bin(&base, &contacts_args("L", &input, &[])).await;
+    assert_eq!(code, 6, "{stdout}{stderr}");
+    let rejects = std::fs::read_to_string(dir.path().join("in.csv.rejects.csv")).unwrap();
+    let mut rdr = csv::Reader::from_reader(rejects.as_bytes());
+    let rows: Vec<Vec<String>> = rdr
+        .records()
+        .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+        .collect();
+    let lines: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["2", "3", "4"], "{rejects}");
+    let merged = rows.iter().find(|r| r[0] == "4").unwrap();
+    assert!(merged[1].contains("merged into line 2"), "{merged:?}");
+    assert_eq!(
+        &merged[2..],
+        ["A@X.IO", "Anna", "new"],
+        "the line's own cells"
+    );
+}

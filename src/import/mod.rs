@@ -31,6 +31,7 @@ mod undo;
 mod validate;
 mod write;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -537,6 +538,7 @@ async fn validate_all(
             let rec = rec?;
             if repeats.wants(rec.line) {
                 if let Ok(row) = v.check(&rec) {
+                    repeats.collect_record(&rec);
                     repeats.collect(rec.line, row);
                 }
             }
@@ -741,6 +743,8 @@ where
     F: Fn(RawRecord, Row) -> Fut,
     Fut: std::future::Future<Output = (RawRecord, Result<Step, ImportError>)>,
 {
+    let mut plan = plan;
+    let merged = plan.repeats.take_records();
     let rows = valid_rows(source, plan, rules)?;
     let results = futures::stream::iter(rows)
         .map(|r| {
@@ -757,6 +761,7 @@ where
         source,
         report,
         rejects: &mut rejects,
+        merged,
         later: Vec::new(),
         finished: 0,
         last_log: Instant::now(),
@@ -787,6 +792,8 @@ struct Tally<'a> {
     source: &'a SourceOptions,
     report: &'a mut ImportReport,
     rejects: &'a mut Rejects,
+    /// The records of lines merged into a first line, by that line.
+    merged: HashMap<u64, Vec<RawRecord>>,
     later: Vec<(RawRecord, Row, i64)>,
     finished: u64,
     last_log: Instant,
@@ -831,6 +838,20 @@ impl Tally<'_> {
                     self.rejects
                         .push(&rec, &error)
                         .map_err(|e| rejects_err(self.source, e))?;
+                    // The lines merged into this one were refused with it.
+                    for other in self.merged.remove(&rec.line).unwrap_or_default() {
+                        let reason = format!("merged into line {}: {error}", rec.line);
+                        let p = validate::Problem {
+                            line: other.line,
+                            field: None,
+                            reason: Reason::Api,
+                            message: reason.clone(),
+                        };
+                        report.add_problems(std::slice::from_ref(&p));
+                        self.rejects
+                            .push(&other, &reason)
+                            .map_err(|e| rejects_err(self.source, e))?;
+                    }
                 }
                 Step::Wrote(RowResult::Deferred { .. }) => {
                     // The work functions turn these into `Step::Later`; should one slip

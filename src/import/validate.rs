@@ -1200,6 +1200,9 @@ pub(crate) struct Repeats {
     pub groups: BTreeMap<u64, Vec<u64>>,
     /// The merged rows, by first line (filled by [`Repeats::collect`]).
     merged: HashMap<u64, ContactRow>,
+    /// The records of the lines merged into each first line, as read: should the API refuse
+    /// the one write, every one of them goes to the rejects file.
+    records: HashMap<u64, Vec<super::input::RawRecord>>,
 }
 
 impl Grouper {
@@ -1307,6 +1310,20 @@ impl Repeats {
                 m.merge(c);
             }
         }
+    }
+
+    /// Keeps the record of a line merged into another (see `records`).
+    pub(crate) fn collect_record(&mut self, rec: &super::input::RawRecord) {
+        if let Some(into) = self.aside.get(&rec.line) {
+            if self.groups.contains_key(into) {
+                self.records.entry(*into).or_default().push(rec.clone());
+            }
+        }
+    }
+
+    /// The records of the lines merged into others, by first line.
+    pub(crate) fn take_records(&mut self) -> HashMap<u64, Vec<super::input::RawRecord>> {
+        std::mem::take(&mut self.records)
     }
 
     /// Whether `collect` wants the row at `line`.
