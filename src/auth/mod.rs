@@ -28,6 +28,7 @@
 pub mod cli;
 mod login;
 mod oauth;
+mod secret;
 mod source;
 mod store;
 
@@ -36,6 +37,7 @@ use std::path::PathBuf;
 pub use login::{LoginRequest, PendingLogin, DEFAULT_AUTHORIZE_URL};
 pub(crate) use oauth::decode as form_decode;
 pub use oauth::{Clock, InstalledLocation, ManualClock, OAuthApp, SystemClock, TokenReply};
+pub use secret::looks_like_secret;
 pub use source::{
     token_source_from_store, LocationTokenSource, OAuthProvider, OAuthSettings, OAuthTokenSource,
     DEFAULT_REFRESH_MARGIN,

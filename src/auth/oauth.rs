@@ -48,7 +48,7 @@ impl OAuthApp {
         let secret = match secret_file {
             Some(path) => {
                 // A secret pasted as the path would be echoed below: refused unshown.
-                if crate::pipeline::looks_like_secret(&path.to_string_lossy()) {
+                if crate::auth::looks_like_secret(&path.to_string_lossy()) {
                     return Err(AuthError::Config("the client secret file path looks like a secret itself; it is not shown here. Put the secret in a file (mode 0600) and pass its path, and treat the secret as exposed if this command line or file was shared".into()));
                 }
                 super::store::warn_if_exposed(path, "client secret file");

@@ -447,7 +447,7 @@ pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
         Some(path) => {
             // A token pasted as the path would be echoed by every message below (and the
             // export's report): refused without showing it.
-            if crate::pipeline::looks_like_secret(&path.to_string_lossy()) {
+            if crate::auth::looks_like_secret(&path.to_string_lossy()) {
                 return Err(usage("--token-file: the value looks like a secret (a token), not a file path; it is not shown here\nhint: put the token in a file (mode 0600) and pass its path, or set HL_TOKEN; treat the token as exposed if this command line was logged or shared".into()));
             }
             crate::auth::warn_if_exposed(path, "token file");
