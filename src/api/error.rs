@@ -37,21 +37,10 @@ impl RequestLabel {
     }
 }
 
-/// Text from outside (a header) made safe to print: control characters escaped, at most
-/// `max` bytes kept.
+/// Text from outside (a header, an id) made safe to print with the one escaper
+/// ([`crate::term::escape`]), at most `max` bytes kept.
 pub(crate) fn printable(s: &str, max: usize) -> String {
-    let escaped: String = s
-        .chars()
-        .flat_map(|c| {
-            let e: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            e
-        })
-        .collect();
-    crate::schema::truncate_for_message(&escaped, max)
+    crate::schema::truncate_for_message(&crate::term::escape(s), max)
 }
 
 impl std::fmt::Display for RequestLabel {

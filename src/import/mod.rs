@@ -227,6 +227,7 @@ pub async fn import_contacts(
         finish_rejects(rejects, &opts.source)?;
         dry_journal_check(
             &opts.source,
+            &state,
             Entity::Contacts,
             &opts.location_id,
             None,
@@ -308,6 +309,7 @@ pub async fn import_children(
         let id_map = opts.id_map.as_deref();
         dry_journal_check(
             &opts.source,
+            &state,
             opts.entity,
             &opts.location_id,
             id_map,
@@ -554,29 +556,19 @@ async fn validate_all(
     ))
 }
 
-/// Dry run: reads (never writes) the journal and the `--id-map` journal, and records in
-/// `report.refused` what the real run would refuse about them (the same checks as
-/// [`open_journal`] and `import_children`).
+/// Dry run: records in `report.refused` what the real run would refuse about the journal
+/// (replayed as `state` when it was locked) and the `--id-map` journal (read, never written):
+/// the same checks as [`open_journal`] and `import_children`.
 fn dry_journal_check(
     source: &SourceOptions,
+    state: &JournalState,
     entity: Entity,
     location: &str,
     id_map: Option<&std::path::Path>,
     report: &mut ImportReport,
 ) -> Result<(), ImportError> {
-    let (state, _) = journal::read(&source.journal)?;
-    let journal = source.journal.display();
-    if let Some(e) = state.entity.filter(|e| *e != entity) {
-        report.refuse(format!(
-            "journal {journal} records a {} import, not {}",
-            e.name(),
-            entity.name()
-        ));
-    }
-    if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
-        report.refuse(format!(
-            "journal {journal} records an import into location {l}, not {location}"
-        ));
+    if let Some(m) = journal_mismatch(state, entity, location) {
+        report.refuse(format!("journal {}: {m}", source.journal.display()));
     }
     if let Some(p) = id_map {
         let (s, _) = journal::read(p)?;
@@ -588,6 +580,22 @@ fn dry_journal_check(
         }
     }
     Ok(())
+}
+
+/// Why the journal (replayed as `state`) is not this import's, if it is not.
+fn journal_mismatch(state: &JournalState, entity: Entity, location: &str) -> Option<String> {
+    if let Some(e) = state.entity.filter(|e| *e != entity) {
+        return Some(format!(
+            "it records a {} import, not {}",
+            e.name(),
+            entity.name()
+        ));
+    }
+    state
+        .location
+        .as_deref()
+        .filter(|l| *l != location)
+        .map(|l| format!("it records an import into location {l}, not {location}"))
 }
 
 /// Settles the default country of national phone numbers: `--default-country`, else (when
@@ -700,21 +708,11 @@ async fn open_journal(
     entity: Entity,
     location: &str,
 ) -> Result<Journal, ImportError> {
-    let mismatch = |message: String| ImportError::JournalMismatch {
-        path: source.journal.clone(),
-        message,
-    };
-    if let Some(e) = state.entity.filter(|e| *e != entity) {
-        return Err(mismatch(format!(
-            "it records a {} import, not {}",
-            e.name(),
-            entity.name()
-        )));
-    }
-    if let Some(l) = state.location.as_deref().filter(|l| *l != location) {
-        return Err(mismatch(format!(
-            "it records an import into location {l}, not {location}"
-        )));
+    if let Some(message) = journal_mismatch(state, entity, location) {
+        return Err(ImportError::JournalMismatch {
+            path: source.journal.clone(),
+            message,
+        });
     }
     if state.runs > 0 {
         tracing::info!(journal = %source.journal.display(), earlier_runs = state.runs, rows = state.rows.len(), "resuming from the journal");
