@@ -15,10 +15,14 @@
 //! - [`auth`]: OAuth 2.0 for Marketplace apps: login, the 0600 token store, refreshing token
 //!   sources, agency-to-location tokens.
 //! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
-//! - [`cli`]: command-line arguments, progress and logging.
+//! - [`app`]: the application layer: each command as a typed job, what it came to
+//!   ([`app::Outcome`]) and its exit code; pipeline files.
+//! - [`cli`]: command-line arguments, progress and logging; parses into `app` jobs and prints
+//!   what they return. Nothing else imports it.
 //! - [`term`]: text from outside (server messages, ids) escaped before it reaches a terminal.
 
 pub mod api;
+pub mod app;
 pub mod auth;
 pub mod checkpoint;
 pub mod cli;

@@ -3,9 +3,8 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use contacts_etl::app::Outcome;
 use contacts_etl::cli::{self, Cli, Command};
-
-use contacts_etl::cli::exit;
 
 /// jemalloc, because it hands freed memory back to the OS: with glibc's malloc the exporter's
 /// resident memory crept up with the size of the location (freed row-group buffers stayed
@@ -33,44 +32,24 @@ fn main() -> ExitCode {
         Command::Sim(_) | Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
         _ => tokio::runtime::Builder::new_current_thread(),
     };
-    let runtime = match builder.enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(exit::FAILURE);
-        }
+    let outcome = match builder.enable_all().build() {
+        Ok(rt) => rt.block_on(cli::dispatch(&cli)),
+        Err(e) => Outcome::from(anyhow::Error::from(e).context("cannot start the async runtime")),
     };
-    match runtime.block_on(run(&cli)) {
-        Ok(()) => ExitCode::from(exit::OK),
-        Err(err) => {
-            if is_broken_pipe(&err) {
-                return ExitCode::from(exit::OK);
-            }
-            // The last line between the server and the terminal: control characters in the
-            // chain are shown escaped; the chain's own newlines (`hint:` lines) stay.
-            let text = format!("{err:#}");
-            eprintln!("error: {}", contacts_etl::term::escape_text(&text));
-            ExitCode::from(exit::code_for(&err))
+    if let Outcome::Failed(_, err) = &outcome {
+        if is_broken_pipe(err) {
+            return ExitCode::SUCCESS;
         }
     }
-}
-
-async fn run(cli: &Cli) -> anyhow::Result<()> {
-    match &cli.command {
-        Command::Export(args) => cli::run_export(args, cli.quiet).await.map(|_| ()),
-        Command::Sim(args) => cli::run_sim(args, cli.quiet).await,
-        Command::Demo(args) => cli::run_demo(args, cli.quiet).await,
-        Command::Import(args) => contacts_etl::import::cli::run(args, cli.quiet).await,
-        Command::Auth(args) => contacts_etl::auth::cli::run(args, cli.quiet).await,
-        Command::Run(args) => cli::run_pipeline(args, cli.quiet).await,
-        Command::Validate(args) => cli::run_validate(args),
-        Command::Completions(args) => {
-            cli::run_completions(args);
-            Ok(())
-        }
+    if let Some(message) = outcome.message() {
+        // The last line between the server and the terminal: control characters are shown
+        // escaped; the message's own newlines (`hint:` lines) stay.
+        eprintln!("error: {}", contacts_etl::term::escape_text(&message));
     }
+    ExitCode::from(outcome.exit_code())
 }
 
+/// Output piped into `head` and closed early is not an error.
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()

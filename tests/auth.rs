@@ -620,11 +620,14 @@ async fn an_agency_pipeline_exports_every_installed_location_with_oauth() {
     );
     let file = dir.path().join("agency.toml");
     std::fs::write(&file, text).unwrap();
-    let p = contacts_etl::pipeline::load(&file).unwrap();
-    let contacts_etl::pipeline::Job::Export(job) = &p.job else {
+    let p = contacts_etl::app::pipeline::load(&file).unwrap();
+    let contacts_etl::app::pipeline::Job::Export(job) = &p.job else {
         panic!("an export")
     };
-    let report = contacts_etl::pipeline::run_export(&p, job).await.unwrap();
+    let (outcome, report) =
+        contacts_etl::app::pipeline::run_export(&p, job, &Default::default()).await;
+    let report = report.expect("the pipeline ran");
+    assert_eq!(outcome.exit_code(), 0, "{outcome:?}");
     assert_eq!(report.status, "complete", "{report:?}");
     assert_eq!(report.locations.len(), LOCATIONS.len());
     for l in LOCATIONS {

@@ -8,7 +8,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use common::*;
-use contacts_etl::pipeline;
+use contacts_etl::app::pipeline;
 use contacts_etl::sim::SimConfig;
 
 const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
@@ -181,9 +181,10 @@ async fn one_failing_location_does_not_stop_the_others_and_the_exit_code_says_pa
 async fn overlapping_runs_of_one_pipeline_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "p.toml", "name = \"nightly\"\n[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"out\"\n");
-    let _held =
-        pipeline::lock::RunLock::acquire(&dir.path().join("out/_state/pipeline-nightly.lock"))
-            .unwrap();
+    let _held = contacts_etl::pipeline::lock::RunLock::acquire(
+        &dir.path().join("out/_state/pipeline-nightly.lock"),
+    )
+    .unwrap();
     let o = run_bin(
         &["run", file.to_str().unwrap()],
         &[

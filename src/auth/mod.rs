@@ -10,7 +10,7 @@
 //!   [`LocationTokenSource`] (agency token → location token) and [`OAuthProvider`] (one
 //!   source per location of a store).
 //! - `login`: the authorization-code flow.
-//! - `cli`: `contacts-etl auth login | status | locations`.
+//! The `auth` commands themselves are in `crate::app::auth`.
 //!
 //! # Using it from a run
 //! ```no_run
@@ -25,7 +25,6 @@
 //! Put the source in [`crate::api::ClientConfig::token`]; the client asks it for the header
 //! of each call and reports 401s to it.
 
-pub mod cli;
 mod login;
 mod oauth;
 mod secret;

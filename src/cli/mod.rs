@@ -1,25 +1,28 @@
 //! The command line: arguments (the doc comments are the help), logging, and the glue that
 //! turns arguments into a plan and runs it.
 
-pub mod env;
-pub mod exit;
+pub mod auth;
+pub mod import;
 mod progress;
-mod report;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::api::{Client, ClientConfig, Token, DEFAULT_BASE_URL};
-use crate::export::{ExportPlan, Manifest, Progress};
+use crate::api::DEFAULT_BASE_URL;
+use crate::app::env;
+use crate::app::export::{ExportJob, ExportSettings, Prepared};
+use crate::app::import::ImportJob;
+use crate::app::pipeline::Job;
+use crate::app::{Connection, Outcome, TokenRef};
+use crate::export::{Budget, Interrupt, Manifest, Progress};
 use crate::fanout::Include;
 use crate::ratelimit::Quota;
 use crate::sink::Format;
 pub use progress::ProgressReporter;
-pub use report::RunReport;
 
 /// The exit codes, for `--help` (README.md, "Exit codes", says what to do about each).
 const EXIT_CODES: &str = "\
@@ -33,6 +36,8 @@ Exit codes:
   6   (import) some rows were rejected: see the rejects file
   7   (pipeline) some locations failed, others completed: see its report
   8   another run holds the lock: nothing was done (its report is left alone)
+  9   complete except the records the API refused for good, listed under 'skipped' in the
+      run report (everything else is exact)
   75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume
   130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM: complete pages committed, the report says
       'interrupted'; rerun to resume (a second signal exits at once)";
@@ -91,10 +96,10 @@ pub enum Command {
     Demo(DemoArgs),
     /// Import contacts, tasks or notes from CSV: validated first, journaled, resumable, never a
     /// duplicate; `import undo` deletes what an import created.
-    Import(crate::import::cli::ImportArgs),
+    Import(import::ImportArgs),
     /// OAuth for Marketplace apps: `auth login` (consent in a browser, tokens saved to a
     /// 0600 token store), `auth status`, `auth locations`.
-    Auth(crate::auth::cli::AuthArgs),
+    Auth(auth::AuthArgs),
     /// Run a pipeline file: an export over one or many locations, or an import.
     ///
     /// Pipeline files (see pipelines/ for commented examples to copy) name the locations,
@@ -440,166 +445,107 @@ pub fn init_logging(cli: &Cli) {
     }
 }
 
-/// Reads the token from `--token-file` or HL_TOKEN. Problems are usage errors (exit 2).
-pub fn load_token(file: Option<&Path>) -> anyhow::Result<Token> {
-    let usage = |m: String| anyhow::Error::from(exit::UsageError(m));
-    match file {
-        Some(path) => {
-            // A token pasted as the path would be echoed by every message below (and the
-            // export's report): refused without showing it.
-            if crate::auth::looks_like_secret(&path.to_string_lossy()) {
-                return Err(usage("--token-file: the value looks like a secret (a token), not a file path; it is not shown here\nhint: put the token in a file (mode 0600) and pass its path, or set HL_TOKEN; treat the token as exposed if this command line was logged or shared".into()));
-            }
-            crate::auth::warn_if_exposed(path, "token file");
-            let raw = std::fs::read_to_string(path).map_err(|e| usage(format!("cannot read the token file {}: {e}", path.display())))?;
-            Token::new(&raw).map_err(|e| usage(format!("token file {}: {e}", path.display())))
-        }
-        None => match std::env::var(env::HL_TOKEN) {
-            Ok(raw) => Token::new(&raw).map_err(|e| usage(format!("{}: {e}", env::HL_TOKEN))),
-            Err(_) => Err(usage(format!(
-                "no API token: set {} or pass --token-file FILE\nhint: use a Private Integration Token or a location OAuth access token with the contacts.readonly scope",
-                env::HL_TOKEN
-            ))),
-        },
-    }
-}
-
 impl ConnArgs {
-    pub fn client_config(&self, token: Token) -> ClientConfig {
-        let mut cfg = ClientConfig::new(self.base_url.clone(), token);
-        cfg.rate_limit = self.rate_limit.0;
-        cfg.concurrency = usize::from(self.concurrency);
-        cfg.timeout = Duration::from_secs(self.timeout.max(1));
-        cfg.retry.max_wait = Duration::from_secs(self.max_retry_wait);
-        cfg.retry.deadline = Duration::from_secs(self.request_deadline);
-        cfg.max_response_bytes = self.max_response_bytes;
-        cfg
-    }
-
-    /// The same settings as arguments, for a pipeline's import (run through this parser).
-    pub fn http_limits_args(
-        max_retry_wait: Duration,
-        request_deadline: Duration,
-        max_response_bytes: u64,
-    ) -> [String; 6] {
-        [
-            "--max-retry-wait".into(),
-            max_retry_wait.as_secs().max(1).to_string(),
-            "--request-deadline".into(),
-            request_deadline.as_secs().max(1).to_string(),
-            "--max-response-bytes".into(),
-            max_response_bytes.to_string(),
-        ]
+    /// The connection these flags describe.
+    pub fn connection(&self) -> Connection {
+        Connection {
+            base_url: self.base_url.clone(),
+            token: TokenRef::from_flag(self.token_file.clone()),
+            rate_limit: self.rate_limit.0,
+            concurrency: usize::from(self.concurrency),
+            timeout: Duration::from_secs(self.timeout.max(1)),
+            max_retry_wait: Duration::from_secs(self.max_retry_wait),
+            request_deadline: Duration::from_secs(self.request_deadline),
+            max_response_bytes: self.max_response_bytes,
+        }
     }
 }
 
-/// Checks ids given with `flag` before anything is sent (exit 2, naming the flag).
-pub fn check_ids(flag: &str, ids: &[String]) -> anyhow::Result<()> {
-    for id in ids {
-        crate::api::check_id(id).map_err(|e| {
-            exit::UsageError(format!(
-                "{flag}: {e}\nhint: give the id as HighLevel shows it, e.g. ve9EPM428h8vShlRW1KT"
-            ))
-        })?;
+impl ExportArgs {
+    /// The export job these flags describe.
+    pub fn job(&self) -> ExportJob {
+        let mut settings = ExportSettings::new(self.out.clone(), self.format.into());
+        settings.businesses = self.businesses.clone();
+        settings.include = self.include;
+        settings.part_contacts = self.part_contacts;
+        settings.commit_interval = Duration::from_secs(self.commit_interval);
+        settings.restart = self.restart;
+        settings.budget = Budget {
+            max_requests: self.daily_budget,
+            reserve: self.daily_reserve / 100.0,
+        };
+        settings.incremental = self.incremental;
+        settings.full_refresh = self.full_refresh;
+        settings.state_dir = self.state_dir.clone();
+        ExportJob {
+            location: self.location.clone(),
+            settings,
+            conn: self.conn.connection(),
+            report: self.report.clone(),
+        }
     }
-    Ok(())
 }
 
-/// Runs `export` and prints the closing summary.
-pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manifest> {
-    if !(0.0..100.0).contains(&args.daily_reserve) {
-        return Err(exit::UsageError(format!(
-            "--daily-reserve {} is not a percentage below 100",
-            args.daily_reserve
-        ))
-        .into());
+/// Runs the command: every command returns what it came to.
+pub async fn dispatch(cli: &Cli) -> Outcome {
+    match &cli.command {
+        Command::Export(args) => run_export(args, cli.quiet).await,
+        Command::Sim(args) => match run_sim(args, cli.quiet).await {
+            Ok(()) => Outcome::Complete,
+            Err(e) => e.into(),
+        },
+        Command::Demo(args) => run_demo(args, cli.quiet).await,
+        Command::Import(args) => import::run(args, cli.quiet).await,
+        Command::Auth(args) => auth::run(args, cli.quiet).await,
+        Command::Run(args) => run_pipeline(args, cli.quiet).await,
+        Command::Validate(args) => run_validate(args),
+        Command::Completions(args) => {
+            run_completions(args);
+            Outcome::Complete
+        }
     }
-    check_ids("--location", std::slice::from_ref(&args.location))?;
-    check_ids("--business", &args.businesses)?;
-    let token = load_token(args.conn.token_file.as_deref())?;
-    let client = Arc::new(Client::new(args.conn.client_config(token))?);
-    let mut plan = ExportPlan::new(args.location.clone(), args.format.into(), args.out.clone());
-    plan.businesses = args.businesses.clone();
-    plan.include = args.include;
-    plan.part_contacts = args.part_contacts.max(1);
-    plan.commit_interval = Duration::from_secs(args.commit_interval.max(1));
-    plan.window = (usize::from(args.conn.concurrency) * 8).max(plan.page_size as usize + 28);
-    plan.restart = args.restart;
-    plan.budget = crate::export::Budget {
-        max_requests: args.daily_budget,
-        reserve: args.daily_reserve / 100.0,
+}
+
+/// Installs the SIGTERM/SIGINT handlers that raise `interrupt`.
+fn install_interrupt(interrupt: &Interrupt) -> Result<(), Outcome> {
+    crate::export::interrupt::install(interrupt).map_err(|e| {
+        Outcome::from(anyhow::Error::from(e).context("cannot install the SIGTERM/SIGINT handlers"))
+    })
+}
+
+/// `contacts-etl export`: runs the job with a progress display and prints the summary.
+async fn run_export(args: &ExportArgs, quiet: bool) -> Outcome {
+    let interrupt = Interrupt::default();
+    let prepared = match args.job().prepare(&interrupt) {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
     };
-    crate::export::interrupt::install(&plan.interrupt)
-        .context("cannot install the SIGTERM/SIGINT handlers")?;
-    if args.incremental {
-        plan.incremental = Some(crate::export::IncrementalPlan {
-            state_dir: args
-                .state_dir
-                .clone()
-                .unwrap_or_else(|| args.out.join("_state")),
-            full_refresh: args.full_refresh,
-        });
+    if let Err(o) = install_interrupt(&interrupt) {
+        return o;
     }
-    let started = (
-        crate::timefmt::format_iso_millis(crate::export::now_millis()),
-        std::time::Instant::now(),
-    );
-    let progress = Arc::new(Progress::default());
-    let result = execute(client.clone(), &plan, quiet, progress.clone()).await;
-    let report = RunReport::build(
-        &plan,
-        &client,
-        started,
-        &result,
-        progress
-            .resumed_from
-            .load(std::sync::atomic::Ordering::Relaxed),
-    );
-    let report_path = args
-        .report
-        .clone()
-        .unwrap_or_else(|| args.out.join("_report.json"));
-    // Refused because another export of this location holds the lock: the report there is
-    // that run's, and this one did nothing to report.
-    if report.exit_code == exit::BUSY {
-        return result;
-    }
-    if let Err(e) = report.write(&report_path) {
-        tracing::error!(error = %e, "cannot write the run report");
-    }
-    result
+    run_prepared(prepared, quiet).await
 }
 
-/// Runs a plan with progress display and prints the closing summary.
-pub async fn execute(
-    client: Arc<Client>,
-    plan: &ExportPlan,
-    quiet: bool,
-    progress: Arc<Progress>,
-) -> anyhow::Result<Manifest> {
-    let started = std::time::Instant::now();
+/// Runs a prepared export with progress display and prints the closing summary.
+async fn run_prepared(prepared: Prepared, quiet: bool) -> Outcome {
+    let started = Instant::now();
+    let progress = Arc::new(Progress::default());
     let reporter = ProgressReporter::start(
         progress.clone(),
-        client.stats().clone(),
+        prepared.client.stats().clone(),
         quiet,
         Duration::from_secs(10),
     );
-    tracing::info!(location = %plan.location_id, include = %plan.include, format = plan.format.extension(), out = %plan.out.display(), rate = ?client.limiter().effective_quota().map(|q| q.to_string()), "export started");
-    let result = crate::export::run(client.clone(), plan, progress).await;
+    let client = prepared.client.clone();
+    let done = prepared.run(progress).await;
     drop(reporter);
-    let manifest = result
-        .with_context(|| format!("export of location {} did not complete", plan.location_id))?;
-    if !quiet {
+    if let (Some(m), false) = (&done.manifest, quiet) {
         eprintln!(
             "{}",
-            summary(
-                &manifest,
-                started.elapsed(),
-                client.limiter().effective_quota()
-            )
+            summary(m, started.elapsed(), client.limiter().effective_quota())
         );
     }
-    Ok(manifest)
+    done.outcome
 }
 
 /// The closing summary, for people.
@@ -680,11 +626,19 @@ pub async fn run_sim(args: &SimArgs, quiet: bool) -> anyhow::Result<()> {
 }
 
 /// Runs the demo: an in-process simulator on a free loopback port, a full export to `out`.
-pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("cannot listen on a loopback port")?;
-    let addr = listener.local_addr()?;
+async fn run_demo(args: &DemoArgs, quiet: bool) -> Outcome {
+    let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            return anyhow::Error::from(e)
+                .context("cannot listen on a loopback port")
+                .into()
+        }
+    };
+    let addr = match listener.local_addr() {
+        Ok(a) => a,
+        Err(e) => return anyhow::Error::from(e).into(),
+    };
     let cfg = crate::sim::SimConfig {
         contacts: args.contacts,
         // Raised from the real API's 100/10s so the demo takes seconds; the client learns the
@@ -699,31 +653,45 @@ pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
     let server = tokio::spawn(crate::sim::serve(listener, sim, async {
         let _ = stop_rx.await;
     }));
-
-    let mut cfg = ClientConfig::new(
-        format!("http://{addr}"),
-        Token::new("demo-token").expect("a constant valid token"),
-    );
-    cfg.rate_limit = None;
-    cfg.concurrency = 32;
-    let client = Arc::new(Client::new(cfg)?);
-    let mut plan = ExportPlan::new(location, args.format.into(), args.out.clone());
-    plan.window = 512;
-    let result = execute(client, &plan, quiet, Arc::new(Progress::default())).await;
+    // The same job as `export`, against the simulator: any token is accepted there.
+    let job = ExportJob {
+        location,
+        settings: ExportSettings::new(args.out.clone(), args.format.into()),
+        conn: Connection {
+            base_url: format!("http://{addr}"),
+            token: TokenRef::Simulator,
+            rate_limit: None,
+            concurrency: 32,
+            ..Connection::default()
+        },
+        report: None,
+    };
+    let format = job.settings.format;
+    let outcome = match job.prepare(&Interrupt::default()) {
+        Ok(prepared) => run_prepared(prepared, quiet).await,
+        Err(o) => o,
+    };
     let _ = stop_tx.send(());
     let _ = server.await;
-    let manifest = result?;
-
+    if !outcome.is_success() {
+        return outcome;
+    }
+    let manifest = match std::fs::read(args.out.join(crate::export::MANIFEST))
+        .map_err(anyhow::Error::from)
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(anyhow::Error::from))
+    {
+        Ok(m) => m,
+        Err(e) => return e.context("cannot read the demo's manifest").into(),
+    };
     let out = args.out.display();
     println!("wrote {out}/:");
-    for (name, e) in &manifest.entities {
+    for e in manifest.entities.values() {
         for f in &e.files {
             println!("  {:<60} {:>8} rows {:>10} bytes", f.path, f.rows, f.bytes);
         }
-        let _ = name;
     }
     println!("  {}", crate::export::MANIFEST);
-    match plan.format {
+    match format {
         Format::Parquet => {
             println!("\nread it with DuckDB:");
             println!("  duckdb -c \"SELECT count(*), count(DISTINCT id) FROM read_parquet('{out}/contacts/*/*.parquet', hive_partitioning=true)\"");
@@ -735,21 +703,33 @@ pub async fn run_demo(args: &DemoArgs, quiet: bool) -> anyhow::Result<()> {
             println!("  duckdb -c \"SELECT count(*) FROM read_csv('{out}/contacts/*/*.csv', header=true)\"");
         }
     }
-    Ok(())
+    Outcome::Complete
 }
 
 /// `contacts-etl validate FILE`.
-pub fn run_validate(args: &ValidateArgs) -> anyhow::Result<()> {
-    let p = crate::pipeline::load(&args.file).map_err(|e| exit::UsageError(e.to_string()))?;
+fn run_validate(args: &ValidateArgs) -> Outcome {
+    let p = match crate::app::pipeline::load(&args.file) {
+        Ok(p) => p,
+        Err(e) => return Outcome::usage(e),
+    };
     let what = match &p.job {
-        crate::pipeline::Job::Export(j) => format!(
+        Job::Export(j) => format!(
             "export ({}, include {}{}) to {}",
             j.format.extension(),
             j.include,
             if j.incremental { ", incremental" } else { "" },
             j.out.display()
         ),
-        crate::pipeline::Job::Import(a) => format!("contacts-etl {}", a.join(" ")),
+        Job::Import(j) => format!(
+            "import of {} into location {}{}",
+            j.source.input.display(),
+            j.location,
+            if j.source.dry_run.is_some() {
+                " (dry run)"
+            } else {
+                ""
+            }
+        ),
     };
     println!(
         "{}: ok: pipeline '{}', {} location(s), {what}",
@@ -757,23 +737,27 @@ pub fn run_validate(args: &ValidateArgs) -> anyhow::Result<()> {
         p.name,
         p.locations.len()
     );
-    Ok(())
+    Outcome::Complete
 }
 
 /// `contacts-etl run FILE`.
-pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
-    let p = crate::pipeline::load(&args.file).map_err(|e| exit::UsageError(e.to_string()))?;
+async fn run_pipeline(args: &RunArgs, quiet: bool) -> Outcome {
+    let p = match crate::app::pipeline::load(&args.file) {
+        Ok(p) => p,
+        Err(e) => return Outcome::usage(e),
+    };
     match &p.job {
-        crate::pipeline::Job::Export(job) => {
-            let interrupt = crate::export::Interrupt::default();
-            crate::export::interrupt::install(&interrupt)
-                .context("cannot install the SIGTERM/SIGINT handlers")?;
-            let report = crate::pipeline::run_export_until(&p, job, &interrupt).await?;
-            if !quiet {
+        Job::Export(job) => {
+            let interrupt = Interrupt::default();
+            if let Err(o) = install_interrupt(&interrupt) {
+                return o;
+            }
+            let (outcome, report) = crate::app::pipeline::run_export(&p, job, &interrupt).await;
+            if let (Some(report), false) = (&report, quiet) {
                 // Ids and errors can hold server text: printed escaped (crate::term).
                 for r in &report.locations {
                     eprintln!(
-                        "  {:<24} {:<9} {:>8} contacts  {}",
+                        "  {:<24} {:<11} {:>8} contacts  {}",
                         crate::term::escape(&r.location_id),
                         r.status,
                         r.rows.get("contacts").copied().unwrap_or(0),
@@ -792,72 +776,220 @@ pub async fn run_pipeline(args: &RunArgs, quiet: bool) -> anyhow::Result<()> {
                     job.out.join("_pipeline_report.json").display()
                 );
             }
-            if report.exit_code == exit::OK {
-                Ok(())
-            } else {
-                Err(PipelineExit(report.exit_code, report.status.clone()).into())
-            }
+            outcome
         }
-        crate::pipeline::Job::Import(argv) => {
-            let mut full = vec!["contacts-etl".to_owned()];
-            full.extend(argv.iter().cloned());
-            full.extend([
-                "--base-url".to_owned(),
-                std::env::var(env::HL_BASE_URL)
-                    .ok()
-                    .filter(|s| !s.is_empty())
-                    .unwrap_or_else(|| p.base_url.clone()),
-            ]);
-            full.extend(["--concurrency".to_owned(), p.concurrency.to_string()]);
-            full.extend(ConnArgs::http_limits_args(
-                p.max_retry_wait,
-                p.request_deadline,
-                p.max_response_bytes,
-            ));
-            full.extend([
-                "--rate-limit".to_owned(),
-                p.rate_limit.map_or_else(|| "off".into(), |q| q.to_string()),
-            ]);
-            match &p.locations[0].token {
-                crate::pipeline::TokenRef::File(f) => {
-                    full.extend(["--token-file".to_owned(), f.display().to_string()])
-                }
-                crate::pipeline::TokenRef::Env(var) if var == env::HL_TOKEN => {}
-                crate::pipeline::TokenRef::OAuth => {
-                    return Err(exit::UsageError(format!(
-                        "{}: an import pipeline reads its token from {} or a token_file",
-                        p.file.display(),
-                        env::HL_TOKEN
-                    ))
-                    .into());
-                }
-                crate::pipeline::TokenRef::Env(var) => {
-                    return Err(exit::UsageError(format!(
-                        "{}: an import pipeline reads its token from {} or a token_file, not {var}",
-                        p.file.display(),
-                        env::HL_TOKEN
-                    ))
-                    .into());
-                }
-            }
-            let cli = Cli::try_parse_from(&full)
-                .map_err(|e| exit::UsageError(format!("{}: {e}", p.file.display())))?;
-            match &cli.command {
-                Command::Import(a) => crate::import::cli::run(a, quiet).await,
-                _ => Err(exit::UsageError("not an import".into()).into()),
-            }
+        Job::Import(job) => {
+            let job = ImportJob {
+                conn: Connection {
+                    base_url: crate::app::env::base_url(&job.conn.base_url),
+                    ..job.conn.clone()
+                },
+                ..(**job).clone()
+            };
+            import::run_job(&job, quiet).await
         }
     }
 }
-
-/// A pipeline that did not fully complete: the exit code its report gives.
-#[derive(Debug, thiserror::Error)]
-#[error("the pipeline finished with status '{1}' (see its report)")]
-pub struct PipelineExit(pub u8, pub String);
 
 /// `contacts-etl completions SHELL`.
 pub fn run_completions(args: &CompletionsArgs) {
     use clap::CommandFactory;
     let mut cmd = Cli::command();
     clap_complete::generate(args.shell, &mut cmd, "contacts-etl", &mut std::io::stdout());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn sim_flags_reach_the_config() {
+        let config = |args: &[&str]| {
+            let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Sim(a)) => Ok(sim_config(&a)),
+                Ok(_) => panic!("not the sim command"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let c = config(&[
+            "--write-latency-ms",
+            "50-400",
+            "--search-lag-ms",
+            "1500",
+            "--allow-duplicates",
+            "--country",
+            "de",
+        ])
+        .expect("valid flags");
+        let ms = Duration::from_millis;
+        assert_eq!(c.write_latency, ms(50)..=ms(400));
+        assert_eq!(c.search_lag, ms(1500));
+        assert!(c.allow_duplicates);
+        assert_eq!(c.country, "DE");
+
+        let c = config(&["--write-latency-ms", "200"]).expect("one value");
+        assert_eq!(c.write_latency, ms(200)..=ms(200));
+        let d = config(&[]).expect("defaults");
+        let today = crate::sim::SimConfig::default();
+        assert_eq!(today.write_latency, Duration::ZERO..=Duration::ZERO);
+        assert_eq!(
+            (d.write_latency, d.search_lag, d.allow_duplicates, d.country),
+            (today.write_latency, today.search_lag, false, today.country)
+        );
+
+        for bad in [
+            ["--write-latency-ms", "400-50"],
+            ["--write-latency-ms", "fast"],
+            ["--country", "USA"],
+        ] {
+            assert!(config(&bad).is_err(), "{bad:?} is refused");
+        }
+    }
+}
+
+/// The command line and a pipeline file describe the same jobs, so they run the same way.
+#[cfg(test)]
+mod same_jobs {
+    use super::*;
+    use crate::app::export::{plan, Placement};
+
+    fn parse(args: &[&str]) -> Command {
+        let argv = ["contacts-etl"].iter().chain(args).copied();
+        Cli::try_parse_from(argv).expect("valid arguments").command
+    }
+
+    fn pipeline(dir: &std::path::Path, body: &str) -> crate::app::pipeline::Pipeline {
+        let file = dir.join("p.toml");
+        let text = format!(
+            "[api]\nbase_url = \"http://127.0.0.1:9\"\nconcurrency = 5\n[auth]\ntoken_file = \"{}\"\n[[locations]]\nid = \"L1\"\n{body}",
+            dir.join("tok").display()
+        );
+        std::fs::write(&file, text).unwrap();
+        crate::app::pipeline::load(&file).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_pipeline_import_is_the_job_the_import_command_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let path = |name: &str| d.join(name).display().to_string();
+        let p = pipeline(
+            d,
+            &format!(
+                "[import]\nentity = \"contacts\"\ninput = \"{}\"\nmapping = \"{}\"\njournal = \"{}\"\nrejects = \"{}\"\non_duplicate = \"skip\"\ndefault_country = \"DE\"\nencoding = \"windows-1252\"\nsettle_secs = 3\ndry_run = true\n",
+                path("in.csv"),
+                path("map.toml"),
+                path("j.jsonl"),
+                path("rej.csv")
+            ),
+        );
+        let crate::app::pipeline::Job::Import(from_file) = p.job else {
+            panic!("an import pipeline")
+        };
+        let Command::Import(args) = parse(&[
+            "import",
+            "contacts",
+            "--location",
+            "L1",
+            "--input",
+            &path("in.csv"),
+            "--mapping",
+            &path("map.toml"),
+            "--journal",
+            &path("j.jsonl"),
+            "--rejects",
+            &path("rej.csv"),
+            "--on-duplicate",
+            "skip",
+            "--default-country",
+            "DE",
+            "--encoding",
+            "windows-1252",
+            "--settle-secs",
+            "3",
+            "--dry-run",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--concurrency",
+            "5",
+            "--token-file",
+            &path("tok"),
+        ]) else {
+            panic!("an import command")
+        };
+        let from_flags = args.command.job().expect("an import job");
+        assert_eq!(*from_file, from_flags);
+    }
+
+    #[test]
+    fn a_pipeline_location_and_the_export_command_build_the_same_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let out = d.join("out").display().to_string();
+        let p = pipeline(
+            d,
+            &format!("[export]\nout = \"{out}\"\nformat = \"csv\"\ninclude = [\"tasks\", \"notes\"]\nincremental = true\ndaily_budget = 5000\ndaily_reserve_percent = 10.0\npart_contacts = 1000\ncommit_interval_secs = 30\n"),
+        );
+        let crate::app::pipeline::Job::Export(settings) = &p.job else {
+            panic!("an export pipeline")
+        };
+        let Command::Export(args) = parse(&[
+            "export",
+            "--location",
+            "L1",
+            "--out",
+            &out,
+            "--format",
+            "csv",
+            "--include",
+            "tasks,notes",
+            "--incremental",
+            "--daily-budget",
+            "5000",
+            "--daily-reserve",
+            "10",
+            "--part-contacts",
+            "1000",
+            "--commit-interval",
+            "30",
+            "--base-url",
+            "http://127.0.0.1:9",
+            "--concurrency",
+            "5",
+        ]) else {
+            panic!("an export command")
+        };
+        let job = args.job();
+        let interrupt = Interrupt::default();
+        let alone = plan(
+            &job.location,
+            &job.settings,
+            &job.conn,
+            &Placement::default(),
+            &interrupt,
+        );
+        let in_pipeline = plan(
+            "L1",
+            settings,
+            &p.conn,
+            &Placement {
+                shared_out: true,
+                export_date: None,
+            },
+            &interrupt,
+        );
+        // The one difference by design: locations sharing OUT keep their manifests apart.
+        assert_eq!(
+            in_pipeline.manifest_path,
+            Some(crate::checkpoint::state_dir(&job.settings.out, "L1").join("manifest.json"))
+        );
+        let in_pipeline = crate::export::ExportPlan {
+            manifest_path: None,
+            ..in_pipeline
+        };
+        assert_eq!(format!("{alone:?}"), format!("{in_pipeline:?}"));
+        assert_eq!(job.conn.concurrency, p.conn.concurrency);
+    }
 }

@@ -31,8 +31,8 @@ impl Signal {
     /// 128 + the signal number, the shell's convention for "ended by this signal".
     pub fn exit_code(self) -> u8 {
         match self {
-            Signal::Int => crate::cli::exit::INTERRUPTED_INT,
-            Signal::Term => crate::cli::exit::INTERRUPTED_TERM,
+            Signal::Int => 128 + 2,
+            Signal::Term => 128 + 15,
         }
     }
 }

@@ -50,19 +50,31 @@ pub enum InputError {
 pub(crate) const ENCODING_HINT: &str = "nothing was sent; if another program wrote the file in latin1 or windows-1252 (Excel, older CRMs), pass --encoding windows-1252; if it is UTF-8 with a damaged byte, fix that line";
 
 /// `--encoding`: how the file's bytes become text.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum InputEncoding {
     /// UTF-8 (a BOM is skipped). Bytes that are not UTF-8 stop the import, naming the line.
     #[default]
-    #[value(name = "utf-8", alias = "utf8")]
     Utf8,
     /// ISO-8859-1, decoded as windows-1252 (as the WHATWG Encoding Standard and browsers do:
     /// the same characters, plus printable ones such as € and curly quotes in 0x80-0x9F).
-    #[value(alias = "iso-8859-1")]
     Latin1,
     /// Windows-1252 (Excel and many CRMs on Windows).
-    #[value(name = "windows-1252", alias = "cp1252")]
     Windows1252,
+}
+
+impl std::str::FromStr for InputEncoding {
+    type Err = String;
+    /// The names `--encoding` and a pipeline's `encoding` accept, with their aliases.
+    fn from_str(s: &str) -> Result<InputEncoding, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "utf-8" | "utf8" => Ok(InputEncoding::Utf8),
+            "latin1" | "iso-8859-1" => Ok(InputEncoding::Latin1),
+            "windows-1252" | "cp1252" => Ok(InputEncoding::Windows1252),
+            _ => Err(format!(
+                "'{s}' is not an encoding: use utf-8, latin1 or windows-1252"
+            )),
+        }
+    }
 }
 
 impl InputEncoding {
@@ -388,7 +400,7 @@ fn file_id(_path: &Path) -> Option<(u64, u64)> {
 /// symlink or a hard link to it, or a path through `..` or linked directories. `what` names
 /// each path for the message (`--rejects`, `the input`, …). Checked before anything is
 /// written, dry runs included.
-pub(crate) fn refuse_clobbering(
+pub fn refuse_clobbering(
     outputs: &[(&str, &Path)],
     inputs: &[(&str, &Path)],
 ) -> Result<(), String> {

@@ -23,7 +23,6 @@
 
 mod ambiguous;
 mod children;
-pub mod cli;
 mod input;
 mod journal;
 mod report;
@@ -39,7 +38,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 
 pub use ambiguous::{Settle, DEFAULT_SETTLE};
-pub use input::{InputEncoding, InputError, Mapping};
+pub use input::{refuse_clobbering, InputEncoding, InputError, Mapping};
 pub use journal::{
     read as read_journal, Action, JournalError, JournalState, Outcome, Record, RowState,
 };
@@ -60,7 +59,7 @@ use write::{classify, ContactWriter, RowResult};
 /// predates the import), and with later rows of the file naming the same person as an earlier
 /// row (same email ignoring case, phone, or id): merged into the earlier row's write, skipped,
 /// or rejected.
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub enum OnDuplicate {
     /// Update the existing contact (`PUT` without tags, then add the row's tags).
     #[default]
@@ -69,6 +68,18 @@ pub enum OnDuplicate {
     Skip,
     /// Reject the row (it goes to the rejects file).
     Fail,
+}
+
+impl std::str::FromStr for OnDuplicate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<OnDuplicate, String> {
+        match s.trim() {
+            "update" => Ok(OnDuplicate::Update),
+            "skip" => Ok(OnDuplicate::Skip),
+            "fail" => Ok(OnDuplicate::Fail),
+            _ => Err(format!("'{s}' is not a choice: use update, skip or fail")),
+        }
+    }
 }
 
 /// `--dry-run`: validate and report, write nothing.

@@ -1,18 +1,15 @@
-//! `contacts-etl import …`: arguments (the doc comments are the help) and the glue from
-//! arguments to an import run and its exit status.
+//! `contacts-etl import …`: arguments (the doc comments are the help), turned into the
+//! typed jobs of [`crate::app::import`], and the printing of their reports.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::Context;
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 
-use super::{
-    ChildImportOptions, ContactImportOptions, Country, DryRun, Entity, ImportError, ImportReport,
-    InputEncoding, InputError, Mapping, OnDuplicate, SourceOptions,
-};
-use crate::api::Client;
-use crate::cli::{env, load_token, ConnArgs};
+use super::ConnArgs;
+use crate::app::env;
+use crate::app::import::{ImportJob, ImportSource, ImportWhat, UndoJob};
+use crate::app::Outcome;
+use crate::import::{Country, DryRun, Entity, InputEncoding, OnDuplicate};
 
 /// Import contacts, tasks or notes from CSV, validated first, journaled and resumable.
 #[derive(Debug, Args)]
@@ -75,8 +72,8 @@ pub struct SourceArgs {
     /// decoded as windows-1252, as the WHATWG Encoding Standard (and the encoding_rs crate)
     /// define that label: the same letters, plus printable characters such as € in
     /// 0x80-0x9F. The rejects file keeps rejected rows in the input's encoding, byte for byte.
-    #[arg(long, value_enum, value_name = "ENCODING", default_value_t = InputEncoding::Utf8)]
-    pub encoding: InputEncoding,
+    #[arg(long, value_enum, value_name = "ENCODING", default_value_t = EncodingArg::Utf8)]
+    pub encoding: EncodingArg,
 
     /// A TOML file mapping other column names to API fields, with constants and tags for
     /// every row: [columns] "E-mail" = "email"; ignore = ["Col"]; [constants] source = "x";
@@ -144,15 +141,54 @@ pub struct SettleArg {
     /// mid-request) is looked up only when it is older than the request timeout (--timeout)
     /// plus this, so a create still in flight is never made a second time. A rerun after a
     /// killed run waits once for the creates it left unconfirmed, and says so.
-    #[arg(long, value_name = "SECS", default_value_t = super::DEFAULT_SETTLE.as_secs())]
+    #[arg(long, value_name = "SECS", default_value_t = crate::import::DEFAULT_SETTLE.as_secs())]
     pub settle_secs: u64,
 }
 
-impl SettleArg {
-    fn settle(&self, conn: &ConnArgs) -> super::Settle {
-        super::Settle {
-            timeout: std::time::Duration::from_secs(conn.timeout),
-            settle: std::time::Duration::from_secs(self.settle_secs),
+/// `--encoding`: how the file's bytes become text.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum EncodingArg {
+    /// UTF-8 (a BOM is skipped). Bytes that are not UTF-8 stop the import, naming the line.
+    #[default]
+    #[value(name = "utf-8", alias = "utf8")]
+    Utf8,
+    /// ISO-8859-1, decoded as windows-1252 (as the WHATWG Encoding Standard and browsers do:
+    /// the same characters, plus printable ones such as € and curly quotes in 0x80-0x9F).
+    #[value(alias = "iso-8859-1")]
+    Latin1,
+    /// Windows-1252 (Excel and many CRMs on Windows).
+    #[value(name = "windows-1252", alias = "cp1252")]
+    Windows1252,
+}
+
+impl From<EncodingArg> for InputEncoding {
+    fn from(e: EncodingArg) -> InputEncoding {
+        match e {
+            EncodingArg::Utf8 => InputEncoding::Utf8,
+            EncodingArg::Latin1 => InputEncoding::Latin1,
+            EncodingArg::Windows1252 => InputEncoding::Windows1252,
+        }
+    }
+}
+
+/// `--on-duplicate`.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum OnDuplicateArg {
+    /// Update the existing contact (`PUT` without tags, then add the row's tags).
+    #[default]
+    Update,
+    /// Leave the existing contact as it is.
+    Skip,
+    /// Reject the row (it goes to the rejects file).
+    Fail,
+}
+
+impl From<OnDuplicateArg> for OnDuplicate {
+    fn from(d: OnDuplicateArg) -> OnDuplicate {
+        match d {
+            OnDuplicateArg::Update => OnDuplicate::Update,
+            OnDuplicateArg::Skip => OnDuplicate::Skip,
+            OnDuplicateArg::Fail => OnDuplicate::Fail,
         }
     }
 }
@@ -173,8 +209,8 @@ pub struct ContactsArgs {
     /// cell wins, tags and custom fields are merged), skip writes only the first, fail rejects
     /// the later ones naming the first's line. A row that matches two different earlier
     /// people (one by email, another by phone), or another id, is rejected as ambiguous.
-    #[arg(long, value_enum, default_value_t = OnDuplicate::Update)]
-    pub on_duplicate: OnDuplicate,
+    #[arg(long, value_enum, default_value_t = OnDuplicateArg::Update)]
+    pub on_duplicate: OnDuplicateArg,
 
     /// Never use the id column as an update target (ids from another location's export are
     /// never used as one anyway).
@@ -229,237 +265,94 @@ fn parse_delimiter(s: &str) -> Result<u8, String> {
     }
 }
 
-/// An import that finished with rows not imported: its exit status tells which kind.
-#[derive(Debug, thiserror::Error)]
-#[error("{rejected} rows rejected, {failed} rows failed transiently{}", hint(.rejects, *.failed))]
-pub struct Incomplete {
-    pub rejected: u64,
-    pub failed: u64,
-    pub rejects: PathBuf,
-}
-
-fn hint(rejects: &std::path::Path, failed: u64) -> String {
-    let mut s = format!(
-        "\nhint: the rejected rows and their reasons are in {}",
-        rejects.display()
-    );
-    if failed > 0 {
-        s.push_str(
-            "\nhint: rerun the same command to retry the failed rows (finished rows are skipped)",
-        );
-    }
-    s
-}
-
-impl Incomplete {
-    /// Some rows only need a rerun.
-    pub fn transient(&self) -> bool {
-        self.failed > 0
-    }
-}
-
-/// Refuses outputs (rejects, summary, journal) that are an input (the file, the mapping, the
-/// --id-map journal) or each other, through links or `..`: exit 2 before anything is written.
-fn refuse_clobbering(
-    args: &SourceArgs,
-    s: &SourceOptions,
-    id_map: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    let mut outputs = vec![
-        ("--rejects", s.rejects.as_path()),
-        ("--journal", s.journal.as_path()),
-    ];
-    if let Some(p) = &args.summary {
-        outputs.push(("--summary", p.as_path()));
-    }
-    let mut inputs = vec![("--input", s.input.as_path())];
-    if let Some(p) = &args.mapping {
-        inputs.push(("--mapping", p.as_path()));
-    }
-    if let Some(p) = id_map {
-        inputs.push(("--id-map", p));
-    }
-    super::input::refuse_clobbering(&outputs, &inputs)
-        .map_err(|m| crate::cli::exit::UsageError(m).into())
-}
-
-fn source_options(args: &SourceArgs, conn: &ConnArgs) -> anyhow::Result<SourceOptions> {
-    let concurrency = conn.concurrency;
-    let mut s = SourceOptions::new(&args.input);
-    s.settle = args.settle.settle(conn);
-    if let Some(m) = &args.mapping {
-        s.mapping = Mapping::load(m)?;
-    }
-    s.delimiter = args.delimiter;
-    s.encoding = args.encoding;
-    s.default_country = args.default_country.clone();
-    s.country_from_location = args.default_country.is_none() && !args.offline;
-    s.keep_spaces = args.keep_spaces;
-    s.ignore_unknown_columns = args.ignore_unknown_columns;
-    s.dry_run = args.dry_run.then_some(if args.offline {
-        DryRun::Offline
-    } else {
-        DryRun::Lookup
-    });
-    if let Some(j) = &args.journal {
-        s.journal = j.clone();
-    }
-    if let Some(r) = &args.rejects {
-        s.rejects = r.clone();
-    }
-    // Rows in flight: enough to keep every request permit busy while others journal.
-    s.concurrency = usize::from(concurrency) * 2;
-    Ok(s)
-}
-
-fn client(conn: &ConnArgs) -> anyhow::Result<Arc<Client>> {
-    let token = load_token(conn.token_file.as_deref())?;
-    Ok(Arc::new(Client::new(conn.client_config(token))?))
-}
-
-/// A client for an offline dry run: never used to send anything.
-fn offline_client() -> anyhow::Result<Arc<Client>> {
-    let token = crate::api::Token::new("offline-dry-run").map_err(anyhow::Error::msg)?;
-    Ok(Arc::new(Client::new(crate::api::ClientConfig::new(
-        "http://127.0.0.1:9",
-        token,
-    ))?))
-}
-
-/// Runs an `import` subcommand: prints the report (stdout), writes the summary, and returns
-/// [`Incomplete`] when rows were rejected or failed.
-pub async fn run(args: &ImportArgs, quiet: bool) -> anyhow::Result<()> {
-    let (result, source, summary) = match &args.command {
-        ImportCommand::Undo(u) => {
-            let client = client(&u.conn)?;
-            let settle = u.settle.settle(&u.conn);
-            let report = super::undo(
-                &client,
-                &u.journal,
-                usize::from(u.conn.concurrency),
-                &settle,
-            )
-            .await
-            .with_context(|| format!("undo of {} did not complete", u.journal.display()))?;
-            if !quiet {
-                println!("{}", report.render());
-            }
-            if report.failed > 0 {
-                anyhow::bail!(
-                    "{} deletions failed; rerun `import undo` to retry them",
-                    report.failed
-                );
-            }
-            return Ok(());
-        }
-        ImportCommand::Contacts(c) => {
-            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
-            let source = source_options(&c.source, &c.conn)?;
-            refuse_clobbering(&c.source, &source, None)?;
-            let client = if source.dry_run == Some(DryRun::Offline) {
-                offline_client()?
+impl SourceArgs {
+    fn source(&self) -> ImportSource {
+        ImportSource {
+            input: self.input.clone(),
+            encoding: self.encoding.into(),
+            mapping: self.mapping.clone(),
+            delimiter: self.delimiter,
+            default_country: self.default_country.clone(),
+            keep_spaces: self.keep_spaces,
+            ignore_unknown_columns: self.ignore_unknown_columns,
+            dry_run: self.dry_run.then_some(if self.offline {
+                DryRun::Offline
             } else {
-                client(&c.conn)?
-            };
-            let mut opts = ContactImportOptions::new(c.location.clone(), source.clone());
-            opts.on_duplicate = c.on_duplicate;
-            opts.ignore_ids = c.ignore_ids;
-            opts.custom_field_value_key = c.custom_field_value_key.clone();
-            (
-                super::import_contacts(client, &opts).await,
-                source,
-                c.source.summary.clone(),
-            )
+                DryRun::Lookup
+            }),
+            journal: self.journal.clone(),
+            rejects: self.rejects.clone(),
+            summary: self.summary.clone(),
+            settle_secs: self.settle.settle_secs,
         }
-        ImportCommand::Tasks(c) | ImportCommand::Notes(c) => {
-            let entity = if matches!(args.command, ImportCommand::Tasks(_)) {
-                Entity::Tasks
-            } else {
-                Entity::Notes
-            };
-            crate::cli::check_ids("--location", std::slice::from_ref(&c.location))?;
-            let mut source = source_options(&c.source, &c.conn)?;
-            refuse_clobbering(&c.source, &source, c.id_map.as_deref())?;
-            // A dry run of tasks or notes looks nothing up but the location's country, and
-            // only with a token at hand.
-            let client = match source.dry_run {
-                Some(DryRun::Offline) => offline_client()?,
-                Some(DryRun::Lookup) => match client(&c.conn) {
-                    Ok(c) => c,
-                    Err(_) => {
-                        source.country_from_location = false;
-                        offline_client()?
-                    }
+    }
+}
+
+impl ImportCommand {
+    /// The import job these arguments describe (`None` for undo).
+    pub fn job(&self) -> Option<ImportJob> {
+        let (location, source, conn, what) = match self {
+            ImportCommand::Undo(_) => return None,
+            ImportCommand::Contacts(c) => (
+                &c.location,
+                &c.source,
+                &c.conn,
+                ImportWhat::Contacts {
+                    on_duplicate: c.on_duplicate.into(),
+                    ignore_ids: c.ignore_ids,
+                    custom_field_value_key: c.custom_field_value_key.clone(),
                 },
-                None => client(&c.conn)?,
-            };
-            let opts = ChildImportOptions {
-                entity,
-                location_id: c.location.clone(),
-                source: source.clone(),
-                id_map: c.id_map.clone(),
-            };
-            (
-                super::import_children(client, &opts).await,
-                source,
-                c.source.summary.clone(),
-            )
-        }
-    };
-    let report = match result {
-        Ok(r) => r,
-        Err(ImportError::Stopped { report, source: e }) => {
-            finish(&report, summary.as_deref(), quiet)?;
-            return Err(anyhow::Error::new(e).context(format!(
-                "the import stopped early ({} created, {} updated); fix the cause and rerun the same command to resume",
-                report.created, report.updated
-            )));
-        }
-        Err(
-            e @ (ImportError::Columns { .. }
-            | ImportError::JournalMismatch { .. }
-            | ImportError::Clobber(_)
-            | ImportError::Input(InputError::Encoding { .. })),
-        ) => return Err(crate::cli::exit::UsageError(e.to_string()).into()),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("import of {} did not complete", source.input.display()))
-        }
-    };
-    finish(&report, summary.as_deref(), quiet)?;
-    if let Some(why) = &report.refused {
-        return Err(crate::cli::exit::UsageError(format!(
-            "{}: a real run would refuse this file before any write: {why}\nhint: fix the problems listed above, then run again",
-            source.input.display()
-        ))
-        .into());
-    }
-    if report.complete() {
-        Ok(())
-    } else {
-        Err(Incomplete {
-            rejected: report.rejected,
-            failed: report.failed_retryable,
-            rejects: report.rejects.clone(),
-        }
-        .into())
+            ),
+            ImportCommand::Tasks(c) | ImportCommand::Notes(c) => (
+                &c.location,
+                &c.source,
+                &c.conn,
+                ImportWhat::Children {
+                    entity: if matches!(self, ImportCommand::Tasks(_)) {
+                        Entity::Tasks
+                    } else {
+                        Entity::Notes
+                    },
+                    id_map: c.id_map.clone(),
+                },
+            ),
+        };
+        Some(ImportJob {
+            location: location.clone(),
+            what,
+            source: source.source(),
+            conn: conn.connection(),
+        })
     }
 }
 
-fn finish(
-    report: &ImportReport,
-    summary: Option<&std::path::Path>,
-    quiet: bool,
-) -> anyhow::Result<()> {
-    if !quiet {
+/// Runs an `import` subcommand and prints its report (stdout).
+pub async fn run(args: &ImportArgs, quiet: bool) -> Outcome {
+    if let ImportCommand::Undo(u) = &args.command {
+        let job = UndoJob {
+            journal: u.journal.clone(),
+            settle_secs: u.settle.settle_secs,
+            conn: u.conn.connection(),
+        };
+        let done = job.run().await;
+        if let (Some(report), false) = (&done.report, quiet) {
+            println!("{}", report.render());
+        }
+        return done.outcome;
+    }
+    let Some(job) = args.command.job() else {
+        return Outcome::usage("not an import");
+    };
+    run_job(&job, quiet).await
+}
+
+/// Runs an import job (from the command line or a pipeline) and prints its report.
+pub async fn run_job(job: &ImportJob, quiet: bool) -> Outcome {
+    let done = job.run().await;
+    if let (Some(report), false) = (&done.report, quiet) {
         print!("{}", report.render());
     }
-    if let Some(path) = summary {
-        let json = serde_json::to_vec_pretty(report)?;
-        std::fs::write(path, json)
-            .with_context(|| format!("cannot write the summary {}", path.display()))?;
-    }
-    Ok(())
+    done.outcome
 }
 
 #[cfg(test)]

@@ -1,10 +1,14 @@
-//! The machine-readable run report: written after every run, whatever its outcome.
+//! The machine-readable run report of one location's export: written after every run,
+//! whatever its outcome (`OUT/_report.json`, or `OUT/_state/location_id=<id>/report.json` in a
+//! pipeline, which also gathers them into its own report).
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Instant;
 
 use serde::Serialize;
 
+use super::outcome::Outcome;
 use crate::api::{Client, StatsSnapshot};
 use crate::export::{ExportPlan, Manifest, Resources};
 
@@ -15,8 +19,9 @@ pub struct RunReport {
     pub tool: String,
     pub command: String,
     pub location_id: String,
-    /// `complete`, `stopped` (daily quota or budget: resume later), `interrupted` (SIGTERM or
-    /// SIGINT: what was complete is committed; rerun to resume) or `failed`.
+    /// `complete`, `partial` (complete except the records under `skipped`), `stopped` (daily
+    /// quota or budget: resume later), `interrupted` (SIGTERM or SIGINT: what was complete is
+    /// committed; rerun to resume) or `failed`.
     pub status: String,
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -48,40 +53,49 @@ pub struct RunReport {
     pub resources: Resources,
 }
 
+/// When a run started: the wall-clock time for the report, the instant for its duration.
+#[derive(Clone, Debug)]
+pub struct Started {
+    pub at: String,
+    pub instant: Instant,
+}
+
+impl Started {
+    pub fn now() -> Started {
+        Started {
+            at: crate::timefmt::format_iso_millis(crate::export::now_millis()),
+            instant: Instant::now(),
+        }
+    }
+}
+
 impl RunReport {
+    /// The report of a run of `plan` that came to `outcome`. `client` is `None` when none
+    /// could be made (no token): the report then shows no requests.
     pub fn build(
         plan: &ExportPlan,
-        client: &Client,
-        started: (String, std::time::Instant),
-        result: &anyhow::Result<Manifest>,
+        client: Option<&Client>,
+        started: &Started,
+        outcome: &Outcome,
+        manifest: Option<&Manifest>,
         resumed_from: u64,
     ) -> RunReport {
-        let secs = started.1.elapsed().as_secs_f64();
-        let exit_code = match result {
-            Ok(_) => super::exit::OK,
-            Err(e) => super::exit::code_for(e),
-        };
-        let status = match exit_code {
-            super::exit::OK => "complete",
-            super::exit::QUOTA => "stopped",
-            c if super::exit::is_interrupted(c) => "interrupted",
-            _ => "failed",
-        };
+        let secs = started.instant.elapsed().as_secs_f64();
         let ck = crate::checkpoint::load(&crate::checkpoint::path(&crate::checkpoint::state_dir(
             &plan.out,
             &plan.location_id,
         )))
         .ok()
         .flatten();
-        let (rows, listed) = match (result, &ck) {
-            (Ok(m), _) => (
+        let (rows, listed) = match (manifest, &ck) {
+            (Some(m), _) => (
                 m.entities
                     .iter()
                     .map(|(k, v)| (k.clone(), v.rows))
                     .collect(),
                 m.contacts_listed,
             ),
-            (Err(_), Some(ck)) => (
+            (None, Some(ck)) => (
                 ck.entities
                     .iter()
                     .map(|(k, v)| (k.clone(), v.rows))
@@ -90,26 +104,26 @@ impl RunReport {
             ),
             _ => (BTreeMap::new(), 0),
         };
-        let requests = client.stats().snapshot();
-        let quota = client.limiter().effective_quota();
-        let (daily_remaining, daily_limit) = client.limiter().daily();
+        let requests = client.map(|c| c.stats().snapshot()).unwrap_or_default();
+        let quota = client.and_then(|c| c.limiter().effective_quota());
+        let (daily_remaining, daily_limit) = client.map_or((None, None), |c| c.limiter().daily());
         RunReport {
             tool: concat!("contacts-etl ", env!("CARGO_PKG_VERSION")).into(),
             command: "export".into(),
             location_id: plan.location_id.clone(),
-            status: status.into(),
-            exit_code,
-            error: result.as_ref().err().map(|e| format!("{e:#}")),
-            started_at: started.0,
+            status: outcome.status().into(),
+            exit_code: outcome.exit_code(),
+            error: match outcome {
+                Outcome::Complete | Outcome::Skipped { .. } => None,
+                other => other.message(),
+            },
+            started_at: started.at.clone(),
             finished_at: crate::timefmt::format_iso_millis(crate::export::now_millis()),
             duration_secs: secs,
             resumed: resumed_from > 0 || ck.as_ref().is_some_and(|c| c.resumed > 0 && !c.complete),
             incremental: plan.incremental.is_some(),
             out: plan.out.display().to_string(),
-            manifest: result
-                .as_ref()
-                .ok()
-                .map(|_| plan.manifest_path().display().to_string()),
+            manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
             contacts_listed: listed,
             rate_limit_share: quota

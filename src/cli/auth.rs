@@ -1,28 +1,19 @@
-//! `contacts-etl auth`: log in with OAuth (Marketplace apps), show the token store, list an
-//! agency's installed locations.
+//! `contacts-etl auth`: arguments (the doc comments are the help), and the printing of what
+//! the jobs in [`crate::app::auth`] return.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
-use super::{
-    AuthError, LoginRequest, OAuthApp, OAuthProvider, OAuthSettings, PendingLogin, StoredToken,
-    TokenStore, UserType, DEFAULT_AUTHORIZE_URL,
-};
 use crate::api::DEFAULT_BASE_URL;
-use crate::cli::env::HL_BASE_URL;
-use crate::cli::exit::UsageError;
+use crate::app::auth::{AppRef, LoginJob};
+use crate::app::env::{
+    HL_AUTHORIZE_URL, HL_BASE_URL, HL_CLIENT_ID, HL_CLIENT_SECRET, HL_TOKEN_STORE,
+};
+use crate::app::Outcome;
+use crate::auth::{StoredToken, UserType, DEFAULT_AUTHORIZE_URL};
 use crate::term::Escaped;
-
-/// The Marketplace app's client id.
-pub const HL_CLIENT_ID: &str = "HL_CLIENT_ID";
-/// The default variable holding the app's client secret (`--client-secret-env` names another).
-pub const HL_CLIENT_SECRET: &str = "HL_CLIENT_SECRET";
-/// The token store file (default `~/.config/contacts-etl/tokens.json`).
-pub const HL_TOKEN_STORE: &str = "HL_TOKEN_STORE";
-/// The consent screen URL (a white-label marketplace, or the simulator in tests).
-pub const HL_AUTHORIZE_URL: &str = "HL_AUTHORIZE_URL";
 
 #[derive(Debug, Args)]
 pub struct AuthArgs {
@@ -62,13 +53,8 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    pub fn path(&self) -> anyhow::Result<PathBuf> {
-        match &self.token_store {
-            Some(p) => Ok(p.clone()),
-            None => TokenStore::default_path().ok_or_else(|| {
-                UsageError("cannot tell where the token store goes (neither HOME nor XDG_CONFIG_HOME is set): pass --token-store FILE".into()).into()
-            }),
-        }
+    pub fn path(&self) -> Result<PathBuf, Outcome> {
+        crate::app::auth::store_path(self.token_store.as_ref())
     }
 }
 
@@ -94,12 +80,13 @@ pub struct AppArgs {
 }
 
 impl AppArgs {
-    pub fn app(&self) -> Result<OAuthApp, AuthError> {
-        OAuthApp::load(
-            &self.client_id,
-            &self.client_secret_env,
-            self.client_secret_file.as_deref(),
-        )
+    pub fn app(&self) -> AppRef {
+        AppRef {
+            client_id: self.client_id.clone(),
+            client_secret_env: self.client_secret_env.clone(),
+            client_secret_file: self.client_secret_file.clone(),
+            base_url: self.base_url.clone(),
+        }
     }
 }
 
@@ -162,33 +149,19 @@ pub struct LocationsArgs {
 }
 
 /// Runs `contacts-etl auth …`.
-pub async fn run(args: &AuthArgs, quiet: bool) -> anyhow::Result<()> {
-    match &args.command {
+pub async fn run(args: &AuthArgs, quiet: bool) -> Outcome {
+    let done = match &args.command {
         AuthCommand::Login(a) => login(a, quiet).await,
-        AuthCommand::Status(a) => status(&a.store.path()?),
+        AuthCommand::Status(a) => a.store.path().and_then(|p| status(&p)),
         AuthCommand::Locations(a) => locations(a).await,
-    }
+    };
+    done.err().unwrap_or(Outcome::Complete)
 }
 
-/// An [`AuthError`] as the binary reports it: settings problems are usage errors (exit 2),
-/// an API refusal keeps its [`crate::api::ApiError`] (exit 3 for a refused grant).
-pub fn into_anyhow(e: AuthError) -> anyhow::Error {
-    match e {
-        AuthError::Api(api) => api.into(),
-        AuthError::Config(_)
-        | AuthError::StorePermissions { .. }
-        | AuthError::StoreUnsafe { .. }
-        | AuthError::StoreCorrupt { .. }
-        | AuthError::NotFound { .. } => UsageError(e.to_string()).into(),
-        other => other.into(),
-    }
-}
-
-async fn login(args: &LoginArgs, quiet: bool) -> anyhow::Result<()> {
-    let req = LoginRequest {
-        app: args.app.app().map_err(into_anyhow)?,
-        base_url: args.app.base_url.clone(),
-        authorize_url: args.authorize_url.clone(),
+async fn login(args: &LoginArgs, quiet: bool) -> Result<(), Outcome> {
+    let job = LoginJob {
+        app: args.app.app(),
+        store: args.store.path()?,
         scopes: args
             .scope
             .split([' ', ','])
@@ -197,25 +170,26 @@ async fn login(args: &LoginArgs, quiet: bool) -> anyhow::Result<()> {
             .collect(),
         user_type: args.user_type,
         redirect_port: args.redirect_port,
-        store: args.store.path()?,
+        authorize_url: args.authorize_url.clone(),
         timeout: Duration::from_secs(args.timeout.max(1)),
     };
-    let store = req.store.clone();
-    let pending = PendingLogin::start(req).await.map_err(into_anyhow)?;
-    // Printed even with --quiet: the login cannot go on without it.
-    eprintln!(
-        "Open this URL in a browser on this machine and approve the app:\n\n  {}\n",
-        pending.consent_url()
-    );
-    if !quiet {
-        eprintln!("waiting for the redirect to {} …", pending.redirect_uri());
-    }
-    let entry = pending.finish().await.map_err(into_anyhow)?;
+    let entry = job
+        .run(|pending| {
+            // Printed even with --quiet: the login cannot go on without it.
+            eprintln!(
+                "Open this URL in a browser on this machine and approve the app:\n\n  {}\n",
+                pending.consent_url()
+            );
+            if !quiet {
+                eprintln!("waiting for the redirect to {} …", pending.redirect_uri());
+            }
+        })
+        .await?;
     if !quiet {
         eprintln!(
             "logged in: {} saved to {}",
             describe(&entry),
-            store.display()
+            job.store.display()
         );
     }
     Ok(())
@@ -236,14 +210,14 @@ fn describe(e: &StoredToken) -> String {
     }
 }
 
-fn status(path: &Path) -> anyhow::Result<()> {
-    let entries = TokenStore::new(path).entries().map_err(into_anyhow)?;
+fn status(path: &Path) -> Result<(), Outcome> {
+    let entries = crate::app::auth::status(path)?;
     println!("token store: {}", path.display());
     if entries.is_empty() {
         println!("  (empty: run `contacts-etl auth login`)");
         return Ok(());
     }
-    let now = super::oauth::Clock::now(&super::SystemClock);
+    let now = crate::auth::Clock::now(&crate::auth::SystemClock);
     for e in &entries {
         let left = e.expires_at - now;
         let expiry = if left > 0 {
@@ -268,17 +242,10 @@ fn status(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn locations(args: &LocationsArgs) -> anyhow::Result<()> {
-    let settings = OAuthSettings::new(
-        args.app.base_url.clone(),
-        args.app.app().map_err(into_anyhow)?,
-        args.store.path()?,
-    );
-    let provider = OAuthProvider::new(settings).map_err(into_anyhow)?;
-    let list = provider
-        .installed_locations(args.company.as_deref())
-        .await
-        .map_err(into_anyhow)?;
+async fn locations(args: &LocationsArgs) -> Result<(), Outcome> {
+    let list =
+        crate::app::auth::locations(&args.app.app(), args.store.path()?, args.company.as_deref())
+            .await?;
     for l in &list {
         println!(
             "{}\t{}",
