@@ -47,6 +47,7 @@
 
 mod faults;
 mod gen;
+mod http;
 mod limit;
 mod model;
 mod mutate;
@@ -67,7 +68,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use oauth::SimOAuth;
-use routes::Kind;
+use http::Kind;
 use store::{read as read_lock, Location, Store};
 
 /// What the simulator serves and how strictly. Build it with `..SimConfig::default()`: fields
