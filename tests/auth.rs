@@ -1129,12 +1129,8 @@ async fn oauth_token_call_answered_429_was_retried_without_waiting_for_its_retry
             axum::routing::get(|| async { one_installed_location() }),
         );
     let dir = tempfile::tempdir().unwrap();
-    let provider = expired_agency_provider(
-        dir.path(),
-        router,
-        contacts_etl::auth::oauth_retry_policy(),
-    )
-    .await;
+    let provider =
+        expired_agency_provider(dir.path(), router, contacts_etl::auth::oauth_retry_policy()).await;
     let locations = provider.installed_locations(None).await.unwrap();
     assert_eq!(locations.len(), 1);
     let at = tokens.lock().unwrap().clone();
@@ -1144,9 +1140,16 @@ async fn oauth_token_call_answered_429_was_retried_without_waiting_for_its_retry
         "the retry waited for the server's Retry-After (1 s): {:?}",
         at[1] - at[0]
     );
-    let saved = stored(&dir.path().join("tokens.json"), &StoreKey::Company("co1".into()));
+    let saved = stored(
+        &dir.path().join("tokens.json"),
+        &StoreKey::Company("co1".into()),
+    );
     assert_eq!(
-        saved.refresh_token.as_ref().map(|s| s.expose().to_string()).as_deref(),
+        saved
+            .refresh_token
+            .as_ref()
+            .map(|s| s.expose().to_string())
+            .as_deref(),
         Some("agency-refresh-new")
     );
 }
@@ -1212,7 +1215,11 @@ async fn oauth_token_call_rate_limited_for_an_hour_stops_at_the_request_deadline
     );
     assert!(err.contains("request deadline"), "{err}");
     assert!(err.contains("the server asked to retry after"), "{err}");
-    for secret in ["client-secret-xyz", "agency-refresh-old", "agency-access-old"] {
+    for secret in [
+        "client-secret-xyz",
+        "agency-refresh-old",
+        "agency-access-old",
+    ] {
         assert!(!err.contains(secret), "{err}");
     }
 }

@@ -45,7 +45,8 @@ pub struct ClientConfig {
     pub rate_limit: Option<Quota>,
     /// Most requests in flight at once.
     pub concurrency: usize,
-    /// Whole-request timeout (connect, send, read the body).
+    /// Timeout of one attempt (connect, send, read the body); `retry.deadline` bounds the
+    /// whole request.
     pub timeout: Duration,
     pub retry: RetryPolicy,
     /// A cap shared with other clients (a pipeline's global concurrency across locations).
@@ -421,7 +422,8 @@ impl Client {
     }
 
     pub async fn delete_contact(&self, contact_id: &str) -> Result<(), ApiError> {
-        self.delete(path_and_query(&["contacts", contact_id], &[])).await
+        self.delete(path_and_query(&["contacts", contact_id], &[]))
+            .await
     }
 
     /// `POST /contacts/upsert`: returns whether a contact was created, and the contact.
@@ -496,7 +498,10 @@ impl Client {
         task_id: &str,
         completed: bool,
     ) -> Result<Task, ApiError> {
-        let path = path_and_query(&["contacts", contact_id, "tasks", task_id, "completed"], &[]);
+        let path = path_and_query(
+            &["contacts", contact_id, "tasks", task_id, "completed"],
+            &[],
+        );
         let env: TaskEnv = self
             .write(
                 Method::PUT,
@@ -509,13 +514,19 @@ impl Client {
     }
 
     pub async fn delete_task(&self, contact_id: &str, task_id: &str) -> Result<(), ApiError> {
-        self.delete(path_and_query(&["contacts", contact_id, "tasks", task_id], &[]))
+        self.delete(path_and_query(
+            &["contacts", contact_id, "tasks", task_id],
+            &[],
+        ))
         .await
     }
 
     /// `DELETE /contacts/:id/notes/:noteId`.
     pub async fn delete_note(&self, contact_id: &str, note_id: &str) -> Result<(), ApiError> {
-        self.delete(path_and_query(&["contacts", contact_id, "notes", note_id], &[]))
+        self.delete(path_and_query(
+            &["contacts", contact_id, "notes", note_id],
+            &[],
+        ))
         .await
     }
 
@@ -690,9 +701,16 @@ mod tests {
 
     #[test]
     fn plain_http_only_to_loopback() {
-        assert!(Client::new(ClientConfig::new("http://127.0.0.1:9", Token::new("t").unwrap())).is_ok());
+        assert!(Client::new(ClientConfig::new(
+            "http://127.0.0.1:9",
+            Token::new("t").unwrap()
+        ))
+        .is_ok());
         assert!(matches!(
-            Client::new(ClientConfig::new("http://10.0.0.1", Token::new("t").unwrap())),
+            Client::new(ClientConfig::new(
+                "http://10.0.0.1",
+                Token::new("t").unwrap()
+            )),
             Err(ClientBuildError::InsecureUrl(_))
         ));
         assert!(matches!(

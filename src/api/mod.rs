@@ -14,8 +14,7 @@ mod transport;
 pub use auth::{StaticToken, Token, TokenSource};
 pub use client::{BeforeSend, Location};
 pub use client::{
-    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage,
-    DEFAULT_MAX_RESPONSE_BYTES,
+    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, DEFAULT_MAX_RESPONSE_BYTES,
 };
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use ids::{check_id, MAX_ID_LEN};

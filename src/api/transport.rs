@@ -242,7 +242,9 @@ impl Transport {
             req = req.header("Version", super::API_VERSION);
         }
         match &out.body {
-            Some(Body::Json(b)) => req = req.header(CONTENT_TYPE, "application/json").body(b.clone()),
+            Some(Body::Json(b)) => {
+                req = req.header(CONTENT_TYPE, "application/json").body(b.clone())
+            }
             Some(Body::Form(f)) => {
                 req = req
                     .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
@@ -280,8 +282,14 @@ impl Transport {
         if (300..400).contains(&status) {
             return Err(redirected(label, status, resp.headers()));
         }
-        let bytes = match read_body(&mut resp, label, status, self.max_response_bytes, watch.stats)
-            .await
+        let bytes = match read_body(
+            &mut resp,
+            label,
+            status,
+            self.max_response_bytes,
+            watch.stats,
+        )
+        .await
         {
             Ok(b) => b,
             // A POST answered 2xx took effect, whatever its reply: one too large to read is
@@ -651,7 +659,10 @@ mod tests {
             [("q".to_string(), odd.to_string()), ("n".into(), "1".into())]
         );
         assert_eq!(path_and_query(&["contacts", ""], &[]), "/contacts/");
-        let body = form(&[("redirect_uri", "http://127.0.0.1:8080/cb?x=1&y"), ("s", "a b")]);
+        let body = form(&[
+            ("redirect_uri", "http://127.0.0.1:8080/cb?x=1&y"),
+            ("s", "a b"),
+        ]);
         assert_eq!(
             body,
             "redirect_uri=http%3A%2F%2F127.0.0.1%3A8080%2Fcb%3Fx%3D1%26y&s=a+b"

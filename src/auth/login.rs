@@ -67,7 +67,8 @@ impl PendingLogin {
     pub async fn start(req: LoginRequest) -> Result<PendingLogin, AuthError> {
         // A store that would be refused later is reported before the user consents.
         TokenStore::new(&req.store).load()?;
-        let endpoints = Endpoints::new(&req.base_url, Duration::from_secs(30), oauth_retry_policy())?;
+        let endpoints =
+            Endpoints::new(&req.base_url, Duration::from_secs(30), oauth_retry_policy())?;
         let authorize = reqwest::Url::parse(&req.authorize_url).map_err(|e| {
             AuthError::Config(format!(
                 "invalid authorize URL '{}': {e}",

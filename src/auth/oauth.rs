@@ -368,7 +368,14 @@ impl Endpoints {
             );
             let label = RequestLabel(format!("GET {path}"));
             let page: InstalledPage = self
-                .send(&label, reqwest::Method::GET, &path, None, Some(agency), None)
+                .send(
+                    &label,
+                    reqwest::Method::GET,
+                    &path,
+                    None,
+                    Some(agency),
+                    None,
+                )
                 .await?;
             let n = page.locations.len();
             let count = page.count.map(|c| c.max(0.0) as u64);
@@ -447,7 +454,11 @@ mod tests {
         assert!(new("http://localhost:9").is_ok());
         assert!(new("https://services.leadconnectorhq.com").is_ok());
         let err = new("http://services.leadconnectorhq.com").unwrap_err();
-        assert!(err.to_string().contains("refusing to send OAuth credentials"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("refusing to send OAuth credentials"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -67,8 +67,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use oauth::SimOAuth;
 use http::Kind;
+pub use oauth::SimOAuth;
 use store::{read as read_lock, Location, Store};
 
 /// What the simulator serves and how strictly. Build it with `..SimConfig::default()`: fields
