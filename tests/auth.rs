@@ -1043,3 +1043,186 @@ async fn an_oauth_reply_over_the_body_cap_was_read_whole_into_memory() {
         "not retried"
     );
 }
+
+// Issue 12: the OAuth calls go through the crate's one HTTP transport, with the same retry
+// policy as the Contacts calls (Retry-After honoured, an overall deadline per request).
+
+/// An OAuth provider for a fake server (`router`) holding an agency grant of `co1` whose
+/// access token has expired (so the first use refreshes it), with `retry` as its policy.
+async fn expired_agency_provider(
+    dir: &Path,
+    router: axum::Router,
+    retry: contacts_etl::api::RetryPolicy,
+) -> OAuthProvider {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let store = dir.join("tokens.json");
+    TokenStore::new(&store)
+        .put(StoredToken {
+            user_type: UserType::Company,
+            company_id: Some("co1".into()),
+            location_id: None,
+            access_token: contacts_etl::auth::Secret::new("agency-access-old"),
+            refresh_token: Some(contacts_etl::auth::Secret::new("agency-refresh-old")),
+            expires_at: 0,
+            scope: None,
+            user_id: None,
+            updated_at: 0,
+        })
+        .unwrap();
+    let settings = OAuthSettings {
+        retry,
+        ..OAuthSettings::new(base, OAuthApp::new("app-1", "client-secret-xyz"), store)
+    };
+    OAuthProvider::new(settings).unwrap()
+}
+
+/// When each request reached a fake OAuth route.
+type Arrivals = Arc<std::sync::Mutex<Vec<std::time::Instant>>>;
+
+fn arrived(log: &Arrivals) -> usize {
+    let mut l = log.lock().unwrap();
+    l.push(std::time::Instant::now());
+    l.len()
+}
+
+fn token_json() -> serde_json::Value {
+    serde_json::json!({
+        "access_token": "agency-access-new", "refresh_token": "agency-refresh-new",
+        "expires_in": 86399, "userType": "Company", "companyId": "co1"
+    })
+}
+
+fn one_installed_location() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "locations": [{ "_id": "loc1" }], "count": 1 }))
+}
+
+fn rate_limited(retry_after: &'static str) -> axum::response::Response {
+    axum::response::Response::builder()
+        .status(429)
+        .header("retry-after", retry_after)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(
+            r#"{"statusCode":429,"message":"Too many requests"}"#,
+        ))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn oauth_token_call_answered_429_was_retried_without_waiting_for_its_retry_after() {
+    let tokens: Arrivals = Arc::default();
+    let log = tokens.clone();
+    let router = axum::Router::new()
+        .route(
+            "/oauth/token",
+            axum::routing::post(move || {
+                let n = arrived(&log);
+                async move {
+                    if n == 1 {
+                        rate_limited("1")
+                    } else {
+                        axum::response::IntoResponse::into_response(axum::Json(token_json()))
+                    }
+                }
+            }),
+        )
+        .route(
+            "/oauth/installedLocations",
+            axum::routing::get(|| async { one_installed_location() }),
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let provider =
+        expired_agency_provider(dir.path(), router, contacts_etl::auth::oauth_retry_policy()).await;
+    let locations = provider.installed_locations(None).await.unwrap();
+    assert_eq!(locations.len(), 1);
+    let at = tokens.lock().unwrap().clone();
+    assert_eq!(at.len(), 2, "the 429 was retried once");
+    assert!(
+        at[1] - at[0] >= Duration::from_secs(1),
+        "the retry waited for the server's Retry-After (1 s): {:?}",
+        at[1] - at[0]
+    );
+    let saved = stored(
+        &dir.path().join("tokens.json"),
+        &StoreKey::Company("co1".into()),
+    );
+    assert_eq!(
+        saved
+            .refresh_token
+            .as_ref()
+            .map(|s| s.expose().to_string())
+            .as_deref(),
+        Some("agency-refresh-new")
+    );
+}
+
+#[tokio::test]
+async fn installed_locations_answered_502_is_retried() {
+    let hits: Arrivals = Arc::default();
+    let log = hits.clone();
+    let router = axum::Router::new().route(
+        "/oauth/installedLocations",
+        axum::routing::get(move || {
+            let n = arrived(&log);
+            async move {
+                if n == 1 {
+                    axum::response::IntoResponse::into_response((
+                        axum::http::StatusCode::BAD_GATEWAY,
+                        "<html>bad gateway</html>",
+                    ))
+                } else {
+                    axum::response::IntoResponse::into_response(one_installed_location())
+                }
+            }
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let provider = agency_provider(dir.path(), router).await;
+    let locations = provider.installed_locations(None).await.unwrap();
+    assert_eq!(locations.len(), 1);
+    assert_eq!(hits.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn oauth_token_call_rate_limited_for_an_hour_stops_at_the_request_deadline() {
+    let tokens: Arrivals = Arc::default();
+    let log = tokens.clone();
+    let router = axum::Router::new().route(
+        "/oauth/token",
+        axum::routing::post(move || {
+            arrived(&log);
+            async { rate_limited("3600") }
+        }),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let retry = contacts_etl::api::RetryPolicy {
+        max_wait: Duration::from_secs(1),
+        deadline: Duration::from_millis(2500),
+        ..contacts_etl::auth::oauth_retry_policy()
+    };
+    let provider = expired_agency_provider(dir.path(), router, retry).await;
+    let err = provider
+        .installed_locations(None)
+        .await
+        .expect_err("gave up")
+        .to_string();
+    assert_eq!(
+        tokens.lock().unwrap().len(),
+        3,
+        "attempts at 0, 1 and 2 s (one wait is capped at 1 s); a 4th would pass the 2.5 s deadline: {err}"
+    );
+    assert!(
+        err.contains("POST /oauth/token (refresh_token grant): HTTP 429"),
+        "{err}"
+    );
+    assert!(err.contains("request deadline"), "{err}");
+    assert!(err.contains("the server asked to retry after"), "{err}");
+    for secret in [
+        "client-secret-xyz",
+        "agency-refresh-old",
+        "agency-access-old",
+    ] {
+        assert!(!err.contains(secret), "{err}");
+    }
+}

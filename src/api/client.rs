@@ -1,74 +1,30 @@
-//! Typed calls of the Contacts API over one pooled HTTP client.
+//! Typed calls of the Contacts API over one [`Transport`].
 //!
-//! Every call goes through the same path: a concurrency permit, the location's rate limiter,
-//! then the permit shared across locations (if any), one HTTP attempt, classification of the
-//! reply into an [`ApiError`] kind, and the single [`RetryPolicy`]. List and child calls return the objects as raw JSON so the export can
-//! decode them straight into columns; single-record calls and writes return lenient models.
-//!
-//! What the client refuses, and why (each is [`ApiError::Refused`]: fatal, never retried):
-//! - Redirects. The API does not send them; following one would export another host's data
-//!   as the location's. A 3xx names its `Location`.
-//! - A reply body over [`ClientConfig::max_response_bytes`], checked against `Content-Length`
-//!   first, then while streaming (a compressed or unannounced body cannot swell memory).
-//! - A request that cannot be built (a URL too long for HTTP): sending it again would fail
-//!   the same way.
+//! Every call goes through the same path: the token, then [`Transport::request`] (the one
+//! place a request is sent, read, classified and retried: see `transport.rs` for what it
+//! refuses and why), with this client's gate before each attempt: a concurrency permit, the
+//! location's rate limiter, then the permit shared across locations (if any). A 401 renews
+//! the token once and sends the request again. List and child calls return the objects as
+//! raw JSON so the export can decode them straight into columns; single-record calls and
+//! writes return lenient models.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 
-use super::auth::{StaticToken, TokenSource};
+use super::auth::{StaticToken, Token, TokenSource};
 use super::error::{ApiError, RequestLabel};
-use super::models::{Contact, ErrorBody, ListMeta, Note, Task};
+use super::models::{Contact, ListMeta, Note, Task};
 use super::retry::{Idempotency, RetryPolicy};
 use super::stats::{RequestKind, Stats};
-use crate::ratelimit::{Quota, RateHeaders, RateLimiter};
-
-/// A bearer token. Its `Debug` and `Display` never show it.
-#[derive(Clone)]
-pub struct Token(String);
-
-impl Token {
-    /// The `Authorization` header value for this token, marked sensitive so it is never
-    /// printed by the HTTP stack.
-    pub fn header_value(&self) -> HeaderValue {
-        // Token::new admits only visible ASCII, which is always a valid header value.
-        let mut h = HeaderValue::from_str(&format!("Bearer {}", self.0))
-            .unwrap_or(HeaderValue::from_static("Bearer"));
-        h.set_sensitive(true);
-        h
-    }
-
-    /// The token itself, for code that must send it elsewhere (an OAuth token store).
-    pub fn secret(&self) -> &str {
-        &self.0
-    }
-
-    /// Accepts a token as read from a variable or file (surrounding whitespace removed).
-    pub fn new(raw: &str) -> Result<Token, String> {
-        let t = raw.trim();
-        if t.is_empty() {
-            return Err("the token is empty".into());
-        }
-        if !t.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err("the token contains spaces or non-ASCII characters".into());
-        }
-        Ok(Token(t.to_owned()))
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(***)")
-    }
-}
+use super::transport::{self, path_and_query, Body, Outgoing, Transport, TransportConfig, Watch};
+use crate::ratelimit::{Quota, RateLimiter};
 
 /// Called right before each attempt of a create goes on the wire, after the waits for the pace
 /// and a permit. The importer makes its intent durable there, stamped with the real send time:
@@ -77,15 +33,6 @@ impl std::fmt::Debug for Token {
 /// request unsent.
 pub type BeforeSend<'a> =
     &'a (dyn Fn() -> futures::future::BoxFuture<'a, Result<(), ApiError>> + Send + Sync);
-
-/// What one attempt sends, besides the token and the body.
-struct Outgoing<'a, 'h> {
-    kind: RequestKind,
-    method: &'a Method,
-    url: &'a reqwest::Url,
-    label: &'a RequestLabel,
-    before_send: Option<BeforeSend<'h>>,
-}
 
 /// Settings of a [`Client`].
 #[derive(Clone, Debug)]
@@ -98,7 +45,8 @@ pub struct ClientConfig {
     pub rate_limit: Option<Quota>,
     /// Most requests in flight at once.
     pub concurrency: usize,
-    /// Whole-request timeout (connect, send, read the body).
+    /// Timeout of one attempt (connect, send, read the body); `retry.deadline` bounds the
+    /// whole request.
     pub timeout: Duration,
     pub retry: RetryPolicy,
     /// A cap shared with other clients (a pipeline's global concurrency across locations).
@@ -155,7 +103,7 @@ pub struct BusinessPage {
 /// A client for one location's token: one connection pool, one rate limiter, one set of counters.
 #[derive(Debug)]
 pub struct Client {
-    http: reqwest::Client,
+    transport: Transport,
     /// The checked base URL, parsed once: each request only sets its path and query (no
     /// re-parsing of the host on the hot path).
     base_url: reqwest::Url,
@@ -163,74 +111,7 @@ pub struct Client {
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
     global_permits: Option<Arc<Semaphore>>,
-    retry: RetryPolicy,
     stats: Arc<Stats>,
-    max_response_bytes: u64,
-}
-
-/// Installs ring as the process's TLS crypto provider (reqwest is built without one).
-fn install_crypto_provider() {
-    // Err means a provider is already installed, which is all we need.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// Whether a URL's host is a loopback address (`localhost`, 127.0.0.0/8, `::1`): the only
-/// place a token may travel over plain http.
-pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
-    let host = url
-        .host_str()
-        .unwrap_or("")
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    host.eq_ignore_ascii_case("localhost")
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
-}
-
-/// Checks the base URL and returns it without a trailing slash.
-fn checked_base(url: &str) -> Result<String, ClientBuildError> {
-    let parsed = reqwest::Url::parse(url)
-        .map_err(|e| ClientBuildError::BadUrl(url.into(), e.to_string()))?;
-    match parsed.scheme() {
-        "https" => {}
-        "http" => {
-            if !is_loopback(&parsed) {
-                return Err(ClientBuildError::InsecureUrl(url.into()));
-            }
-        }
-        other => {
-            return Err(ClientBuildError::BadUrl(
-                url.into(),
-                format!("unsupported scheme '{other}'"),
-            ))
-        }
-    }
-    if parsed.query().is_some() || !parsed.username().is_empty() || parsed.password().is_some() {
-        return Err(ClientBuildError::BadUrl(
-            url.into(),
-            "the base URL must not carry credentials or a query".into(),
-        ));
-    }
-    Ok(parsed.as_str().trim_end_matches('/').to_owned())
-}
-
-/// Percent-encodes a path segment or query value (everything but RFC 3986 unreserved characters).
-fn enc(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
-    {
-        return s.into();
-    }
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out.into()
 }
 
 /// A location (sub-account) as `GET /locations/:id` returns it: the fields this tool reads,
@@ -250,19 +131,25 @@ pub struct Location {
 
 /// Path and query of `GET /contacts/`.
 fn list_path(location_id: &str, limit: u32, after: Option<(i64, &str)>) -> String {
-    let mut pq = format!("/contacts/?locationId={}&limit={limit}", enc(location_id));
+    let limit = limit.to_string();
+    let mut query = vec![("locationId", location_id), ("limit", &limit)];
+    let start_after;
     if let Some((ms, id)) = after {
-        pq.push_str(&format!("&startAfter={ms}&startAfterId={}", enc(id)));
+        start_after = ms.to_string();
+        query.extend([("startAfter", start_after.as_str()), ("startAfterId", id)]);
     }
-    pq
+    path_and_query(&["contacts", ""], &query)
 }
 
 /// Path and query of `GET /contacts/business/:businessId`.
 fn business_path(location_id: &str, business_id: &str, skip: u64, limit: u32) -> String {
-    format!(
-        "/contacts/business/{}?locationId={}&limit={limit}&skip={skip}",
-        enc(business_id),
-        enc(location_id)
+    path_and_query(
+        &["contacts", "business", business_id],
+        &[
+            ("locationId", location_id),
+            ("limit", &limit.to_string()),
+            ("skip", &skip.to_string()),
+        ],
     )
 }
 
@@ -322,30 +209,30 @@ impl Client {
         config: ClientConfig,
         limiter: Arc<RateLimiter>,
     ) -> Result<Client, ClientBuildError> {
-        install_crypto_provider();
-        let base = checked_base(&config.base_url)?;
+        let base = transport::checked_base(&config.base_url).map_err(|e| match e {
+            transport::BaseUrlError::Bad(why) => {
+                ClientBuildError::BadUrl(config.base_url.clone(), why)
+            }
+            transport::BaseUrlError::Insecure => {
+                ClientBuildError::InsecureUrl(config.base_url.clone())
+            }
+        })?;
         let concurrency = config.concurrency.max(1);
-        let http = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(Duration::from_secs(15))
-            .pool_max_idle_per_host(concurrency)
-            .tcp_nodelay(true)
-            // The API never redirects: a 3xx is an error, not a hop to another host.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("contacts-etl/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| ClientBuildError::Http(e.to_string()))?;
+        let transport = Transport::new(TransportConfig {
+            timeout: config.timeout,
+            max_idle_per_host: concurrency,
+            retry: config.retry,
+            max_response_bytes: config.max_response_bytes,
+        })
+        .map_err(ClientBuildError::Http)?;
         Ok(Client {
-            http,
-            base_url: reqwest::Url::parse(&base)
-                .map_err(|e| ClientBuildError::BadUrl(base.clone(), e.to_string()))?,
+            transport,
+            base_url: base,
             auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),
             global_permits: config.global_permits,
-            retry: config.retry,
             stats: Arc::new(Stats::default()),
-            max_response_bytes: config.max_response_bytes.max(1),
         })
     }
 
@@ -407,7 +294,7 @@ impl Client {
         let env: ContactEnv = self
             .get_json(
                 RequestKind::Contact,
-                format!("/contacts/{}", enc(contact_id)),
+                path_and_query(&["contacts", contact_id], &[]),
             )
             .await?;
         Ok(env.contact)
@@ -424,7 +311,7 @@ impl Client {
         let env: LocationEnv = self
             .get_json(
                 RequestKind::Other,
-                format!("/locations/{}", enc(location_id)),
+                path_and_query(&["locations", location_id], &[]),
             )
             .await?;
         Ok(env.location)
@@ -435,7 +322,7 @@ impl Client {
         let env: TasksEnv = self
             .get_json(
                 RequestKind::Tasks,
-                format!("/contacts/{}/tasks", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "tasks"], &[]),
             )
             .await?;
         Ok(env.tasks)
@@ -446,7 +333,7 @@ impl Client {
         let env: NotesEnv = self
             .get_json(
                 RequestKind::Notes,
-                format!("/contacts/{}/notes", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "notes"], &[]),
             )
             .await?;
         Ok(env.notes)
@@ -457,7 +344,7 @@ impl Client {
         let env: EventsEnv = self
             .get_json(
                 RequestKind::Appointments,
-                format!("/contacts/{}/appointments", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "appointments"], &[]),
             )
             .await?;
         Ok(env.events)
@@ -467,7 +354,7 @@ impl Client {
         let env: TaskEnv = self
             .get_json(
                 RequestKind::Other,
-                format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id)),
+                path_and_query(&["contacts", contact_id, "tasks", task_id], &[]),
             )
             .await?;
         Ok(env.task)
@@ -477,7 +364,7 @@ impl Client {
         let env: NoteEnv = self
             .get_json(
                 RequestKind::Other,
-                format!("/contacts/{}/notes/{}", enc(contact_id), enc(note_id)),
+                path_and_query(&["contacts", contact_id, "notes", note_id], &[]),
             )
             .await?;
         Ok(env.note)
@@ -490,13 +377,10 @@ impl Client {
         email: Option<&str>,
         phone: Option<&str>,
     ) -> Result<Option<Contact>, ApiError> {
-        let mut pq = format!("/contacts/search/duplicate?locationId={}", enc(location_id));
-        if let Some(e) = email {
-            pq.push_str(&format!("&email={}", enc(e)));
-        }
-        if let Some(p) = phone {
-            pq.push_str(&format!("&number={}", enc(p)));
-        }
+        let mut query = vec![("locationId", location_id)];
+        query.extend(email.map(|e| ("email", e)));
+        query.extend(phone.map(|p| ("number", p)));
+        let pq = path_and_query(&["contacts", "search", "duplicate"], &query);
         let env: MaybeContactEnv = self.get_json(RequestKind::Other, pq).await?;
         Ok(env.contact)
     }
@@ -529,7 +413,7 @@ impl Client {
         let env: ContactEnv = self
             .write(
                 Method::PUT,
-                format!("/contacts/{}", enc(contact_id)),
+                path_and_query(&["contacts", contact_id], &[]),
                 body,
                 Idempotency::Idempotent,
             )
@@ -538,7 +422,8 @@ impl Client {
     }
 
     pub async fn delete_contact(&self, contact_id: &str) -> Result<(), ApiError> {
-        self.delete(format!("/contacts/{}", enc(contact_id))).await
+        self.delete(path_and_query(&["contacts", contact_id], &[]))
+            .await
     }
 
     /// `POST /contacts/upsert`: returns whether a contact was created, and the contact.
@@ -567,7 +452,7 @@ impl Client {
         let env: TagsEnv = self
             .write(
                 Method::POST,
-                format!("/contacts/{}/tags", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "tags"], &[]),
                 &body,
                 Idempotency::Idempotent,
             )
@@ -585,7 +470,7 @@ impl Client {
         let env: TaskEnv = self
             .write_with(
                 Method::POST,
-                format!("/contacts/{}/tasks", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "tasks"], &[]),
                 body,
                 Idempotency::NonIdempotent,
                 before_send,
@@ -600,7 +485,7 @@ impl Client {
         task_id: &str,
         body: &serde_json::Value,
     ) -> Result<Task, ApiError> {
-        let path = format!("/contacts/{}/tasks/{}", enc(contact_id), enc(task_id));
+        let path = path_and_query(&["contacts", contact_id, "tasks", task_id], &[]);
         let env: TaskEnv = self
             .write(Method::PUT, path, body, Idempotency::Idempotent)
             .await?;
@@ -613,10 +498,9 @@ impl Client {
         task_id: &str,
         completed: bool,
     ) -> Result<Task, ApiError> {
-        let path = format!(
-            "/contacts/{}/tasks/{}/completed",
-            enc(contact_id),
-            enc(task_id)
+        let path = path_and_query(
+            &["contacts", contact_id, "tasks", task_id, "completed"],
+            &[],
         );
         let env: TaskEnv = self
             .write(
@@ -630,20 +514,18 @@ impl Client {
     }
 
     pub async fn delete_task(&self, contact_id: &str, task_id: &str) -> Result<(), ApiError> {
-        self.delete(format!(
-            "/contacts/{}/tasks/{}",
-            enc(contact_id),
-            enc(task_id)
+        self.delete(path_and_query(
+            &["contacts", contact_id, "tasks", task_id],
+            &[],
         ))
         .await
     }
 
     /// `DELETE /contacts/:id/notes/:noteId`.
     pub async fn delete_note(&self, contact_id: &str, note_id: &str) -> Result<(), ApiError> {
-        self.delete(format!(
-            "/contacts/{}/notes/{}",
-            enc(contact_id),
-            enc(note_id)
+        self.delete(path_and_query(
+            &["contacts", contact_id, "notes", note_id],
+            &[],
         ))
         .await
     }
@@ -658,7 +540,7 @@ impl Client {
         let env: NoteEnv = self
             .write_with(
                 Method::POST,
-                format!("/contacts/{}/notes", enc(contact_id)),
+                path_and_query(&["contacts", contact_id, "notes"], &[]),
                 body,
                 Idempotency::NonIdempotent,
                 before_send,
@@ -734,28 +616,31 @@ impl Client {
         before_send: Option<BeforeSend<'_>>,
     ) -> Result<T, ApiError> {
         let label = RequestLabel::new(&method, &path_and_query);
-        let (path, query) = path_and_query
-            .split_once('?')
-            .map_or((path_and_query.as_str(), None), |(p, q)| (p, Some(q)));
-        let mut url = self.base_url.clone();
-        let prefix = url.path().trim_end_matches('/').to_owned();
-        url.set_path(&format!("{prefix}{path}"));
-        url.set_query(query);
-        let mut refreshed = false;
-        let out = Outgoing {
-            kind,
-            method: &method,
-            url: &url,
-            label: &label,
-            before_send,
+        let url = transport::join(&self.base_url, &path_and_query);
+        let watch = Watch {
+            stats: Some(&self.stats),
+            kind: Some(kind),
+            limiter: Some(&self.limiter),
         };
+        let mut refreshed = false;
         let result = loop {
             let auth = self.auth.current().await?;
+            let out = Outgoing {
+                method: &method,
+                url: &url,
+                label: &label,
+                bearer: Some(&auth),
+                version: true,
+                body: body.clone().map(Body::Json),
+                grant_hint: None,
+            };
             let result = self
-                .retry
-                .run(
+                .transport
+                .request(
+                    &out,
                     idem,
-                    || self.attempt(&out, &auth, body.clone()),
+                    watch,
+                    || self.gate(&label, before_send),
                     |err, delay| {
                         self.stats.retry();
                         tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
@@ -778,46 +663,21 @@ impl Client {
         result
     }
 
-    /// Reads a reply body under this client's cap ([`read_body`]).
-    async fn read_body(
+    /// What each attempt waits for, and holds while on the wire: a concurrency permit, the
+    /// location's pace, the permit shared across locations, then the caller's
+    /// [`BeforeSend`].
+    async fn gate(
         &self,
-        resp: &mut reqwest::Response,
         label: &RequestLabel,
-        status: u16,
-    ) -> Result<Vec<u8>, ApiError> {
-        read_body(
-            resp,
-            label,
-            status,
-            self.max_response_bytes,
-            Some(&self.stats),
-        )
-        .await
-    }
-
-    /// One HTTP attempt: permit, pace, the caller's [`BeforeSend`], send, read, classify.
-    async fn attempt<T: DeserializeOwned>(
-        &self,
-        out: &Outgoing<'_, '_>,
-        auth: &HeaderValue,
-        body: Option<Bytes>,
-    ) -> Result<T, ApiError> {
-        let Outgoing {
-            kind,
-            method,
-            url,
-            label,
-            before_send,
-        } = *out;
+        before_send: Option<BeforeSend<'_>>,
+    ) -> Result<(SemaphorePermit<'_>, Option<SemaphorePermit<'_>>), ApiError> {
         // The semaphore is never closed, so acquire cannot fail.
-        let _permit = self
-            .permits
-            .acquire()
-            .await
-            .map_err(|_| transient(label, "client shut down".into(), None, false, None))?;
+        let permit = self.permits.acquire().await.map_err(|_| {
+            transport::transient(label, "client shut down".into(), None, false, None)
+        })?;
         // The shared permit is taken after this location's pacing wait: a request waiting
         // for its turn here must not hold a slot another location could send with now.
-        let (waited, _global) = self
+        let (waited, global) = self
             .limiter
             .acquire_then(|| async {
                 match &self.global_permits {
@@ -831,318 +691,8 @@ impl Client {
         if let Some(hook) = before_send {
             hook().await?;
         }
-        self.stats.attempt();
-        let mut req = self
-            .http
-            .request(method.clone(), url.clone())
-            .header(AUTHORIZATION, auth.clone())
-            .header("Version", super::API_VERSION)
-            .header(ACCEPT, "application/json");
-        if let Some(b) = body {
-            req = req.header(CONTENT_TYPE, "application/json").body(b);
-        }
-        let mut resp = match req.send().await {
-            Ok(r) => r,
-            Err(e) if e.is_builder() => return Err(unbuildable(label, url, &e)),
-            Err(e) => {
-                self.stats.network_error();
-                // A connection that was never made cannot have applied anything.
-                let applied = !e.is_connect();
-                return Err(transient(label, describe_reqwest(&e), None, applied, None));
-            }
-        };
-        let status = resp.status().as_u16();
-        let rate = RateHeaders::from_headers(resp.headers());
-        let retry_after = resp
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, std::time::SystemTime::now()));
-        // The location-wide pause a 429 sets is held to the same cap as one retry wait.
-        self.limiter.observe(
-            status,
-            &rate,
-            retry_after.map(|d| d.min(self.retry.max_wait)),
-        );
-        if (300..400).contains(&status) {
-            return Err(redirected(label, status, resp.headers()));
-        }
-        let bytes = match self.read_body(&mut resp, label, status).await {
-            Ok(b) => b,
-            // A POST answered 2xx took effect, whatever its reply: one too large to read is
-            // ambiguous, so a create is looked up, never taken as refused and made again.
-            Err(e) if *method == Method::POST && (200..300).contains(&status) => {
-                return Err(transient(label, e.to_string(), None, true, Some(status)))
-            }
-            Err(e) => return Err(e),
-        };
-        if (200..300).contains(&status) {
-            return match serde_json::from_slice::<T>(&bytes) {
-                Ok(v) => {
-                    self.stats.ok(kind, bytes.len());
-                    Ok(v)
-                }
-                Err(e) => {
-                    self.stats.malformed();
-                    Err(transient(
-                        label,
-                        format!(
-                            "HTTP {status} with a malformed body ({e}, {} bytes)",
-                            bytes.len()
-                        ),
-                        None,
-                        true,
-                        Some(status),
-                    ))
-                }
-            };
-        }
-        let err_body: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_default();
-        let trace_id = err_body.trace_id.clone();
-        let messages = err_body.messages();
-        let first = messages
-            .first()
-            .cloned()
-            .unwrap_or_else(|| format!("HTTP {status}"));
-        Err(match status {
-            401 => ApiError::Unauthorized {
-                request: label.clone(),
-                message: first,
-                trace_id,
-            },
-            404 => ApiError::NotFound {
-                request: label.clone(),
-                message: first,
-                trace_id,
-            },
-            400 if err_body
-                .meta
-                .as_ref()
-                .and_then(|m| m.contact_id.as_ref())
-                .is_some() =>
-            {
-                let meta = err_body.meta.unwrap_or_default();
-                ApiError::Duplicate {
-                    request: label.clone(),
-                    contact_id: meta.contact_id.unwrap_or_default(),
-                    matching_field: meta.matching_field,
-                    trace_id,
-                }
-            }
-            400 if first.to_ascii_lowercase().contains("not found") => ApiError::NotFound {
-                request: label.clone(),
-                message: first,
-                trace_id,
-            },
-            429 if rate.daily_remaining == Some(0) => {
-                self.stats.rate_limited();
-                ApiError::QuotaExhausted {
-                    request: label.clone(),
-                    trace_id,
-                }
-            }
-            429 => {
-                self.stats.rate_limited();
-                transient(
-                    label,
-                    "HTTP 429 rate limited".into(),
-                    retry_after,
-                    false,
-                    Some(status),
-                )
-                .with_trace(trace_id)
-            }
-            408 | 500..=599 => {
-                self.stats.server_error();
-                transient(
-                    label,
-                    format!("HTTP {status} {first}"),
-                    retry_after,
-                    true,
-                    Some(status),
-                )
-                .with_trace(trace_id)
-            }
-            _ => ApiError::Fatal {
-                request: label.clone(),
-                status,
-                messages,
-                trace_id,
-            },
-        })
+        Ok((permit, global))
     }
-}
-
-/// A 3xx: never followed (see the module doc).
-fn redirected(label: &RequestLabel, status: u16, headers: &reqwest::header::HeaderMap) -> ApiError {
-    let location = headers
-        .get(reqwest::header::LOCATION)
-        .map(|v| super::error::printable(&String::from_utf8_lossy(v.as_bytes()), 200));
-    ApiError::Refused {
-        request: label.clone(),
-        status: Some(status),
-        reason: match location {
-            Some(l) => format!("HTTP {status} redirect to '{l}', not followed"),
-            None => format!("HTTP {status} redirect (no Location), not followed"),
-        },
-        hint: "the API does not redirect: check --base-url (HL_BASE_URL, or base_url in a pipeline file); it must name the API itself, e.g. https://services.leadconnectorhq.com, or a proxy that forwards requests rather than redirecting them".into(),
-    }
-}
-
-/// At most this much is reserved up front for a reply body, whatever its `Content-Length`
-/// says: a raised cap must not let one announced length allocate (and abort on) terabytes;
-/// a body that really is larger grows as its bytes arrive.
-const MAX_BODY_RESERVATION: u64 = 8 << 20;
-
-/// Reads a reply body, refusing one over `cap`: by its `Content-Length` before reading
-/// anything, else as soon as the bytes received pass the cap. The one body reader of the
-/// crate: the API client and the OAuth endpoints both read through it. A failed read counts
-/// as a network error in `stats`, when given.
-pub(crate) async fn read_body(
-    resp: &mut reqwest::Response,
-    label: &RequestLabel,
-    status: u16,
-    cap: u64,
-    stats: Option<&Stats>,
-) -> Result<Vec<u8>, ApiError> {
-    let announced = resp.content_length();
-    if let Some(len) = announced.filter(|&len| len > cap) {
-        return Err(too_large(
-            label,
-            status,
-            cap,
-            format!("announces {len} bytes (Content-Length)"),
-        ));
-    }
-    let reserve = announced.unwrap_or(0).min(MAX_BODY_RESERVATION);
-    let mut body = Vec::with_capacity(reserve as usize);
-    loop {
-        match resp.chunk().await {
-            Ok(Some(chunk)) => {
-                if (body.len() + chunk.len()) as u64 > cap {
-                    return Err(too_large(
-                        label,
-                        status,
-                        cap,
-                        format!("passed it after {} bytes", body.len() + chunk.len()),
-                    ));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(None) => return Ok(body),
-            Err(e) => {
-                if let Some(stats) = stats {
-                    stats.network_error();
-                }
-                return Err(transient(
-                    label,
-                    format!("reading the reply failed: {}", describe_reqwest(&e)),
-                    None,
-                    true,
-                    Some(status),
-                ));
-            }
-        }
-    }
-}
-
-/// A reply over the body cap.
-fn too_large(label: &RequestLabel, status: u16, cap: u64, what: String) -> ApiError {
-    ApiError::Refused {
-        request: label.clone(),
-        status: Some(status),
-        reason: format!("the HTTP {status} reply is larger than the {cap}-byte cap on one reply: it {what}"),
-        hint: "a page of contacts is normally well under 1 MiB, so this is likely a misbehaving server or proxy; if such replies are expected, raise the cap with --max-response-bytes (max_response_bytes in a pipeline file's [api])".into(),
-    }
-}
-
-/// A request reqwest cannot build (the URL does not fit an HTTP request line).
-fn unbuildable(label: &RequestLabel, url: &reqwest::Url, e: &reqwest::Error) -> ApiError {
-    // The http crate's limit on a request target.
-    const MAX_URI: usize = 65_534;
-    let len = url.as_str().len();
-    let reason = if len > MAX_URI {
-        format!("the request cannot be built: its URL is {len} bytes, more than HTTP allows ({MAX_URI})")
-    } else {
-        format!("the request cannot be built: {}", describe_reqwest(e))
-    };
-    ApiError::Refused {
-        request: label.clone(),
-        status: None,
-        reason,
-        hint: "an id or value in the request is malformed or far too long: check the ids and values given on the command line, in the pipeline file or in the input".into(),
-    }
-}
-
-fn transient(
-    label: &RequestLabel,
-    reason: String,
-    retry_after: Option<Duration>,
-    maybe_applied: bool,
-    status: Option<u16>,
-) -> ApiError {
-    ApiError::Transient {
-        request: label.clone(),
-        reason,
-        retry_after,
-        maybe_applied,
-        status,
-        trace_id: None,
-    }
-}
-
-impl ApiError {
-    fn with_trace(mut self, id: Option<String>) -> Self {
-        if let ApiError::Transient { trace_id, .. } = &mut self {
-            *trace_id = id;
-        }
-        self
-    }
-}
-
-/// A reqwest error without its URL (which is ours to print, and safe) or any header.
-fn describe_reqwest(e: &reqwest::Error) -> String {
-    let what = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "could not connect"
-    } else if e.is_body() || e.is_decode() {
-        "the reply body broke off"
-    } else if e.is_request() {
-        "the request failed"
-    } else {
-        "HTTP error"
-    };
-    let mut detail = String::new();
-    let mut src = std::error::Error::source(e);
-    while let Some(s) = src {
-        detail = s.to_string();
-        src = s.source();
-    }
-    if detail.is_empty() {
-        what.to_owned()
-    } else {
-        format!("{what}: {detail}")
-    }
-}
-
-/// `Retry-After` as seconds (`120`, `1.5`) or an HTTP date (`Wed, 21 Oct 2026 07:28:00 GMT`),
-/// as a wait from `now`. The value is kept as the server said it (up to a century, so the
-/// arithmetic cannot overflow): the retry policy caps each wait (`RetryPolicy::max_wait`) and
-/// names the server's time when it gives up. A date that is not in the future says nothing
-/// usable (clocks differ): `None`, so the caller's own pause applies.
-pub(crate) fn parse_retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    const CAP: Duration = Duration::from_secs(100 * 366 * 86_400);
-    let value = value.trim();
-    if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0)
-            .then(|| Duration::from_secs_f64(secs.min(CAP.as_secs_f64())));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    at.duration_since(now)
-        .ok()
-        .filter(|wait| !wait.is_zero())
-        .map(|wait| wait.min(CAP))
 }
 
 #[cfg(test)]
@@ -1150,66 +700,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn token_is_never_printed() {
-        let t = Token::new(" pit-secret-123 \n").unwrap();
-        assert_eq!(format!("{t:?}"), "Token(***)");
-        assert!(Token::new("  ").is_err());
-        assert!(Token::new("a b").is_err());
-    }
-
-    #[test]
     fn plain_http_only_to_loopback() {
-        assert!(checked_base("https://services.leadconnectorhq.com").is_ok());
-        assert!(checked_base("http://127.0.0.1:8080/").is_ok());
-        assert!(checked_base("http://localhost:1").is_ok());
-        assert!(checked_base("http://[::1]:1").is_ok());
+        assert!(Client::new(ClientConfig::new(
+            "http://127.0.0.1:9",
+            Token::new("t").unwrap()
+        ))
+        .is_ok());
         assert!(matches!(
-            checked_base("http://services.leadconnectorhq.com"),
+            Client::new(ClientConfig::new(
+                "http://10.0.0.1",
+                Token::new("t").unwrap()
+            )),
             Err(ClientBuildError::InsecureUrl(_))
         ));
         assert!(matches!(
-            checked_base("http://10.0.0.1"),
-            Err(ClientBuildError::InsecureUrl(_))
+            Client::new(ClientConfig::new("ftp://x", Token::new("t").unwrap())),
+            Err(ClientBuildError::BadUrl(..))
         ));
-        assert!(checked_base("ftp://x").is_err());
-        assert!(checked_base("not a url").is_err());
-        assert_eq!(
-            checked_base("http://127.0.0.1:9/api/").unwrap(),
-            "http://127.0.0.1:9/api"
-        );
     }
 
     #[test]
-    fn encodes_path_segments() {
-        assert_eq!(enc("abcXYZ09-_.~"), "abcXYZ09-_.~");
-        assert_eq!(enc("a/b c?&"), "a%2Fb%20c%3F%26");
-    }
-
-    #[test]
-    fn retry_after_as_seconds_or_http_date() {
-        use std::time::{Duration as D, UNIX_EPOCH};
-        // Sun, 06 Nov 1994 08:49:37 GMT
-        let now = UNIX_EPOCH + D::from_secs(784_111_777);
-        assert_eq!(parse_retry_after("7", now), Some(D::from_secs(7)));
-        assert_eq!(parse_retry_after(" 1.5 ", now), Some(D::from_millis(1500)));
+    fn ids_and_cursors_are_encoded_in_paths_and_queries() {
         assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:50:07 GMT", now),
-            Some(D::from_secs(30))
+            list_path("L 1", 100, Some((5, "a&b"))),
+            "/contacts/?locationId=L+1&limit=100&startAfter=5&startAfterId=a%26b"
         );
         assert_eq!(
-            parse_retry_after("Sun, 06 Nov 1994 08:00:00 GMT", now),
-            None,
-            "a date in the past leaves the pause to the caller"
+            business_path("L1", "b/1", 200, 100),
+            "/contacts/business/b%2F1?locationId=L1&limit=100&skip=200"
         );
-        assert_eq!(
-            parse_retry_after("999999", now),
-            Some(D::from_secs(999_999))
-        );
-        assert_eq!(
-            parse_retry_after("1e300", now),
-            Some(D::from_secs(100 * 366 * 86_400))
-        );
-        assert_eq!(parse_retry_after("-1", now), None);
-        assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -1,4 +1,6 @@
-//! The Contacts API client: typed calls, error kinds, the retry policy and request counters.
+//! The Contacts API client: typed calls, error kinds, the retry policy and request counters,
+//! over the one HTTP transport of the crate (`transport`), which the OAuth endpoints
+//! (`crate::auth`) use too.
 
 mod auth;
 mod client;
@@ -7,20 +9,22 @@ mod ids;
 mod models;
 mod retry;
 mod stats;
+mod transport;
 
-pub use auth::{StaticToken, TokenSource};
-pub(crate) use client::is_loopback;
-pub(crate) use client::read_body;
+pub use auth::{StaticToken, Token, TokenSource};
 pub use client::{BeforeSend, Location};
 pub use client::{
-    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, Token,
-    DEFAULT_MAX_RESPONSE_BYTES,
+    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, DEFAULT_MAX_RESPONSE_BYTES,
 };
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use ids::{check_id, MAX_ID_LEN};
 pub use models::{Contact, ListMeta, Note, Task};
 pub use retry::{Idempotency, RetryPolicy, LONG_WAIT};
 pub use stats::{RequestKind, Stats, StatsSnapshot};
+pub(crate) use transport::{
+    checked_base, form, is_loopback, join, path_and_query, BaseUrlError, Body, Outgoing, Transport,
+    TransportConfig, Watch,
+};
 
 /// The API's production base URL.
 pub const DEFAULT_BASE_URL: &str = "https://services.leadconnectorhq.com";

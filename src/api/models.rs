@@ -96,12 +96,17 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::E
     Value::deserialize(d).map(Some)
 }
 
-/// The body of an error reply: `message` is a string, or an array for 422.
+/// The body of an error reply: `message` is a string, or an array for 422; the OAuth
+/// endpoints may instead answer OAuth's `error_description` and `error`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ErrorBody {
     #[serde(default)]
     pub message: Option<Value>,
+    #[serde(default, rename = "error_description")]
+    pub error_description: Option<Value>,
+    #[serde(default)]
+    pub error: Option<Value>,
     #[serde(default)]
     pub meta: Option<ErrorMeta>,
     #[serde(default)]
@@ -124,7 +129,12 @@ impl ErrorBody {
                 .map(|m| m.as_str().map_or_else(|| m.to_string(), str::to_owned))
                 .collect(),
             Some(other) => vec![other.to_string()],
-            None => Vec::new(),
+            None => [&self.error_description, &self.error]
+                .into_iter()
+                .flatten()
+                .find_map(|v| v.as_str().map(str::to_owned))
+                .into_iter()
+                .collect(),
         }
     }
 }

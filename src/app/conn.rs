@@ -114,10 +114,16 @@ impl Connection {
         cfg.rate_limit = self.rate_limit;
         cfg.concurrency = self.concurrency;
         cfg.timeout = self.timeout.max(Duration::from_secs(1));
-        cfg.retry.max_wait = self.max_retry_wait;
-        cfg.retry.deadline = self.request_deadline;
+        self.limit_retries(&mut cfg.retry);
         cfg.max_response_bytes = self.max_response_bytes;
         cfg
+    }
+
+    /// The retry limits of this connection (`--max-retry-wait`, `--request-deadline`), for the
+    /// API client and the OAuth calls alike.
+    pub fn limit_retries(&self, retry: &mut crate::api::RetryPolicy) {
+        retry.max_wait = self.max_retry_wait;
+        retry.deadline = self.request_deadline;
     }
 
     /// A client with the token this connection names (not an OAuth one: see the pipeline).

@@ -23,7 +23,7 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-use super::oauth::{decode, encode, Endpoints, Grant, OAuthApp};
+use super::oauth::{oauth_retry_policy, Endpoints, Grant, OAuthApp};
 use super::store::{StoredToken, TokenStore, UserType};
 use super::AuthError;
 use crate::term;
@@ -67,7 +67,8 @@ impl PendingLogin {
     pub async fn start(req: LoginRequest) -> Result<PendingLogin, AuthError> {
         // A store that would be refused later is reported before the user consents.
         TokenStore::new(&req.store).load()?;
-        let endpoints = Endpoints::new(&req.base_url, Duration::from_secs(30))?;
+        let endpoints =
+            Endpoints::new(&req.base_url, Duration::from_secs(30), oauth_retry_policy())?;
         let authorize = reqwest::Url::parse(&req.authorize_url).map_err(|e| {
             AuthError::Config(format!(
                 "invalid authorize URL '{}': {e}",
@@ -88,18 +89,15 @@ impl PendingLogin {
             .port();
         let redirect_uri = format!("http://127.0.0.1:{port}{CALLBACK_PATH}");
         let state = random_state()?;
-        let sep = if authorize.query().is_some() {
-            '&'
-        } else {
-            '?'
-        };
-        let consent_url = format!(
-            "{}{sep}response_type=code&redirect_uri={}&client_id={}&scope={}&state={state}",
-            authorize.as_str(),
-            encode(&redirect_uri),
-            encode(&req.app.client_id),
-            encode(&req.scopes.join(" ")),
-        );
+        let mut consent = authorize;
+        consent.query_pairs_mut().extend_pairs([
+            ("response_type", "code"),
+            ("redirect_uri", redirect_uri.as_str()),
+            ("client_id", req.app.client_id.as_str()),
+            ("scope", req.scopes.join(" ").as_str()),
+            ("state", state.as_str()),
+        ]);
+        let consent_url = consent.to_string();
         Ok(PendingLogin {
             req,
             listener,
@@ -207,16 +205,10 @@ enum Outcome {
 /// would have their own grant saved as the user's (login CSRF), and the user's exports and
 /// imports would go to the attacker's location. It is compared in constant time.
 async fn callback(State(redirects): State<Arc<Redirects>>, RawQuery(query): RawQuery) -> Response {
-    let params: Vec<(String, String)> = query
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (decode(k), decode(v))
-        })
-        .collect();
+    let params: Vec<(String, String)> =
+        url::form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
     let param = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     match param("state") {
         None => {
@@ -352,11 +344,19 @@ mod tests {
         assert!(url.starts_with("https://marketplace.gohighlevel.com/oauth/chooselocation?response_type=code&redirect_uri=http%3A%2F%2F127.0.0.1%3A"), "{url}");
         assert!(
             url.contains(&format!(
-                "%2Fcallback&client_id=app1-x&scope=contacts.readonly%20contacts.write&state={}",
+                "%2Fcallback&client_id=app1-x&scope=contacts.readonly+contacts.write&state={}",
                 p.state
             )),
             "{url}"
         );
+        // Form-encoded as RFC 6749 (4.1.1) asks: the pairs decode to what was meant.
+        let pairs: Vec<(String, String)> = reqwest::Url::parse(url)
+            .unwrap()
+            .query_pairs()
+            .into_owned()
+            .collect();
+        assert!(pairs.contains(&("scope".into(), "contacts.readonly contacts.write".into())));
+        assert!(pairs.contains(&("redirect_uri".into(), p.redirect_uri.clone())));
         assert!(!url.contains("secret"));
         let (a, b) = (random_state().unwrap(), random_state().unwrap());
         assert_ne!(a, b);

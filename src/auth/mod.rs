@@ -34,8 +34,9 @@ mod store;
 use std::path::PathBuf;
 
 pub use login::{LoginRequest, PendingLogin, DEFAULT_AUTHORIZE_URL};
-pub(crate) use oauth::decode as form_decode;
-pub use oauth::{Clock, InstalledLocation, ManualClock, OAuthApp, SystemClock, TokenReply};
+pub use oauth::{
+    oauth_retry_policy, Clock, InstalledLocation, ManualClock, OAuthApp, SystemClock, TokenReply,
+};
 pub use secret::looks_like_secret;
 pub use source::{
     token_source_from_store, LocationTokenSource, OAuthProvider, OAuthSettings, OAuthTokenSource,

@@ -37,8 +37,11 @@ pub struct OAuthSettings {
     pub store: PathBuf,
     /// Renew when less than this remains.
     pub refresh_margin: Duration,
-    /// Timeout of one OAuth request.
+    /// Timeout of one attempt of an OAuth request.
     pub timeout: Duration,
+    /// The retry policy of the OAuth requests ([`super::oauth_retry_policy`] unless set; a run
+    /// passes its `--max-retry-wait` and `--request-deadline` here).
+    pub retry: crate::api::RetryPolicy,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -54,6 +57,7 @@ impl OAuthSettings {
             store: store.into(),
             refresh_margin: DEFAULT_REFRESH_MARGIN,
             timeout: Duration::from_secs(30),
+            retry: super::oauth::oauth_retry_policy(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -221,7 +225,11 @@ impl OAuthTokenSource {
         settings: &OAuthSettings,
         key: StoreKey,
     ) -> Result<OAuthTokenSource, AuthError> {
-        let endpoints = Arc::new(Endpoints::new(&settings.base_url, settings.timeout)?);
+        let endpoints = Arc::new(Endpoints::new(
+            &settings.base_url,
+            settings.timeout,
+            settings.retry.clone(),
+        )?);
         OAuthTokenSource::with_endpoints(settings, endpoints, key)
     }
 
@@ -500,7 +508,11 @@ pub struct OAuthProvider {
 
 impl OAuthProvider {
     pub fn new(settings: OAuthSettings) -> Result<OAuthProvider, AuthError> {
-        let endpoints = Arc::new(Endpoints::new(&settings.base_url, settings.timeout)?);
+        let endpoints = Arc::new(Endpoints::new(
+            &settings.base_url,
+            settings.timeout,
+            settings.retry.clone(),
+        )?);
         // Fail now, not at the first request, if the store is unusable.
         let store = TokenStore::new(&settings.store);
         store.load()?;

@@ -47,6 +47,7 @@
 
 mod faults;
 mod gen;
+mod http;
 mod limit;
 mod model;
 mod mutate;
@@ -66,8 +67,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Kind;
 pub use oauth::SimOAuth;
-use routes::Kind;
 use store::{read as read_lock, Location, Store};
 
 /// What the simulator serves and how strictly. Build it with `..SimConfig::default()`: fields

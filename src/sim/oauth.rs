@@ -17,7 +17,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::routes::{Kind, Params};
+use super::http::{Kind, Params};
 use super::{rng, Sim};
 
 /// OAuth settings of the simulator.
@@ -234,11 +234,12 @@ fn authorize(sim: &Sim, params: &Params) -> Response {
         },
     );
     let sep = if redirect_uri.contains('?') { '&' } else { '?' };
-    let mut location = format!("{redirect_uri}{sep}code={code}");
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("code", &code);
     if let Some(state) = params.get("state") {
-        location.push_str("&state=");
-        location.push_str(&encode(state));
+        query.append_pair("state", state);
     }
+    let location = format!("{redirect_uri}{sep}{}", query.finish());
     let mut resp = Response::new(axum::body::Body::empty());
     *resp.status_mut() = StatusCode::FOUND;
     if let Ok(v) = HeaderValue::from_str(&location) {
@@ -463,28 +464,7 @@ fn secret_id(sim: &Sim, kind: char) -> String {
     format!("sim{kind}{}", rng::hex_id(h, 28))
 }
 
-/// Decodes an `application/x-www-form-urlencoded` body (bad escapes are kept as text).
+/// Decodes an `application/x-www-form-urlencoded` body.
 fn form(body: &[u8]) -> HashMap<String, String> {
-    String::from_utf8_lossy(body)
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|pair| {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(k), decode(v))
-        })
-        .collect()
-}
-
-use crate::auth::form_decode as decode;
-
-fn encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
+    url::form_urlencoded::parse(body).into_owned().collect()
 }

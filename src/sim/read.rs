@@ -6,8 +6,8 @@ use std::str::FromStr;
 
 use serde::Serialize;
 
+use super::http::{ApiError, Env1, Kind, Reply, Req};
 use super::model::Contact;
-use super::routes::{ApiError, Env1, Kind, Reply, Req};
 use super::store::{read, write, Location, View};
 
 #[derive(Serialize)]

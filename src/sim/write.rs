@@ -11,9 +11,9 @@ use axum::http::StatusCode;
 use serde_json::{json, Map, Value};
 
 use super::gen::CfDef;
+use super::http::{ApiError, Kind, Reply, Req};
 use super::model::{CfValue, Contact, CustomField, Ms, Note, OrJson, Task, Text, F};
 use super::now_ms;
-use super::routes::{ApiError, Kind, Reply, Req};
 use super::store::{write, Location, View};
 
 const CONTACT_FIELDS: &[&str] = &[

@@ -72,11 +72,12 @@ pub async fn run_export(
                 o.client_secret_file.as_deref(),
             )
             .and_then(|app| {
-                let settings = crate::auth::OAuthSettings::new(
+                let mut settings = crate::auth::OAuthSettings::new(
                     conn.base_url.clone(),
                     app,
                     o.token_store.clone(),
                 );
+                conn.limit_retries(&mut settings.retry);
                 crate::auth::OAuthProvider::new(settings)
             });
             match made {
