@@ -21,6 +21,9 @@ pub const REJECTED_ROWS: u8 = 6;
 pub const QUOTA: u8 = 75;
 /// A pipeline over many locations finished some and failed others (see its report).
 pub const PARTIAL: u8 = 7;
+/// (export) Complete except the child requests the API refused for good, listed under
+/// `skipped` in the run report and the manifest.
+pub const SKIPPED: u8 = 9;
 /// Another run holds the lock: of the same pipeline (`run`), or of the same location and output
 /// (`export`). Nothing was done; schedulers can treat it as "skipped". Inside a pipeline, a
 /// location whose export lock is held fails like any other location (exit 7).
@@ -40,6 +43,16 @@ pub fn is_interrupted(code: u8) -> bool {
 #[error("{0}")]
 pub struct UsageError(pub String);
 
+/// An export that completed except the child requests listed under `skipped` (exit 9).
+/// Carried as an error until the typed outcome replaces it.
+#[derive(Debug, thiserror::Error)]
+#[error("the export of location {location_id} completed except {count} child requests the API refused for good; they are listed under 'skipped' in {report} and the manifest\nhint: every other row is exported; each entry names the contact, the request, its HTTP status and traceId (quote it to HighLevel support)")]
+pub struct CompleteExceptSkipped {
+    pub location_id: String,
+    pub count: usize,
+    pub report: String,
+}
+
 /// The exit code for an error, from the first cause in its chain that decides it.
 pub fn code_for(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
@@ -50,8 +63,12 @@ pub fn code_for(err: &anyhow::Error) -> u8 {
                 REJECTED_ROWS
             };
         }
+        if cause.downcast_ref::<CompleteExceptSkipped>().is_some() {
+            return SKIPPED;
+        }
         if let Some(e) = cause.downcast_ref::<ExportError>() {
             return match e {
+                ExportError::TooManySkipped { .. } => API,
                 ExportError::QuotaStop { .. } => QUOTA,
                 ExportError::Interrupted { signal, .. } => signal.exit_code(),
                 ExportError::Lock(LockError::Busy { .. }) => BUSY,

@@ -33,6 +33,8 @@ Exit codes:
   6   (import) some rows were rejected: see the rejects file
   7   (pipeline) some locations failed, others completed: see its report
   8   another run holds the lock: nothing was done (its report is left alone)
+  9   (export) complete except the child requests the API refused for good, listed under
+      'skipped' in the report and the manifest
   75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume
   130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM: complete pages committed, the report says
       'interrupted'; rerun to resume (a second signal exits at once)";
@@ -207,6 +209,12 @@ pub struct ExportArgs {
     /// Where to write the run report (JSON). Default: OUT/_report.json.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+
+    /// Most child requests (a contact's tasks, notes or appointments) the API may refuse for
+    /// good (403, 422, a 400) before the run fails (exit 4). Up to it, each is skipped and
+    /// listed under 'skipped' in the report and the manifest, and the run exits 9.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub max_skipped: u64,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -352,6 +360,10 @@ pub struct SimArgs {
     /// Share of writes applied but answered 502 (0..1).
     #[arg(long, default_value_t = 0.0)]
     pub ambiguous_write_rate: f64,
+    /// Share of child list requests (tasks, notes, appointments of a contact) refused for good
+    /// with 403 (0..1); the same ones at every run with the same seed.
+    #[arg(long, default_value_t = 0.0)]
+    pub child_refusal_rate: f64,
     /// Each write is applied after MS (or a seeded draw in MIN-MAX) milliseconds, even if
     /// the client has gone by then; the reply follows the apply.
     #[arg(long, value_name = "MS|MIN-MAX", default_value = "0", value_parser = parse_latency)]
@@ -525,6 +537,7 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
     plan.commit_interval = Duration::from_secs(args.commit_interval.max(1));
     plan.window = (usize::from(args.conn.concurrency) * 8).max(plan.page_size as usize + 28);
     plan.restart = args.restart;
+    plan.max_skipped = args.max_skipped;
     plan.budget = crate::export::Budget {
         max_requests: args.daily_budget,
         reserve: args.daily_reserve / 100.0,
@@ -567,7 +580,16 @@ pub async fn run_export(args: &ExportArgs, quiet: bool) -> anyhow::Result<Manife
     if let Err(e) = report.write(&report_path) {
         tracing::error!(error = %e, "cannot write the run report");
     }
-    result
+    // Complete except the skipped requests: exit 9 (until the typed outcome carries it).
+    match result {
+        Ok(m) if !m.skipped.is_empty() => Err(exit::CompleteExceptSkipped {
+            location_id: m.location_id,
+            count: m.skipped.len(),
+            report: report_path.display().to_string(),
+        }
+        .into()),
+        other => other,
+    }
 }
 
 /// Runs a plan with progress display and prints the closing summary.
@@ -629,6 +651,12 @@ fn summary(m: &Manifest, elapsed: Duration, quota: Option<Quota>) -> String {
             100.0 * (r.attempts as f64 / secs) / q.per_second()
         ));
     }
+    if !m.skipped.is_empty() {
+        s.push_str(&format!(
+            "\n  {} child requests refused by the API were skipped: listed under 'skipped' in the manifest and the report",
+            m.skipped.len()
+        ));
+    }
     s.push_str(&format!("\n  manifest: {}", crate::export::MANIFEST));
     s
 }
@@ -651,6 +679,7 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
         slow_delay: Duration::from_millis(args.slow_ms),
         drop_rate: args.drop_rate,
         ambiguous_write_rate: args.ambiguous_write_rate,
+        child_refusal_rate: args.child_refusal_rate,
     };
     cfg.write_latency = args.write_latency_ms.clone();
     cfg.search_lag = Duration::from_millis(args.search_lag_ms);

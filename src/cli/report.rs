@@ -15,8 +15,9 @@ pub struct RunReport {
     pub tool: String,
     pub command: String,
     pub location_id: String,
-    /// `complete`, `stopped` (daily quota or budget: resume later), `interrupted` (SIGTERM or
-    /// SIGINT: what was complete is committed; rerun to resume) or `failed`.
+    /// `complete`, `partial` (complete except the requests under `skipped`), `stopped` (daily
+    /// quota or budget: resume later), `interrupted` (SIGTERM or SIGINT: what was complete is
+    /// committed; rerun to resume) or `failed`.
     pub status: String,
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,6 +35,8 @@ pub struct RunReport {
     /// Rows committed per entity (for an unfinished run: so far, all attempts included).
     pub rows: BTreeMap<String, u64>,
     pub contacts_listed: u64,
+    /// Child requests the API refused for good (committed so far, for an unfinished run).
+    pub skipped: Vec<crate::fanout::SkippedRequest>,
     /// Requests of this run, by kind, with retries and 429s.
     pub requests: StatsSnapshot,
     /// Share of the rate limit in force that this run used (successful requests / allowed).
@@ -58,11 +61,13 @@ impl RunReport {
     ) -> RunReport {
         let secs = started.1.elapsed().as_secs_f64();
         let exit_code = match result {
+            Ok(m) if !m.skipped.is_empty() => super::exit::SKIPPED,
             Ok(_) => super::exit::OK,
             Err(e) => super::exit::code_for(e),
         };
         let status = match exit_code {
             super::exit::OK => "complete",
+            super::exit::SKIPPED => "partial",
             super::exit::QUOTA => "stopped",
             c if super::exit::is_interrupted(c) => "interrupted",
             _ => "failed",
@@ -90,6 +95,11 @@ impl RunReport {
             ),
             _ => (BTreeMap::new(), 0),
         };
+        let skipped = match (result, &ck) {
+            (Ok(m), _) => m.skipped.clone(),
+            (Err(_), Some(ck)) => ck.skipped.clone(),
+            _ => Vec::new(),
+        };
         let requests = client.stats().snapshot();
         let quota = client.limiter().effective_quota();
         let (daily_remaining, daily_limit) = client.limiter().daily();
@@ -112,6 +122,7 @@ impl RunReport {
                 .map(|_| plan.manifest_path().display().to_string()),
             rows,
             contacts_listed: listed,
+            skipped,
             rate_limit_share: quota
                 .filter(|_| secs > 0.0)
                 .map(|q| requests.succeeded() as f64 / (q.per_second() * secs)),
