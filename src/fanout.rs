@@ -140,9 +140,8 @@ impl SkippedRequest {
         if !(400..500).contains(status) {
             return None;
         }
-        let printable = |s: &str, max: usize| {
-            crate::schema::truncate_for_message(&crate::term::escape(s), max)
-        };
+        let printable =
+            |s: &str, max: usize| crate::schema::truncate_for_message(&crate::term::escape(s), max);
         // The label is `METHOD path?query`: the query goes (child requests have none today,
         // and a query is where a secret could sit).
         let request = request.0.split('?').next().unwrap_or_default();
@@ -376,7 +375,11 @@ mod tests {
     #[test]
     fn a_403_or_422_on_a_child_request_is_skipped_with_its_request_status_and_trace_id() {
         let s = SkippedRequest::of(
-            &fatal(403, "GET /contacts/c1/notes?x=secret", "no access\nforged line"),
+            &fatal(
+                403,
+                "GET /contacts/c1/notes?x=secret",
+                "no access\nforged line",
+            ),
             Entity::Notes,
             "c1",
         )

@@ -157,8 +157,10 @@ async fn export_of_20k_contacts_with_0_1_percent_child_refusals_exits_9_and_list
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains(&format!("completed except {} child requests", refused.len()))
-            && err.contains("_report.json"),
+        err.contains(&format!(
+            "completed except {} child requests",
+            refused.len()
+        )) && err.contains("_report.json"),
         "{err}"
     );
 
@@ -179,7 +181,10 @@ async fn a_clean_export_has_an_empty_skipped_list_and_exits_0() {
     let out = dir.path().join("out");
     let o = run_to_end(&sim, &out, &[]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert_eq!(json(&out.join("_manifest.json"))["skipped"], Value::Array(vec![]));
+    assert_eq!(
+        json(&out.join("_manifest.json"))["skipped"],
+        Value::Array(vec![])
+    );
     let report = json(&out.join("_report.json"));
     assert_eq!(report["status"], "complete");
     assert_eq!(report["skipped"], Value::Array(vec![]));
@@ -248,7 +253,10 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let o = run_to_end(&sim, &out, &["--max-skipped", "100000"]).await;
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
     let refused = refused_by_sim(&sim);
-    assert_eq!(listed(&json(&out.join("_manifest.json"))["skipped"]), refused);
+    assert_eq!(
+        listed(&json(&out.join("_manifest.json"))["skipped"]),
+        refused
+    );
     assert_rows_exact_except(&out, &sim, &refused);
 }
 
@@ -288,7 +296,10 @@ async fn next_incremental_run_fetches_again_the_contacts_whose_children_were_ski
         "some skipped contacts have a readable dateUpdated (else the state alone refetches them)"
     );
     let expected: BTreeSet<String> = skipped_contacts.union(&always).cloned().collect();
-    assert_eq!(again, expected, "the contacts with a skipped request are fetched again");
+    assert_eq!(
+        again, expected,
+        "the contacts with a skipped request are fetched again"
+    );
     // And their children come complete this time.
     let truth = truth(&sim.sim, &loc);
     for (entity, got) in CHILDREN.into_iter().zip(&children) {
