@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::EntityReport;
 use crate::extract::Position;
+use crate::fanout::SkippedRequest;
 
 /// The settings a checkpoint was made with; a run resumes it only if they match.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -96,6 +97,10 @@ pub struct Checkpoint {
     /// Objects skipped because they were not JSON objects.
     #[serde(default)]
     pub skipped_objects: u64,
+    /// Child requests the API refused for good, of the committed pages only: a page redone
+    /// after a kill lists its refusals again, and only then.
+    #[serde(default)]
+    pub skipped: Vec<SkippedRequest>,
     /// Committed length of the incremental run's `seen` file.
     #[serde(default)]
     pub seen_bytes: u64,
@@ -231,6 +236,14 @@ mod tests {
             contacts_listed: 300,
             entities: BTreeMap::new(),
             skipped_objects: 0,
+            skipped: vec![SkippedRequest {
+                entity: "notes".into(),
+                contact_id: "c1".into(),
+                request: "GET /contacts/c1/notes".into(),
+                status: 403,
+                trace_id: Some("t-1".into()),
+                message: "no".into(),
+            }],
             seen_bytes: 0,
             listing_done: false,
             deletions_done: false,
@@ -242,6 +255,17 @@ mod tests {
             .unwrap()
             .contains("\"version\": \"1\""));
         assert!(!dir.path().join("checkpoint.json.tmp").exists());
+    }
+
+    #[test]
+    fn a_checkpoint_written_before_skipped_requests_existed_still_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = path(dir.path());
+        let old = r#"{"version":"1","settings":{"locationId":"L","businesses":[],"include":"tasks","format":"parquet","pageSize":100,"incremental":false},
+            "startedAt":"2026-01-01T00:00:00.000Z","resumed":0,"position":null,"nextPart":0,"contactsListed":0,"entities":{},"complete":false}"#;
+        std::fs::write(&p, old).unwrap();
+        let ck = load(&p).unwrap().unwrap();
+        assert!(ck.skipped.is_empty());
     }
 
     #[test]

@@ -5,6 +5,14 @@
 //! complete, which is what a checkpoint needs. Head-of-line blocking is bounded by the window;
 //! the number of requests in flight is bounded separately by the client's permits, and their
 //! pace by the location's rate limiter.
+//!
+//! A child request the API refuses for good (a 4xx other than 401 and "not found": 403, 422, a
+//! 400) would meet the same refusal at every rerun, so failing the run for it would stop the
+//! export at that page forever. Such a refusal is instead kept with the contact as a
+//! [`SkippedRequest`]: the contact and its other children are written, and the refusal is
+//! committed with the page, listed in the manifest and the run report, and capped by
+//! `ExportPlan::max_skipped` (a token lacking a scope would otherwise "complete" with every
+//! child skipped).
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,6 +22,7 @@ use serde_json::value::RawValue;
 
 use crate::api::{ApiError, Client, ErrorKind};
 use crate::extract::{ContactHead, ExtractError, Page, Position};
+use crate::schema::Entity;
 
 /// Which children to fetch for each contact.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -89,6 +98,72 @@ pub struct Children {
     pub tasks: Vec<Box<RawValue>>,
     pub notes: Vec<Box<RawValue>>,
     pub appointments: Vec<Box<RawValue>>,
+    /// The child requests the API refused for good: their entity has no rows for this contact.
+    pub skipped: Vec<SkippedRequest>,
+}
+
+/// A child request the API refused for good, as the manifest and the run report list it.
+/// Every text comes from the server or names a request: it is stored escaped and shortened,
+/// and never holds the token or a query string.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SkippedRequest {
+    /// `tasks`, `notes` or `appointments`.
+    pub entity: String,
+    pub contact_id: String,
+    /// Method and path, e.g. `GET /contacts/abc/tasks`.
+    pub request: String,
+    /// The HTTP status of the refusal.
+    pub status: u16,
+    /// The API's `traceId`, to quote to HighLevel support.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// The API's message.
+    pub message: String,
+}
+
+impl SkippedRequest {
+    /// The record of `err` if it is a refusal for good of a child request: a 4xx other than
+    /// 401 (reauthorise), 404/"not found", 408 and 429 (retried), which the client classifies
+    /// otherwise. Refusals made on this side (a redirect, a reply over the size cap) are not
+    /// the API's and still stop the run: they concern every request, not this contact.
+    pub fn of(err: &ApiError, entity: Entity, contact_id: &str) -> Option<SkippedRequest> {
+        let ApiError::Fatal {
+            request,
+            status,
+            messages,
+            trace_id,
+        } = err
+        else {
+            return None;
+        };
+        if !(400..500).contains(status) {
+            return None;
+        }
+        let printable =
+            |s: &str, max: usize| crate::schema::truncate_for_message(&crate::term::escape(s), max);
+        // The label is `METHOD path?query`: the query goes (child requests have none today,
+        // and a query is where a secret could sit).
+        let request = request.0.split('?').next().unwrap_or_default();
+        Some(SkippedRequest {
+            entity: entity.name().to_owned(),
+            contact_id: printable(contact_id, 200),
+            request: printable(request, 300),
+            status: *status,
+            trace_id: trace_id.as_deref().map(|t| printable(t, 100)),
+            message: printable(&messages.join("; "), 500),
+        })
+    }
+}
+
+impl std::fmt::Display for SkippedRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: HTTP {} {}", self.request, self.status, self.message)?;
+        match &self.trace_id {
+            Some(t) => write!(f, " [traceId {t}]"),
+            None => Ok(()),
+        }
+    }
 }
 
 /// A contact with its children, ready to write.
@@ -120,20 +195,25 @@ pub enum Item {
 }
 
 /// Fetches the included children of one contact, concurrently. A contact deleted since it
-/// was listed (the API's 400 "not found") has no children.
+/// was listed (the API's 400 "not found") has no children; a child request the API refuses
+/// for good is recorded in `skipped` (see [`SkippedRequest::of`]) and the others are kept.
 pub async fn fetch_children(
     client: &Client,
     contact_id: &str,
     include: Include,
 ) -> Result<Children, ApiError> {
+    type Rows = Vec<Box<RawValue>>;
     async fn opt(
         on: bool,
-        fut: impl std::future::Future<Output = Result<Vec<Box<RawValue>>, ApiError>>,
-    ) -> Result<Vec<Box<RawValue>>, ApiError> {
+        entity: Entity,
+        contact_id: &str,
+        fut: impl std::future::Future<Output = Result<Rows, ApiError>>,
+    ) -> Result<(Rows, Option<SkippedRequest>), ApiError> {
         if !on {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         match fut.await {
+            Ok(rows) => Ok((rows, None)),
             // The API's answer for a contact deleted since it was listed: "Contact with id …
             // not found" (a 400). Any other "not found" (a 404 from a proxy, a moved route)
             // is an error, not an empty list.
@@ -144,20 +224,42 @@ pub async fn fetch_children(
                         .contains("contact with id") =>
             {
                 tracing::debug!(error = %e, "contact vanished during the export; no children");
-                Ok(Vec::new())
+                Ok((Vec::new(), None))
             }
-            other => other,
+            Err(e) => match SkippedRequest::of(&e, entity, contact_id) {
+                Some(skip) => {
+                    tracing::warn!(error = %e, "the API refused a child request for good: skipped (listed under `skipped` in the manifest and the run report)");
+                    Ok((Vec::new(), Some(skip)))
+                }
+                None => Err(e),
+            },
         }
     }
-    let (tasks, notes, appointments) = futures::try_join!(
-        opt(include.tasks, client.tasks_raw(contact_id)),
-        opt(include.notes, client.notes_raw(contact_id)),
-        opt(include.appointments, client.appointments_raw(contact_id)),
+    let ((tasks, t), (notes, n), (appointments, a)) = futures::try_join!(
+        opt(
+            include.tasks,
+            Entity::Tasks,
+            contact_id,
+            client.tasks_raw(contact_id)
+        ),
+        opt(
+            include.notes,
+            Entity::Notes,
+            contact_id,
+            client.notes_raw(contact_id)
+        ),
+        opt(
+            include.appointments,
+            Entity::Appointments,
+            contact_id,
+            client.appointments_raw(contact_id)
+        ),
     )?;
     Ok(Children {
         tasks,
         notes,
         appointments,
+        skipped: [t, n, a].into_iter().flatten().collect(),
     })
 }
 
@@ -259,5 +361,74 @@ mod tests {
             .unwrap_err()
             .contains("opportunities"));
         assert_eq!(Include::ALL.to_string(), "tasks,notes,appointments");
+    }
+
+    fn fatal(status: u16, label: &str, message: &str) -> ApiError {
+        ApiError::Fatal {
+            request: crate::api::RequestLabel(label.into()),
+            status,
+            messages: vec![message.into()],
+            trace_id: Some("trace\u{1b}[2J-1".into()),
+        }
+    }
+
+    #[test]
+    fn a_403_or_422_on_a_child_request_is_skipped_with_its_request_status_and_trace_id() {
+        let s = SkippedRequest::of(
+            &fatal(
+                403,
+                "GET /contacts/c1/notes?x=secret",
+                "no access\nforged line",
+            ),
+            Entity::Notes,
+            "c1",
+        )
+        .expect("a 403 is skipped");
+        assert_eq!(s.entity, "notes");
+        assert_eq!(s.contact_id, "c1");
+        assert_eq!(s.request, "GET /contacts/c1/notes", "no query string");
+        assert_eq!(s.status, 403);
+        assert!(!s.message.contains('\n') && s.message.contains("forged line"));
+        let t = s.trace_id.unwrap();
+        assert!(!t.contains('\u{1b}') && t.ends_with("-1"), "{t}");
+        assert!(SkippedRequest::of(&fatal(422, "GET /x", "bad"), Entity::Tasks, "c").is_some());
+    }
+
+    #[test]
+    fn reauth_retry_quota_and_not_found_errors_are_not_skipped() {
+        let label = || crate::api::RequestLabel("GET /contacts/c/tasks".into());
+        let not_skipped = [
+            ApiError::Unauthorized {
+                request: label(),
+                message: "Invalid JWT".into(),
+                trace_id: None,
+            },
+            ApiError::NotFound {
+                request: label(),
+                message: "Not Found".into(),
+                trace_id: None,
+            },
+            ApiError::QuotaExhausted {
+                request: label(),
+                trace_id: None,
+            },
+            ApiError::Transient {
+                request: label(),
+                reason: "HTTP 503".into(),
+                retry_after: None,
+                maybe_applied: false,
+                status: Some(503),
+                trace_id: None,
+            },
+            ApiError::Refused {
+                request: label(),
+                status: Some(302),
+                reason: "redirect".into(),
+                hint: "check --base-url".into(),
+            },
+        ];
+        for e in &not_skipped {
+            assert_eq!(SkippedRequest::of(e, Entity::Tasks, "c"), None, "{e}");
+        }
     }
 }

@@ -36,6 +36,9 @@ pub struct ExportSettings {
     pub state_dir: Option<PathBuf>,
     /// Write under an `export_date=<day the run started>` partition.
     pub partition_by_date: bool,
+    /// Most child requests the API may refuse for good before the run fails; up to it each is
+    /// skipped and listed in the report.
+    pub max_skipped: u64,
 }
 
 impl ExportSettings {
@@ -53,6 +56,7 @@ impl ExportSettings {
             full_refresh: false,
             state_dir: None,
             partition_by_date: false,
+            max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
         }
     }
 
@@ -95,6 +99,7 @@ pub fn plan(
     // plus the children of the contacts still waiting on theirs.
     plan.window = (conn.concurrency * 8).max(plan.page_size as usize + 28);
     plan.restart = s.restart;
+    plan.max_skipped = s.max_skipped;
     plan.budget = s.budget.clone();
     if s.incremental {
         plan.incremental = Some(IncrementalPlan {
@@ -213,8 +218,12 @@ pub async fn execute(
     tracing::info!(location = %plan.location_id, include = %plan.include, format = plan.format.extension(), out = %plan.out.display(), rate = ?client.limiter().effective_quota().map(|q| q.to_string()), "export started");
     match crate::export::run(client, plan, progress).await {
         Ok(m) => {
-            tracing::info!(location = %plan.location_id, contacts = m.entities.get("contacts").map_or(0, |e| e.rows), "export complete");
-            (Outcome::Complete, Some(m))
+            tracing::info!(location = %plan.location_id, contacts = m.entities.get("contacts").map_or(0, |e| e.rows), skipped = m.skipped.len(), "export complete");
+            let outcome = match m.skipped.len() as u64 {
+                0 => Outcome::Complete,
+                records => Outcome::Skipped { records },
+            };
+            (outcome, Some(m))
         }
         Err(e) => {
             let location = plan.location_id.clone();

@@ -128,7 +128,7 @@ impl Outcome {
         match self {
             Outcome::Complete => None,
             Outcome::Skipped { records } => Some(format!(
-                "complete except {records} records the API refused for good: they are listed under 'skipped' in the run report\nhint: check the token's access to them (a 403 often means a missing scope); the rest of the export is exact"
+                "complete except {records} child requests the API refused for good: they are listed under 'skipped' in the run report and the manifest\nhint: every other row is exported; each entry names the contact, the request, its HTTP status and traceId (quote it to HighLevel support); a 403 often means a missing scope"
             )),
             Outcome::Partial { failed, of } => Some(format!(
                 "{failed} of {of} locations did not complete (see the pipeline report)"
@@ -205,6 +205,7 @@ pub fn export_outcome(
             return Outcome::Busy(context(e.into()))
         }
         ExportError::CheckpointMismatch { .. } | ExportError::Unsupported(_) => FailKind::Usage,
+        ExportError::TooManySkipped { .. } => FailKind::Api,
         ExportError::Sink(SinkError::UnsafeLocationId { .. }) => FailKind::Usage,
         ExportError::Extract(_) => match e.api() {
             Some(api) if api.kind() == ErrorKind::QuotaExhausted => {

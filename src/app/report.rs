@@ -39,6 +39,8 @@ pub struct RunReport {
     /// Rows committed per entity (for an unfinished run: so far, all attempts included).
     pub rows: BTreeMap<String, u64>,
     pub contacts_listed: u64,
+    /// Child requests the API refused for good (committed so far, for an unfinished run).
+    pub skipped: Vec<crate::fanout::SkippedRequest>,
     /// Requests of this run, by kind, with retries and 429s.
     pub requests: StatsSnapshot,
     /// Share of the rate limit in force that this run used (successful requests / allowed).
@@ -104,6 +106,11 @@ impl RunReport {
             ),
             _ => (BTreeMap::new(), 0),
         };
+        let skipped = match (manifest, &ck) {
+            (Some(m), _) => m.skipped.clone(),
+            (None, Some(ck)) => ck.skipped.clone(),
+            _ => Vec::new(),
+        };
         let requests = client.map(|c| c.stats().snapshot()).unwrap_or_default();
         let quota = client.and_then(|c| c.limiter().effective_quota());
         let (daily_remaining, daily_limit) = client.map_or((None, None), |c| c.limiter().daily());
@@ -126,6 +133,7 @@ impl RunReport {
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
             contacts_listed: listed,
+            skipped,
             rate_limit_share: quota
                 .filter(|_| secs > 0.0)
                 .map(|q| requests.succeeded() as f64 / (q.per_second() * secs)),

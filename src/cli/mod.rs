@@ -36,8 +36,8 @@ Exit codes:
   6   (import) some rows were rejected: see the rejects file
   7   (pipeline) some locations failed, others completed: see its report
   8   another run holds the lock: nothing was done (its report is left alone)
-  9   complete except the records the API refused for good, listed under 'skipped' in the
-      run report (everything else is exact)
+  9   (export) complete except the child requests the API refused for good, listed under
+      'skipped' in the run report and the manifest (everything else is exact)
   75  stopped for the daily quota (or --daily-budget); rerun after it resets to resume
   130 stopped by SIGINT (Ctrl-C), 143 by SIGTERM: complete pages committed, the report says
       'interrupted'; rerun to resume (a second signal exits at once)";
@@ -212,6 +212,12 @@ pub struct ExportArgs {
     /// Where to write the run report (JSON). Default: OUT/_report.json.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
+
+    /// Most child requests (a contact's tasks, notes or appointments) the API may refuse for
+    /// good (403, 422, a 400) before the run fails (exit 4). Up to it, each is skipped and
+    /// listed under 'skipped' in the report and the manifest, and the run exits 9.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub max_skipped: u64,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -357,6 +363,10 @@ pub struct SimArgs {
     /// Share of writes applied but answered 502 (0..1).
     #[arg(long, default_value_t = 0.0)]
     pub ambiguous_write_rate: f64,
+    /// Share of child list requests (tasks, notes, appointments of a contact) refused for good
+    /// with 403 (0..1); the same ones at every run with the same seed.
+    #[arg(long, default_value_t = 0.0)]
+    pub child_refusal_rate: f64,
     /// Each write is applied after MS (or a seeded draw in MIN-MAX) milliseconds, even if
     /// the client has gone by then; the reply follows the apply.
     #[arg(long, value_name = "MS|MIN-MAX", default_value = "0", value_parser = parse_latency)]
@@ -477,6 +487,7 @@ impl ExportArgs {
         settings.incremental = self.incremental;
         settings.full_refresh = self.full_refresh;
         settings.state_dir = self.state_dir.clone();
+        settings.max_skipped = self.max_skipped;
         ExportJob {
             location: self.location.clone(),
             settings,
@@ -575,6 +586,12 @@ fn summary(m: &Manifest, elapsed: Duration, quota: Option<Quota>) -> String {
             100.0 * (r.attempts as f64 / secs) / q.per_second()
         ));
     }
+    if !m.skipped.is_empty() {
+        s.push_str(&format!(
+            "\n  {} child requests refused by the API were skipped: listed under 'skipped' in the manifest and the report",
+            m.skipped.len()
+        ));
+    }
     s.push_str(&format!("\n  manifest: {}", crate::export::MANIFEST));
     s
 }
@@ -597,6 +614,7 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
         slow_delay: Duration::from_millis(args.slow_ms),
         drop_rate: args.drop_rate,
         ambiguous_write_rate: args.ambiguous_write_rate,
+        child_refusal_rate: args.child_refusal_rate,
     };
     cfg.write_latency = args.write_latency_ms.clone();
     cfg.search_lag = Duration::from_millis(args.search_lag_ms);
@@ -930,7 +948,7 @@ mod same_jobs {
         let out = d.join("out").display().to_string();
         let p = pipeline(
             d,
-            &format!("[export]\nout = \"{out}\"\nformat = \"csv\"\ninclude = [\"tasks\", \"notes\"]\nincremental = true\ndaily_budget = 5000\ndaily_reserve_percent = 10.0\npart_contacts = 1000\ncommit_interval_secs = 30\n"),
+            &format!("[export]\nout = \"{out}\"\nformat = \"csv\"\ninclude = [\"tasks\", \"notes\"]\nincremental = true\ndaily_budget = 5000\ndaily_reserve_percent = 10.0\npart_contacts = 1000\ncommit_interval_secs = 30\nmax_skipped = 7\n"),
         );
         let crate::app::pipeline::Job::Export(settings) = &p.job else {
             panic!("an export pipeline")
@@ -954,6 +972,8 @@ mod same_jobs {
             "1000",
             "--commit-interval",
             "30",
+            "--max-skipped",
+            "7",
             "--base-url",
             "http://127.0.0.1:9",
             "--concurrency",

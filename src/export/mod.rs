@@ -9,6 +9,10 @@
 //! listing after the committed position. A run stopped by the daily quota, an error or a kill
 //! therefore costs time, never rows. SIGTERM and SIGINT stop it the same way, with the
 //! complete pages committed first ([`interrupt`]).
+//!
+//! A child request the API refuses for good does not stop the run: it is committed with its
+//! page as a [`SkippedRequest`] and listed under `skipped` in the manifest, up to
+//! [`ExportPlan::max_skipped`]; beyond that the run fails ([`ExportError::TooManySkipped`]).
 
 pub mod interrupt;
 mod resources;
@@ -29,10 +33,13 @@ pub use resources::Resources;
 use crate::api::{Client, StatsSnapshot};
 use crate::checkpoint::{self, Checkpoint, CheckpointError, Settings};
 use crate::extract::{self, ExtractError, Page, Position};
-use crate::fanout::{self, ChangeFilter, Include, Item};
+use crate::fanout::{self, ChangeFilter, Include, Item, SkippedRequest};
 use crate::incremental::{self, PrevState, SeenLog, StateError};
 use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
 use crate::sink::{self, Format, PartInfo, Partition, SinkError};
+
+/// Child requests refused for good that a run skips, by default, before it fails.
+pub const DEFAULT_MAX_SKIPPED: u64 = 1000;
 
 /// The manifest's file name under the output root.
 pub const MANIFEST: &str = "_manifest.json";
@@ -70,6 +77,9 @@ pub struct ExportPlan {
     /// Raised by SIGTERM or SIGINT: stop listing, commit the complete pages, return
     /// [`ExportError::Interrupted`].
     pub interrupt: Interrupt,
+    /// Most child requests refused for good that a run may skip (all attempts of a resumed
+    /// run together); one more fails the run with [`ExportError::TooManySkipped`].
+    pub max_skipped: u64,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -148,6 +158,7 @@ impl ExportPlan {
             export_date: None,
             manifest_path: None,
             interrupt: Interrupt::default(),
+            max_skipped: DEFAULT_MAX_SKIPPED,
         }
     }
 
@@ -210,6 +221,10 @@ pub struct Manifest {
     pub entities: BTreeMap<String, EntityReport>,
     /// Objects skipped because they were not JSON objects.
     pub skipped_objects: u64,
+    /// Child requests the API refused for good, in listing order (all attempts of a resumed
+    /// run, each once): their entity has no rows for that contact. Empty when none.
+    #[serde(default)]
+    pub skipped: Vec<SkippedRequest>,
     /// Requests of the last attempt of the run (a resumed run's earlier attempts not included).
     pub requests: StatsSnapshot,
     /// This process's CPU time and peak memory at the end of the run.
@@ -237,6 +252,14 @@ pub enum ExportError {
     QuotaStop { reason: String, contacts: u64 },
     #[error("stopped by {signal}: {contacts} contacts are committed.\nhint: rerun the same command to resume")]
     Interrupted { signal: Signal, contacts: u64 },
+    #[error("the API refused {count} child requests for good, more than --max-skipped {max} allows; the last: {last}. {contacts} contacts are committed.\nhint: when most contacts' {entity} are refused, the token probably lacks access (it needs the contacts.readonly scope for the location): fix it, then rerun with --restart so that the skipped requests are fetched again; or, to accept the skips, rerun with a higher --max-skipped to resume")]
+    TooManySkipped {
+        count: u64,
+        max: u64,
+        entity: String,
+        last: Box<SkippedRequest>,
+        contacts: u64,
+    },
     #[error("the writer thread stopped unexpectedly")]
     WriterLost,
     /// Settings or a situation the export refuses (a usage error).
@@ -415,6 +438,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         contacts_listed: 0,
         entities: BTreeMap::new(),
         skipped_objects: 0,
+        skipped: Vec::new(),
         seen_bytes: 0,
         listing_done: false,
         deletions_done: false,
@@ -446,6 +470,9 @@ async fn stream(
             page
         }
     });
+    // Refusals committed by earlier attempts count towards the cap too.
+    let mut skipped = ck.skipped.len() as u64;
+    let mut too_many = None;
     let filter: Option<ChangeFilter> = prev
         .map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
     let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window, filter);
@@ -499,8 +526,16 @@ async fn stream(
                 let page_end = matches!(item, Item::PageEnd { .. });
                 // After the last page only the finishing steps remain: never stop there.
                 let last_page = matches!(item, Item::PageEnd { next: None, .. });
-                if !page_end {
+                if let Item::Contact(unit) = &item {
                     progress.contacts.fetch_add(1, Relaxed);
+                    if let Some(last) = unit.children.skipped.last() {
+                        skipped += unit.children.skipped.len() as u64;
+                        if skipped > plan.max_skipped {
+                            // Stops like a failed request would: this page is not committed.
+                            too_many = Some(last.clone());
+                            break;
+                        }
+                    }
                 }
                 batch.push(item);
                 if !page_end {
@@ -539,6 +574,15 @@ async fn stream(
     if let Some(signal) = interrupted {
         return Err(ExportError::Interrupted {
             signal,
+            contacts: ck.contacts_listed,
+        });
+    }
+    if let Some(last) = too_many {
+        return Err(ExportError::TooManySkipped {
+            count: skipped,
+            max: plan.max_skipped,
+            entity: last.entity.clone(),
+            last: Box::new(last),
             contacts: ck.contacts_listed,
         });
     }
@@ -635,6 +679,7 @@ async fn finish(
         contacts_listed: ck.contacts_listed,
         entities: ck.entities.clone(),
         skipped_objects: ck.skipped_objects,
+        skipped: ck.skipped.clone(),
         requests: client.stats().snapshot(),
         resources: Resources::now(),
     };

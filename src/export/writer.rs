@@ -158,8 +158,19 @@ impl Writer {
 
     fn write_contact(&mut self, unit: &ContactUnit) -> Result<(), ExportError> {
         self.ck.contacts_listed += 1;
+        // Committed with the page, like its rows (the checkpoint is saved at the next commit).
+        self.ck
+            .skipped
+            .extend(unit.children.skipped.iter().cloned());
         if let (Some(seen), Some(id)) = (self.cfg.seen.as_mut(), unit.id.as_deref()) {
-            seen.record(id, unit.date_updated)?;
+            // A contact with a skipped child request is recorded without its `dateUpdated`,
+            // so the next incremental run takes it as changed and fetches it again.
+            let date_updated = if unit.children.skipped.is_empty() {
+                unit.date_updated
+            } else {
+                None
+            };
+            seen.record(id, date_updated)?;
         }
         if !unit.changed {
             return Ok(());

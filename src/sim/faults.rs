@@ -1,4 +1,8 @@
 //! Seeded fault injection: which requests fail, and how a failing reply is mangled.
+//!
+//! Transient faults are drawn per request (numbered draws); a child refusal is a property of
+//! the contact and entity (hashed with the seed), since a refusal for good must meet a rerun
+//! again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
@@ -48,6 +52,21 @@ impl Injector {
         *self.faults.write().unwrap_or_else(|e| e.into_inner()) = faults;
     }
 
+    /// Whether the child list `entity` of `contact_id` is refused for good (403): the same
+    /// answer for the same seed, contact and entity, whatever the request order.
+    pub(crate) fn refuses_child(&self, contact_id: &str, entity: &str) -> bool {
+        let rate = self
+            .faults
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .child_refusal_rate;
+        if rate <= 0.0 {
+            return false;
+        }
+        let key = hash(&[self.seed, 93, hash_str(entity), hash_str(contact_id)]);
+        Rng::new(key).chance(rate)
+    }
+
     /// Draws the plan for the next request. Draws are numbered, so a run with the same seed
     /// and the same request order faults the same requests.
     pub(crate) fn plan(&self) -> Plan {
@@ -89,6 +108,18 @@ impl Injector {
             ambiguous: r.chance(f.ambiguous_write_rate),
         }
     }
+}
+
+/// Hashes a string (its length and its bytes, 8 at a time).
+fn hash_str(s: &str) -> u64 {
+    let words: Vec<u64> = std::iter::once(s.len() as u64)
+        .chain(s.as_bytes().chunks(8).map(|c| {
+            let mut b = [0u8; 8];
+            b[..c.len()].copy_from_slice(c);
+            u64::from_le_bytes(b)
+        }))
+        .collect();
+    hash(&words)
 }
 
 /// Where to cut a body of `len` bytes: at least one byte kept, at least one lost.

@@ -140,6 +140,10 @@ pub struct Faults {
     pub drop_rate: f64,
     /// Successful writes that are applied but answered 502.
     pub ambiguous_write_rate: f64,
+    /// Share of child list requests (`GET /contacts/:id/tasks|notes|appointments`) answered
+    /// 403 for good. Chosen per contact id, entity and seed (not per draw), so a rerun or a
+    /// resume meets the same refusals; see [`Sim::refuses_child`].
+    pub child_refusal_rate: f64,
 }
 
 /// Counters since start, also served at `GET /_sim/stats`.
@@ -328,6 +332,12 @@ impl Sim {
 
     pub fn set_faults(&self, faults: Faults) {
         self.faults.set(faults);
+    }
+
+    /// Test truth: whether `GET /contacts/<contact_id>/<entity>` (`tasks`, `notes` or
+    /// `appointments`) is refused with 403 under the current `child_refusal_rate`.
+    pub fn refuses_child(&self, contact_id: &str, entity: &str) -> bool {
+        self.faults.refuses_child(contact_id, entity)
     }
 
     /// Test truth: the exact JSON objects `GET /contacts/` serves for this location, in

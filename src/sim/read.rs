@@ -186,9 +186,23 @@ pub(crate) fn contact(req: &Req<'_>) -> Result<Reply, ApiError> {
     })
 }
 
-/// The children routes: lists, and single tasks and notes.
+/// The children routes: lists, and single tasks and notes. A list may be refused for good
+/// (403, see [`super::Faults::child_refusal_rate`]).
 pub(crate) fn children(req: &Req<'_>) -> Result<Reply, ApiError> {
     with_contact(req, |l, slot| {
+        let list = match req.route.kind {
+            Kind::Tasks => Some("tasks"),
+            Kind::Notes => Some("notes"),
+            Kind::Appointments => Some("appointments"),
+            _ => None,
+        };
+        if list.is_some_and(|entity| req.sim.faults.refuses_child(&req.route.id, entity)) {
+            req.sim
+                .counters
+                .faults
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ApiError::Forbidden);
+        }
         let ch = l.children(slot);
         let child = req.route.child.as_str();
         Ok(match req.route.kind {

@@ -100,6 +100,9 @@ pub struct ExportSection {
     pub daily_budget: Option<Spanned<i64>>,
     pub part_contacts: Option<Spanned<i64>>,
     pub commit_interval_secs: Option<Spanned<i64>>,
+    /// `--max-skipped`: child requests refused for good that are skipped before a location
+    /// fails.
+    pub max_skipped: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

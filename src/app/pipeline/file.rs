@@ -547,6 +547,15 @@ fn check_export(
         ),
     )
     .unwrap_or(600);
+    // 0 is allowed: any refusal then fails the location.
+    let max_skipped = match &e.max_skipped {
+        None => crate::export::DEFAULT_MAX_SKIPPED,
+        Some(v) if *v.get_ref() >= 0 => *v.get_ref() as u64,
+        Some(v) => {
+            p.push(src.at(v, "max_skipped", "use 0 or a positive number"));
+            crate::export::DEFAULT_MAX_SKIPPED
+        }
+    };
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -573,6 +582,7 @@ fn check_export(
         full_refresh: false,
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
+        max_skipped,
     })
 }
 

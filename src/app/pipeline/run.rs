@@ -169,10 +169,7 @@ fn combine(reports: &[RunReport]) -> Outcome {
         .iter()
         .filter(|r| r.exit_code == code::QUOTA)
         .count();
-    let skipped: u64 = reports
-        .iter()
-        .filter(|r| r.exit_code == code::SKIPPED)
-        .count() as u64;
+    let skipped: u64 = reports.iter().map(|r| r.skipped.len() as u64).sum();
     let signal_of = |r: &RunReport| {
         [crate::export::Signal::Int, crate::export::Signal::Term]
             .into_iter()
