@@ -235,7 +235,11 @@ mod tests {
             ("2021-12-31T23:59:60Z", "2022-01-01T00:00:00.000Z"),
             ("2021-07-16T11:00:00+23:59", "2021-07-15T11:01:00.000Z"),
         ] {
-            assert_eq!(parse_iso_millis(s).map(format_iso_millis).as_deref(), Some(want), "{s}");
+            assert_eq!(
+                parse_iso_millis(s).map(format_iso_millis).as_deref(),
+                Some(want),
+                "{s}"
+            );
         }
     }
 
