@@ -70,8 +70,8 @@ fn assert_exactly_the_truth(out: &Path, sim: &TestSim) {
 /// contacts needs at least `n / 100` list pages and `3 n` child requests, and `max_step` is a
 /// thirtieth of that, so the twenty killed attempts together cannot do two thirds of the
 /// work: every attempt is still mid-run when its mark is reached, on any machine and at any
-/// simulator speed. Parts of about a sixth of `max_step` contacts (a third of its requests)
-/// make attempts commit, so kills land before, during and after commits.
+/// simulator speed. Parts of a sixth of `max_step` contacts (half of its requests), or one
+/// listing page, make attempts commit, so kills land before, during and after commits.
 async fn kill_9_twenty_times_then_resume(sim: &TestSim, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
