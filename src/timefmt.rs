@@ -1,19 +1,25 @@
-//! ISO 8601 timestamps <-> epoch milliseconds, without a date library.
+//! ISO 8601 timestamps <-> epoch milliseconds.
 //!
 //! The API writes `2021-07-02T05:18:26.704Z` for most dates, `2021-07-16 11:00:00` (no zone,
 //! taken as UTC) for appointment times, and sometimes epoch milliseconds. Parsing sits on the
-//! hot path of every row, so it is a hand-written scanner over bytes rather than a general
-//! date parser.
+//! hot path of every row, so the text is scanned by hand over bytes rather than by a general
+//! date parser; only the calendar question (is `2021-02-31` a day? which day number is it?) is
+//! asked of `chrono`, which arrow already builds (no build cost: no feature beyond those arrow
+//! enables) and which costs nothing measurable in `benches/hotpath.rs` (BENCHMARKS.md).
+//!
+//! A text that names no real instant (February 30, April 31, February 29 of a common year,
+//! month 13, hour 24, minute 60, an offset of `+24:00` or more) is not a timestamp: parsing
+//! returns `None`, so the export keeps the value in `_extra` as received and the import
+//! rejects the row, exactly as for any other text. A second of `60` is accepted as a leap
+//! second (ISO 8601 allows it) and counts as the next minute's first second.
 
-/// Days from 1970-01-01 to the given civil date (proleptic Gregorian).
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m as i64 + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Days from 1970-01-01 to the given civil date (proleptic Gregorian), or `None` when the
+/// date does not exist (`2021-02-31`, month 13).
+fn days_from_civil(y: u32, m: u32, d: u32) -> Option<i64> {
+    /// `num_days_from_ce` of 1970-01-01.
+    const EPOCH_FROM_CE: i64 = 719_163;
+    let date = chrono::NaiveDate::from_ymd_opt(i32::try_from(y).ok()?, m, d)?;
+    Some(i64::from(chrono::Datelike::num_days_from_ce(&date)) - EPOCH_FROM_CE)
 }
 
 /// The civil date (year, month, day) of a day count since 1970-01-01.
@@ -46,19 +52,17 @@ fn digits(b: &[u8]) -> Option<u32> {
 
 /// Parses `YYYY-MM-DD`, `YYYY-MM-DDTHH:MM[:SS[.fff…]]` with `T` or a space, and an optional
 /// `Z` or `±HH:MM` / `±HHMM` offset (none means UTC). Fractions beyond milliseconds are
-/// truncated. Returns epoch milliseconds, or `None` when the text is not such a timestamp.
+/// truncated. Returns epoch milliseconds, or `None` when the text is not such a timestamp or
+/// names a day, time or offset that does not exist (`2021-02-31`, `25:00`, `+24:00`).
 pub fn parse_iso_millis(s: &str) -> Option<i64> {
     let b = s.trim().as_bytes();
     if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
         return None;
     }
-    let y = digits(&b[0..4])? as i64;
+    let y = digits(&b[0..4])?;
     let mo = digits(&b[5..7])?;
     let d = digits(&b[8..10])?;
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) {
-        return None;
-    }
-    let mut ms: i64 = days_from_civil(y, mo, d) * 86_400_000;
+    let mut ms: i64 = days_from_civil(y, mo, d)? * 86_400_000;
     let rest = &b[10..];
     if rest.is_empty() {
         return Some(ms);
@@ -106,6 +110,9 @@ pub fn parse_iso_millis(s: &str) -> Option<i64> {
                 [a, b] => (digits(&[*a, *b])?, 0),
                 _ => return None,
             };
+            if oh > 23 || om > 59 {
+                return None;
+            }
             let off = i64::from(oh * 60 + om) * 60_000;
             Some(if *sign == b'+' { ms - off } else { ms + off })
         }
@@ -193,6 +200,63 @@ mod tests {
             "2021-07-16T25:00:00Z",
         ] {
             assert_eq!(parse_iso_millis(s), None, "{s}");
+        }
+    }
+
+    /// Regression (issue 12): `2021-02-31` used to parse as March 3, so the export stored a
+    /// day the API never sent instead of keeping the text in `_extra`.
+    #[test]
+    fn impossible_calendar_dates_are_not_timestamps() {
+        for s in [
+            "2021-02-31",
+            "2021-02-30T10:00:00Z",
+            "2021-04-31",
+            "2021-06-31 08:00:00",
+            "2023-02-29",
+            "1900-02-29T00:00:00.000Z",
+            "2021-00-10",
+            "2021-13-01",
+            "2021-01-00",
+            "2021-01-32",
+            "2021-07-16T24:00:00Z",
+            "2021-07-16T11:60:00Z",
+            "2021-07-16T11:00:61Z",
+            "2021-07-16T11:00:00+24:00",
+            "2021-07-16T11:00:00-0060",
+            "2021-07-16T11:00:00+99",
+        ] {
+            assert_eq!(parse_iso_millis(s), None, "{s}");
+        }
+        // The last day of each month, leap days and a leap second still parse.
+        for (s, want) in [
+            ("2024-02-29", "2024-02-29T00:00:00.000Z"),
+            ("2000-02-29T12:00:00Z", "2000-02-29T12:00:00.000Z"),
+            ("2021-04-30", "2021-04-30T00:00:00.000Z"),
+            ("2021-12-31T23:59:60Z", "2022-01-01T00:00:00.000Z"),
+            ("2021-07-16T11:00:00+23:59", "2021-07-15T11:01:00.000Z"),
+        ] {
+            assert_eq!(
+                parse_iso_millis(s).map(format_iso_millis).as_deref(),
+                Some(want),
+                "{s}"
+            );
+        }
+    }
+
+    /// The parser's day numbers (chrono) and the formatter's (`civil_from_days`) agree on
+    /// every day of every four-digit year.
+    #[test]
+    fn every_day_of_years_0000_to_9999_round_trips() {
+        let first = days_from_civil(0, 1, 1).expect("a day");
+        let last = days_from_civil(9999, 12, 31).expect("a day");
+        let mut text = String::new();
+        for day in first..=last {
+            let (y, m, d) = civil_from_days(day);
+            let (y, m, d) = (u32::try_from(y).expect("a four-digit year"), m, d);
+            assert_eq!(days_from_civil(y, m, d), Some(day), "{y:04}-{m:02}-{d:02}");
+            text.clear();
+            write_iso_millis(&mut text, day * 86_400_000);
+            assert_eq!(parse_iso_millis(&text), Some(day * 86_400_000), "{text}");
         }
     }
 }

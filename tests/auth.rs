@@ -439,13 +439,12 @@ async fn export_completes_when_tokens_expire_mid_run() {
     cfg.concurrency = 8;
     let c = Arc::new(Client::new(cfg).unwrap());
 
-    // Revokes the tokens once the export is under way (waits on the simulator's counter).
+    // Revokes the tokens once the export is under way (waits on the simulator's counter,
+    // failing after a deadline rather than hanging if the export never gets there).
     let watcher = {
         let sim = sim.sim.clone();
         tokio::spawn(async move {
-            while sim.stats().requests < 60 {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            common::until_requests(&sim, 60, "revoking the tokens mid-export").await;
             sim.oauth_expire_access_tokens();
         })
     };

@@ -61,47 +61,53 @@ fn assert_exactly_the_truth(out: &Path, sim: &TestSim) {
     }
 }
 
-/// A tiny deterministic generator for the kill instants, so a failure can be replayed.
-fn instants(seed: u64, n: usize, max_ms: u64) -> Vec<u64> {
-    let mut x = seed;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            20 + x % max_ms
-        })
-        .collect()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_after_kill_9_at_20_random_instants_writes_each_row_exactly_once() {
-    let sim = TestSim::start(fast_sim(20_000, 21)).await;
+/// Kills an export with SIGKILL twenty times, then lets it finish, and checks every row
+/// arrived exactly once.
+///
+/// Each kill instant is a point of the run's own progress, not a delay: attempt `i` is
+/// killed once the simulator has received `step` more requests than before it started, with
+/// `step` drawn (seeded, so a failure replays) from `0..=max_step`. A full export of `n`
+/// contacts needs at least `n / 100` list pages and `3 n` child requests, and `max_step` is a
+/// thirtieth of that, so the twenty killed attempts together cannot do two thirds of the
+/// work: every attempt is still mid-run when its mark is reached, on any machine and at any
+/// simulator speed. Parts of a sixth of `max_step` contacts (half of its requests), or one
+/// listing page, make attempts commit, so kills land before, during and after commits.
+async fn kill_9_twenty_times_then_resume(sim: &TestSim, seed: u64) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    // Small parts and frequent commits, so kills land before, during and after commits.
-    let flags = ["--part-contacts", "700", "--commit-interval", "1"];
-    let mut killed = 0;
-    for (i, ms) in instants(0x5eed, 20, 1_500).into_iter().enumerate() {
-        let mut child = export_cmd(&sim, &out, &flags).spawn().unwrap();
+    let contacts = sim.sim.config().contacts as u64;
+    let needed = contacts.div_ceil(100) + 3 * contacts;
+    let max_step = needed / 30;
+    // Parts end at a listing page (100 contacts) at the earliest.
+    let part = (max_step / 6).max(100).to_string();
+    let flags = ["--part-contacts", part.as_str(), "--commit-interval", "1"];
+    let mut rng = Lcg(seed);
+    for i in 0..20 {
+        let start = sim.sim.stats().requests;
+        let mark = start + rng.next(max_step + 1);
+        let what = format!("attempt {i}'s kill mark");
+        let mut child = export_cmd(sim, &out, &flags).spawn().unwrap();
         tokio::select! {
-            status = child.wait() => {
-                // Finished before the kill: the export is complete; later attempts start over.
-                assert!(status.unwrap().success(), "attempt {i}");
-            }
-            _ = tokio::time::sleep(Duration::from_millis(ms)) => {
+            status = child.wait() => panic!(
+                "attempt {i} ended ({:?}) before its kill mark, request {} of the simulator \
+                 (it had served {} when the attempt started)",
+                status.unwrap(), mark, start
+            ),
+            () = until_requests(&sim.sim, mark, &what) => {
                 child.start_kill().unwrap(); // SIGKILL
                 child.wait().await.unwrap();
-                killed += 1;
             }
         }
     }
-    assert!(killed >= 15, "most attempts were killed mid-run ({killed})");
-    let o = run_to_end(&sim, &out, &flags).await;
+    assert!(
+        sim.sim.stats().requests < needed,
+        "the killed attempts made fewer requests than one export needs, so each was mid-run"
+    );
+    let o = run_to_end(sim, &out, &flags).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let r = report(&out);
     assert_eq!(r["status"], "complete");
-    assert_exactly_the_truth(&out, &sim);
+    assert_exactly_the_truth(&out, sim);
     // No temporary or orphaned files remain.
     for entity in Entity::ALL {
         let dir = out
@@ -114,6 +120,32 @@ async fn resume_after_kill_9_at_20_random_instants_writes_each_row_exactly_once(
                 "{name}"
             );
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_kill_9_at_20_instants_of_progress_writes_each_row_exactly_once() {
+    let sim = TestSim::start(fast_sim(20_000, 21)).await;
+    kill_9_twenty_times_then_resume(&sim, 0x5eed).await;
+}
+
+/// The same kills and resume against a simulator that answers every request after 4 ms, then
+/// against one twice as fast (2 ms): the kill marks follow the run's progress, so the kills
+/// land mid-run whatever the speed. (The test above runs the simulator unpaced, as fast as
+/// this machine allows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_after_kill_9_is_exact_with_the_simulator_twice_as_fast() {
+    for (ms, seed) in [(4, 0x5eed_0004), (2, 0x5eed_0002)] {
+        let sim = TestSim::start(SimConfig {
+            faults: contacts_etl::sim::Faults {
+                slow_rate: 1.0,
+                slow_delay: Duration::from_millis(ms),
+                ..Default::default()
+            },
+            ..fast_sim(4_000, 22)
+        })
+        .await;
+        kill_9_twenty_times_then_resume(&sim, seed).await;
     }
 }
 

@@ -1747,4 +1747,35 @@ mod tests {
         let e = v.check(&rec(3, &["a@b.co", "", "soon", ""])).unwrap_err();
         assert_eq!(e.len(), 2);
     }
+
+    /// Regression (issue 12): `2021-02-31` was accepted as a date of birth, and as a due date
+    /// it was sent as March 3, because the date parser rolled impossible days over.
+    #[test]
+    fn impossible_calendar_dates_are_rejected_as_invalid_dates() {
+        let reasons = |errs: Vec<Problem>| -> Vec<(String, Reason)> {
+            errs.into_iter()
+                .map(|p| (p.field.unwrap_or_default(), p.reason))
+                .collect()
+        };
+        let mut v = validator(Entity::Contacts, &["email", "dateOfBirth"]);
+        for (line, bad) in [(2, "2021-02-31"), (3, "1990-04-31"), (4, "2023-02-29")] {
+            let email = format!("p{line}@b.co");
+            let errs = v.check(&rec(line, &[&email, bad])).unwrap_err();
+            assert_eq!(
+                reasons(errs),
+                [("dateOfBirth".to_owned(), Reason::InvalidDate)],
+                "{bad}"
+            );
+        }
+        assert!(v.check(&rec(5, &["p5@b.co", "2024-02-29"])).is_ok());
+        let mut v = validator(Entity::Tasks, &["email", "title", "dueDate"]);
+        for (line, bad) in [(2, "2021-02-31"), (3, "2024-02-30T09:00:00Z")] {
+            let errs = v.check(&rec(line, &["a@b.co", "Call", bad])).unwrap_err();
+            assert_eq!(
+                reasons(errs),
+                [("dueDate".to_owned(), Reason::InvalidDate)],
+                "{bad}"
+            );
+        }
+    }
 }

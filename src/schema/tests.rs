@@ -567,9 +567,11 @@ fn builder_is_reusable_across_batches() {
     }
 }
 
-/// A rough CPU figure for the append path (printed, not asserted: run with `--nocapture`).
+/// A contact as the API sends it fills its columns and leaves only the keys the schema does
+/// not declare in `_extra`. (The append path's speed is measured by `benches/hotpath.rs`,
+/// not by a test.)
 #[test]
-fn append_timing_report() {
+fn api_shaped_contact_leaves_only_undeclared_keys_in_extra() {
     let contact = r#"{"id":"pfj4mrJvmTZkDRSKUbj7","locationId":"ve9EPM428h8vShlRW1KT","contactName":"zoë smith","firstName":"Zoë","lastName":"Smith",
         "firstNameLowerCase":"zoë","lastNameLowerCase":"smith","fullNameLowerCase":"zoë smith","companyName":"ACME","email":"zoe@x.io","emailLowerCase":"zoe@x.io",
         "phone":"+14155550100","dnd":false,"dndSettings":{"SMS":{"status":"active","message":"","code":""},"Email":{"status":"inactive","message":"","code":""}},
@@ -577,22 +579,51 @@ fn append_timing_report() {
         "website":null,"timezone":"Europe/Paris","tags":["vip","b2b","newsletter"],"dateOfBirth":null,"dateAdded":"2021-07-02T05:18:26.704Z",
         "dateUpdated":"2021-07-03T00:00:00.000Z","customFields":[{"id":"cf1","value":"abc"},{"id":"cf2","value":12.5}],"businessId":null,
         "attributions":[{"utmSessionSource":"Direct traffic","isFirst":true,"medium":"manual"}],"followers":[],"additionalEmails":[],"additionalPhones":[],"opportunities":[]}"#;
-    let raw = raw(contact);
-    let mut b = BatchBuilder::new(Entity::Contacts);
-    let n = 20_000;
-    let start = std::time::Instant::now();
-    for i in 0..n {
-        b.append(&raw, &LOC).expect("object");
-        if i % 8192 == 8191 {
-            b.finish();
-        }
-    }
-    let batch = b.finish();
-    let per = start.elapsed().as_secs_f64() * 1e6 / f64::from(n);
+    let batch = batch(Entity::Contacts, &LOC, &[contact]);
     assert_eq!(extra(&batch, 0), Some(pairs(&[("opportunities", "[]")])));
-    println!(
-        "append: {per:.2} µs per contact ({} bytes of JSON)",
-        contact.len()
+    assert_eq!(text(&batch, "firstName", 0).as_deref(), Some("Zoë"));
+    assert_eq!(ts(&batch, "dateAdded", 0), Some(1_625_203_106_704));
+}
+
+/// Regression (issue 12): `2021-02-31` was stored as March 3, a day the API never sent;
+/// a text that is no calendar date is kept in `_extra` as received, like any other value
+/// its column cannot hold.
+#[test]
+fn impossible_calendar_dates_go_to_extra_as_received() {
+    let o = r#"{"id":"c1","dateAdded":"2021-02-31T10:00:00.000Z","dateUpdated":"2023-02-29",
+        "lastActivity":"2024-02-29T00:00:00Z"}"#;
+    let b = batch(Entity::Contacts, &LOC, &[o]);
+    assert_eq!(ts(&b, "dateAdded", 0), None);
+    assert_eq!(ts(&b, "dateUpdated", 0), None);
+    assert_eq!(
+        ts(&b, "lastActivity", 0),
+        parse_iso_millis("2024-02-29T00:00:00Z"),
+        "a leap day is a date"
+    );
+    assert_eq!(
+        extra(&b, 0),
+        Some(pairs(&[
+            ("dateAdded", r#""2021-02-31T10:00:00.000Z""#),
+            ("dateUpdated", r#""2023-02-29""#),
+        ]))
+    );
+    let ctx = RowContext {
+        location_id: "loc1",
+        contact_id: Some("c1"),
+    };
+    let b = batch(
+        Entity::Appointments,
+        &ctx,
+        &[r#"{"id":"a1","startTime":"2021-04-31 11:00:00","endTime":"2021-04-30 25:00:00"}"#],
+    );
+    assert_eq!(ts(&b, "startTime", 0), None);
+    assert_eq!(ts(&b, "endTime", 0), None);
+    assert_eq!(
+        extra(&b, 0),
+        Some(pairs(&[
+            ("startTime", r#""2021-04-31 11:00:00""#),
+            ("endTime", r#""2021-04-30 25:00:00""#),
+        ]))
     );
 }
 
