@@ -243,7 +243,7 @@ pub enum ExportError {
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
-    Lock(#[from] crate::pipeline::lock::LockError),
+    Lock(#[from] crate::durable::lock::LockError),
 }
 
 impl ExportError {
@@ -278,7 +278,7 @@ pub async fn run(
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
     // Two runs on one OUT and location would delete each other's parts: one at a time.
-    let _lock = crate::pipeline::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
+    let _lock = crate::durable::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     // The manifest means "complete": it goes before anything else changes.
