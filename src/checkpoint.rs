@@ -7,14 +7,20 @@
 //! what the resumed run writes after its cursor are exactly the rows of an uninterrupted run.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::export::EntityReport;
 use crate::extract::Position;
 use crate::fanout::SkippedRequest;
+
+/// Rows and files of one entity: committed so far (here), or in a finished run (the
+/// manifest, which shows the same).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct EntityReport {
+    pub rows: u64,
+    pub files: Vec<crate::sink::PartInfo>,
+}
 
 /// The settings a checkpoint was made with; a run resumes it only if they match.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -173,9 +179,9 @@ pub fn save(path: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError>
     write_atomic(path, &bytes)
 }
 
-/// Writes a file atomically: temp file in the same directory, fsync, rename, fsync the directory.
+/// Writes a file atomically ([`crate::durable::write`]), with the error of this module.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    write_atomic_with(path, |f| f.write_all(bytes))
+    crate::durable::write(path, bytes).map_err(write_error(path))
 }
 
 /// [`write_atomic`] with the content written by `fill`, so a large file can be streamed.
@@ -183,24 +189,15 @@ pub(crate) fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> Result<(), CheckpointError> {
-    let io = |p: &Path| {
-        let p = p.to_path_buf();
-        move |source| CheckpointError::Io { path: p, source }
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut tmp_name = path.file_name().unwrap_or_default().to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-    fill(&mut f).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    drop(f);
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    crate::durable::write_with(path, fill).map_err(write_error(path))
+}
+
+/// `path: cannot <step> <file>: <cause>`.
+fn write_error(path: &Path) -> impl FnOnce(crate::durable::WriteError) -> CheckpointError + '_ {
+    |e| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source: e.into(),
     }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@
 //! - [`schema`]: the Arrow schema of each entity and the JSON-to-Arrow row decoder: one truth
 //!   for both sinks.
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
+//! - [`durable`]: the one atomic file write (temp, fsync, rename, fsync the directory) and the
+//!   run lock (`File::try_lock`).
 //! - [`export`]: the export run: plan, pipeline from extractor to sinks, manifest.
 //! - [`import`]: the bulk import: CSV validated first, journaled writes, resume, undo.
 //! - [`auth`]: OAuth 2.0 for Marketplace apps: login, the 0600 token store, refreshing token
@@ -26,12 +28,12 @@ pub mod app;
 pub mod auth;
 pub mod checkpoint;
 pub mod cli;
+pub mod durable;
 pub mod export;
 pub mod extract;
 pub mod fanout;
 pub mod import;
 pub mod incremental;
-pub mod pipeline;
 pub mod ratelimit;
 pub mod schema;
 pub mod sim;

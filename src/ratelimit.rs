@@ -48,7 +48,7 @@ impl Quota {
 impl std::fmt::Display for Quota {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ms = self.interval.as_millis();
-        if ms % 1000 == 0 {
+        if ms.is_multiple_of(1000) {
             write!(f, "{}/{}s", self.max, ms / 1000)
         } else {
             write!(f, "{}/{}ms", self.max, ms)

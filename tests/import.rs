@@ -852,7 +852,7 @@ async fn ambiguous_failures_and_sigkills_then_resume_give_one_record_per_valid_r
             .iter()
             .map(|n| n["body"].as_str().unwrap().to_owned())
             .collect();
-        let want_notes = if i % 3 == 0 {
+        let want_notes = if i.is_multiple_of(3) {
             vec![format!("Note for {i}")]
         } else {
             vec![]

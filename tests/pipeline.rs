@@ -208,7 +208,7 @@ async fn one_failing_location_does_not_stop_the_others_and_the_exit_code_says_pa
 async fn overlapping_runs_of_one_pipeline_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = write(dir.path(), "p.toml", "name = \"nightly\"\n[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"out\"\n");
-    let _held = contacts_etl::pipeline::lock::RunLock::acquire(
+    let _held = contacts_etl::durable::lock::RunLock::acquire(
         &dir.path().join("out/_state/pipeline-nightly.lock"),
     )
     .unwrap();

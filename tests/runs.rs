@@ -319,7 +319,7 @@ async fn an_export_refused_by_the_lock_leaves_the_running_exports_report_alone()
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let loc = "busy0000000000000001";
-    let _running = contacts_etl::pipeline::lock::RunLock::acquire(
+    let _running = contacts_etl::durable::lock::RunLock::acquire(
         &out.join(format!("_state/location_id={loc}/export.lock")),
     )
     .unwrap();

@@ -201,7 +201,7 @@ pub fn export_outcome(
             let signal = *signal;
             return Outcome::Interrupted(signal, context(e.into()));
         }
-        ExportError::Lock(crate::pipeline::lock::LockError::Busy { .. }) => {
+        ExportError::Lock(crate::durable::lock::LockError::Busy { .. }) => {
             return Outcome::Busy(context(e.into()))
         }
         ExportError::CheckpointMismatch { .. } | ExportError::Unsupported(_) => FailKind::Usage,

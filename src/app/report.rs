@@ -145,7 +145,7 @@ impl RunReport {
         }
     }
 
-    pub fn write(&self, path: &Path) -> Result<(), crate::checkpoint::CheckpointError> {
-        crate::checkpoint::write_atomic(path, &serde_json::to_vec_pretty(self).unwrap_or_default())
+    pub fn write(&self, path: &Path) -> Result<(), crate::durable::WriteError> {
+        crate::durable::write(path, &serde_json::to_vec_pretty(self).unwrap_or_default())
     }
 }

@@ -10,6 +10,7 @@
 //!   [`LocationTokenSource`] (agency token → location token) and [`OAuthProvider`] (one
 //!   source per location of a store).
 //! - `login`: the authorization-code flow.
+//!
 //! The `auth` commands themselves are in `crate::app::auth`.
 //!
 //! # Using it from a run

@@ -26,15 +26,14 @@
 //! replace the store anyway, and that directory must not be writable by others.
 //!
 //! Writers in one process are serialised; the read-modify-write of another process running
-//! at the same moment could lose the other's update (std has no portable file lock at the
-//! crate's minimum Rust version). Token sources therefore re-read the store before and after
-//! a refused refresh and adopt a token another process rotated.
+//! at the same moment could lose the other's update. Token sources therefore re-read the
+//! store before and after a refused refresh and adopt a token another process rotated.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -166,8 +165,6 @@ enum StoreFile {
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
 /// A group-writable store directory is reported once per process, not on every read.
 static GROUP_WRITABLE_WARNED: AtomicBool = AtomicBool::new(false);
-/// Makes temporary file names unique within this process.
-static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
 /// A token store file.
 #[derive(Clone, Debug)]
@@ -274,8 +271,9 @@ impl TokenStore {
         self.write_atomically(&bytes)
     }
 
-    /// Replaces the store's target (see [`TokenStore::target`]) by a temporary file in the
-    /// target's directory, so a linked store stays a link.
+    /// Replaces the store's target (see [`TokenStore::target`]) atomically and 0600 from the
+    /// start ([`crate::durable::write_private`]), in the target's directory, so a linked store
+    /// stays a link.
     fn write_atomically(&self, bytes: &[u8]) -> Result<(), AuthError> {
         let target = self.target()?;
         let dir = match target.parent() {
@@ -285,45 +283,11 @@ impl TokenStore {
         if !dir.exists() {
             create_private_dir(&dir).map_err(|e| self.io(e))?;
         }
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "tokens.json".into());
-        let tmp = dir.join(format!(
-            ".{name}.tmp.{}.{}",
-            std::process::id(),
-            TEMP_SERIAL.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut f = private_options().open(&tmp)?;
-            f.write_all(bytes)?;
-            f.write_all(b"\n")?;
-            f.sync_all()?;
-            drop(f);
-            std::fs::rename(&tmp, &target)?;
-            // Makes the rename itself durable; some filesystems cannot sync a directory.
-            if let Ok(d) = File::open(&dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(|e| self.io(e))
+        let mut text = Vec::with_capacity(bytes.len() + 1);
+        text.extend_from_slice(bytes);
+        text.push(b'\n');
+        crate::durable::write_private(&target, &text).map_err(|e| self.io(e.into()))
     }
-}
-
-/// Options for a new file readable and writable by its owner only.
-fn private_options() -> OpenOptions {
-    let mut o = OpenOptions::new();
-    o.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        o.mode(0o600);
-    }
-    o
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
@@ -531,11 +495,7 @@ mod tests {
     fn corrupt_store_names_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokens.json");
-        private_options()
-            .open(&path)
-            .unwrap()
-            .write_all(b"{\"version\":\"1\",\n\"tokens\": [}")
-            .unwrap();
+        crate::durable::write_private(&path, b"{\"version\":\"1\",\n\"tokens\": [}").unwrap();
         let err = TokenStore::new(&path).load().unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("tokens.json"), "{err}");

@@ -31,12 +31,13 @@ pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
 
 use crate::api::{Client, StatsSnapshot};
+pub use crate::checkpoint::EntityReport;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, Settings};
 use crate::extract::{self, ExtractError, Page, Position};
 use crate::fanout::{self, ChangeFilter, Include, Item, SkippedRequest};
 use crate::incremental::{self, PrevState, SeenLog, StateError};
 use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
-use crate::sink::{self, Format, PartInfo, Partition, SinkError};
+use crate::sink::{self, Format, Partition, SinkError};
 
 /// Child requests refused for good that a run skips, by default, before it fails.
 pub const DEFAULT_MAX_SKIPPED: u64 = 1000;
@@ -191,13 +192,6 @@ pub struct Progress {
     pub resumed_from: AtomicU64,
 }
 
-/// Rows and files of one entity.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct EntityReport {
-    pub rows: u64,
-    pub files: Vec<PartInfo>,
-}
-
 /// `OUT/_manifest.json`: what a completed run wrote.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -266,7 +260,7 @@ pub enum ExportError {
     #[error("{0}")]
     Unsupported(String),
     #[error(transparent)]
-    Lock(#[from] crate::pipeline::lock::LockError),
+    Lock(#[from] crate::durable::lock::LockError),
 }
 
 impl ExportError {
@@ -301,7 +295,7 @@ pub async fn run(
     std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
     // Two runs on one OUT and location would delete each other's parts: one at a time.
-    let _lock = crate::pipeline::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
+    let _lock = crate::durable::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     // The manifest means "complete": it goes before anything else changes.

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::validate::Entity;
-use crate::pipeline::lock::{LockError, RunLock};
+use crate::durable::lock::{LockError, RunLock};
 
 /// Version of the record layout (in every `run` line).
 pub const JOURNAL_VERSION: u32 = 1;
@@ -544,16 +544,6 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
-}
-
-/// A short stable digest (FNV-1a, 64 bits) for keys built from long text.
-pub(crate) fn digest(s: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s.bytes() {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
 }
 
 #[cfg(test)]

@@ -278,7 +278,8 @@ impl ImportReport {
     }
 }
 
-/// The rejects CSV, written under a temporary name and renamed when complete.
+/// The rejects CSV, written under a temporary name and renamed when complete
+/// ([`crate::durable`]).
 ///
 /// `line` and `reason` come first, then the row's cells as read: a row with more or fewer
 /// cells than the header keeps its cells under the right headers, and every cell keeps its
@@ -296,21 +297,11 @@ impl Rejects {
         headers: &csv::ByteRecord,
         encoding: InputEncoding,
     ) -> std::io::Result<Rejects> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir)?;
-        }
-        let name = path.file_name().map_or_else(
-            || "rejects.csv".into(),
-            |n| n.to_string_lossy().into_owned(),
-        );
-        // This process's own temporary name: two runs writing the same rejects file never
+        // A temporary name of this write's own: two runs writing the same rejects file never
         // write into, or rename, each other's.
-        let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+        let (file, tmp) = crate::durable::create_temp(path)?;
         // Always comma-separated, whatever the input used: the file is read by people and tools.
-        let mut writer = csv::WriterBuilder::new()
-            .flexible(true)
-            .from_path(&tmp)
-            .map_err(csv_io)?;
+        let mut writer = csv::WriterBuilder::new().flexible(true).from_writer(file);
         let mut header: Vec<Vec<u8>> = Vec::with_capacity(headers.len() + 2);
         for extra in ["line", "reason"] {
             let mut name = extra.to_owned();
@@ -338,10 +329,10 @@ impl Rejects {
         self.writer.write_record(fields).map_err(csv_io)
     }
 
-    pub(crate) fn finish(mut self) -> std::io::Result<()> {
-        self.writer.flush()?;
-        self.writer.get_ref().sync_all()?;
-        std::fs::rename(&self.tmp, &self.path)
+    /// Makes the file durable under its name ([`crate::durable::commit`]).
+    pub(crate) fn finish(self) -> std::io::Result<()> {
+        let file = self.writer.into_inner().map_err(|e| e.into_error())?;
+        Ok(crate::durable::commit(file, &self.tmp, &self.path)?)
     }
 }
 

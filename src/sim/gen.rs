@@ -266,7 +266,7 @@ impl LocationGen {
     /// The business index of a base contact, if it has one (about one in three).
     pub(crate) fn business_of(&self, slot: u32) -> Option<usize> {
         let h = hash(&[self.seed, 30, u64::from(self.loc), u64::from(slot)]);
-        (!self.businesses.is_empty() && h % 3 == 0)
+        (!self.businesses.is_empty() && h.is_multiple_of(3))
             .then(|| ((h >> 8) % self.businesses.len() as u64) as usize)
     }
 

@@ -179,7 +179,7 @@ pub(crate) fn hex_id(h: u64, chars: usize) -> String {
     let mut v = h;
     let mut i = 0u64;
     while s.len() < chars {
-        if i % 16 == 0 {
+        if i.is_multiple_of(16) {
             v = mix(h.wrapping_add(i));
         }
         s.push(char::from(b"0123456789abcdef"[(v & 15) as usize]));

@@ -10,11 +10,11 @@
 //!
 //! # Durability
 //! A part is written to `.part-<n>.<ext>.tmp` in its final directory, then flushed, fsynced,
-//! renamed to `part-<n>.<ext>`, and the directory fsynced. A part file that exists under its
-//! final name is therefore complete: readers never see half a file, and after a crash only
-//! the partition's own `.part-*.tmp` files need cleaning ([`clean_temp_parts`]). Renaming over
-//! an existing part of the same number replaces it: a resumed export rewrites the part it had
-//! not finished.
+//! renamed to `part-<n>.<ext>`, and the directory fsynced ([`crate::durable::commit`]). A part
+//! file that exists under its final name is therefore complete: readers never see half a file,
+//! and after a crash only the partition's own `.part-*.tmp` files need cleaning
+//! ([`clean_temp_parts`]). Renaming over an existing part of the same number replaces it: a
+//! resumed export rewrites the part it had not finished.
 //!
 //! Both formats take the same [`RecordBatch`] from [`crate::schema`]. The module docs of
 //! `sink/parquet.rs` and `sink/csv.rs` say how each encodes the columns (the CSV cell
@@ -95,6 +95,16 @@ pub enum SinkError {
         "location id {location_id:?} is not safe as a directory name: only ASCII letters, digits, '-', '_' and '.' are allowed"
     )]
     UnsafeLocationId { location_id: String },
+}
+
+impl From<crate::durable::WriteError> for SinkError {
+    fn from(e: crate::durable::WriteError) -> SinkError {
+        SinkError::Io {
+            action: e.action,
+            path: e.path,
+            source: e.source,
+        }
+    }
 }
 
 impl SinkError {
@@ -293,16 +303,13 @@ impl PartTarget {
         File::create(&self.tmp).map_err(SinkError::io("create", &self.tmp))
     }
 
-    /// Makes the written temp file durable under its final name.
+    /// Makes the written temp file durable under its final name ([`crate::durable::commit`]).
     fn commit(self, file: File, rows: u64) -> Result<PartInfo, SinkError> {
-        file.sync_all().map_err(SinkError::io("fsync", &self.tmp))?;
         let bytes = file
             .metadata()
             .map_err(SinkError::io("inspect", &self.tmp))?
             .len();
-        drop(file);
-        fs::rename(&self.tmp, &self.fin).map_err(SinkError::io("rename", &self.tmp))?;
-        sync_dir(&self.dir)?;
+        crate::durable::commit(file, &self.tmp, &self.fin)?;
         Ok(PartInfo {
             path: self.rel,
             rows,
@@ -342,20 +349,6 @@ impl PartTarget {
             detail,
         })
     }
-}
-
-/// Makes a rename in `dir` durable. Directories cannot be opened for fsync on Windows, where
-/// the rename is durable once `MoveFileEx` returns.
-fn sync_dir(dir: &Path) -> Result<(), SinkError> {
-    #[cfg(unix)]
-    {
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(SinkError::io("fsync directory", dir))?;
-    }
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
 }
 
 #[cfg(test)]

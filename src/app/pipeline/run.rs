@@ -44,9 +44,9 @@ pub async fn run_export(
         .out
         .join("_state")
         .join(format!("pipeline-{}.lock", p.name));
-    let _lock = match crate::pipeline::lock::RunLock::acquire(&lock_path) {
+    let _lock = match crate::durable::lock::RunLock::acquire(&lock_path) {
         Ok(l) => l,
-        Err(e @ crate::pipeline::lock::LockError::Busy { .. }) => {
+        Err(e @ crate::durable::lock::LockError::Busy { .. }) => {
             return (Outcome::Busy(e.into()), None)
         }
         Err(e) => return (Outcome::from(anyhow::Error::from(e)), None),
@@ -144,7 +144,7 @@ pub async fn run_export(
         finished_at: crate::timefmt::format_iso_millis(crate::export::now_millis()),
         locations: reports,
     };
-    if let Err(e) = crate::checkpoint::write_atomic(
+    if let Err(e) = crate::durable::write(
         &job.out.join("_pipeline_report.json"),
         &serde_json::to_vec_pretty(&report).unwrap_or_default(),
     ) {

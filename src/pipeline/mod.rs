@@ -1,2 +1,0 @@
-//! Kept for the lock until it moves (issue 12).
-pub mod lock;
