@@ -123,9 +123,8 @@ pub struct SkippedRequest {
 }
 
 impl SkippedRequest {
-    /// The record of `err` if it is a refusal for good of a child request: a 4xx other than
-    /// 401 (reauthorise), 404/"not found", 408 and 429 (retried), which the client classifies
-    /// otherwise. Refusals made on this side (a redirect, a reply over the size cap) are not
+    /// The record of `err` if it is a refusal for good of a child request: a 400, 403 or 422
+    /// (401 reauthorises, 404/"not found" means no children, 408 and 429 are retried). Refusals made on this side (a redirect, a reply over the size cap) are not
     /// the API's and still stop the run: they concern every request, not this contact.
     pub fn of(err: &ApiError, entity: Entity, contact_id: &str) -> Option<SkippedRequest> {
         let ApiError::Fatal {
@@ -137,7 +136,10 @@ impl SkippedRequest {
         else {
             return None;
         };
-        if !(400..500).contains(status) {
+        // The refusals that name this request as sent: a bad request, no access, a value
+        // the API will not take. Other 4xx (409, 423, …) may pass: the run stops as before,
+        // and a rerun asks again.
+        if ![400, 403, 422].contains(status) {
             return None;
         }
         let printable =

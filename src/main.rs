@@ -42,9 +42,14 @@ fn main() -> ExitCode {
         }
     }
     if let Some(message) = outcome.message() {
+        // Complete but for the listed records: a warning, with its own exit code.
+        let level = match outcome {
+            Outcome::Skipped { .. } => "warning",
+            _ => "error",
+        };
         // The last line between the server and the terminal: control characters are shown
         // escaped; the message's own newlines (`hint:` lines) stay.
-        eprintln!("error: {}", contacts_etl::term::escape_text(&message));
+        eprintln!("{level}: {}", contacts_etl::term::escape_text(&message));
     }
     ExitCode::from(outcome.exit_code())
 }

@@ -654,11 +654,12 @@ async fn undo_of_a_notes_import_deletes_exactly_the_notes_it_created() {
 /// Runs the binary, SIGKILLing it at random instants `kills` times, then lets it finish.
 /// Returns the final exit code. (Kill instants need wall-clock time: the process is real.)
 async fn run_with_kills(
-    base_url: &str,
+    sim: &TestSim,
     args: &[String],
     kills: usize,
     rng: &mut Lcg,
 ) -> (i32, usize) {
+    let base_url = sim.base_url.as_str();
     let mut killed = 0;
     loop {
         let mut child = tokio::process::Command::new(BIN)
@@ -670,10 +671,12 @@ async fn run_with_kills(
             .spawn()
             .unwrap();
         if killed < kills {
-            let wait = Duration::from_millis(150 + rng.next(1200));
+            // Killed at a point of the run's own progress (a seeded number of further requests
+            // received by the simulator), not after a guessed delay: mid-run on any machine.
+            let mark = sim.sim.stats().requests + 20 + rng.next(200);
             tokio::select! {
                 status = child.wait() => return (status.unwrap().code().unwrap_or(-1), killed),
-                () = tokio::time::sleep(wait) => {
+                () = common::until_requests(&sim.sim, mark, "a run to kill") => {
                     child.start_kill().unwrap(); // SIGKILL
                     let _ = child.wait().await;
                     killed += 1;
@@ -795,7 +798,7 @@ async fn ambiguous_failures_and_sigkills_then_resume_give_one_record_per_valid_r
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let (code, kills) = run_with_kills(&sim.base_url, &args, 4, &mut rng).await;
+        let (code, kills) = run_with_kills(&sim, &args, 4, &mut rng).await;
         total_kills += kills;
         let want = if *name == "contacts" { 6 } else { 0 };
         assert_eq!(code, want, "{name}: final exit code");

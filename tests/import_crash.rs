@@ -316,30 +316,28 @@ async fn two_imports_with_the_same_journal_the_second_exits_8_and_writes_nothing
     assert_eq!(state.rows.values().filter(|r| r.done.is_some()).count(), 60);
 }
 
-/// Runs the import, SIGKILLing it `kills` times at random instants, then lets it finish;
-/// reruns after exit 5 (rows that failed ambiguously too often: the documented answer is to
-/// rerun). Returns how many kills struck while the simulator had writes in flight.
+/// Runs the import, SIGKILLing it `kills` times, then lets it finish; reruns after exit 5
+/// (rows that failed ambiguously too often: the documented answer is to rerun). Returns how
+/// many kills struck while the simulator had writes in flight.
 ///
-/// A resumed run first waits up to `resume_wait` for the creates the killed one left
-/// unconfirmed, so its kill instant is drawn after that: the kill then strikes its own creates.
-async fn import_with_kills(
-    sim: &TestSim,
-    args: &[String],
-    kills: usize,
-    resume_wait: Duration,
-    rng: &mut Lcg,
-) -> usize {
+/// Each kill instant comes from the run's own progress, not the clock: once the simulator has
+/// received a seeded number of further requests (a resumed run first waits for the creates the
+/// killed one left unconfirmed, and sends nothing meanwhile) and a write is in flight. So on a
+/// machine of any speed the kill strikes mid-run, among creates on the wire. The steps add up
+/// to fewer requests than the import needs, so every kill lands before the end.
+async fn import_with_kills(sim: &TestSim, args: &[String], kills: usize, rng: &mut Lcg) -> usize {
     let mut killed = 0;
     let mut in_flight = 0;
     for _ in 0..40 {
         let mut child = command(sim, args).spawn().unwrap();
         if killed < kills {
-            let after = if killed == 0 {
-                Duration::ZERO
-            } else {
-                resume_wait
+            let mark = sim.sim.stats().requests + 20 + rng.next(280);
+            let kill_point = async {
+                common::until_requests(&sim.sim, mark, "a run to kill").await;
+                while sim.sim.writes_in_flight() == 0 {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
             };
-            let wait = after + Duration::from_millis(200 + rng.next(1_500));
             tokio::select! {
                 status = child.wait() => {
                     let code = status.unwrap().code();
@@ -349,11 +347,11 @@ async fn import_with_kills(
                     }
                     continue;
                 }
-                () = tokio::time::sleep(wait) => {
+                () = kill_point => {
+                    child.start_kill().unwrap();
                     if sim.sim.writes_in_flight() > 0 {
                         in_flight += 1;
                     }
-                    child.start_kill().unwrap();
                     let _ = child.wait().await;
                     killed += 1;
                     continue;
@@ -476,7 +474,7 @@ async fn acceptance_run(seed: u64, allow_duplicates: bool, repeats: bool) {
             "1",
         ],
     );
-    let struck = import_with_kills(&sim, &args, 5, Duration::from_secs(3), &mut rng).await;
+    let struck = import_with_kills(&sim, &args, 5, &mut rng).await;
     assert!(
         struck >= 3,
         "seed {seed}: only {struck} of 5 kills struck while creates were in flight"

@@ -232,11 +232,11 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let sim = TestSim::start(refusing_sim(2_000, 31, 0.05)).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = run_to_end(&sim, &out, &["--max-skipped", "10"]).await;
+    let o = run_to_end(&sim, &out, &["--max-skipped", "40"]).await;
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
-        err.contains("child requests for good, more than --max-skipped 10 allows")
+        err.contains("child requests for good, more than --max-skipped 40 allows")
             && err.contains("hint:")
             && err.contains("scope")
             && err.contains("GET /contacts/"),
@@ -247,7 +247,26 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     assert_eq!(report["status"], "failed");
     assert_eq!(report["exitCode"], 4);
     // The pages committed before the stop keep their refusals (at most the cap).
-    assert!(report["skipped"].as_array().unwrap().len() <= 10);
+    let committed = report["skipped"].as_array().unwrap().len();
+    assert!(
+        (2..=40).contains(&committed),
+        "{committed} refusals committed"
+    );
+
+    // A rerun allowing fewer than are committed stops at once, spending no request.
+    let before = sim.sim.stats().requests;
+    let o = run_to_end(&sim, &out, &["--max-skipped", "1"]).await;
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("more than --max-skipped 1 allows"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        sim.sim.stats().requests,
+        before,
+        "no request after the check"
+    );
 
     // Accepting more resumes the run and completes it.
     let o = run_to_end(&sim, &out, &["--max-skipped", "100000"]).await;

@@ -109,7 +109,8 @@ pub(crate) struct ErrorBody {
     pub error: Option<Value>,
     #[serde(default)]
     pub meta: Option<ErrorMeta>,
-    #[serde(default)]
+    /// A string, or a number; anything else is dropped rather than losing the message.
+    #[serde(default, deserialize_with = "lenient_text")]
     pub trace_id: Option<String>,
 }
 
@@ -168,5 +169,15 @@ mod tests {
             serde_json::from_str(r#"{"id":"a","email":null,"someNewField":{"x":1}}"#).unwrap();
         assert_eq!(c.id.as_deref(), Some("a"));
         assert_eq!(c.extra["someNewField"]["x"], 1);
+    }
+
+    #[test]
+    fn an_error_body_with_a_trace_id_that_is_not_text_keeps_its_message() {
+        let b: ErrorBody =
+            serde_json::from_str(r#"{"message":"Forbidden","traceId":{"id":"x"}}"#).unwrap();
+        assert_eq!(b.messages(), ["Forbidden"]);
+        assert_eq!(b.trace_id, None);
+        let b: ErrorBody = serde_json::from_str(r#"{"message":"x","traceId":12}"#).unwrap();
+        assert_eq!(b.trace_id.as_deref(), Some("12"));
     }
 }

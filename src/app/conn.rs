@@ -58,7 +58,7 @@ impl TokenRef {
             TokenRef::Env(var) if var == env::HL_TOKEN => match std::env::var(var) {
                 Ok(raw) => Token::new(&raw).map_err(|e| format!("{var}: {e}")),
                 Err(_) => Err(format!(
-                    "no API token: set {} or pass --token-file FILE\nhint: use a Private Integration Token or a location OAuth access token with the contacts.readonly scope",
+                    "no API token: set {} or pass --token-file FILE (in a pipeline file: token_env or token_file)\nhint: use a Private Integration Token or a location OAuth access token with the contacts.readonly scope",
                     env::HL_TOKEN
                 )),
             },

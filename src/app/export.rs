@@ -63,9 +63,10 @@ impl ExportSettings {
     /// Checks what can be checked before any request (usage errors).
     pub fn check(&self) -> Result<(), Outcome> {
         if !(0.0..1.0).contains(&self.budget.reserve) {
+            // Shown as given (the fraction times 100 can print as 110.00000000000001).
+            let percent = (self.budget.reserve * 100.0 * 1e6).round() / 1e6;
             return Err(Outcome::usage(format!(
-                "--daily-reserve {} is not a percentage below 100",
-                self.budget.reserve * 100.0
+                "--daily-reserve {percent} is not a percentage below 100"
             )));
         }
         check_ids("--business", &self.businesses)
@@ -179,7 +180,11 @@ impl Prepared {
     /// Runs the export and writes its report (not when another run holds the lock: the
     /// report there is that run's).
     pub async fn run(self, progress: Arc<Progress>) -> Finished {
-        let (outcome, manifest) = execute(self.client.clone(), &self.plan, progress.clone()).await;
+        let (mut outcome, manifest) =
+            execute(self.client.clone(), &self.plan, progress.clone()).await;
+        if let Outcome::Skipped { report, .. } = &mut outcome {
+            *report = Some(self.report.clone());
+        }
         let resumed_from = progress
             .resumed_from
             .load(std::sync::atomic::Ordering::Relaxed);
@@ -221,7 +226,10 @@ pub async fn execute(
             tracing::info!(location = %plan.location_id, contacts = m.entities.get("contacts").map_or(0, |e| e.rows), skipped = m.skipped.len(), "export complete");
             let outcome = match m.skipped.len() as u64 {
                 0 => Outcome::Complete,
-                records => Outcome::Skipped { records },
+                records => Outcome::Skipped {
+                    records,
+                    report: None,
+                },
             };
             (outcome, Some(m))
         }

@@ -61,7 +61,11 @@ pub enum Outcome {
     Complete,
     /// Done, except the records listed in the run report under `skipped` (the API refused
     /// them for good); everything else is exact.
-    Skipped { records: u64 },
+    Skipped {
+        records: u64,
+        /// The report that lists them, when one was written.
+        report: Option<PathBuf>,
+    },
     /// Stopped for the daily quota (or the run's budget); rerunning resumes.
     Stopped(anyhow::Error),
     /// Stopped by a signal, with the complete work committed; rerunning resumes.
@@ -127,8 +131,11 @@ impl Outcome {
     pub fn message(&self) -> Option<String> {
         match self {
             Outcome::Complete => None,
-            Outcome::Skipped { records } => Some(format!(
-                "complete except {records} child requests the API refused for good: they are listed under 'skipped' in the run report and the manifest\nhint: every other row is exported; each entry names the contact, the request, its HTTP status and traceId (quote it to HighLevel support); a 403 often means a missing scope"
+            Outcome::Skipped { records, report } => Some(format!(
+                "the export completed except {records} child requests the API refused for good; they are listed under 'skipped' in {} and the manifest\nhint: every other row is exported; each entry names the contact, the request, its HTTP status and traceId (quote it to HighLevel support); a 403 often means a missing scope",
+                report
+                    .as_ref()
+                    .map_or_else(|| "the run report".to_owned(), |p| p.display().to_string())
             )),
             Outcome::Partial { failed, of } => Some(format!(
                 "{failed} of {of} locations did not complete (see the pipeline report)"
@@ -275,7 +282,13 @@ mod tests {
         let e = || anyhow::anyhow!("x");
         let cases = [
             (Outcome::Complete, 0),
-            (Outcome::Skipped { records: 2 }, 9),
+            (
+                Outcome::Skipped {
+                    records: 2,
+                    report: None,
+                },
+                9,
+            ),
             (Outcome::Stopped(e()), 75),
             (Outcome::Interrupted(Signal::Int, e()), 130),
             (Outcome::Interrupted(Signal::Term, e()), 143),

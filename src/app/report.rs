@@ -21,7 +21,8 @@ pub struct RunReport {
     pub location_id: String,
     /// `complete`, `partial` (complete except the records under `skipped`), `stopped` (daily
     /// quota or budget: resume later), `interrupted` (SIGTERM or SIGINT: what was complete is
-    /// committed; rerun to resume) or `failed`.
+    /// committed; rerun to resume), `busy` (another run held the lock: in a pipeline's report
+    /// only) or `failed`.
     pub status: String,
     pub exit_code: u8,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -180,6 +180,43 @@ fn parent(path: &Path) -> &Path {
         .unwrap_or(Path::new("."))
 }
 
+/// Removes the temporary files ([`temp_path`] names) that other processes left in `dir`:
+/// writers killed in the middle of a write. Only for a directory the caller holds the lock of
+/// (a location's state directory during its export), where no other live process writes.
+/// Returns how many were removed; a directory that does not exist has none.
+pub fn remove_stale_temps(dir: &Path) -> io::Result<usize> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let own = std::process::id().to_string();
+    let mut removed = 0;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // `.NAME.PID.N.tmp`
+        let Some(rest) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".tmp")) else {
+            continue;
+        };
+        let mut tail = rest.rsplitn(3, '.');
+        let (Some(serial), Some(pid), Some(file)) = (tail.next(), tail.next(), tail.next()) else {
+            continue;
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if file.is_empty() || !digits(serial) || !digits(pid) || pid == own {
+            continue;
+        }
+        match fs::remove_file(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
+}
+
 /// Makes temporary names unique within this process.
 static TEMP_SERIAL: AtomicU64 = AtomicU64::new(0);
 
@@ -198,6 +235,41 @@ fn temp_path(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_files_left_by_killed_writers_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let own = temp_path(&d.join("checkpoint.json"));
+        for name in [
+            ".checkpoint.json.4242.0.tmp",
+            "._report.json.77.3.tmp",
+            "checkpoint.json",
+            ".part-00001.parquet.tmp",
+            ".notes.x.tmp",
+            "keep.4242.0.tmp",
+        ] {
+            fs::write(d.join(name), b"x").unwrap();
+        }
+        fs::write(&own, b"x").unwrap();
+        assert_eq!(remove_stale_temps(d).unwrap(), 2);
+        let mut left: Vec<String> = fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let own_name = own.file_name().unwrap().to_str().unwrap().to_owned();
+        let mut want = vec![
+            ".notes.x.tmp".to_owned(),
+            ".part-00001.parquet.tmp".to_owned(),
+            "checkpoint.json".to_owned(),
+            "keep.4242.0.tmp".to_owned(),
+            own_name,
+        ];
+        want.sort();
+        assert_eq!(left, want);
+        assert_eq!(remove_stale_temps(&d.join("missing")).unwrap(), 0);
+    }
 
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(dir)

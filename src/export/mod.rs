@@ -296,6 +296,15 @@ pub async fn run(
     let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
     // Two runs on one OUT and location would delete each other's parts: one at a time.
     let _lock = crate::durable::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
+    // Writers of this state directory killed mid-write left their temporary files: the lock
+    // says no other run writes here now.
+    match crate::durable::remove_stale_temps(&state_dir) {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(files = n, "removed temporary files of killed runs"),
+        Err(e) => {
+            tracing::warn!(dir = %state_dir.display(), error = %e, "cannot remove temporary files of killed runs")
+        }
+    }
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     // The manifest means "complete": it goes before anything else changes.
@@ -304,6 +313,19 @@ pub async fn run(
         std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
     }
     let ck = begin(plan, &ck_path, &seen_path)?;
+    // A resumed run with a lower cap than the refusals already committed stops as the first
+    // run would have, before anything else is fetched.
+    if let Some(last) = ck.skipped.last() {
+        if ck.skipped.len() as u64 > plan.max_skipped {
+            return Err(ExportError::TooManySkipped {
+                count: ck.skipped.len() as u64,
+                max: plan.max_skipped,
+                entity: last.entity.clone(),
+                last: Box::new(last.clone()),
+                contacts: ck.contacts_listed,
+            });
+        }
+    }
     progress.resumed_from.store(ck.contacts_listed, Relaxed);
 
     let prev = match &plan.incremental {

@@ -134,7 +134,10 @@ pub async fn run_export(
     let mut reports: Vec<RunReport> = runs.collect().await;
     reports.sort_by(|a, b| a.location_id.cmp(&b.location_id));
 
-    let outcome = combine(&reports);
+    let mut outcome = combine(&reports);
+    if let Outcome::Skipped { report, .. } = &mut outcome {
+        *report = Some(job.out.join("_pipeline_report.json"));
+    }
     let report = PipelineReport {
         pipeline: p.name.clone(),
         file: p.file.display().to_string(),
@@ -205,7 +208,10 @@ fn combine(reports: &[RunReport]) -> Outcome {
         ));
     }
     if skipped > 0 {
-        return Outcome::Skipped { records: skipped };
+        return Outcome::Skipped {
+            records: skipped,
+            report: None,
+        };
     }
     Outcome::Complete
 }
@@ -253,20 +259,20 @@ impl Shared<'_> {
                     .client_with(token, None, Some(self.global.clone()))
             }),
         };
-        let (outcome, manifest, client) = match (client, self.interrupt.signal()) {
-            (Err(outcome), _) => (outcome, None, None),
+        let (outcome, manifest, client) = match (self.interrupt.signal(), client) {
             // Stopped before this location's turn: nothing of it ran; what an earlier run
             // committed stays committed.
-            (Ok(client), Some(signal)) => {
+            (Some(signal), client) => {
                 let contacts = crate::checkpoint::load(&crate::checkpoint::path(&state_dir))
                     .ok()
                     .flatten()
                     .filter(|ck| !ck.complete)
                     .map_or(0, |ck| ck.contacts_listed);
                 let e = crate::export::ExportError::Interrupted { signal, contacts };
-                (Outcome::Interrupted(signal, e.into()), None, Some(client))
+                (Outcome::Interrupted(signal, e.into()), None, client.ok())
             }
-            (Ok(client), None) => {
+            (None, Err(outcome)) => (outcome, None, None),
+            (None, Ok(client)) => {
                 let (outcome, manifest) =
                     execute(client.clone(), &plan, Arc::new(Progress::default())).await;
                 (outcome, manifest, Some(client))
