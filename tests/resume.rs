@@ -11,34 +11,6 @@ use common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;
 
-const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
-
-fn export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args([
-        "--quiet",
-        "export",
-        "--location",
-        &sim.location(),
-        "--out",
-        out.to_str().unwrap(),
-        "--rate-limit",
-        "off",
-        "--concurrency",
-        "16",
-    ])
-    .args(extra)
-    .env("HL_TOKEN", "test-token")
-    .env("HL_BASE_URL", &sim.base_url)
-    .env_remove("RUST_LOG")
-    .kill_on_drop(true);
-    cmd
-}
-
-async fn run_to_end(sim: &TestSim, out: &Path, extra: &[&str]) -> Output {
-    export_cmd(sim, out, extra).output().await.unwrap()
-}
-
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }

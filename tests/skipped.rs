@@ -14,8 +14,6 @@ use contacts_etl::schema::Entity;
 use contacts_etl::sim::{Faults, SimConfig};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
-
 const CHILDREN: [Entity; 3] = [Entity::Tasks, Entity::Notes, Entity::Appointments];
 
 fn refusing_sim(contacts: usize, seed: u64, rate: f64) -> SimConfig {
@@ -26,32 +24,6 @@ fn refusing_sim(contacts: usize, seed: u64, rate: f64) -> SimConfig {
         },
         ..fast_sim(contacts, seed)
     }
-}
-
-fn export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args([
-        "--quiet",
-        "export",
-        "--location",
-        &sim.location(),
-        "--out",
-        out.to_str().unwrap(),
-        "--rate-limit",
-        "off",
-        "--concurrency",
-        "16",
-    ])
-    .args(extra)
-    .env("HL_TOKEN", "test-token")
-    .env("HL_BASE_URL", &sim.base_url)
-    .env_remove("RUST_LOG")
-    .kill_on_drop(true);
-    cmd
-}
-
-async fn run_to_end(sim: &TestSim, out: &Path, extra: &[&str]) -> Output {
-    export_cmd(sim, out, extra).output().await.unwrap()
 }
 
 fn stderr(o: &Output) -> String {

@@ -15,6 +15,38 @@ use contacts_etl::sim::{Sim, SimConfig};
 use contacts_etl::timefmt::{format_iso_millis, parse_iso_millis};
 use serde_json::Value;
 
+/// The release binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
+
+/// `contacts-etl --quiet export` of the simulator's location into `out`, unpaced, with
+/// `extra` flags; killed when dropped.
+pub fn export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args([
+        "--quiet",
+        "export",
+        "--location",
+        &sim.location(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rate-limit",
+        "off",
+        "--concurrency",
+        "16",
+    ])
+    .args(extra)
+    .env("HL_TOKEN", "test-token")
+    .env("HL_BASE_URL", &sim.base_url)
+    .env_remove("RUST_LOG")
+    .kill_on_drop(true);
+    cmd
+}
+
+/// [`export_cmd`], run to its end.
+pub async fn run_to_end(sim: &TestSim, out: &Path, extra: &[&str]) -> std::process::Output {
+    export_cmd(sim, out, extra).output().await.unwrap()
+}
+
 /// A simulator serving on 127.0.0.1:<free port> until dropped.
 pub struct TestSim {
     pub sim: Arc<Sim>,
