@@ -730,4 +730,22 @@ mod tests {
             "/contacts/business/b%2F1?locationId=L1&limit=100&skip=200"
         );
     }
+
+    #[test]
+    fn a_dot_or_dot_dot_id_stays_in_its_path_segment_instead_of_changing_the_route() {
+        assert_eq!(
+            path_and_query(&["contacts", "..", "tasks"], &[]),
+            "/contacts/%2E%2E/tasks"
+        );
+        assert_eq!(path_and_query(&["contacts", "."], &[]), "/contacts/%2E");
+        assert_eq!(
+            path_and_query(&["contacts", "a.b", ".."], &[("q", "..")]),
+            "/contacts/a.b/%2E%2E?q=.."
+        );
+        // A segment that merely looks like a placeholder is encoded as itself.
+        assert_eq!(
+            path_and_query(&["contacts", "%01D1%01"], &[]),
+            "/contacts/%2501D1%2501"
+        );
+    }
 }

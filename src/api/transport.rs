@@ -132,7 +132,22 @@ pub(crate) fn is_loopback(url: &reqwest::Url) -> bool {
 /// A path and query, encoded by `url`: each of `segments` is one path segment (a `/`, `?`,
 /// `#`, `%` or space in an id is escaped, never read as structure; a last segment `""`
 /// gives a trailing slash), `query` pairs are form-encoded. The result starts with `/`.
+///
+/// An id of `.` or `..` (from a reply or an input file: ids from flags are checked first) is
+/// sent as `%2E` / `%2E%2E`: `url` drops such segments, which would send the request to
+/// another route (`DELETE /contacts/..` becoming `DELETE /contacts`); encoded, the server
+/// sees an id it does not know and refuses the request.
 pub(crate) fn path_and_query(segments: &[&str], query: &[(&str, &str)]) -> String {
+    // Placeholders `url` encodes as `%01D1%01` and `%01D2%01`, replaced below: it has no
+    // way to encode a dot itself.
+    const DOT: &str = "\u{1}D1\u{1}";
+    const DOTS: &str = "\u{1}D2\u{1}";
+    let dotted = segments.iter().any(|s| matches!(*s, "." | ".."));
+    let segments = segments.iter().map(|s| match *s {
+        "." => DOT,
+        ".." => DOTS,
+        other => other,
+    });
     // Any base does: only the path and query are kept.
     let mut url = reqwest::Url::parse("http://localhost/").expect("a valid URL");
     if let Ok(mut path) = url.path_segments_mut() {
@@ -141,7 +156,22 @@ pub(crate) fn path_and_query(segments: &[&str], query: &[(&str, &str)]) -> Strin
     if !query.is_empty() {
         url.query_pairs_mut().extend_pairs(query);
     }
-    url[url::Position::BeforePath..].to_owned()
+    let out = url[url::Position::BeforePath..].to_owned();
+    if !dotted {
+        return out;
+    }
+    // Only the path: a query keeps what it was given.
+    let (path, rest) = out.split_at(out.find('?').unwrap_or(out.len()));
+    let path = path
+        .split('/')
+        .map(|seg| match seg {
+            "%01D1%01" => "%2E",
+            "%01D2%01" => "%2E%2E",
+            other => other,
+        })
+        .collect::<Vec<_>>()
+        .join("/");
+    format!("{path}{rest}")
 }
 
 /// `base` with `path_and_query` (from [`path_and_query`]) appended to its own path.
