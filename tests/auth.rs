@@ -949,6 +949,31 @@ async fn token_file_readable_by_others_is_warned_about_with_the_chmod_fix() {
 
 /// An OAuth provider for a fake server (`router`) holding a valid agency grant of `co1`.
 async fn agency_provider(dir: &Path, router: axum::Router) -> OAuthProvider {
+    let grant = Grant {
+        access: "agency-access",
+        refresh: "agency-refresh",
+        expires_at: 4_102_444_800,
+        client_secret: "secret",
+    };
+    fake_agency_provider(dir, router, grant, None).await
+}
+
+/// The agency grant a fake OAuth server's provider holds, and the app's secret.
+struct Grant {
+    access: &'static str,
+    refresh: &'static str,
+    expires_at: i64,
+    client_secret: &'static str,
+}
+
+/// An OAuth provider for a fake server (`router`) holding `grant` for agency `co1`, with
+/// `retry` as its policy (the default without).
+async fn fake_agency_provider(
+    dir: &Path,
+    router: axum::Router,
+    grant: Grant,
+    retry: Option<contacts_etl::api::RetryPolicy>,
+) -> OAuthProvider {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -958,15 +983,18 @@ async fn agency_provider(dir: &Path, router: axum::Router) -> OAuthProvider {
             user_type: UserType::Company,
             company_id: Some("co1".into()),
             location_id: None,
-            access_token: contacts_etl::auth::Secret::new("agency-access"),
-            refresh_token: Some(contacts_etl::auth::Secret::new("agency-refresh")),
-            expires_at: 4_102_444_800,
+            access_token: contacts_etl::auth::Secret::new(grant.access),
+            refresh_token: Some(contacts_etl::auth::Secret::new(grant.refresh)),
+            expires_at: grant.expires_at,
             scope: None,
             user_id: None,
             updated_at: 0,
         })
         .unwrap();
-    let settings = OAuthSettings::new(base, OAuthApp::new("app-1", "secret"), store);
+    let mut settings = OAuthSettings::new(base, OAuthApp::new("app-1", grant.client_secret), store);
+    if let Some(retry) = retry {
+        settings.retry = retry;
+    }
     OAuthProvider::new(settings).unwrap()
 }
 
@@ -1053,28 +1081,13 @@ async fn expired_agency_provider(
     router: axum::Router,
     retry: contacts_etl::api::RetryPolicy,
 ) -> OAuthProvider {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    let store = dir.join("tokens.json");
-    TokenStore::new(&store)
-        .put(StoredToken {
-            user_type: UserType::Company,
-            company_id: Some("co1".into()),
-            location_id: None,
-            access_token: contacts_etl::auth::Secret::new("agency-access-old"),
-            refresh_token: Some(contacts_etl::auth::Secret::new("agency-refresh-old")),
-            expires_at: 0,
-            scope: None,
-            user_id: None,
-            updated_at: 0,
-        })
-        .unwrap();
-    let settings = OAuthSettings {
-        retry,
-        ..OAuthSettings::new(base, OAuthApp::new("app-1", "client-secret-xyz"), store)
+    let grant = Grant {
+        access: "agency-access-old",
+        refresh: "agency-refresh-old",
+        expires_at: 0,
+        client_secret: "client-secret-xyz",
     };
-    OAuthProvider::new(settings).unwrap()
+    fake_agency_provider(dir, router, grant, Some(retry)).await
 }
 
 /// When each request reached a fake OAuth route.

@@ -71,6 +71,18 @@ async fn wait_for_intent(journal: &Path) {
     panic!("no intent was journaled in {}", journal.display());
 }
 
+/// Returns once the simulator holds a write it has accepted but not applied: the create is
+/// on the wire (the simulators here apply writes after a latency).
+async fn until_a_write_is_in_flight(sim: &TestSim) {
+    for _ in 0..3_000 {
+        if sim.sim.writes_in_flight() > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the create never reached the simulator");
+}
+
 /// Runs to completion; panics with stderr unless the exit code is `want`.
 async fn run_to_end(sim: &TestSim, args: &[String], want: i32) -> String {
     let out = command(sim, args).output().await.unwrap();
@@ -107,7 +119,7 @@ async fn a_create_still_in_flight_when_the_importer_is_killed_is_not_made_again_
     );
     let mut first = command(&sim, &args).spawn().unwrap();
     wait_for_intent(&journal).await;
-    tokio::time::sleep(Duration::from_millis(100)).await; // the request is on the wire
+    until_a_write_is_in_flight(&sim).await;
     first.start_kill().unwrap(); // SIGKILL
     first.wait().await.unwrap();
 
@@ -147,12 +159,7 @@ async fn a_create_held_back_by_429s_then_killed_in_flight_is_not_made_again() {
         &["--timeout", "3", "--settle-secs", "1"],
     );
     let mut first = command(&sim, &args).spawn().unwrap();
-    let mut waited = 0;
-    while sim.sim.writes_in_flight() == 0 {
-        assert!(waited < 3_000, "the create never reached the simulator");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        waited += 1;
-    }
+    until_a_write_is_in_flight(&sim).await;
     assert!(
         sim.sim.stats().rate_limited > 0,
         "the create was held back by 429s first"
@@ -201,7 +208,7 @@ async fn a_task_or_note_create_in_flight_when_the_importer_is_killed_is_not_made
         );
         let mut first = command(&sim, &args).spawn().unwrap();
         wait_for_intent(&journal).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        until_a_write_is_in_flight(&sim).await;
         first.start_kill().unwrap();
         first.wait().await.unwrap();
 

@@ -160,11 +160,6 @@ impl Outcome {
             | Outcome::Failed(_, e) => Some(format!("{e:#}")),
         }
     }
-
-    /// Whether the process should exit 0.
-    pub fn is_success(&self) -> bool {
-        matches!(self, Outcome::Complete)
-    }
 }
 
 impl From<anyhow::Error> for Outcome {
@@ -232,26 +227,23 @@ pub fn import_outcome(
     e: ImportError,
     context: impl FnOnce(anyhow::Error) -> anyhow::Error,
 ) -> Outcome {
-    let kind = match &e {
-        ImportError::Journal(JournalError::Busy { .. }) => return Outcome::Busy(e.into()),
+    let e = match e {
+        ImportError::Api(api) | ImportError::Stopped { source: api, .. } => {
+            return api_outcome(api, context)
+        }
+        other => other,
+    };
+    match &e {
+        ImportError::Journal(JournalError::Busy { .. }) => Outcome::Busy(e.into()),
+        // Each already says what to do: shown as it is.
         ImportError::Columns { .. }
         | ImportError::JournalMismatch { .. }
         | ImportError::Clobber(_)
         | ImportError::Input(InputError::Encoding { .. }) => {
-            // Already says what to do: shown as it is.
-            return Outcome::Failed(FailKind::Usage, e.into());
+            Outcome::Failed(FailKind::Usage, e.into())
         }
-        ImportError::Api(_) | ImportError::Stopped { .. } => {
-            let api = match e {
-                ImportError::Api(a) => a,
-                ImportError::Stopped { source, .. } => source,
-                _ => unreachable!("matched above"),
-            };
-            return api_outcome(api, context);
-        }
-        _ => FailKind::Other,
-    };
-    Outcome::Failed(kind, context(e.into()))
+        _ => Outcome::Failed(FailKind::Other, context(e.into())),
+    }
 }
 
 /// An OAuth error as an outcome: settings problems are usage errors, an API refusal keeps its

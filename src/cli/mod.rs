@@ -14,8 +14,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::api::DEFAULT_BASE_URL;
 use crate::app::env;
-use crate::app::export::{ExportJob, ExportSettings, Prepared};
-use crate::app::import::ImportJob;
+use crate::app::export::{ExportJob, ExportSettings, Finished, Prepared};
 use crate::app::pipeline::Job;
 use crate::app::{Connection, Outcome, TokenRef};
 use crate::export::{Budget, Interrupt, Manifest, Progress};
@@ -534,11 +533,11 @@ async fn run_export(args: &ExportArgs, quiet: bool) -> Outcome {
     if let Err(o) = install_interrupt(&interrupt) {
         return o;
     }
-    run_prepared(prepared, quiet).await
+    run_prepared(prepared, quiet).await.outcome
 }
 
 /// Runs a prepared export with progress display and prints the closing summary.
-async fn run_prepared(prepared: Prepared, quiet: bool) -> Outcome {
+async fn run_prepared(prepared: Prepared, quiet: bool) -> Finished {
     let started = Instant::now();
     let progress = Arc::new(Progress::default());
     let reporter = ProgressReporter::start(
@@ -556,7 +555,7 @@ async fn run_prepared(prepared: Prepared, quiet: bool) -> Outcome {
             summary(m, started.elapsed(), client.limiter().effective_quota())
         );
     }
-    done.outcome
+    done
 }
 
 /// The closing summary, for people.
@@ -685,21 +684,20 @@ async fn run_demo(args: &DemoArgs, quiet: bool) -> Outcome {
         report: None,
     };
     let format = job.settings.format;
-    let outcome = match job.prepare(&Interrupt::default()) {
-        Ok(prepared) => run_prepared(prepared, quiet).await,
-        Err(o) => o,
+    let done = match job.prepare(&Interrupt::default()) {
+        Ok(prepared) => Ok(run_prepared(prepared, quiet).await),
+        Err(outcome) => Err(outcome),
     };
     let _ = stop_tx.send(());
     let _ = server.await;
-    if !outcome.is_success() {
-        return outcome;
-    }
-    let manifest = match std::fs::read(args.out.join(crate::export::MANIFEST))
-        .map_err(anyhow::Error::from)
-        .and_then(|b| serde_json::from_slice::<Manifest>(&b).map_err(anyhow::Error::from))
-    {
-        Ok(m) => m,
-        Err(e) => return e.context("cannot read the demo's manifest").into(),
+    let manifest = match done {
+        Ok(Finished {
+            outcome: Outcome::Complete,
+            manifest: Some(m),
+            ..
+        }) => m,
+        Ok(other) => return other.outcome,
+        Err(outcome) => return outcome,
     };
     let out = args.out.display();
     println!("wrote {out}/:");
@@ -796,16 +794,7 @@ async fn run_pipeline(args: &RunArgs, quiet: bool) -> Outcome {
             }
             outcome
         }
-        Job::Import(job) => {
-            let job = ImportJob {
-                conn: Connection {
-                    base_url: crate::app::env::base_url(&job.conn.base_url),
-                    ..job.conn.clone()
-                },
-                ..(**job).clone()
-            };
-            import::run_job(&job, quiet).await
-        }
+        Job::Import(job) => import::run_job(job, quiet).await,
     }
 }
 

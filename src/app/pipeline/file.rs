@@ -354,7 +354,8 @@ fn check(src: &Source<'_>, f: config::PipelineFile) -> Result<Pipeline, ConfigEr
     }
 
     let conn = Connection {
-        base_url,
+        // The environment overrides the file, so one file runs against the simulator too.
+        base_url: crate::app::env::base_url(&base_url),
         // Each location's own, from its target.
         token: TokenRef::None,
         rate_limit,

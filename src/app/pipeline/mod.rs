@@ -46,7 +46,7 @@ pub struct Pipeline {
     pub name: String,
     pub file: PathBuf,
     /// How each location's client reaches the API (its token comes from its
-    /// [`LocationTarget`]). `HL_BASE_URL` overrides the file's base URL when the run starts.
+    /// [`LocationTarget`]). `HL_BASE_URL`, when set, has already replaced the file's base URL.
     pub conn: Connection,
     /// Requests in flight across all locations.
     pub max_concurrency: usize,

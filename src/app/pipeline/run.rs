@@ -57,10 +57,7 @@ pub async fn run_export(
         export_date: Some(started.at[..10].to_owned()),
     };
     let global = Arc::new(Semaphore::new(p.max_concurrency));
-    let conn = crate::app::conn::Connection {
-        base_url: crate::app::env::base_url(&p.conn.base_url),
-        ..p.conn.clone()
-    };
+    let conn = &p.conn;
     // One OAuth provider for the whole run: the locations of an agency share its grant, so
     // its rotating refresh token is never spent twice.
     let provider = match &p.oauth {
@@ -118,7 +115,7 @@ pub async fn run_export(
     tracing::info!(pipeline = %p.name, locations = locations.len(), base_url = %conn.base_url, "pipeline started");
 
     let shared = Shared {
-        conn: &conn,
+        conn,
         job,
         placement: &placement,
         global,
@@ -131,10 +128,12 @@ pub async fn run_export(
             async move { shared.run_location(&loc).await }
         })
         .buffer_unordered(p.parallel_locations);
-    let mut reports: Vec<RunReport> = runs.collect().await;
-    reports.sort_by(|a, b| a.location_id.cmp(&b.location_id));
+    let mut runs: Vec<(Outcome, RunReport)> = runs.collect().await;
+    runs.sort_by(|a, b| a.1.location_id.cmp(&b.1.location_id));
+    let (outcomes, reports): (Vec<Outcome>, Vec<RunReport>) = runs.into_iter().unzip();
 
-    let mut outcome = combine(&reports);
+    let skipped = reports.iter().map(|r| r.skipped.len() as u64).sum();
+    let mut outcome = combine(outcomes, skipped);
     if let Outcome::Skipped { report, .. } = &mut outcome {
         *report = Some(job.out.join("_pipeline_report.json"));
     }
@@ -160,51 +159,43 @@ pub async fn run_export(
     (outcome, Some(report))
 }
 
-/// The pipeline's outcome from its locations': an interruption wins; then all complete; all
-/// failed (the first location's failure); only quota stops; some failed (partial); complete
-/// except listed records.
-fn combine(reports: &[RunReport]) -> Outcome {
-    let failed = reports
-        .iter()
-        .filter(|r| ![code::OK, code::QUOTA, code::SKIPPED].contains(&r.exit_code))
-        .count();
-    let stopped = reports
-        .iter()
-        .filter(|r| r.exit_code == code::QUOTA)
-        .count();
-    let skipped: u64 = reports.iter().map(|r| r.skipped.len() as u64).sum();
-    let signal_of = |r: &RunReport| {
-        [crate::export::Signal::Int, crate::export::Signal::Term]
-            .into_iter()
-            .find(|s| s.exit_code() == r.exit_code)
-    };
-    if let Some(signal) = reports.iter().find_map(signal_of) {
+/// The pipeline's outcome from its locations' (in location order), of which `skipped` child
+/// requests were skipped: an interruption wins; then all complete; all failed (as the first
+/// location failed); some failed (partial); only quota stops; complete except listed records.
+fn combine(outcomes: Vec<Outcome>, skipped: u64) -> Outcome {
+    let of = outcomes.len();
+    if let Some(signal) = outcomes.iter().find_map(|o| match o {
+        Outcome::Interrupted(signal, _) => Some(*signal),
+        _ => None,
+    }) {
         return Outcome::Interrupted(
             signal,
             anyhow::anyhow!("the pipeline was interrupted by {signal}: complete pages are committed\nhint: rerun the same command to resume"),
         );
     }
-    if failed > 0 && failed == reports.len() {
-        let first = reports.first().map_or(code::FAILURE, |r| r.exit_code);
-        let message = reports
-            .first()
-            .and_then(|r| r.error.clone())
-            .unwrap_or_else(|| "every location failed".into());
-        if first == code::BUSY {
-            return Outcome::Busy(anyhow::anyhow!("{message}"));
-        }
-        return Outcome::Failed(kind_of(first), anyhow::anyhow!("{message}"));
+    let is_failure = |o: &Outcome| {
+        !matches!(
+            o,
+            Outcome::Complete | Outcome::Skipped { .. } | Outcome::Stopped(_)
+        )
+    };
+    let failed = outcomes.iter().filter(|o| is_failure(o)).count();
+    let stopped = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Stopped(_)))
+        .count();
+    if failed > 0 && failed == of {
+        return outcomes
+            .into_iter()
+            .next()
+            .expect("at least one location failed");
     }
     if failed > 0 {
-        return Outcome::Partial {
-            failed,
-            of: reports.len(),
-        };
+        return Outcome::Partial { failed, of };
     }
     if stopped > 0 {
         return Outcome::Stopped(anyhow::anyhow!(
-            "{stopped} of {} locations stopped for the daily quota (see the pipeline report)\nhint: rerun the same command after the quota resets to resume them",
-            reports.len()
+            "{stopped} of {of} locations stopped for the daily quota (see the pipeline report)\nhint: rerun the same command after the quota resets to resume them"
         ));
     }
     if skipped > 0 {
@@ -214,19 +205,6 @@ fn combine(reports: &[RunReport]) -> Outcome {
         };
     }
     Outcome::Complete
-}
-
-/// The failure kind behind a location's exit code (for a pipeline whose every location failed
-/// the same way: it exits as that location did).
-fn kind_of(exit_code: u8) -> crate::app::outcome::FailKind {
-    use crate::app::outcome::FailKind;
-    match exit_code {
-        code::USAGE => FailKind::Usage,
-        code::AUTH => FailKind::Auth,
-        code::API => FailKind::Api,
-        code::TRANSIENT => FailKind::Transient,
-        _ => FailKind::Other,
-    }
 }
 
 /// What the locations of one pipeline run share.
@@ -240,7 +218,7 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    async fn run_location(&self, loc: &LocationTarget) -> RunReport {
+    async fn run_location(&self, loc: &LocationTarget) -> (Outcome, RunReport) {
         let started = Started::now();
         let plan = plan(&loc.id, self.job, self.conn, self.placement, self.interrupt);
         let state_dir = crate::checkpoint::state_dir(&self.job.out, &loc.id);
@@ -294,6 +272,6 @@ impl Shared<'_> {
         if !matches!(outcome, Outcome::Busy(_)) {
             let _ = report.write(&state_dir.join("report.json"));
         }
-        report
+        (outcome, report)
     }
 }
