@@ -24,6 +24,7 @@ use super::models::{Contact, ListMeta, Note, Task};
 use super::retry::{Idempotency, RetryPolicy};
 use super::stats::{RequestKind, Stats};
 use super::transport::{self, path_and_query, Body, Outgoing, Transport, TransportConfig, Watch};
+use super::API_VERSION;
 use crate::ratelimit::{Quota, RateLimiter};
 
 /// Called right before each attempt of a create goes on the wire, after the waits for the pace
@@ -90,6 +91,17 @@ pub struct ContactsPage {
     pub contacts: Vec<Box<RawValue>>,
     #[serde(default)]
     pub meta: Option<ListMeta>,
+}
+
+/// One page of `POST /contacts/search`: `{contacts, total}`. Each contact may carry the
+/// `searchAfter` values that continue after it.
+#[derive(Debug, Deserialize)]
+pub struct SearchPage {
+    #[serde(default)]
+    pub contacts: Vec<Box<RawValue>>,
+    /// Contacts matching the search's filters, all pages together.
+    #[serde(default, deserialize_with = "super::models::lenient_number")]
+    pub total: Option<f64>,
 }
 
 /// One page of `GET /contacts/business/:businessId`; `count` is the business's total.
@@ -263,6 +275,25 @@ impl Client {
         after: Option<(i64, &str)>,
     ) -> RequestLabel {
         RequestLabel::new(&Method::GET, &list_path(location_id, limit, after))
+    }
+
+    /// `POST /contacts/search`: one page of the location's contacts matching `body`
+    /// (`locationId`, `pageLimit` up to 500, `searchAfter`, `sort`, `filters`).
+    pub async fn search_contacts(&self, body: &serde_json::Value) -> Result<SearchPage, ApiError> {
+        self.read_json(
+            RequestKind::Search,
+            Method::POST,
+            path_and_query(&["contacts", "search"], &[]),
+            Some(body),
+            API_VERSION,
+        )
+        .await
+    }
+
+    /// The request [`Client::search_contacts`] sends, as errors name it (the body is not part
+    /// of the label).
+    pub fn search_contacts_label() -> RequestLabel {
+        RequestLabel::new(&Method::POST, &path_and_query(&["contacts", "search"], &[]))
     }
 
     /// `GET /contacts/business/:businessId` with offset paging.
@@ -554,13 +585,31 @@ impl Client {
         kind: RequestKind,
         path_and_query: String,
     ) -> Result<T, ApiError> {
+        self.read_json(kind, Method::GET, path_and_query, None, API_VERSION)
+            .await
+    }
+
+    /// A request that only reads (a `GET`, or a search sent as a `POST` with a JSON body):
+    /// retried like any read, counted under `kind`, sent with `Version: version`. The
+    /// location-wide listings (`POST /contacts/search`, task search, calendars) go through it.
+    pub(crate) async fn read_json<T: DeserializeOwned>(
+        &self,
+        kind: RequestKind,
+        method: Method,
+        path_and_query: String,
+        body: Option<&serde_json::Value>,
+        version: &'static str,
+    ) -> Result<T, ApiError> {
+        // Serialising a Value cannot fail.
+        let body = body.map(|b| Bytes::from(serde_json::to_vec(b).unwrap_or_default()));
         self.call(
             kind,
-            Method::GET,
+            method,
             path_and_query,
-            None,
+            body,
             Idempotency::Idempotent,
             None,
+            version,
         )
         .await
     }
@@ -602,8 +651,16 @@ impl Client {
             // Serialising a Value cannot fail.
             Some(Bytes::from(serde_json::to_vec(body).unwrap_or_default()))
         };
-        self.call(RequestKind::Write, method, path, body, idem, before_send)
-            .await
+        self.call(
+            RequestKind::Write,
+            method,
+            path,
+            body,
+            idem,
+            before_send,
+            API_VERSION,
+        )
+        .await
     }
 
     async fn call<T: DeserializeOwned>(
@@ -614,6 +671,7 @@ impl Client {
         body: Option<Bytes>,
         idem: Idempotency,
         before_send: Option<BeforeSend<'_>>,
+        version: &'static str,
     ) -> Result<T, ApiError> {
         let label = RequestLabel::new(&method, &path_and_query);
         let url = transport::join(&self.base_url, &path_and_query);
@@ -630,7 +688,7 @@ impl Client {
                 url: &url,
                 label: &label,
                 bearer: Some(&auth),
-                version: true,
+                version: Some(version),
                 body: body.clone().map(Body::Json),
                 grant_hint: None,
             };

@@ -14,7 +14,8 @@ mod transport;
 pub use auth::{StaticToken, Token, TokenSource};
 pub use client::{BeforeSend, Location};
 pub use client::{
-    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, DEFAULT_MAX_RESPONSE_BYTES,
+    BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, SearchPage,
+    DEFAULT_MAX_RESPONSE_BYTES,
 };
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use ids::{check_id, MAX_ID_LEN};
@@ -30,3 +31,5 @@ pub(crate) use transport::{
 pub const DEFAULT_BASE_URL: &str = "https://services.leadconnectorhq.com";
 /// The `Version` header every Contacts call sends.
 pub const API_VERSION: &str = "2021-07-28";
+/// The `Version` header of the calendars routes (`apps/calendars.json` names this one).
+pub const CALENDARS_API_VERSION: &str = "2021-04-15";

@@ -13,12 +13,21 @@ pub enum RequestKind {
     Appointments,
     Write,
     Other,
+    /// `POST /contacts/search`.
+    Search,
+    /// `POST /locations/:id/tasks/search`.
+    LocationTasks,
+    /// `GET /calendars/` and `GET /calendars/events`.
+    LocationEvents,
 }
+
+/// How many kinds [`RequestKind`] has.
+const KINDS: usize = 11;
 
 /// Counters; all updated with relaxed atomics (they are statistics, not synchronisation).
 #[derive(Debug, Default)]
 pub struct Stats {
-    by_kind: [AtomicU64; 8],
+    by_kind: [AtomicU64; KINDS],
     attempts: AtomicU64,
     retries: AtomicU64,
     rate_limited: AtomicU64,
@@ -42,6 +51,15 @@ pub struct StatsSnapshot {
     pub appointments: u64,
     pub writes: u64,
     pub other: u64,
+    /// Contacts search pages (`POST /contacts/search`).
+    #[serde(default)]
+    pub search: u64,
+    /// Location-wide task search pages.
+    #[serde(default)]
+    pub location_tasks: u64,
+    /// Calendar listings and location-wide calendar event windows.
+    #[serde(default)]
+    pub location_events: u64,
     /// Every request sent, retries included.
     pub attempts: u64,
     pub retries: u64,
@@ -66,6 +84,9 @@ impl StatsSnapshot {
             + self.appointments
             + self.writes
             + self.other
+            + self.search
+            + self.location_tasks
+            + self.location_events
     }
 }
 
@@ -107,6 +128,9 @@ impl Stats {
             appointments: k(RequestKind::Appointments),
             writes: k(RequestKind::Write),
             other: k(RequestKind::Other),
+            search: k(RequestKind::Search),
+            location_tasks: k(RequestKind::LocationTasks),
+            location_events: k(RequestKind::LocationEvents),
             attempts: self.attempts.load(Relaxed),
             retries: self.retries.load(Relaxed),
             rate_limited: self.rate_limited.load(Relaxed),

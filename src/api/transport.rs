@@ -69,8 +69,9 @@ pub(crate) struct Outgoing<'a> {
     pub label: &'a RequestLabel,
     /// The `Authorization` header (marked sensitive), if any.
     pub bearer: Option<&'a HeaderValue>,
-    /// Whether to send the API's `Version` header (`/oauth/token` takes none).
-    pub version: bool,
+    /// The API's `Version` header, if any (`/oauth/token` takes none; the calendars
+    /// routes want their own).
+    pub version: Option<&'static str>,
     pub body: Option<Body>,
     /// The grant endpoint's advice when it refuses the grant (400 or 401): set for
     /// `/oauth/token`, whose 400 `invalid_grant` means the same as a 401 (log in again).
@@ -268,8 +269,8 @@ impl Transport {
         if let Some(b) = out.bearer {
             req = req.header(AUTHORIZATION, b.clone());
         }
-        if out.version {
-            req = req.header("Version", super::API_VERSION);
+        if let Some(v) = out.version {
+            req = req.header("Version", v);
         }
         match &out.body {
             Some(Body::Json(b)) => {

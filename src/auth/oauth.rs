@@ -418,7 +418,7 @@ impl Endpoints {
             url: &url,
             label,
             bearer,
-            version: bearer.is_some(),
+            version: bearer.is_some().then_some(crate::api::API_VERSION),
             body: form.map(Body::Form),
             grant_hint,
         };
