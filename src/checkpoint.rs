@@ -32,6 +32,14 @@ pub struct Settings {
     pub format: String,
     pub page_size: u32,
     pub incremental: bool,
+    /// `--listing` (`get`, `search`, `auto`). Checkpoints without it resume as `auto`, which
+    /// continues the listing their position belongs to.
+    #[serde(default = "auto_listing")]
+    pub listing: String,
+}
+
+fn auto_listing() -> String {
+    crate::extract::Listing::Auto.name().into()
 }
 
 impl Settings {
@@ -72,6 +80,12 @@ impl Settings {
             diffs.push(format!(
                 "--incremental {} (checkpoint: {})",
                 self.incremental, other.incremental
+            ));
+        }
+        if self.listing != other.listing {
+            diffs.push(format!(
+                "--listing {} (checkpoint: {})",
+                self.listing, other.listing
             ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
@@ -118,6 +132,13 @@ pub struct Checkpoint {
     pub deletions_done: bool,
     /// The run finished: the manifest is written.
     pub complete: bool,
+    /// Which contacts this run lists, once decided (before its first request); a checkpoint
+    /// without it that has a position is an older version's run: a walk or a full run.
+    #[serde(default)]
+    pub run_kind: Option<crate::incremental::RunKind>,
+    /// The listing this run reads (`get`, `search` or `business`), once decided.
+    #[serde(default)]
+    pub listing_used: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -184,14 +205,6 @@ pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointEr
     crate::durable::write(path, bytes).map_err(write_error(path))
 }
 
-/// [`write_atomic`] with the content written by `fill`, so a large file can be streamed.
-pub(crate) fn write_atomic_with(
-    path: &Path,
-    fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
-) -> Result<(), CheckpointError> {
-    crate::durable::write_with(path, fill).map_err(write_error(path))
-}
-
 /// `path: cannot <step> <file>: <cause>`.
 fn write_error(path: &Path) -> impl FnOnce(crate::durable::WriteError) -> CheckpointError + '_ {
     |e| CheckpointError::Io {
@@ -212,6 +225,7 @@ mod tests {
             format: "parquet".into(),
             page_size: 100,
             incremental: false,
+            listing: "auto".into(),
         }
     }
 
@@ -245,6 +259,8 @@ mod tests {
             listing_done: false,
             deletions_done: false,
             complete: false,
+            run_kind: None,
+            listing_used: None,
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), Some(c));

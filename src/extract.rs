@@ -124,14 +124,54 @@ pub struct Cursor {
     pub start_after_id: String,
 }
 
-/// Where a listing continues: after a cursor (the location listing), or at an offset of
-/// the `index`-th requested business.
+/// Where a listing continues: after a cursor (the location listing through `GET
+/// /contacts/`), after the `searchAfter` values of the last contact read (the listing through
+/// `POST /contacts/search`), or at an offset of the `index`-th requested business.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Position {
     After(Cursor),
     Business { index: usize, skip: u64 },
+    Search { after: Vec<serde_json::Value> },
 }
+
+/// How the location's contacts are listed: `GET /contacts/` (deprecated, 100 a page),
+/// `POST /contacts/search` (500 a page, and the only one that can filter by `dateUpdated`),
+/// or search falling back to GET when the API refuses the search.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Listing {
+    Get,
+    Search,
+    Auto,
+}
+
+impl Listing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Listing::Get => "get",
+            Listing::Search => "search",
+            Listing::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for Listing {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "get" => Ok(Listing::Get),
+            "search" => Ok(Listing::Search),
+            "auto" => Ok(Listing::Auto),
+            other => Err(format!(
+                "unknown listing '{other}': expected get, search or auto"
+            )),
+        }
+    }
+}
+
+/// Largest `pageLimit` `POST /contacts/search` takes.
+pub const SEARCH_PAGE_MAX: u32 = 500;
 
 /// One page of contacts, in listing order.
 #[derive(Debug)]
@@ -451,4 +491,226 @@ pub fn business_contacts(
             st,
         )))
     })
+}
+
+/// What a contacts search lists: the location, the page size, and (for incremental runs)
+/// only contacts updated at or after a time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SearchQuery {
+    pub location_id: String,
+    /// `pageLimit`, at most [`SEARCH_PAGE_MAX`].
+    pub page_limit: u32,
+    /// Only contacts whose `dateUpdated` is at or after this (epoch ms).
+    pub updated_since: Option<i64>,
+}
+
+impl SearchQuery {
+    /// The request body of the page after `after` (`None`: the first page). The order is
+    /// `dateAdded` newest first, the order of `GET /contacts/`: `dateAdded` never changes,
+    /// so a contact edited while the listing is read keeps its place (a listing sorted by
+    /// `dateUpdated` would move it past the cursor, or back in front of it).
+    pub fn body(&self, after: Option<&[serde_json::Value]>) -> serde_json::Value {
+        let mut body = serde_json::json!({
+            "locationId": self.location_id,
+            "pageLimit": self.page_limit.clamp(1, SEARCH_PAGE_MAX),
+            "sort": [{"field": "dateAdded", "direction": "desc"}],
+        });
+        if let Some(since) = self.updated_since {
+            body["filters"] = serde_json::json!([{
+                "field": "dateUpdated",
+                "operator": "range",
+                "value": {"gte": crate::timefmt::format_iso_millis(since)},
+            }]);
+        }
+        if let Some(after) = after {
+            body["searchAfter"] = serde_json::Value::Array(after.to_vec());
+        }
+        body
+    }
+}
+
+/// The `searchAfter` values a contact of a search page carries, if it carries an array.
+#[derive(Deserialize)]
+struct SearchAfterOf {
+    #[serde(default, rename = "searchAfter")]
+    search_after: Option<serde_json::Value>,
+}
+
+/// The values that continue a search after `raw`: its own `searchAfter` when the server
+/// sent one, else its `dateAdded` in ms and its id (the sort this client asks for).
+fn search_after_of(raw: &RawValue) -> Option<Vec<serde_json::Value>> {
+    if let Ok(SearchAfterOf {
+        search_after: Some(serde_json::Value::Array(values)),
+    }) = serde_json::from_str(raw.get())
+    {
+        if !values.is_empty() {
+            return Some(values);
+        }
+    }
+    let head = ContactHead::of(raw);
+    Some(vec![head.date_added?.into(), head.id?.into()])
+}
+
+struct SearchState {
+    client: Arc<Client>,
+    query: SearchQuery,
+    after: Option<Vec<serde_json::Value>>,
+    /// A first page already fetched (by the probe of `--listing auto`).
+    prefetched: Option<crate::api::SearchPage>,
+    /// Cursors already used whose first value equals the current cursor's.
+    tied: HashSet<String>,
+    prev_page_ids: HashSet<String>,
+    rows: u64,
+    first_total: Option<u64>,
+    done: bool,
+}
+
+/// Streams the contacts a search lists, starting after `after` (or from the newest), with
+/// the guards of the GET listing: a cursor that does not move forward, or the same page
+/// again, stops the run; a contact repeated across a page boundary is emitted once. The
+/// listing ends on an empty page (a short one proves nothing: the server may cap the page).
+/// `prefetched` is the reply to `query.body(after)` when the caller already has it.
+pub fn search_contacts(
+    client: Arc<Client>,
+    query: SearchQuery,
+    after: Option<Vec<serde_json::Value>>,
+    prefetched: Option<crate::api::SearchPage>,
+) -> impl Stream<Item = Result<Page, ExtractError>> {
+    let state = SearchState {
+        client,
+        query,
+        after,
+        prefetched,
+        tied: HashSet::new(),
+        prev_page_ids: HashSet::new(),
+        rows: 0,
+        first_total: None,
+        done: false,
+    };
+    futures::stream::try_unfold(state, |mut st| async move {
+        if st.done {
+            return Ok(None);
+        }
+        let page = match st.prefetched.take() {
+            Some(page) => page,
+            None => {
+                let body = st.query.body(st.after.as_deref());
+                st.client.search_contacts(&body).await?
+            }
+        };
+        let looping = |st: &SearchState, reason: String| ExtractError::PageLoop {
+            request: format!(
+                "{} (location {}, searchAfter {})",
+                Client::search_contacts_label(),
+                crate::term::escape(&st.query.location_id),
+                crate::term::escape(&serde_json::to_string(&st.after).unwrap_or_default())
+            ),
+            reason,
+        };
+        let total = page.total.map(|t| t as u64);
+        let fetched = page.contacts.len();
+        st.first_total = st.first_total.or(total);
+        st.rows += fetched as u64;
+        if rows_beyond_total(st.rows, st.first_total) {
+            let reason = format!(
+                "{} contacts read, far more than the {} the server announced (total)",
+                st.rows,
+                st.first_total.unwrap_or_default()
+            );
+            return Err(looping(&st, reason));
+        }
+        let mut contacts = page.contacts;
+        let this_ids: HashSet<String> = contacts
+            .iter()
+            .filter_map(|c| ContactHead::of(c).id)
+            .collect();
+        if !this_ids.is_empty() && this_ids == st.prev_page_ids {
+            let reason = format!(
+                "the server returned the same {} contacts as for the previous searchAfter",
+                this_ids.len()
+            );
+            return Err(looping(&st, reason));
+        }
+        if !st.prev_page_ids.is_empty() {
+            contacts.retain(|c| {
+                ContactHead::of(c)
+                    .id
+                    .is_none_or(|id| !st.prev_page_ids.contains(&id))
+            });
+            if contacts.len() < fetched {
+                tracing::warn!(location = %st.query.location_id, repeated = fetched - contacts.len(), "the search repeated contacts across a page boundary; each is exported once");
+            }
+        }
+        st.prev_page_ids = this_ids;
+        let next = if fetched == 0 {
+            None
+        } else {
+            // The cursor comes from the last contact the server sent, repeated or not.
+            let last = contacts.last().map(|c| search_after_of(c));
+            let Some(Some(after)) = last else {
+                return Err(ExtractError::NoCursor {
+                    location: st.query.location_id.clone(),
+                });
+            };
+            if let Err(reason) = check_search_progress(&mut st, &after) {
+                return Err(looping(&st, reason));
+            }
+            Some(after)
+        };
+        st.done = next.is_none();
+        st.after = next.clone();
+        Ok(Some((
+            Page {
+                contacts,
+                next: next.map(|after| Position::Search { after }),
+                total,
+            },
+            st,
+        )))
+    })
+}
+
+/// Newest first: the cursor's first value (`dateAdded` in ms) never grows, and among
+/// cursors that share it none comes twice.
+fn check_search_progress(st: &mut SearchState, next: &[serde_json::Value]) -> Result<(), String> {
+    let first = |v: &[serde_json::Value]| v.first().and_then(serde_json::Value::as_f64);
+    let key = serde_json::to_string(next).unwrap_or_default();
+    if let Some(prev) = &st.after {
+        if let (Some(p), Some(n)) = (first(prev), first(next)) {
+            if n > p {
+                return Err(format!(
+                    "the next searchAfter {key} comes before the previous one in newest-first order"
+                ));
+            }
+            if n < p {
+                st.tied.clear();
+            }
+        }
+    }
+    if !st.tied.insert(key.clone()) {
+        return Err(format!("the server returned searchAfter {key} again"));
+    }
+    Ok(())
+}
+
+/// For `--listing auto`: sends the search's first page. `Ok(None)` when the API refuses the
+/// search itself (no such route, or a body it will not take: 400, 404, 405, 422, 501), and
+/// the listing should fall back to `GET /contacts/`; a refusal that would meet the GET
+/// listing too (401, 403, the quota, retries exhausted) is an error.
+pub async fn probe_search(
+    client: &Client,
+    query: &SearchQuery,
+) -> Result<Option<crate::api::SearchPage>, ExtractError> {
+    match client.search_contacts(&query.body(None)).await {
+        Ok(page) => Ok(Some(page)),
+        Err(e @ ApiError::NotFound { .. }) => {
+            tracing::warn!(error = %e, "the API refused the contacts search; listing through GET /contacts/ instead (100 contacts a request)");
+            Ok(None)
+        }
+        Err(e @ ApiError::Fatal { status, .. }) if [400, 404, 405, 422, 501].contains(&status) => {
+            tracing::warn!(error = %e, "the API refused the contacts search; listing through GET /contacts/ instead (100 contacts a request)");
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }

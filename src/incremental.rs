@@ -8,6 +8,20 @@
 //! checkpoint records its committed length, so a resumed run truncates what was not committed.
 //! At the end the `seen` log, streamed, becomes the new state, and the ids of the old state
 //! it does not hold are the deletions: neither step reads the log into memory.
+//!
+//! # Which contacts a run lists ([`RunKind`])
+//! A filter cannot list what was deleted, so incremental runs alternate:
+//! - a **walk** lists every contact (search pages of 500, or the GET listing), fetches
+//!   children for new and changed ones only, and finds the deletions; the `seen` log
+//!   replaces the state;
+//! - a **filtered** run lists only contacts whose `dateUpdated` is at or after the start of
+//!   the previous complete run minus `--overlap` (a contact edited while that run was
+//!   listing may have been passed already; the overlap covers the two clocks' skew). Its
+//!   `seen` log is appended to the state (a later line wins), and it reports no deletions.
+//!   Every `--full-walk-every`-th run is a walk again, which also compacts the state.
+//!
+//! [`Meta`] (`incremental.json` beside the state) holds what choosing needs: when the last
+//! complete run started, and how many filtered runs followed the last walk.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -15,6 +29,97 @@ use std::path::{Path, PathBuf};
 
 /// Marks a contact whose `dateUpdated` was absent or unreadable: always treated as changed.
 const UNKNOWN: i64 = i64::MIN;
+
+/// Which contacts a run lists (see the [module docs](self)). Fixed when a run starts and kept
+/// in its checkpoint, so a resumed run lists as it began.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum RunKind {
+    /// Every contact with its children: not incremental, the first incremental run, or
+    /// `--full-refresh`.
+    Full,
+    /// Every contact listed; children of new and changed ones; deletions found.
+    Walk,
+    /// Only contacts updated at or after `since_ms`; no deletions. The `nth` filtered run
+    /// since the last walk.
+    #[serde(rename_all = "camelCase")]
+    Filtered { since_ms: i64, nth: u32 },
+}
+
+impl RunKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RunKind::Full => "full",
+            RunKind::Walk => "walk",
+            RunKind::Filtered { .. } => "filtered",
+        }
+    }
+
+    /// Chooses the kind of the next incremental run. `prev`: whether a state exists;
+    /// `meta`: what the last complete run left; `can_filter`: whether the listing can filter
+    /// by `dateUpdated` (the search can, `GET /contacts/` cannot).
+    pub fn choose(
+        full_refresh: bool,
+        prev: bool,
+        meta: Option<&Meta>,
+        can_filter: bool,
+        overlap: std::time::Duration,
+        full_walk_every: u32,
+    ) -> RunKind {
+        if full_refresh || !prev {
+            return RunKind::Full;
+        }
+        match meta {
+            Some(m) if can_filter && m.filtered_since_walk.saturating_add(1) < full_walk_every => {
+                RunKind::Filtered {
+                    since_ms: m
+                        .last_started_ms
+                        .saturating_sub(i64::try_from(overlap.as_millis()).unwrap_or(i64::MAX)),
+                    nth: m.filtered_since_walk + 1,
+                }
+            }
+            _ => RunKind::Walk,
+        }
+    }
+}
+
+/// What the last complete incremental run of a location left for the next one to choose
+/// its [`RunKind`]: `incremental.json` beside the state file.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Meta {
+    /// When that run first started (epoch ms, this machine's clock).
+    pub last_started_ms: i64,
+    /// Filtered runs since the last walk (0 after a walk or a full run).
+    pub filtered_since_walk: u32,
+}
+
+impl Meta {
+    /// The meta file, or `None` when there is none or it cannot be read (the next run then
+    /// walks, which is always correct).
+    pub fn load(path: &Path) -> Option<Meta> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the incremental run's meta file; this run lists every contact");
+                return None;
+            }
+        };
+        match serde_json::from_slice(&bytes) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the incremental run's meta file is damaged; this run lists every contact");
+                None
+            }
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> Result<(), StateError> {
+        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        crate::durable::write(path, &bytes).map_err(|e| err(path)(e.into()))
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
@@ -197,14 +302,26 @@ pub fn deletions(prev: Option<&PrevState>, seen: &Path) -> Result<Deletions, Sta
 /// Makes a complete `seen` log the state file, atomically, by streaming it.
 pub fn save_state(path: &Path, seen: &Path) -> Result<(), StateError> {
     let mut from = File::open(seen).map_err(err(seen))?;
-    crate::checkpoint::write_atomic_with(path, |to| std::io::copy(&mut from, to).map(|_| ()))
-        .map_err(|e| match e {
-            crate::checkpoint::CheckpointError::Io { path, source } => StateError { path, source },
-            crate::checkpoint::CheckpointError::Corrupt { path, .. } => StateError {
-                path,
-                source: std::io::Error::other("corrupt"),
-            },
-        })
+    crate::durable::write_with(path, |to| std::io::copy(&mut from, to).map(|_| ()))
+        .map_err(|e| err(path)(e.into()))
+}
+
+/// Appends a complete `seen` log of a filtered run to the state file, atomically, by
+/// streaming both (a later line wins when the state is loaded). Safe to repeat.
+pub fn append_state(path: &Path, seen: &Path) -> Result<(), StateError> {
+    let mut from = File::open(seen).map_err(err(seen))?;
+    let old = match File::open(path) {
+        Ok(f) => Some(f),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(err(path)(e)),
+    };
+    crate::durable::write_with(path, |to| {
+        if let Some(mut old) = old {
+            std::io::copy(&mut old, to)?;
+        }
+        std::io::copy(&mut from, to).map(|_| ())
+    })
+    .map_err(|e| err(path)(e.into()))
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use super::outcome::{export_outcome, Outcome};
 use super::report::{RunReport, Started};
 use crate::api::Client;
 use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress};
+use crate::extract::Listing;
 use crate::fanout::Include;
 use crate::sink::Format;
 
@@ -32,6 +33,12 @@ pub struct ExportSettings {
     pub incremental: bool,
     /// With `incremental`: export everything and replace the state.
     pub full_refresh: bool,
+    /// How contacts are listed.
+    pub listing: Listing,
+    /// With `incremental`: how far before the previous run's start a filtered run lists.
+    pub overlap: Duration,
+    /// With `incremental`: every this many runs, one lists every contact (deletions).
+    pub full_walk_every: u32,
     /// Where incremental state lives (default `OUT/_state`).
     pub state_dir: Option<PathBuf>,
     /// Write under an `export_date=<day the run started>` partition.
@@ -54,6 +61,9 @@ impl ExportSettings {
             budget: Budget::default(),
             incremental: false,
             full_refresh: false,
+            listing: Listing::Auto,
+            overlap: crate::export::DEFAULT_OVERLAP,
+            full_walk_every: crate::export::DEFAULT_FULL_WALK_EVERY,
             state_dir: None,
             partition_by_date: false,
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
@@ -98,7 +108,13 @@ pub fn plan(
     plan.commit_interval = s.commit_interval.max(Duration::from_secs(1));
     // Enough contacts in progress to keep every request permit busy, and at least a page
     // plus the children of the contacts still waiting on theirs.
-    plan.window = (conn.concurrency * 8).max(plan.page_size as usize + 28);
+    plan.listing = s.listing;
+    // The largest page either listing brings.
+    let page = plan.page_size.max(match s.listing {
+        Listing::Get => 0,
+        Listing::Search | Listing::Auto => plan.search_page,
+    });
+    plan.window = (conn.concurrency * 8).max(page as usize + 28);
     plan.restart = s.restart;
     plan.max_skipped = s.max_skipped;
     plan.budget = s.budget.clone();
@@ -106,6 +122,8 @@ pub fn plan(
         plan.incremental = Some(IncrementalPlan {
             state_dir: s.state_dir.clone().unwrap_or_else(|| s.out.join("_state")),
             full_refresh: s.full_refresh,
+            overlap: s.overlap,
+            full_walk_every: s.full_walk_every.max(1),
         });
     }
     plan.export_date = if s.partition_by_date {

@@ -18,6 +18,7 @@ use crate::app::export::{ExportJob, ExportSettings, Finished, Prepared};
 use crate::app::pipeline::Job;
 use crate::app::{Connection, Outcome, TokenRef};
 use crate::export::{Budget, Interrupt, Manifest, Progress};
+use crate::extract::Listing;
 use crate::fanout::Include;
 use crate::ratelimit::Quota;
 use crate::sink::Format;
@@ -191,12 +192,35 @@ pub struct ExportArgs {
     #[arg(long, default_value_t = 5.0, value_name = "PERCENT")]
     pub daily_reserve: f64,
 
-    /// Incremental (nightly) run: list every contact (cheap: one request per 100), but fetch
-    /// tasks, notes and appointments and write rows only for contacts new or changed
-    /// (dateUpdated moved) since the last complete incremental run; write the ids of contacts
-    /// that disappeared to deleted_contacts/. The first run exports everything.
+    /// Incremental (nightly) run: fetch tasks, notes and appointments and write rows only for
+    /// contacts new or changed (dateUpdated moved) since the last complete incremental run.
+    /// Through the search listing, most runs list only the contacts updated since the last
+    /// run started (minus --overlap); every --full-walk-every-th run lists every contact and
+    /// writes the ids of contacts that disappeared to deleted_contacts/. The first run
+    /// exports everything. The report's runKind says which kind of run it was.
     #[arg(long)]
     pub incremental: bool,
+
+    /// How contacts are listed: search (POST /contacts/search, 500 a request, and the only
+    /// listing an incremental run can filter), get (the deprecated GET /contacts/, 100 a
+    /// request), or auto: search, falling back to get where the API refuses the search.
+    #[arg(long, value_enum, default_value_t = ListingArg::Auto)]
+    pub listing: ListingArg,
+
+    /// With --incremental: how far before the previous run's start a filtered run lists
+    /// changes, to cover the skew between this machine's clock and the API's.
+    #[arg(
+        long,
+        default_value_t = 600,
+        value_name = "SECS",
+        requires = "incremental"
+    )]
+    pub overlap: u64,
+
+    /// With --incremental: every N-th run lists every contact, to find deletions (a filter
+    /// cannot see them); the runs between list only what changed. 1: every run.
+    #[arg(long, default_value_t = crate::export::DEFAULT_FULL_WALK_EVERY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), requires = "incremental")]
+    pub full_walk_every: u32,
 
     /// With --incremental: export everything and replace the state (run it weekly: a child
     /// changed without its contact's dateUpdated moving is only caught by a full refresh).
@@ -302,6 +326,24 @@ fn parse_rate(s: &str) -> Result<RateArg, String> {
 
 fn parse_include(s: &str) -> Result<Include, String> {
     s.parse()
+}
+
+/// `--listing`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ListingArg {
+    Auto,
+    Search,
+    Get,
+}
+
+impl From<ListingArg> for Listing {
+    fn from(l: ListingArg) -> Listing {
+        match l {
+            ListingArg::Auto => Listing::Auto,
+            ListingArg::Search => Listing::Search,
+            ListingArg::Get => Listing::Get,
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -485,6 +527,9 @@ impl ExportArgs {
         };
         settings.incremental = self.incremental;
         settings.full_refresh = self.full_refresh;
+        settings.listing = self.listing.into();
+        settings.overlap = Duration::from_secs(self.overlap);
+        settings.full_walk_every = self.full_walk_every;
         settings.state_dir = self.state_dir.clone();
         settings.max_skipped = self.max_skipped;
         ExportJob {

@@ -33,9 +33,9 @@ pub use resources::Resources;
 use crate::api::{Client, StatsSnapshot};
 pub use crate::checkpoint::EntityReport;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, Settings};
-use crate::extract::{self, ExtractError, Page, Position};
+use crate::extract::{self, ExtractError, Listing, Page, Position, SearchQuery};
 use crate::fanout::{self, ChangeFilter, Include, Item, SkippedRequest};
-use crate::incremental::{self, PrevState, SeenLog, StateError};
+use crate::incremental::{self, PrevState, RunKind, SeenLog, StateError};
 use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
 use crate::sink::{self, Format, Partition, SinkError};
 
@@ -54,8 +54,12 @@ pub struct ExportPlan {
     pub include: Include,
     pub format: Format,
     pub out: PathBuf,
-    /// Contacts per list request (the API's maximum is 100).
+    /// How the location's contacts are listed (businesses always through their own route).
+    pub listing: Listing,
+    /// Contacts per `GET /contacts/` or business request (the API's maximum is 100).
     pub page_size: u32,
+    /// Contacts per search request (the API's maximum is 500).
+    pub search_page: u32,
     /// Contacts in progress at once in the fan-out.
     pub window: usize,
     /// Rows per record batch handed to a sink: bounds the column builders' memory (a Parquet
@@ -130,6 +134,10 @@ pub struct IncrementalPlan {
     pub state_dir: PathBuf,
     /// Export everything, then replace the state.
     pub full_refresh: bool,
+    /// How far before the previous run's start a filtered run lists changes (clock skew).
+    pub overlap: Duration,
+    /// Every this many runs, one lists every contact to find deletions (1: every run).
+    pub full_walk_every: u32,
 }
 
 impl IncrementalPlan {
@@ -138,7 +146,18 @@ impl IncrementalPlan {
             .join(format!("location_id={location_id}"))
             .join("contacts-state.tsv")
     }
+
+    fn meta_file(&self, location_id: &str) -> PathBuf {
+        self.state_dir
+            .join(format!("location_id={location_id}"))
+            .join("incremental.json")
+    }
 }
+
+/// How often an incremental run walks every contact, by default.
+pub const DEFAULT_FULL_WALK_EVERY: u32 = 7;
+/// How far before the previous run's start a filtered run lists changes, by default.
+pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
 
 impl ExportPlan {
     pub fn new(location_id: impl Into<String>, format: Format, out: impl Into<PathBuf>) -> Self {
@@ -148,7 +167,9 @@ impl ExportPlan {
             include: Include::ALL,
             format,
             out: out.into(),
+            listing: Listing::Auto,
             page_size: 100,
+            search_page: extract::SEARCH_PAGE_MAX,
             window: 256,
             batch_rows: 1024,
             part_contacts: 250_000,
@@ -178,6 +199,7 @@ impl ExportPlan {
             format: self.format.extension().into(),
             page_size: self.page_size,
             incremental: self.incremental.is_some(),
+            listing: self.listing.name().into(),
         }
     }
 }
@@ -206,6 +228,18 @@ pub struct Manifest {
     /// True for an incremental run: `contacts` holds new and changed contacts only, and
     /// `deleted_contacts` the ids that disappeared since the previous run.
     pub incremental: bool,
+    /// Which contacts the run listed: `full` (every contact with its children), `walk`
+    /// (incremental: every contact listed, children and rows of new and changed ones,
+    /// deletions found) or `filtered` (incremental: only contacts updated since
+    /// `changedSince`; deletions not looked for).
+    #[serde(default)]
+    pub run_kind: String,
+    /// The filtered run's bound: contacts updated at or after it were listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed_since: Option<String>,
+    /// How the contacts were listed: `search`, `get` or `business`.
+    #[serde(default)]
+    pub listing: String,
     pub started_at: String,
     pub finished_at: String,
     /// How many times this run was resumed after a stop.
@@ -340,6 +374,8 @@ pub async fn run(
     let ck = if ck.listing_done {
         ck
     } else {
+        let mut ck = ck;
+        let source = decide(&client, plan, &mut ck, &ck_path, prev.is_some()).await?;
         let seen = match plan.incremental {
             Some(_) => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
             None => None,
@@ -349,6 +385,7 @@ pub async fn run(
             plan,
             ck,
             &ck_path,
+            source,
             seen,
             prev.clone(),
             progress,
@@ -459,6 +496,8 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         listing_done: false,
         deletions_done: false,
         complete: false,
+        run_kind: None,
+        listing_used: None,
     };
     checkpoint::save(ck_path, &ck)?;
     Ok(ck)
@@ -471,11 +510,12 @@ async fn stream(
     plan: &ExportPlan,
     ck: Checkpoint,
     ck_path: &Path,
+    source: Source,
     seen: Option<SeenLog>,
     prev: Option<Arc<PrevState>>,
     progress: Arc<Progress>,
 ) -> Result<Checkpoint, ExportError> {
-    let pages = listing(client.clone(), plan, ck.position.clone()).map({
+    let pages = listing(client.clone(), plan, source).map({
         let progress = progress.clone();
         move |page| {
             if let Ok(p) = &page {
@@ -489,7 +529,9 @@ async fn stream(
     // Refusals committed by earlier attempts count towards the cap too.
     let mut skipped = ck.skipped.len() as u64;
     let mut too_many = None;
+    // A full run (first incremental run, --full-refresh) treats every contact as changed.
     let filter: Option<ChangeFilter> = prev
+        .filter(|_| ck.run_kind != Some(RunKind::Full))
         .map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
     let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window, filter);
     let (tx, handle) = writer::spawn(
@@ -630,8 +672,11 @@ async fn finish(
     seen_path: &Path,
     prev: Option<&PrevState>,
 ) -> Result<Manifest, ExportError> {
+    let kind = ck.run_kind.unwrap_or(RunKind::Full);
     if let Some(inc) = &plan.incremental {
-        if !ck.deletions_done {
+        // A filtered run did not list what it did not change: it cannot see deletions.
+        let filtered = matches!(kind, RunKind::Filtered { .. });
+        if !ck.deletions_done && !filtered {
             let deleted = incremental::deletions(prev, seen_path)?;
             let partition = Partition {
                 export_date: ck.export_date.clone(),
@@ -678,7 +723,22 @@ async fn finish(
                 tracing::info!(location = %plan.location_id, deleted = deleted.len(), "contacts deleted since the previous run");
             }
         }
-        incremental::save_state(&inc.state_file(&plan.location_id), seen_path)?;
+        let state = inc.state_file(&plan.location_id);
+        if filtered {
+            incremental::append_state(&state, seen_path)?;
+        } else {
+            incremental::save_state(&state, seen_path)?;
+        }
+        // What the next run chooses its kind from, written after the state it describes.
+        let meta = incremental::Meta {
+            last_started_ms: crate::timefmt::parse_iso_millis(&ck.started_at)
+                .unwrap_or_else(now_millis),
+            filtered_since_walk: match kind {
+                RunKind::Filtered { nth, .. } => nth,
+                _ => 0,
+            },
+        };
+        meta.save(&inc.meta_file(&plan.location_id))?;
     }
 
     let manifest = Manifest {
@@ -689,6 +749,12 @@ async fn finish(
         businesses: plan.businesses.clone(),
         include: plan.include.to_string(),
         incremental: plan.incremental.is_some(),
+        run_kind: kind.name().into(),
+        changed_since: match kind {
+            RunKind::Filtered { since_ms, .. } => Some(crate::timefmt::format_iso_millis(since_ms)),
+            _ => None,
+        },
+        listing: ck.listing_used.clone().unwrap_or_default(),
         started_at: ck.started_at.clone(),
         finished_at: crate::timefmt::format_iso_millis(now_millis()),
         resumed: ck.resumed,
@@ -706,49 +772,176 @@ async fn finish(
     Ok(manifest)
 }
 
-/// The pages to export, from `from` on: the whole location, or the listed businesses one
-/// after another.
+/// The listing a run reads: decided once when it starts (see [`decide`]); a resumed run
+/// continues the one its checkpoint's position belongs to.
+enum Source {
+    /// `GET /contacts/`, after the cursor.
+    Get(Option<extract::Cursor>),
+    /// `POST /contacts/search`, after `after`; `prefetched` is the first page when the
+    /// `--listing auto` probe already fetched it.
+    Search {
+        query: SearchQuery,
+        after: Option<Vec<serde_json::Value>>,
+        prefetched: Option<crate::api::SearchPage>,
+    },
+    /// The listed businesses, from the `first`-th at offset `skip`.
+    Businesses { first: usize, skip: u64 },
+}
+
+/// Decides, once per run, which contacts it lists ([`RunKind`]) and through which route,
+/// and records both in the checkpoint before the first page is asked for. A resumed run
+/// keeps them. With `--listing auto` the decision costs no request of its own: the search's
+/// first page is the probe, and is used.
+async fn decide(
+    client: &Client,
+    plan: &ExportPlan,
+    ck: &mut Checkpoint,
+    ck_path: &Path,
+    has_state: bool,
+) -> Result<Source, ExportError> {
+    if !plan.businesses.is_empty() {
+        let (first, skip) = match &ck.position {
+            Some(Position::Business { index, skip }) => (*index, *skip),
+            _ => (0, 0),
+        };
+        if ck.run_kind.is_none() {
+            ck.run_kind = Some(RunKind::Full);
+            ck.listing_used = Some("business".into());
+            checkpoint::save(ck_path, ck)?;
+        }
+        return Ok(Source::Businesses { first, skip });
+    }
+    let kind = match (ck.run_kind, &plan.incremental) {
+        (Some(kind), _) => kind,
+        (None, None) => RunKind::Full,
+        // An older version's checkpoint, part-way through its listing.
+        (None, Some(_)) if ck.position.is_some() => {
+            if has_state {
+                RunKind::Walk
+            } else {
+                RunKind::Full
+            }
+        }
+        (None, Some(inc)) => RunKind::choose(
+            inc.full_refresh,
+            has_state,
+            incremental::Meta::load(&inc.meta_file(&plan.location_id)).as_ref(),
+            plan.listing != Listing::Get,
+            inc.overlap,
+            inc.full_walk_every.max(1),
+        ),
+    };
+    let query = |kind: RunKind| SearchQuery {
+        location_id: plan.location_id.clone(),
+        page_limit: plan.search_page,
+        updated_since: match kind {
+            RunKind::Filtered { since_ms, .. } => Some(since_ms),
+            _ => None,
+        },
+    };
+    let (kind, source) = match ck.position.clone() {
+        Some(Position::After(cursor)) => (kind, Source::Get(Some(cursor))),
+        Some(Position::Search { after }) => (
+            kind,
+            Source::Search {
+                query: query(kind),
+                after: Some(after),
+                prefetched: None,
+            },
+        ),
+        Some(Position::Business { .. }) => {
+            return Err(ExportError::Unsupported(format!(
+                "{} is part-way through a business listing, but no --business was given\nhint: rerun with the same --business flags to resume it, or pass --restart",
+                ck_path.display()
+            )))
+        }
+        None => match plan.listing {
+            Listing::Get => (demote(kind), Source::Get(None)),
+            Listing::Search => (
+                kind,
+                Source::Search {
+                    query: query(kind),
+                    after: None,
+                    prefetched: None,
+                },
+            ),
+            Listing::Auto => match extract::probe_search(client, &query(kind)).await? {
+                Some(page) => (
+                    kind,
+                    Source::Search {
+                        query: query(kind),
+                        after: None,
+                        prefetched: Some(page),
+                    },
+                ),
+                None => (demote(kind), Source::Get(None)),
+            },
+        },
+    };
+    let used = match source {
+        Source::Get(_) => "get",
+        Source::Search { .. } => "search",
+        Source::Businesses { .. } => "business",
+    };
+    if ck.run_kind != Some(kind) || ck.listing_used.as_deref() != Some(used) {
+        ck.run_kind = Some(kind);
+        ck.listing_used = Some(used.into());
+        checkpoint::save(ck_path, ck)?;
+    }
+    if let RunKind::Filtered { since_ms, .. } = kind {
+        tracing::info!(location = %plan.location_id, since = %crate::timefmt::format_iso_millis(since_ms), "incremental run: listing only the contacts updated since");
+    }
+    Ok(source)
+}
+
+/// The GET listing cannot filter: a filtered run through it walks every contact instead.
+fn demote(kind: RunKind) -> RunKind {
+    match kind {
+        RunKind::Filtered { .. } => RunKind::Walk,
+        other => other,
+    }
+}
+
+/// The pages of a [`Source`].
 fn listing(
     client: Arc<Client>,
     plan: &ExportPlan,
-    from: Option<Position>,
+    source: Source,
 ) -> std::pin::Pin<Box<dyn Stream<Item = Result<Page, ExtractError>> + Send>> {
-    if plan.businesses.is_empty() {
-        let cursor = match from {
-            Some(Position::After(c)) => Some(c),
-            _ => None,
-        };
-        Box::pin(extract::location_contacts(
+    match source {
+        Source::Get(cursor) => Box::pin(extract::location_contacts(
             client,
             plan.location_id.clone(),
             cursor,
             plan.page_size,
-        ))
-    } else {
-        let (first, skip) = match from {
-            Some(Position::Business { index, skip }) => (index, skip),
-            _ => (0, 0),
-        };
-        let (loc, size) = (plan.location_id.clone(), plan.page_size);
-        let businesses: Vec<(usize, String)> = plan
-            .businesses
-            .iter()
-            .cloned()
-            .enumerate()
-            .skip(first)
-            .collect();
-        let count = plan.businesses.len();
-        Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| {
-            extract::business_contacts(
-                client.clone(),
-                loc.clone(),
-                b,
-                i,
-                i + 1 == count,
-                if i == first { skip } else { 0 },
-                size,
-            )
-        }))
+        )),
+        Source::Search {
+            query,
+            after,
+            prefetched,
+        } => Box::pin(extract::search_contacts(client, query, after, prefetched)),
+        Source::Businesses { first, skip } => {
+            let (loc, size) = (plan.location_id.clone(), plan.page_size);
+            let businesses: Vec<(usize, String)> = plan
+                .businesses
+                .iter()
+                .cloned()
+                .enumerate()
+                .skip(first)
+                .collect();
+            let count = plan.businesses.len();
+            Box::pin(futures::stream::iter(businesses).flat_map(move |(i, b)| {
+                extract::business_contacts(
+                    client.clone(),
+                    loc.clone(),
+                    b,
+                    i,
+                    i + 1 == count,
+                    if i == first { skip } else { 0 },
+                    size,
+                )
+            }))
+        }
     }
 }
 

@@ -143,6 +143,11 @@ impl BatchBuilder {
                 }
                 put
             }
+            // Where a search page continues after this contact: listing metadata, not a
+            // field of the contact (a GET listing does not send it).
+            None if self.entity == Entity::Contacts && key.0 == super::SEARCH_CURSOR_KEY => {
+                Put::Skipped
+            }
             None => Put::Misfit,
         };
         if matches!(put, Put::Misfit | Put::FilledKeepRaw) {

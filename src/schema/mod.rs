@@ -29,6 +29,11 @@
 //! elements carry keys other than `id` and `value` is decoded (ids and values) *and* kept whole
 //! in `_extra`.
 //!
+//! One key is dropped: `searchAfter` on a contact, which `POST /contacts/search` adds to
+//! each contact of a page to say where the next page starts. It is where the listing was,
+//! not data of the contact, and a contact listed through `GET /contacts/` has none: kept, it
+//! would make the two listings' exports differ.
+//!
 //! # Values set from context
 //! The child entities' `contactId` and `locationId` come from the export (the parent contact
 //! and the location being exported), not from the object: child endpoints do not always echo
@@ -48,6 +53,9 @@ pub(crate) use decode::push_json_string;
 /// Version of the column layout below. Bump it when a column is added, removed, renamed or
 /// retyped, so readers of old exports (and the manifest) can tell layouts apart.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The key `POST /contacts/search` adds to each contact (its cursor); not exported.
+pub(crate) const SEARCH_CURSOR_KEY: &str = "searchAfter";
 
 /// Schema metadata key holding [`SCHEMA_VERSION`]; embedded in Parquet files with the schema.
 pub(crate) const SCHEMA_VERSION_KEY: &str = "contacts_etl.schema_version";

@@ -103,6 +103,12 @@ pub struct ExportSection {
     /// `--max-skipped`: child requests refused for good that are skipped before a location
     /// fails.
     pub max_skipped: Option<Spanned<i64>>,
+    /// `--listing`: `auto`, `search` or `get`.
+    pub listing: Option<Spanned<String>>,
+    /// `--overlap` in seconds (incremental).
+    pub overlap_secs: Option<Spanned<i64>>,
+    /// `--full-walk-every` (incremental).
+    pub full_walk_every: Option<Spanned<i64>>,
 }
 
 #[derive(Debug, Deserialize)]

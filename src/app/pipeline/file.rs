@@ -12,6 +12,7 @@ use crate::app::export::ExportSettings;
 use crate::app::import::{ImportJob, ImportSource, ImportWhat};
 use crate::auth::looks_like_secret;
 use crate::export::Budget;
+use crate::extract::Listing;
 use crate::fanout::Include;
 use crate::import::{Country, Entity, InputEncoding, OnDuplicate};
 use crate::ratelimit::Quota;
@@ -557,6 +558,38 @@ fn check_export(
             crate::export::DEFAULT_MAX_SKIPPED
         }
     };
+    let listing = match &e.listing {
+        None => Listing::Auto,
+        Some(l) => keep(
+            p,
+            l.get_ref()
+                .parse::<Listing>()
+                .map_err(|m| src.at(l, "listing", m)),
+        )
+        .unwrap_or(Listing::Auto),
+    };
+    let overlap = keep(
+        p,
+        positive(
+            src,
+            &e.overlap_secs,
+            "overlap_secs",
+            crate::export::DEFAULT_OVERLAP.as_secs() as i64,
+            7 * 86_400,
+        ),
+    )
+    .unwrap_or(600);
+    let full_walk_every = keep(
+        p,
+        positive(
+            src,
+            &e.full_walk_every,
+            "full_walk_every",
+            i64::from(crate::export::DEFAULT_FULL_WALK_EVERY),
+            i64::from(u32::MAX),
+        ),
+    )
+    .unwrap_or(1);
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -581,6 +614,9 @@ fn check_export(
         },
         incremental: e.incremental,
         full_refresh: false,
+        listing,
+        overlap: Duration::from_secs(overlap as u64),
+        full_walk_every: full_walk_every as u32,
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
         max_skipped,
