@@ -32,6 +32,7 @@ kinds! {
     Create => "POST /contacts/",
     Upsert => "POST /contacts/upsert",
     Duplicate => "GET /contacts/search/duplicate",
+    Search => "POST /contacts/search",
     Business => "GET /contacts/business/:businessId",
     Get => "GET /contacts/:id",
     Update => "PUT /contacts/:id",

@@ -23,7 +23,7 @@ use serde_json::json;
 use super::faults::{self, Fault};
 use super::http::{ApiError, Kind, Params, Reply, Req, Route};
 use super::limit::{RateHeaders, Verdict};
-use super::{oauth, read, write, Sim};
+use super::{oauth, read, search, write, Sim};
 
 /// The only API version the simulator (and the real v2 API) accepts.
 const API_VERSION: &str = "2021-07-28";
@@ -42,6 +42,7 @@ impl Kind {
         !matches!(
             self,
             Kind::List
+                | Kind::Search
                 | Kind::Duplicate
                 | Kind::Business
                 | Kind::Get
@@ -81,6 +82,7 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Post, ["contacts"]) => (Kind::Create, "", ""),
         (M::Post, ["contacts", "upsert"]) => (Kind::Upsert, "", ""),
         (M::Get, ["contacts", "search", "duplicate"]) => (Kind::Duplicate, "", ""),
+        (M::Post, ["contacts", "search"]) => (Kind::Search, "", ""),
         (M::Get, ["contacts", "business", b]) => (Kind::Business, *b, ""),
         (M::Get, ["contacts", id]) => (Kind::Get, *id, ""),
         (M::Put, ["contacts", id]) => (Kind::Update, *id, ""),
@@ -313,6 +315,7 @@ async fn apply_later(
 fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
     match req.route.kind {
         Kind::List => read::list(req),
+        Kind::Search => search::search(req),
         Kind::Business => read::business(req),
         Kind::Get => read::contact(req),
         Kind::Tasks | Kind::GetTask | Kind::Notes | Kind::GetNote | Kind::Appointments => {
