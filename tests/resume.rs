@@ -199,7 +199,8 @@ async fn a_checkpoint_from_other_settings_is_refused_until_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn incremental_run_fetches_only_changed_contacts_and_reports_deletions() {
+async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_ones_and_reports_deletions(
+) {
     let n = 5_000;
     let sim = TestSim::start(fast_sim(n, 51)).await;
     let dir = tempfile::tempdir().unwrap();
@@ -208,7 +209,13 @@ async fn incremental_run_fetches_only_changed_contacts_and_reports_deletions() {
     let o = run_to_end(
         &sim,
         &night1,
-        &["--incremental", "--state-dir", state.to_str().unwrap()],
+        &[
+            "--incremental",
+            "--listing",
+            "get",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -225,7 +232,13 @@ async fn incremental_run_fetches_only_changed_contacts_and_reports_deletions() {
     let o = run_to_end(
         &sim,
         &night2,
-        &["--incremental", "--state-dir", state.to_str().unwrap()],
+        &[
+            "--incremental",
+            "--listing",
+            "get",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -279,7 +292,13 @@ async fn incremental_run_fetches_only_changed_contacts_and_reports_deletions() {
     let o = run_to_end(
         &sim,
         &night3,
-        &["--incremental", "--state-dir", state.to_str().unwrap()],
+        &[
+            "--incremental",
+            "--listing",
+            "get",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(o.status.success(), "{}", stderr(&o));

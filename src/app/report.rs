@@ -33,6 +33,16 @@ pub struct RunReport {
     /// This run continued an unfinished checkpoint.
     pub resumed: bool,
     pub incremental: bool,
+    /// Which contacts the run lists: `full`, `walk` (incremental: every contact listed,
+    /// deletions found) or `filtered` (incremental: only contacts updated since
+    /// `changedSince`); absent when the run stopped before deciding.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_kind: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub changed_since: Option<String>,
+    /// How contacts were listed: `search`, `get` or `business`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listing: Option<String>,
     pub out: String,
     /// The manifest, when the run completed.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -130,6 +140,17 @@ impl RunReport {
             duration_secs: secs,
             resumed: resumed_from > 0 || ck.as_ref().is_some_and(|c| c.resumed > 0 && !c.complete),
             incremental: plan.incremental.is_some(),
+            run_kind: ck
+                .as_ref()
+                .and_then(|c| c.run_kind)
+                .map(|k| k.name().into()),
+            changed_since: match ck.as_ref().and_then(|c| c.run_kind) {
+                Some(crate::incremental::RunKind::Filtered { since_ms, .. }) => {
+                    Some(crate::timefmt::format_iso_millis(since_ms))
+                }
+                _ => None,
+            },
+            listing: ck.as_ref().and_then(|c| c.listing_used.clone()),
             out: plan.out.display().to_string(),
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,

@@ -1,0 +1,196 @@
+//! Request economy: the search listing, and incremental runs that list only what changed.
+//! (The location-wide children and the quota plan have their own files.)
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Output;
+
+use common::*;
+use contacts_etl::schema::Entity;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn report(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("_report.json")).unwrap()).unwrap()
+}
+
+fn manifest(out: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap()
+}
+
+fn all_rows(out: &Path, loc: &str) -> Vec<(Entity, std::collections::BTreeMap<String, Row>)> {
+    Entity::ALL
+        .into_iter()
+        .map(|e| (e, keyed(e, read_parquet(out, e, loc))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_search_listing_exports_exactly_what_the_get_listing_does_in_a_fifth_of_the_list_requests(
+) {
+    let n = 20_000;
+    let sim = TestSim::start(fast_sim(n, 131)).await;
+    let loc = sim.location();
+    let dir = tempfile::tempdir().unwrap();
+    let (by_get, by_search) = (dir.path().join("get"), dir.path().join("search"));
+    let o = run_to_end(&sim, &by_get, &["--listing", "get"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = run_to_end(&sim, &by_search, &["--listing", "search"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let (g, s) = (all_rows(&by_get, &loc), all_rows(&by_search, &loc));
+    for ((entity, g), (_, s)) in g.iter().zip(&s) {
+        assert_same_rows(entity.name(), g, s);
+    }
+    // And both are the simulator's truth, each row once.
+    let truth = truth(&sim.sim, &loc);
+    for (entity, s) in &s {
+        assert_same_rows(entity.name(), &truth[entity], s);
+    }
+
+    let (rg, rs) = (report(&by_get), report(&by_search));
+    assert_eq!(rg["listing"], "get");
+    assert_eq!(rs["listing"], "search");
+    assert_eq!(manifest(&by_search)["listing"], "search");
+    assert_eq!(rs["requests"]["list"], 0, "{}", rs["requests"]);
+    // 40 pages of 500, and the empty page that ends the listing.
+    assert_eq!(
+        rs["requests"]["search"].as_u64().unwrap(),
+        (n as u64).div_ceil(500) + 1,
+        "{}",
+        rs["requests"]
+    );
+    // GET ends on `meta.nextPage: null`; the search has no such mark.
+    assert_eq!(
+        rg["requests"]["list"].as_u64().unwrap(),
+        (n as u64).div_ceil(100),
+        "{}",
+        rg["requests"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_listing_uses_the_search_and_spends_no_extra_request_on_choosing() {
+    let n = 1_200;
+    let sim = TestSim::start(fast_sim(n, 132)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = run_to_end(&sim, &out, &["--include", "none"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&out);
+    assert_eq!(r["listing"], "search");
+    // 3 pages of at most 500 and the empty one: the probe was the first page.
+    assert_eq!(r["requests"]["search"], 4, "{}", r["requests"]);
+    assert_eq!(r["requests"]["attempts"], 4, "{}", r["requests"]);
+    assert_eq!(sim.sim.stats().requests, 4);
+}
+
+/// Nightly runs: a full one, then runs that list only the contacts updated since the last
+/// run started (minus the overlap), then a walk of every contact that reports the deletions
+/// of all the nights since the last walk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filtered_incremental_runs_list_only_changed_contacts_and_every_nth_run_walks_and_reports_deletions(
+) {
+    let n = 20_000;
+    let sim = TestSim::start(fast_sim(n, 133)).await;
+    let loc = sim.location();
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let night = |i: u32| dir.path().join(format!("night{i}"));
+    let flags = [
+        "--incremental",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--full-walk-every",
+        "3",
+    ];
+
+    let o = run_to_end(&sim, &night(1), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(report(&night(1))["runKind"], "full");
+    assert_eq!(manifest(&night(1))["runKind"], "full");
+
+    let mut deleted_since_walk = BTreeSet::new();
+    for i in 2..=3u32 {
+        let (changed, deleted) = sim.sim.mutate(&loc, 0.01, 5, 1000 + u64::from(i));
+        deleted_since_walk.extend(deleted.iter().cloned());
+        let changed: BTreeSet<String> = changed.into_iter().collect();
+        let o = run_to_end(&sim, &night(i), &flags).await;
+        assert!(o.status.success(), "night {i}: {}", stderr(&o));
+        let r = report(&night(i));
+        assert_eq!(r["runKind"], "filtered", "night {i}");
+        assert!(r["changedSince"].is_string(), "night {i}: {r}");
+        let req = &r["requests"];
+        let c = changed.len() as u64;
+        assert!(
+            req["search"].as_u64().unwrap() <= c / 500 + 2,
+            "night {i}: the listing costs pages of changed contacts only: {req}"
+        );
+        assert_eq!(req["list"], 0, "night {i}: {req}");
+        // Exactly the changed contacts and their children.
+        let got: BTreeSet<String> = keyed(
+            Entity::Contacts,
+            read_parquet(&night(i), Entity::Contacts, &loc),
+        )
+        .into_keys()
+        .collect();
+        assert_eq!(got, changed, "night {i}");
+        let truth = truth(&sim.sim, &loc);
+        for entity in [Entity::Tasks, Entity::Notes, Entity::Appointments] {
+            let expected = truth[&entity]
+                .iter()
+                .filter(|(k, _)| changed.contains(k.split('/').next().unwrap()))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_same_rows(
+                entity.name(),
+                &expected,
+                &keyed(entity, read_parquet(&night(i), entity, &loc)),
+            );
+        }
+        // A filter cannot see deletions: none are claimed.
+        assert!(
+            !night(i).join("deleted_contacts").exists(),
+            "night {i} wrote a deleted_contacts table"
+        );
+    }
+
+    // The third run since the walk: every contact listed, deletions of both nights reported.
+    let o = run_to_end(&sim, &night(4), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&night(4));
+    assert_eq!(r["runKind"], "walk");
+    assert_eq!(r["rows"]["contacts"], 0, "nothing changed since night 3");
+    assert_eq!(
+        r["requests"]["search"].as_u64().unwrap(),
+        ((n - deleted_since_walk.len()) as u64).div_ceil(500) + 1
+    );
+    let deleted: BTreeSet<String> = read_ids(&night(4), "deleted_contacts", &loc);
+    assert_eq!(deleted, deleted_since_walk);
+}
+
+/// The `id` column of a table that is not one of the four API tables.
+fn read_ids(out: &Path, entity: &str, loc: &str) -> BTreeSet<String> {
+    use arrow::array::{Array, AsArray};
+    let dir = out.join(entity).join(format!("location_id={loc}"));
+    let mut ids = BTreeSet::new();
+    for f in std::fs::read_dir(dir).unwrap() {
+        let file = std::fs::File::open(f.unwrap().path()).unwrap();
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let col = batch.column_by_name("id").unwrap().as_string::<i32>();
+            for i in 0..col.len() {
+                ids.insert(col.value(i).to_owned());
+            }
+        }
+    }
+    ids
+}
