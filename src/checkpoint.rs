@@ -32,6 +32,13 @@ pub struct Settings {
     pub format: String,
     pub page_size: u32,
     pub incremental: bool,
+    /// `--children-by` (a checkpoint made before it existed fetched every child per contact).
+    #[serde(default = "per_contact")]
+    pub children_by: String,
+}
+
+fn per_contact() -> String {
+    "contact".into()
 }
 
 impl Settings {
@@ -72,6 +79,14 @@ impl Settings {
             diffs.push(format!(
                 "--incremental {} (checkpoint: {})",
                 self.incremental, other.incremental
+            ));
+        }
+        // `location` and `auto` list the same way (tasks and appointments come after the
+        // listing): only a change to or from `contact` changes what the listing fetched.
+        if (self.children_by == "contact") != (other.children_by == "contact") {
+            diffs.push(format!(
+                "--children-by {} (checkpoint: {})",
+                self.children_by, other.children_by
             ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
@@ -118,6 +133,10 @@ pub struct Checkpoint {
     pub deletions_done: bool,
     /// The run finished: the manifest is written.
     pub complete: bool,
+    /// How far the location-wide children phase got (`crate::export` runs it after the
+    /// listing); `None` before it starts, and in runs with `--children-by contact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide: Option<crate::export::WideProgress>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -212,6 +231,7 @@ mod tests {
             format: "parquet".into(),
             page_size: 100,
             incremental: false,
+            children_by: "contact".into(),
         }
     }
 
@@ -245,6 +265,7 @@ mod tests {
             listing_done: false,
             deletions_done: false,
             complete: false,
+            wide: None,
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), Some(c));

@@ -10,9 +10,8 @@
 //! # Appointments
 //! `GET /calendars/` names the calendars, then `GET /calendars/events` returns a calendar's
 //! events whose start lies in a time window (no paging). The windows cover
-//! `[oldest dateAdded of the listed contacts - 1 year, max(now, newest dateAdded) + 2 years]`
-//! (an appointment may predate its contact's record, e.g. an import, or be booked ahead),
-//! cut into `max(8, contacts / (calendars x 2,500))` equal windows per calendar: a location's
+//! `[2015-01-01, now + 2 years]` ([`FIRST_MS`]: before HighLevel's API existed, so any
+//! appointment it holds; the end leaves room for bookings made far ahead), cut into `max(8, contacts / (calendars x 2,500))` equal windows per calendar: a location's
 //! appointments then cost `1 + calendars x windows` requests (25 for 3 calendars, whatever
 //! the size up to 60,000 contacts), and one reply holds about 5,000 events at most on
 //! average (about 2 per contact), far below the reply cap. Appointments outside the range
@@ -44,6 +43,47 @@ pub const CONTACT_BATCH: usize = 100;
 
 /// Milliseconds in a day.
 const DAY_MS: i64 = 86_400_000;
+
+/// Where the appointment windows start: 2015-01-01T00:00:00Z.
+pub const FIRST_MS: i64 = 1_420_070_400_000;
+
+/// How to fetch tasks and appointments (`--children-by`); notes are always per contact.
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChildrenBy {
+    /// One request per contact and entity.
+    Contact,
+    /// The location-wide routes; a token without their scope fails the run.
+    Location,
+    /// The location-wide routes where the token holds their scope, per contact otherwise.
+    #[default]
+    Auto,
+}
+
+impl ChildrenBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            ChildrenBy::Contact => "contact",
+            ChildrenBy::Location => "location",
+            ChildrenBy::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for ChildrenBy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "contact" => Ok(ChildrenBy::Contact),
+            "location" => Ok(ChildrenBy::Location),
+            "auto" => Ok(ChildrenBy::Auto),
+            other => Err(format!(
+                "unknown --children-by '{}': expected contact, location or auto",
+                crate::term::Escaped(other)
+            )),
+        }
+    }
+}
 
 /// A stable 64-bit hash (FNV-1a) of an id or a row's text: the same in every process and
 /// build, so hashes written to the state directory are read back by a resumed run. Two of
@@ -317,17 +357,10 @@ pub struct EventsPlan {
 }
 
 impl EventsPlan {
-    /// The plan for `contacts` listed contacts added between `oldest_added` and
-    /// `newest_added` (epoch ms; `None` when no contact had one), at `now_ms`.
-    pub fn new(
-        calendars: Vec<String>,
-        contacts: u64,
-        oldest_added: Option<i64>,
-        newest_added: Option<i64>,
-        now_ms: i64,
-    ) -> EventsPlan {
-        let start_ms = oldest_added.unwrap_or(now_ms).min(now_ms) - 365 * DAY_MS;
-        let end_ms = newest_added.unwrap_or(now_ms).max(now_ms) + 2 * 365 * DAY_MS;
+    /// The plan for a location of `contacts` listed contacts, at `now_ms`.
+    pub fn new(calendars: Vec<String>, contacts: u64, now_ms: i64) -> EventsPlan {
+        let start_ms = FIRST_MS.min(now_ms - 365 * DAY_MS);
+        let end_ms = now_ms + 2 * 365 * DAY_MS;
         let per_window = (calendars.len().max(1) as u64) * 2_500;
         let windows = contacts.div_ceil(per_window).clamp(8, 1_000) as u32;
         EventsPlan {
@@ -494,16 +527,10 @@ mod tests {
     fn windows_tile_the_range_without_gap_or_overlap() {
         let day = DAY_MS;
         let now = 1_780_000_000_000;
-        let p = EventsPlan::new(
-            vec!["a".into(), "b".into(), "c".into()],
-            2_000,
-            Some(now - 400 * day),
-            Some(now - day),
-            now,
-        );
+        let p = EventsPlan::new(vec!["a".into(), "b".into(), "c".into()], 2_000, now);
         assert_eq!(p.windows, 8, "at least 8 windows");
         assert_eq!(p.requests(), 24);
-        assert_eq!(p.start_ms, now - 400 * day - 365 * day);
+        assert_eq!(p.start_ms, FIRST_MS);
         assert_eq!(p.end_ms, now + 2 * 365 * day);
         assert_eq!(p.window(0).0, p.start_ms);
         assert_eq!(p.window(p.windows - 1).1, p.end_ms);
@@ -511,7 +538,7 @@ mod tests {
             assert_eq!(p.window(i).0, p.window(i - 1).1 + 1);
         }
         // Larger locations get more windows, so a reply stays near 5,000 events.
-        let big = EventsPlan::new(vec!["a".into(); 3], 100_000, None, None, now);
+        let big = EventsPlan::new(vec!["a".into(); 3], 100_000, now);
         assert_eq!(big.windows, 14);
         assert_eq!(big.after(0, 13), Some(WidePos::Events { calendar: 1, window: 0 }));
         assert_eq!(big.after(2, 13), None);

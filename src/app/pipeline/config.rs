@@ -103,6 +103,10 @@ pub struct ExportSection {
     /// `--max-skipped`: child requests refused for good that are skipped before a location
     /// fails.
     pub max_skipped: Option<Spanned<i64>>,
+    /// `--children-by`: contact, location or auto.
+    pub children_by: Option<Spanned<String>>,
+    /// `--verify-sample`: a share between 0 and 1.
+    pub verify_sample: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]
