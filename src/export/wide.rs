@@ -59,6 +59,7 @@ pub struct WideProgress {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct EntityProgress {
+    #[serde(flatten)]
     pub stage: Stage,
     /// Why the entity is fetched per contact, once it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -163,12 +164,25 @@ fn scope_of(entity: Entity, calendars_listed: bool) -> &'static str {
 }
 
 /// Why a first location-wide request's error means "not available to this token", if it
-/// does: a 401 or 403 (the scope), or a 404 (no such route here).
-fn unavailable(e: &ApiError) -> Option<&'static str> {
+/// does (a 401 or 403: the scope; a 404: no such route here), with the server's words.
+fn unavailable(e: &ApiError) -> Option<(&'static str, String)> {
+    let esc = |m: &str| crate::term::Escaped(m).to_string();
     match e {
-        ApiError::Unauthorized { .. } => Some("the token lacks the scope"),
-        ApiError::Fatal { status: 403, .. } => Some("the token lacks the scope"),
-        ApiError::NotFound { .. } => Some("the API does not offer the route"),
+        ApiError::Unauthorized { message, .. } => {
+            Some(("the token lacks the scope", format!("HTTP 401 {}", esc(message))))
+        }
+        ApiError::Fatal {
+            status: 403,
+            messages,
+            ..
+        } => Some((
+            "the token lacks the scope",
+            format!("HTTP 403 {}", esc(&messages.join("; "))),
+        )),
+        ApiError::NotFound { message, .. } => Some((
+            "the API does not offer the route needing the scope",
+            format!("HTTP 404 {}", esc(message)),
+        )),
         _ => None,
     }
 }
@@ -365,8 +379,8 @@ impl Phase<'_> {
             let ExtractError::Api(api) = e else {
                 return None;
             };
-            let why = unavailable(api)?;
-            Some(format!("{why} {scope} ({api})"))
+            let (why, answer) = unavailable(api)?;
+            Some(format!("{why} {scope} ({answer})"))
         };
         let mut pages: Pin<Box<dyn Stream<Item = Result<engine::WidePage, ExtractError>> + Send>> =
             match entity {
