@@ -36,6 +36,13 @@ pub struct Settings {
     /// continues the listing their position belongs to.
     #[serde(default = "auto_listing")]
     pub listing: String,
+    /// `--children-by` (a checkpoint made before it existed fetched every child per contact).
+    #[serde(default = "per_contact")]
+    pub children_by: String,
+}
+
+fn per_contact() -> String {
+    "contact".into()
 }
 
 fn auto_listing() -> String {
@@ -86,6 +93,14 @@ impl Settings {
             diffs.push(format!(
                 "--listing {} (checkpoint: {})",
                 self.listing, other.listing
+            ));
+        }
+        // `location` and `auto` list the same way (tasks and appointments come after the
+        // listing): only a change to or from `contact` changes what the listing fetched.
+        if (self.children_by == "contact") != (other.children_by == "contact") {
+            diffs.push(format!(
+                "--children-by {} (checkpoint: {})",
+                self.children_by, other.children_by
             ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
@@ -139,6 +154,10 @@ pub struct Checkpoint {
     /// The listing this run reads (`get`, `search` or `business`), once decided.
     #[serde(default)]
     pub listing_used: Option<String>,
+    /// How far the location-wide children phase got (`crate::export` runs it after the
+    /// listing); `None` before it starts, and in runs with `--children-by contact`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wide: Option<crate::export::WideProgress>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -226,6 +245,7 @@ mod tests {
             page_size: 100,
             incremental: false,
             listing: "auto".into(),
+            children_by: "contact".into(),
         }
     }
 
@@ -261,6 +281,7 @@ mod tests {
             complete: false,
             run_kind: None,
             listing_used: None,
+            wide: None,
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), Some(c));

@@ -7,6 +7,7 @@
 //!   corrected from the `X-RateLimit-*` headers the server sends.
 //! - [`extract`]: cursor pagination of `GET /contacts/` and business listings as async streams.
 //! - [`fanout`]: per-contact children (tasks, notes, appointments) with bounded concurrency.
+//! - [`wide`]: location-wide children (task search, calendar events) as guarded streams.
 //! - [`schema`]: the Arrow schema of each entity and the JSON-to-Arrow row decoder: one truth
 //!   for both sinks.
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
@@ -40,3 +41,4 @@ pub mod sim;
 pub mod sink;
 pub mod term;
 pub mod timefmt;
+pub mod wide;

@@ -6,6 +6,7 @@ mod auth;
 mod client;
 mod error;
 mod ids;
+mod location_wide;
 mod models;
 mod retry;
 mod stats;
@@ -19,6 +20,7 @@ pub use client::{
 };
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use ids::{check_id, MAX_ID_LEN};
+pub use location_wide::{CalendarRef, ChildKey, LooseRows};
 pub use models::{Contact, ListMeta, Note, Task};
 pub use retry::{Idempotency, RetryPolicy, LONG_WAIT};
 pub use stats::{RequestKind, Stats, StatsSnapshot};

@@ -16,6 +16,7 @@ use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Pr
 use crate::extract::Listing;
 use crate::fanout::Include;
 use crate::sink::Format;
+use crate::wide::ChildrenBy;
 
 /// What to export and where, for any number of locations.
 #[derive(Clone, Debug, PartialEq)]
@@ -46,6 +47,11 @@ pub struct ExportSettings {
     /// Most child requests the API may refuse for good before the run fails; up to it each is
     /// skipped and listed in the report.
     pub max_skipped: u64,
+    /// Where tasks and appointments come from (`--children-by`).
+    pub children_by: ChildrenBy,
+    /// Share of the listed contacts whose location-wide children are checked per contact
+    /// (`--verify-sample`, 0..=1).
+    pub verify_sample: f64,
 }
 
 impl ExportSettings {
@@ -67,6 +73,8 @@ impl ExportSettings {
             state_dir: None,
             partition_by_date: false,
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
+            children_by: ChildrenBy::Auto,
+            verify_sample: crate::export::DEFAULT_VERIFY_SAMPLE,
         }
     }
 
@@ -77,6 +85,12 @@ impl ExportSettings {
             let percent = (self.budget.reserve * 100.0 * 1e6).round() / 1e6;
             return Err(Outcome::usage(format!(
                 "--daily-reserve {percent} is not a percentage below 100"
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.verify_sample) {
+            return Err(Outcome::usage(format!(
+                "--verify-sample {} is not a share between 0 and 1 (0.005 checks half a percent of the contacts)",
+                self.verify_sample
             )));
         }
         check_ids("--business", &self.businesses)
@@ -117,6 +131,8 @@ pub fn plan(
     plan.window = (conn.concurrency * 8).max(page as usize + 28);
     plan.restart = s.restart;
     plan.max_skipped = s.max_skipped;
+    plan.children_by = s.children_by;
+    plan.verify_sample = s.verify_sample;
     plan.budget = s.budget.clone();
     if s.incremental {
         plan.incremental = Some(IncrementalPlan {

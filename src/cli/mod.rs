@@ -241,6 +241,19 @@ pub struct ExportArgs {
     /// listed under 'skipped' in the report and the manifest, and the run exits 9.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub max_skipped: u64,
+
+    /// Where tasks and appointments come from: contact (one request per contact each),
+    /// location (the location-wide task search and calendar events: a few requests per
+    /// hundred contacts; fails without their scopes), or auto (location where the token holds
+    /// the scope, per contact otherwise, with a warning). Notes are always per contact.
+    #[arg(long, default_value = "auto", value_name = "contact|location|auto")]
+    pub children_by: crate::wide::ChildrenBy,
+
+    /// Share of the listed contacts (0 to 1) whose location-wide tasks and appointments are
+    /// also fetched per contact and compared; on a difference that entity is fetched per
+    /// contact for the whole run (reported in the manifest).
+    #[arg(long, default_value_t = crate::export::DEFAULT_VERIFY_SAMPLE, value_name = "SHARE")]
+    pub verify_sample: f64,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -532,6 +545,8 @@ impl ExportArgs {
         settings.full_walk_every = self.full_walk_every;
         settings.state_dir = self.state_dir.clone();
         settings.max_skipped = self.max_skipped;
+        settings.children_by = self.children_by;
+        settings.verify_sample = self.verify_sample;
         ExportJob {
             location: self.location.clone(),
             settings,

@@ -16,6 +16,7 @@
 
 pub mod interrupt;
 mod resources;
+mod wide;
 mod writer;
 
 use std::collections::BTreeMap;
@@ -29,6 +30,7 @@ use serde::{Deserialize, Serialize};
 
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
+pub use wide::{ChildrenReport, WideProgress, DEFAULT_VERIFY_SAMPLE};
 
 use crate::api::{Client, StatsSnapshot};
 pub use crate::checkpoint::EntityReport;
@@ -85,6 +87,11 @@ pub struct ExportPlan {
     /// Most child requests refused for good that a run may skip (all attempts of a resumed
     /// run together); one more fails the run with [`ExportError::TooManySkipped`].
     pub max_skipped: u64,
+    /// Where tasks and appointments come from (`wide`): per contact, or the location-wide
+    /// routes after the listing.
+    pub children_by: crate::wide::ChildrenBy,
+    /// Share of the listed contacts whose location-wide children are checked per contact.
+    pub verify_sample: f64,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -181,6 +188,8 @@ impl ExportPlan {
             manifest_path: None,
             interrupt: Interrupt::default(),
             max_skipped: DEFAULT_MAX_SKIPPED,
+            children_by: crate::wide::ChildrenBy::Contact,
+            verify_sample: wide::DEFAULT_VERIFY_SAMPLE,
         }
     }
 
@@ -200,6 +209,19 @@ impl ExportPlan {
             page_size: self.page_size,
             incremental: self.incremental.is_some(),
             listing: self.listing.name().into(),
+            children_by: self.children_by.name().into(),
+        }
+    }
+
+    /// The children the listing fetches per contact: all included ones with
+    /// `--children-by contact`, else notes only (the `wide` phase brings the others).
+    fn listing_include(&self) -> Include {
+        match self.children_by {
+            crate::wide::ChildrenBy::Contact => self.include,
+            _ => Include {
+                notes: self.include.notes,
+                ..Include::NONE
+            },
         }
     }
 }
@@ -257,6 +279,10 @@ pub struct Manifest {
     pub requests: StatsSnapshot,
     /// This process's CPU time and peak memory at the end of the run.
     pub resources: Resources,
+    /// How tasks and appointments were fetched, per entity (`location` or `contact`, and
+    /// why): absent when every child came per contact (`--children-by contact`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub children_by: BTreeMap<String, ChildrenReport>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -376,9 +402,10 @@ pub async fn run(
     } else {
         let mut ck = ck;
         let source = decide(&client, plan, &mut ck, &ck_path, prev.is_some()).await?;
-        let seen = match plan.incremental {
-            Some(_) => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
-            None => None,
+        // The `seen` log is also the list of contacts the location-wide phase keeps rows of.
+        let seen = match plan.incremental.is_some() || wide::needs_listed(plan) {
+            true => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
+            false => None,
         };
         stream(
             client.clone(),
@@ -392,6 +419,15 @@ pub async fn run(
         )
         .await?
     };
+    let ck = wide::run(
+        client.clone(),
+        plan,
+        ck,
+        &ck_path,
+        &seen_path,
+        prev.as_deref(),
+    )
+    .await?;
     finish(client, plan, ck, &ck_path, &seen_path, prev.as_deref()).await
 }
 
@@ -498,6 +534,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         complete: false,
         run_kind: None,
         listing_used: None,
+        wide: None,
     };
     checkpoint::save(ck_path, &ck)?;
     Ok(ck)
@@ -533,7 +570,13 @@ async fn stream(
     let filter: Option<ChangeFilter> = prev
         .filter(|_| ck.run_kind != Some(RunKind::Full))
         .map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
-    let items = fanout::fan_out(pages, client.clone(), plan.include, plan.window, filter);
+    let items = fanout::fan_out(
+        pages,
+        client.clone(),
+        plan.listing_include(),
+        plan.window,
+        filter,
+    );
     let (tx, handle) = writer::spawn(
         writer::WriterConfig {
             out: plan.out.clone(),
@@ -543,7 +586,7 @@ async fn stream(
                 export_date: ck.export_date.clone(),
                 location_id: plan.location_id.clone(),
             },
-            include: plan.include,
+            include: plan.listing_include(),
             batch_rows: plan.batch_rows.max(1),
             part_contacts: plan.part_contacts.max(1),
             commit_interval: plan.commit_interval,
@@ -764,6 +807,7 @@ async fn finish(
         skipped: ck.skipped.clone(),
         requests: client.stats().snapshot(),
         resources: Resources::now(),
+        children_by: wide::report(&ck),
     };
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
     checkpoint::write_atomic(&plan.manifest_path(), &bytes)?;

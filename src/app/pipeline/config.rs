@@ -109,6 +109,10 @@ pub struct ExportSection {
     pub overlap_secs: Option<Spanned<i64>>,
     /// `--full-walk-every` (incremental).
     pub full_walk_every: Option<Spanned<i64>>,
+    /// `--children-by`: contact, location or auto.
+    pub children_by: Option<Spanned<String>>,
+    /// `--verify-sample`: a share between 0 and 1.
+    pub verify_sample: Option<Spanned<f64>>,
 }
 
 #[derive(Debug, Deserialize)]

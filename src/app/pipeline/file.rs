@@ -590,6 +590,28 @@ fn check_export(
         ),
     )
     .unwrap_or(1);
+    let children_by = match &e.children_by {
+        None => crate::wide::ChildrenBy::Auto,
+        Some(v) => keep(
+            p,
+            v.get_ref()
+                .parse()
+                .map_err(|m: String| src.at(v, "children_by", m)),
+        )
+        .unwrap_or_default(),
+    };
+    let verify_sample = match &e.verify_sample {
+        None => crate::export::DEFAULT_VERIFY_SAMPLE,
+        Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
+        Some(v) => {
+            p.push(src.at(
+                v,
+                "verify_sample",
+                format!("{} is not a share between 0 and 1", v.get_ref()),
+            ));
+            crate::export::DEFAULT_VERIFY_SAMPLE
+        }
+    };
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -620,6 +642,8 @@ fn check_export(
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
         max_skipped,
+        children_by,
+        verify_sample,
     })
 }
 

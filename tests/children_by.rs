@@ -1,0 +1,306 @@
+//! `--children-by`: tasks and appointments through the location-wide routes give exactly the
+//! rows of per-contact requests, at a third of the requests; a missing scope, a route that
+//! hides rows, and a kill in the location-wide phase still end in the exact output.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use contacts_etl::export::Manifest;
+use contacts_etl::schema::Entity;
+use contacts_etl::sim::SimConfig;
+use serde_json::Value;
+
+fn manifest(out: &Path) -> Manifest {
+    serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every entity's rows, keyed by id (a row written twice fails [`keyed`]).
+fn rows(out: &Path, location: &str) -> BTreeMap<Entity, BTreeMap<String, Row>> {
+    Entity::ALL
+        .into_iter()
+        .map(|e| (e, keyed(e, read_csv(out, e, location))))
+        .collect()
+}
+
+fn assert_same_output(expected: &Path, actual: &Path, location: &str) {
+    let (e, a) = (rows(expected, location), rows(actual, location));
+    for entity in Entity::ALL {
+        assert!(
+            !e[&entity].is_empty(),
+            "{entity}: the reference export has rows"
+        );
+        assert_same_rows(entity.name(), &e[&entity], &a[&entity]);
+    }
+}
+
+/// The reference: every child per contact.
+async fn per_contact(sim: &TestSim, out: &Path) {
+    let o = run_to_end(sim, out, &["--format", "csv", "--children-by", "contact"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn strategy(m: &Manifest, entity: &str) -> String {
+    m.children_by
+        .get(entity)
+        .unwrap_or_else(|| panic!("the manifest reports {entity}'s strategy: {m:?}"))
+        .strategy
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_by_location_equals_children_by_contact_row_for_row_at_under_1_1_requests_per_contact(
+) {
+    let n = 3_000;
+    let sim = TestSim::start(fast_sim(n, 131)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, by_location) = (dir.path().join("contact"), dir.path().join("location"));
+    per_contact(&sim, &by_contact).await;
+    let o = run_to_end(
+        &sim,
+        &by_location,
+        &["--format", "csv", "--children-by", "location"],
+    )
+    .await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_output(&by_contact, &by_location, &sim.location());
+
+    let m = manifest(&by_location);
+    assert_eq!(strategy(&m, "tasks"), "location");
+    assert_eq!(strategy(&m, "appointments"), "location");
+    assert!(m.children_by["tasks"].verified_contacts > 0, "{m:?}");
+    let spent = m.requests.succeeded();
+    assert!(
+        spent as f64 <= 1.1 * n as f64,
+        "the issue's bound: at most 1.1 N requests; spent {spent} for {n} contacts ({:?})",
+        m.requests
+    );
+    assert!(m.requests.location_tasks > 0 && m.requests.location_events > 0);
+    let reference = manifest(&by_contact).requests.succeeded();
+    assert!(
+        reference >= 3 * n as u64,
+        "per contact costs 3 N: {reference}"
+    );
+}
+
+/// The export without `--quiet`: its warnings are what the test reads.
+fn loud_export(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args([
+        "export",
+        "--location",
+        &sim.location(),
+        "--out",
+        out.to_str().unwrap(),
+        "--rate-limit",
+        "off",
+        "--concurrency",
+        "16",
+    ])
+    .args(extra)
+    .env("HL_TOKEN", "test-token")
+    .env("HL_BASE_URL", &sim.base_url)
+    .env_remove("RUST_LOG")
+    .kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_without_the_task_scope_exports_tasks_per_contact_with_one_warning_naming_it() {
+    let n = 2_000;
+    let scopes = [
+        "contacts.readonly",
+        "calendars.readonly",
+        "calendars/events.readonly",
+    ];
+    let sim = TestSim::start(SimConfig {
+        scopes: Some(scopes.iter().map(|s| s.to_string()).collect()),
+        ..fast_sim(n, 132)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, auto) = (dir.path().join("contact"), dir.path().join("auto"));
+    per_contact(&sim, &by_contact).await;
+    // --children-by auto is the default.
+    let o = loud_export(&sim, &auto, &["--format", "csv"])
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(
+        err.matches("locations/tasks.readonly").count(),
+        1,
+        "one warning naming the scope:\n{err}"
+    );
+    assert!(
+        !err.contains("calendars"),
+        "no other scope is missing:\n{err}"
+    );
+    assert_same_output(&by_contact, &auto, &sim.location());
+    let m = manifest(&auto);
+    assert_eq!(strategy(&m, "tasks"), "contact");
+    assert!(
+        m.children_by["tasks"]
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("locations/tasks.readonly"),
+        "{m:?}"
+    );
+    assert_eq!(strategy(&m, "appointments"), "location");
+    assert_eq!(m.requests.tasks, n as u64, "tasks came per contact");
+    assert_eq!(m.requests.location_tasks, 0, "the 401 is not a success");
+}
+
+/// A proxy in front of the simulator that hides every fifth task (by id) from the
+/// location-wide task search: the per-contact routes still show them.
+async fn hiding_proxy(upstream: String) -> String {
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::response::Response;
+    async fn forward(State(up): State<Arc<(String, reqwest::Client)>>, req: Request) -> Response {
+        let (parts, body) = req.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+        let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut rb =
+            up.1.request(parts.method.clone(), format!("{}{pq}", up.0))
+                .body(body);
+        for (k, v) in &parts.headers {
+            if k != "host" && k != "content-length" {
+                rb = rb.header(k, v);
+            }
+        }
+        let resp = rb.send().await.unwrap();
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let mut bytes = resp.bytes().await.unwrap().to_vec();
+        if parts.uri.path().ends_with("/tasks/search") && status.is_success() {
+            let mut v: Value = serde_json::from_slice(&bytes).unwrap();
+            if let Some(tasks) = v["tasks"].as_array_mut() {
+                tasks.retain(|t| {
+                    let id = t["id"].as_str().unwrap_or_default();
+                    id.bytes().map(u64::from).sum::<u64>() % 5 != 0
+                });
+            }
+            bytes = serde_json::to_vec(&v).unwrap();
+        }
+        let mut out = Response::builder().status(status);
+        for (k, v) in &headers {
+            if !["content-length", "transfer-encoding", "content-encoding"].contains(&k.as_str()) {
+                out = out.header(k, v);
+            }
+        }
+        out.body(Body::from(bytes)).unwrap()
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new((upstream, reqwest::Client::new()));
+    let app = axum::Router::new().fallback(forward).with_state(state);
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_search_that_hides_tasks_is_caught_by_the_sample_and_tasks_fall_back_to_per_contact()
+{
+    let sim = TestSim::start(fast_sim(2_000, 134)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, hidden) = (dir.path().join("contact"), dir.path().join("hidden"));
+    per_contact(&sim, &by_contact).await;
+    let proxy = hiding_proxy(sim.base_url.clone()).await;
+    let o = loud_export(
+        &sim,
+        &hidden,
+        &[
+            "--format",
+            "csv",
+            "--children-by",
+            "location",
+            "--verify-sample",
+            "0.05",
+        ],
+    )
+    .env("HL_BASE_URL", &proxy)
+    .output()
+    .await
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("sampled contacts have other tasks"),
+        "a warning reports the difference:\n{}",
+        stderr(&o)
+    );
+    // Still exactly the per-contact rows: the location-wide tasks were discarded.
+    assert_same_output(&by_contact, &hidden, &sim.location());
+    let m = manifest(&hidden);
+    let tasks = &m.children_by["tasks"];
+    assert_eq!(tasks.strategy, "contact");
+    assert!(tasks.difference.is_some(), "{m:?}");
+    assert_eq!(strategy(&m, "appointments"), "location");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() {
+    let n = 3_000u64;
+    let sim = TestSim::start(fast_sim(n as usize, 135)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, killed) = (dir.path().join("contact"), dir.path().join("killed"));
+    per_contact(&sim, &by_contact).await;
+    // Every request answered after 20 ms: the task pages, one after another, take about a
+    // second, and the kill lands among them.
+    sim.sim.set_faults(contacts_etl::sim::Faults {
+        slow_rate: 1.0,
+        slow_delay: Duration::from_millis(20),
+        ..Default::default()
+    });
+    let flags = [
+        "--format",
+        "csv",
+        "--children-by",
+        "location",
+        "--part-contacts",
+        "200",
+    ];
+    let start = sim.sim.stats().requests;
+    // The listing (n / 100 pages) and the notes (one per contact), then ten task pages.
+    let mark = start + n / 100 + 1 + n + 10;
+    let mut child = export_cmd(&sim, &killed, &flags).spawn().unwrap();
+    tokio::select! {
+        status = child.wait() => panic!("the export ended ({:?}) before its kill mark", status.unwrap()),
+        () = until_requests(&sim.sim, mark, "the kill mark in the task search") => {
+            child.start_kill().unwrap(); // SIGKILL
+            child.wait().await.unwrap();
+        }
+    }
+    let ck: Value = serde_json::from_slice(
+        &std::fs::read(
+            killed
+                .join("_state")
+                .join(format!("location_id={}", sim.location()))
+                .join("checkpoint.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(ck["complete"], false);
+    assert_eq!(
+        ck["wide"]["entities"]["tasks"]["stage"], "listing",
+        "killed while the task search was paged, with pages committed: {ck}"
+    );
+    sim.sim.set_faults(Default::default());
+    let o = run_to_end(&sim, &killed, &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_output(&by_contact, &killed, &sim.location());
+    let m = manifest(&killed);
+    assert_eq!(m.resumed, 1);
+    assert_eq!(strategy(&m, "tasks"), "location");
+}
