@@ -159,7 +159,10 @@ mod tests {
     fn per_contact_children_cost_three_requests_a_contact_plus_the_pages() {
         let e = Estimate::of(&input());
         assert_eq!(e.listing, 201);
-        assert_eq!((e.tasks, e.notes, e.appointments, e.verify), (100_000, 100_000, 100_000, 0));
+        assert_eq!(
+            (e.tasks, e.notes, e.appointments, e.verify),
+            (100_000, 100_000, 100_000, 0)
+        );
         assert_eq!(e.total, 300_201);
         let get = Estimate::of(&CostInput {
             search: false,

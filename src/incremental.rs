@@ -55,6 +55,14 @@ impl RunKind {
         }
     }
 
+    /// The kind a listing that cannot filter (`GET /contacts/`) runs instead: a walk.
+    pub fn unfiltered(self) -> RunKind {
+        match self {
+            RunKind::Filtered { .. } => RunKind::Walk,
+            other => other,
+        }
+    }
+
     /// Chooses the kind of the next incremental run. `prev`: whether a state exists;
     /// `meta`: what the last complete run left; `can_filter`: whether the listing can filter
     /// by `dateUpdated` (the search can, `GET /contacts/` cannot).

@@ -13,6 +13,7 @@
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
 //! - [`durable`]: the one atomic file write (temp, fsync, rename, fsync the directory) and the
 //!   run lock (`File::try_lock`).
+//! - [`estimate`]: what an export will cost in requests, per strategy (`contacts-etl plan`).
 //! - [`export`]: the export run: plan, pipeline from extractor to sinks, manifest.
 //! - [`import`]: the bulk import: CSV validated first, journaled writes, resume, undo.
 //! - [`auth`]: OAuth 2.0 for Marketplace apps: login, the 0600 token store, refreshing token
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod cli;
 pub mod durable;
+pub mod estimate;
 pub mod export;
 pub mod extract;
 pub mod fanout;

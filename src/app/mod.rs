@@ -20,6 +20,7 @@ pub mod export;
 pub mod import;
 pub mod outcome;
 pub mod pipeline;
+pub mod plan;
 pub mod report;
 
 pub use conn::{Connection, TokenRef};

@@ -84,6 +84,12 @@ pub enum Command {
     ///
     /// Example: HL_TOKEN=pit-... contacts-etl export --location ve9EPM428h8vShlRW1KT --out ./export
     Export(ExportArgs),
+    /// Say what an export with the same flags will cost, for one or two requests: the
+    /// requests each strategy needs, the time at the rate limit, the days of daily quota, and
+    /// what the export will do.
+    ///
+    /// Example: HL_TOKEN=pit-... contacts-etl plan --location ve9EPM428h8vShlRW1KT --out ./export
+    Plan(PlanArgs),
     /// Run the built-in API simulator (for trying the tool and for tests), until Ctrl-C.
     ///
     /// Serves GET /contacts/, business listings, per-contact tasks, notes and appointments and
@@ -119,6 +125,16 @@ pub enum Command {
     ///
     /// Example: contacts-etl completions bash > /etc/bash_completion.d/contacts-etl
     Completions(CompletionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub export: ExportArgs,
+
+    /// Print the plan as JSON on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -560,6 +576,7 @@ impl ExportArgs {
 pub async fn dispatch(cli: &Cli) -> Outcome {
     match &cli.command {
         Command::Export(args) => run_export(args, cli.quiet).await,
+        Command::Plan(args) => run_plan(args).await,
         Command::Sim(args) => match run_sim(args, cli.quiet).await {
             Ok(()) => Outcome::Complete,
             Err(e) => e.into(),
@@ -581,6 +598,86 @@ fn install_interrupt(interrupt: &Interrupt) -> Result<(), Outcome> {
     crate::export::interrupt::install(interrupt).map_err(|e| {
         Outcome::from(anyhow::Error::from(e).context("cannot install the SIGTERM/SIGINT handlers"))
     })
+}
+
+/// `contacts-etl plan`: prints the estimate as a table, or as JSON.
+async fn run_plan(args: &PlanArgs) -> Outcome {
+    let plan = match crate::app::plan::run(&args.export.job()).await {
+        Ok(p) => p,
+        Err(outcome) => return outcome,
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&plan).unwrap_or_default()
+        );
+    } else {
+        print!("{}", plan_table(&plan));
+    }
+    Outcome::Complete
+}
+
+/// The plan as a person reads it.
+fn plan_table(p: &crate::app::plan::QuotaPlan) -> String {
+    use std::fmt::Write;
+    let mut t = String::new();
+    let changed = match (&p.changed, &p.changed_since) {
+        (Some(c), Some(since)) => format!(", {c} updated since {since}"),
+        (Some(c), None) => format!(", {c} updated since the last run"),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        t,
+        "location {}: {} contacts{changed}; {} request(s) spent on this plan",
+        crate::term::escape(&p.location_id),
+        p.contacts,
+        p.requests_spent
+    );
+    let rate = p.rate_limit.as_deref().unwrap_or("no limit");
+    let _ = writeln!(
+        t,
+        "\n{:<78} {:>10} {:>12} {:>10}",
+        "strategy",
+        "requests",
+        format!("h at {rate}"),
+        "days"
+    );
+    for s in p.strategies.iter().chain(std::iter::once(&p.chosen)) {
+        let name = if std::ptr::eq(s, &p.chosen) {
+            format!("this export: {}", s.name)
+        } else {
+            s.name.clone()
+        };
+        let _ = writeln!(
+            t,
+            "{:<78} {:>10} {:>12.1} {:>10.2}",
+            name, s.estimate.total, s.hours_at_limit, s.days_of_quota
+        );
+    }
+    let e = &p.chosen.estimate;
+    let _ = writeln!(
+        t,
+        "\nthis export ({} run, {} listing): {} requests = {} listing + {} tasks + {} notes + {} appointments + {} verification",
+        p.run_kind, p.listing, e.total, e.listing, e.tasks, e.notes, e.appointments, e.verify
+    );
+    let days = p.chosen.days_of_quota;
+    let _ = writeln!(
+        t,
+        "daily quota {}{}: {}",
+        p.daily_limit,
+        p.daily_remaining
+            .map(|r| format!(" ({r} left now)"))
+            .unwrap_or_default(),
+        if days > 1.0 {
+            format!("about {:.0} days; the export stops at the reserve each day (exit 75) and resumes when rerun", days.ceil())
+        } else {
+            "fits in one day".into()
+        }
+    );
+    for n in &p.notes {
+        let _ = writeln!(t, "note: {n}");
+    }
+    t
 }
 
 /// `contacts-etl export`: runs the job with a progress display and prints the summary.

@@ -148,13 +148,13 @@ pub struct IncrementalPlan {
 }
 
 impl IncrementalPlan {
-    fn state_file(&self, location_id: &str) -> PathBuf {
+    pub fn state_file(&self, location_id: &str) -> PathBuf {
         self.state_dir
             .join(format!("location_id={location_id}"))
             .join("contacts-state.tsv")
     }
 
-    fn meta_file(&self, location_id: &str) -> PathBuf {
+    pub fn meta_file(&self, location_id: &str) -> PathBuf {
         self.state_dir
             .join(format!("location_id={location_id}"))
             .join("incremental.json")
@@ -900,7 +900,7 @@ async fn decide(
             )))
         }
         None => match plan.listing {
-            Listing::Get => (demote(kind), Source::Get(None)),
+            Listing::Get => (kind.unfiltered(), Source::Get(None)),
             Listing::Search => (
                 kind,
                 Source::Search {
@@ -918,7 +918,7 @@ async fn decide(
                         prefetched: Some(page),
                     },
                 ),
-                None => (demote(kind), Source::Get(None)),
+                None => (kind.unfiltered(), Source::Get(None)),
             },
         },
     };
@@ -936,14 +936,6 @@ async fn decide(
         tracing::info!(location = %plan.location_id, since = %crate::timefmt::format_iso_millis(since_ms), "incremental run: listing only the contacts updated since");
     }
     Ok(source)
-}
-
-/// The GET listing cannot filter: a filtered run through it walks every contact instead.
-fn demote(kind: RunKind) -> RunKind {
-    match kind {
-        RunKind::Filtered { .. } => RunKind::Walk,
-        other => other,
-    }
 }
 
 /// The pages of a [`Source`].
