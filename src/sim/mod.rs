@@ -19,6 +19,8 @@
 //!   hold the handlers; `mutate` the incremental-export helper.
 //! - `search`: `POST /contacts/search` (the listing's successor: the same index, a
 //!   `searchAfter` cursor, a `dateUpdated` range filter).
+//! - `wide`: location-wide reads: custom field definitions, task search, calendars and
+//!   their events.
 //!
 //! Memory stays small because base contacts are never stored: a location of N contacts costs
 //! about 12 bytes per contact until it is written to.
@@ -59,6 +61,7 @@ mod rng;
 mod routes;
 mod search;
 mod store;
+mod wide;
 mod write;
 
 #[cfg(test)]

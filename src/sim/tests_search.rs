@@ -340,3 +340,78 @@ async fn search_cost() {
     }
     println!("20 unfiltered pages of 500: {:?}", t.elapsed());
 }
+
+#[tokio::test]
+async fn custom_fields_define_every_id_the_contacts_use() {
+    let (sim, c) = start(unlimited(300)).await;
+    let r = c
+        .get(&format!("/locations/{LOC}/customFields?model=contact"))
+        .await;
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    let defs = v["customFields"].as_array().expect("customFields");
+    let defined: HashSet<&str> = defs.iter().map(id).collect();
+    let used: HashSet<String> = sim
+        .contacts(LOC)
+        .iter()
+        .flat_map(|c| c["customFields"].as_array().cloned().unwrap_or_default())
+        .filter_map(|f| f["id"].as_str().map(String::from))
+        .collect();
+    assert!(!used.is_empty());
+    for u in &used {
+        assert!(defined.contains(u.as_str()), "{u} is used but not defined");
+    }
+    for d in defs {
+        for key in ["name", "placeholder", "dataType"] {
+            assert!(
+                d[key].as_str().is_some_and(|s| !s.is_empty()),
+                "{key} in {d}"
+            );
+        }
+        assert!(d["fieldKey"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("contact.")));
+        assert!(d["position"].is_u64() && d["picklistOptions"].is_array());
+        assert_eq!(
+            (d["locationId"].as_str(), d["model"].as_str()),
+            (Some(LOC), Some("contact"))
+        );
+    }
+    let keys: HashSet<&str> = defs.iter().filter_map(|d| d["fieldKey"].as_str()).collect();
+    assert_eq!(keys.len(), defs.len(), "keys are unique");
+    let list = defs
+        .iter()
+        .find(|d| d["dataType"] == "MULTIPLE_OPTIONS")
+        .expect("a list field");
+    assert_eq!(list["picklistOptions"].as_array().map(Vec::len), Some(4));
+
+    // Without `model`, the same; opportunities: none; anything else: 422.
+    assert_eq!(
+        c.get(&format!("/locations/{LOC}/customFields"))
+            .await
+            .json(),
+        v
+    );
+    let r = c
+        .get(&format!("/locations/{LOC}/customFields?model=opportunity"))
+        .await;
+    assert_eq!(r.json()["customFields"], json!([]));
+    let r = c
+        .get(&format!("/locations/{LOC}/customFields?model=deal"))
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        r.json()["message"][0],
+        "model must be one of the following values: contact, opportunity, all"
+    );
+    let r = c
+        .get("/locations/someoneElsesLocation1/customFields?model=contact")
+        .await;
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        sim.stats()
+            .by_route
+            .get("GET /locations/:locationId/customFields"),
+        Some(&5)
+    );
+}
