@@ -559,6 +559,24 @@ impl LocationGen {
             .collect()
     }
 
+    /// How many tasks [`LocationGen::children`] gives `slot`, without building them: the
+    /// first draws of the same stream.
+    pub(crate) fn task_count(&self, slot: u32) -> usize {
+        let mut r = Rng::new(hash(&[self.seed, 50, u64::from(self.loc), u64::from(slot)]));
+        r.chance(ADVERSARIAL);
+        child_count(&mut r, 3) as usize
+    }
+
+    /// The location's calendars; every generated appointment is in one of them.
+    pub(crate) fn calendars(&self) -> &[String] {
+        &self.calendars
+    }
+
+    /// The calendar group of every calendar and appointment of the location.
+    pub(crate) fn group_id(&self) -> String {
+        opaque_id(hash(&[self.seed, 54, u64::from(self.loc)]))
+    }
+
     /// The base children of the contact in `slot`; `added` is the contact's dateAdded.
     pub(crate) fn children(&self, slot: u32, added: i64) -> Children {
         let (l, s) = (u64::from(self.loc), u64::from(slot));
@@ -573,15 +591,7 @@ impl LocationGen {
                 _ => F::Val(normal.into()),
             }
         };
-        let counts = |r: &mut Rng, max: u64| -> u64 {
-            match r.below(20) {
-                0..=5 => 0,
-                6..=12 => 1,
-                13..=16 => 2.min(max),
-                _ => max,
-            }
-        };
-        let tasks = (0..counts(&mut r, 3))
+        let tasks = (0..child_count(&mut r, 3))
             .map(|j| Task {
                 id: opaque_id(hash(&[self.seed, 51, l, s, j])),
                 title: {
@@ -601,7 +611,7 @@ impl LocationGen {
                 contact_id: contact_id.clone(),
             })
             .collect();
-        let notes = (0..counts(&mut r, 3))
+        let notes = (0..child_count(&mut r, 3))
             .map(|j| Note {
                 id: opaque_id(hash(&[self.seed, 52, l, s, j])),
                 body: {
@@ -628,7 +638,7 @@ impl LocationGen {
                 },
             })
             .collect();
-        let events = (0..counts(&mut r, 2))
+        let events = (0..child_count(&mut r, 2))
             .map(|j| {
                 let start =
                     added + r.range(1, 90) * 86_400_000 / 24 * 24 + r.range(8, 17) * 3_600_000;
@@ -672,7 +682,7 @@ impl LocationGen {
                     },
                     location_id: self.location_id.clone(),
                     contact_id: contact_id.clone(),
-                    group_id: opaque_id(hash(&[self.seed, 54, l])),
+                    group_id: self.group_id(),
                     appointment_status: if status == "booked" {
                         "confirmed"
                     } else {
@@ -702,6 +712,16 @@ impl LocationGen {
         } else {
             F::Absent
         }
+    }
+}
+
+/// How many children of one kind a contact has: none, one, two or `max`.
+fn child_count(r: &mut Rng, max: u64) -> u64 {
+    match r.below(20) {
+        0..=5 => 0,
+        6..=12 => 1,
+        13..=16 => 2.min(max),
+        _ => max,
     }
 }
 

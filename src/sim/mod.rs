@@ -204,7 +204,6 @@ pub struct Sim {
     idle: tokio::sync::Notify,
 }
 
-#[derive(Default)]
 struct Counters {
     requests: AtomicU64,
     by_route: [AtomicU64; Kind::COUNT],
@@ -213,6 +212,21 @@ struct Counters {
     faults: AtomicU64,
     writes_in_flight: AtomicU64,
     writes_abandoned: AtomicU64,
+}
+
+// Not derived: `Default` stops at arrays of 32.
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            requests: AtomicU64::default(),
+            by_route: std::array::from_fn(|_| AtomicU64::default()),
+            rate_limited: AtomicU64::default(),
+            quota_exceeded: AtomicU64::default(),
+            faults: AtomicU64::default(),
+            writes_in_flight: AtomicU64::default(),
+            writes_abandoned: AtomicU64::default(),
+        }
+    }
 }
 
 /// One write between being accepted and being applied; dropping it (also on a panic) marks

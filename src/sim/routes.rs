@@ -25,8 +25,10 @@ use super::http::{ApiError, Kind, Params, Reply, Req, Route};
 use super::limit::{RateHeaders, Verdict};
 use super::{oauth, read, search, wide, write, Sim};
 
-/// The only API version the simulator (and the real v2 API) accepts.
+/// The only API version the simulator (and the real v2 API) accepts, but for calendars.
 const API_VERSION: &str = "2021-07-28";
+/// The version the calendars routes take (`apps/calendars.json`).
+const CALENDARS_VERSION: &str = "2021-04-15";
 /// Request bodies above this are refused.
 const MAX_BODY: usize = 8 << 20;
 
@@ -53,6 +55,9 @@ impl Kind {
                 | Kind::Appointments
                 | Kind::Location
                 | Kind::CustomFields
+                | Kind::LocationTasks
+                | Kind::Calendars
+                | Kind::CalendarEvents
                 | Kind::Unknown
         )
     }
@@ -88,12 +93,23 @@ impl Kind {
             | Kind::RemoveTags => "contacts.write",
             Kind::Location => "locations.readonly",
             Kind::CustomFields => "locations/customFields.readonly",
+            Kind::LocationTasks => "locations/tasks.readonly",
+            Kind::Calendars => "calendars.readonly",
+            Kind::CalendarEvents => "calendars/events.readonly",
             Kind::Authorize
             | Kind::OAuthToken
             | Kind::LocationToken
             | Kind::InstalledLocations
             | Kind::Unknown => return None,
         })
+    }
+
+    /// The `Version` header this route takes; any other is a 400.
+    fn version(self) -> &'static str {
+        match self {
+            Kind::Calendars | Kind::CalendarEvents => CALENDARS_VERSION,
+            _ => API_VERSION,
+        }
     }
 }
 
@@ -143,6 +159,9 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
         (M::Get, ["locations", id]) => (Kind::Location, *id, ""),
         (M::Get, ["locations", id, "customFields"]) => (Kind::CustomFields, *id, ""),
+        (M::Post, ["locations", id, "tasks", "search"]) => (Kind::LocationTasks, *id, ""),
+        (M::Get, ["calendars"]) => (Kind::Calendars, "", ""),
+        (M::Get, ["calendars", "events"]) => (Kind::CalendarEvents, "", ""),
         (M::Get, ["oauth", "chooselocation"]) => (Kind::Authorize, "", ""),
         (M::Post, ["oauth", "token"]) => (Kind::OAuthToken, "", ""),
         (M::Post, ["oauth", "locationToken"]) => (Kind::LocationToken, "", ""),
@@ -204,7 +223,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             .map(|q| q.0)
             .unwrap_or_default();
         let location = match route.kind {
-            Kind::Location | Kind::CustomFields => Some(route.id.as_str()),
+            Kind::Location | Kind::CustomFields | Kind::LocationTasks => Some(route.id.as_str()),
             _ => params.get("locationId").map(String::as_str),
         };
         let refused = match sim.oauth.check(token, location) {
@@ -241,7 +260,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         }
     }
     let version = parts.headers.get("version").and_then(|v| v.to_str().ok());
-    if version.map(str::trim) != Some(API_VERSION) {
+    if version.map(str::trim) != Some(route.kind.version()) {
         let body = json!({"statusCode": 400, "message": "Version header is missing or invalid", "traceId": sim.trace_id()});
         let reply = Reply::new(StatusCode::BAD_REQUEST, &body);
         return respond(reply.status, reply.body, &rate, None);
@@ -386,6 +405,9 @@ fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
         Kind::Duplicate => read::duplicate(req),
         Kind::Location => read::location_info(req),
         Kind::CustomFields => wide::custom_fields(req),
+        Kind::LocationTasks => wide::tasks(req),
+        Kind::Calendars => wide::calendars(req),
+        Kind::CalendarEvents => wide::events(req),
         Kind::Create => write::create(req),
         Kind::Upsert => write::upsert(req),
         Kind::Update => write::update(req),
