@@ -541,6 +541,7 @@ pub(crate) fn task(req: &Req<'_>) -> Result<Reply, ApiError> {
             }
         };
         touch(l.contact_mut(slot));
+        l.sync_task_count(slot);
         Ok(Reply::new(status, &body))
     })
 }
