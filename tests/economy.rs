@@ -194,3 +194,62 @@ fn read_ids(out: &Path, entity: &str, loc: &str) -> BTreeSet<String> {
     }
     ids
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_prints_its_figures_after_two_requests_and_the_export_then_spends_within_five_percent()
+{
+    let n = 100_000;
+    let sim = TestSim::start(fast_sim(n, 134)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = tokio::process::Command::new(BIN)
+        .args([
+            "plan",
+            "--json",
+            "--location",
+            &sim.location(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env("HL_TOKEN", "test-token")
+        .env("HL_BASE_URL", &sim.base_url)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let plan: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(sim.sim.stats().requests <= 2, "{:?}", sim.sim.stats());
+    assert_eq!(plan["requestsSpent"], sim.sim.stats().requests);
+    assert_eq!(plan["contacts"], n as u64);
+    assert_eq!(plan["listing"], "search");
+    let strategies = plan["strategies"].as_array().unwrap();
+    assert_eq!(strategies.len(), 3, "{plan}");
+    for s in strategies {
+        assert!(s["hoursAtLimit"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["daysOfQuota"].as_f64().unwrap() > 0.0, "{s}");
+    }
+    let estimate = plan["chosen"]["estimate"]["total"].as_u64().unwrap();
+
+    let before = sim.sim.stats().requests;
+    let o = run_to_end(&sim, &out, &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let spent = report(&out)["requests"]["attempts"].as_u64().unwrap();
+    assert_eq!(spent, sim.sim.stats().requests - before);
+    let off = (spent as f64 - estimate as f64).abs() / spent as f64;
+    assert!(
+        off <= 0.05,
+        "the plan said {estimate} requests, the export spent {spent} ({:.1}% off)",
+        off * 100.0
+    );
+    // The location-wide strategy: about one request a contact (notes), not three.
+    assert!(
+        spent as f64 <= 1.1 * n as f64,
+        "{spent} requests for {n} contacts"
+    );
+    assert_eq!(
+        report(&out)["estimate"]["total"].as_u64(),
+        Some(estimate),
+        "the run report holds the estimate beside what it spent"
+    );
+}

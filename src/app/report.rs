@@ -54,6 +54,11 @@ pub struct RunReport {
     pub skipped: Vec<crate::fanout::SkippedRequest>,
     /// Requests of this run, by kind, with retries and 429s.
     pub requests: StatsSnapshot,
+    /// What `contacts-etl plan`'s model gives for this run (the contacts it listed, its kind,
+    /// listing and children strategy), beside `requests.attempts`; absent before the run
+    /// chose its listing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<crate::estimate::Estimate>,
     /// Share of the rate limit in force that this run used (successful requests / allowed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_share: Option<f64>,
@@ -151,6 +156,7 @@ impl RunReport {
                 _ => None,
             },
             listing: ck.as_ref().and_then(|c| c.listing_used.clone()),
+            estimate: ck.as_ref().and_then(|c| super::plan::of_run(plan, c)),
             out: plan.out.display().to_string(),
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
