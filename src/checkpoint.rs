@@ -32,6 +32,9 @@ pub struct Settings {
     pub format: String,
     pub page_size: u32,
     pub incremental: bool,
+    /// `--custom-fields wide`: the contacts parts have the wide columns.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wide_custom_fields: bool,
 }
 
 impl Settings {
@@ -72,6 +75,14 @@ impl Settings {
             diffs.push(format!(
                 "--incremental {} (checkpoint: {})",
                 self.incremental, other.incremental
+            ));
+        }
+        if self.wide_custom_fields != other.wide_custom_fields {
+            let name = |wide: bool| if wide { "wide" } else { "ids" };
+            diffs.push(format!(
+                "--custom-fields {} (checkpoint: {})",
+                name(self.wide_custom_fields),
+                name(other.wide_custom_fields)
             ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
@@ -212,6 +223,7 @@ mod tests {
             format: "parquet".into(),
             page_size: 100,
             incremental: false,
+            wide_custom_fields: false,
         }
     }
 

@@ -12,7 +12,9 @@ use super::conn::{check_ids, Connection};
 use super::outcome::{export_outcome, Outcome};
 use super::report::{RunReport, Started};
 use crate::api::Client;
-use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress};
+use crate::export::{
+    Budget, CustomFieldsMode, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress,
+};
 use crate::fanout::Include;
 use crate::sink::Format;
 
@@ -39,6 +41,8 @@ pub struct ExportSettings {
     /// Most child requests the API may refuse for good before the run fails; up to it each is
     /// skipped and listed in the report.
     pub max_skipped: u64,
+    /// `--custom-fields`: `Wide` adds one contacts column per custom field.
+    pub custom_fields: CustomFieldsMode,
 }
 
 impl ExportSettings {
@@ -57,6 +61,7 @@ impl ExportSettings {
             state_dir: None,
             partition_by_date: false,
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
+            custom_fields: CustomFieldsMode::Ids,
         }
     }
 
@@ -101,6 +106,7 @@ pub fn plan(
     plan.window = (conn.concurrency * 8).max(plan.page_size as usize + 28);
     plan.restart = s.restart;
     plan.max_skipped = s.max_skipped;
+    plan.custom_fields = s.custom_fields;
     plan.budget = s.budget.clone();
     if s.incremental {
         plan.incremental = Some(IncrementalPlan {

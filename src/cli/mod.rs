@@ -217,6 +217,14 @@ pub struct ExportArgs {
     /// listed under 'skipped' in the report and the manifest, and the run exits 9.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub max_skipped: u64,
+
+    /// How contacts show custom fields: ids (the customFields column, [{id, value}] as the API
+    /// sends it) or wide (also one column per custom field, named by its key: fieldKey without
+    /// 'contact.'; numbers as doubles, the rest as text). Either way the location's field
+    /// definitions go to the custom_fields table (token scope locations/customFields.readonly;
+    /// without it, a warning and no table).
+    #[arg(long, default_value = "ids", value_name = "ids|wide", value_parser = clap::builder::ValueParser::new(str::parse::<crate::export::CustomFieldsMode>))]
+    pub custom_fields: crate::export::CustomFieldsMode,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -487,6 +495,7 @@ impl ExportArgs {
         settings.full_refresh = self.full_refresh;
         settings.state_dir = self.state_dir.clone();
         settings.max_skipped = self.max_skipped;
+        settings.custom_fields = self.custom_fields;
         ExportJob {
             location: self.location.clone(),
             settings,

@@ -14,6 +14,7 @@
 //! page as a [`SkippedRequest`] and listed under `skipped` in the manifest, up to
 //! [`ExportPlan::max_skipped`]; beyond that the run fails ([`ExportError::TooManySkipped`]).
 
+mod custom_fields;
 pub mod interrupt;
 mod resources;
 mod writer;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use custom_fields::CustomFieldsMode;
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
 
@@ -81,6 +83,8 @@ pub struct ExportPlan {
     /// Most child requests refused for good that a run may skip (all attempts of a resumed
     /// run together); one more fails the run with [`ExportError::TooManySkipped`].
     pub max_skipped: u64,
+    /// `--custom-fields`: also one contacts column per custom field (`Wide`).
+    pub custom_fields: CustomFieldsMode,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -160,6 +164,7 @@ impl ExportPlan {
             manifest_path: None,
             interrupt: Interrupt::default(),
             max_skipped: DEFAULT_MAX_SKIPPED,
+            custom_fields: CustomFieldsMode::Ids,
         }
     }
 
@@ -178,6 +183,7 @@ impl ExportPlan {
             format: self.format.extension().into(),
             page_size: self.page_size,
             incremental: self.incremental.is_some(),
+            wide_custom_fields: self.custom_fields == CustomFieldsMode::Wide,
         }
     }
 }
@@ -327,6 +333,7 @@ pub async fn run(
         }
     }
     progress.resumed_from.store(ck.contacts_listed, Relaxed);
+    let (ck, wide) = custom_fields::prepare(&client, plan, ck, &ck_path).await?;
 
     let prev = match &plan.incremental {
         Some(inc) if !inc.full_refresh => {
@@ -352,6 +359,7 @@ pub async fn run(
             seen,
             prev.clone(),
             progress,
+            wide,
         )
         .await?
     };
@@ -474,6 +482,7 @@ async fn stream(
     seen: Option<SeenLog>,
     prev: Option<Arc<PrevState>>,
     progress: Arc<Progress>,
+    wide: Option<Arc<crate::schema::WideColumns>>,
 ) -> Result<Checkpoint, ExportError> {
     let pages = listing(client.clone(), plan, ck.position.clone()).map({
         let progress = progress.clone();
@@ -507,6 +516,7 @@ async fn stream(
             commit_interval: plan.commit_interval,
             checkpoint_path: ck_path.to_path_buf(),
             seen,
+            wide,
         },
         ck,
         // In pages: as many as the fan-out window holds, and one more.
@@ -759,7 +769,9 @@ fn remove_parts(
     remove: impl Fn(&str) -> bool,
 ) -> Result<usize, ExportError> {
     let mut removed = 0;
-    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+    for entity in Entity::ALL
+        .into_iter()
+        .chain([Entity::DeletedContacts, Entity::CustomFields]) {
         let rel_dir = partition.rel_dir(entity);
         let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else {
             continue;

@@ -37,12 +37,14 @@
 
 mod builder;
 mod decode;
+mod wide;
 
 use std::sync::{Arc, OnceLock};
 
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 pub use builder::BatchBuilder;
+pub use wide::{WideColumn, WideColumns, WIDE_COLUMNS_KEY};
 pub(crate) use decode::push_json_string;
 
 /// Version of the column layout below. Bump it when a column is added, removed, renamed or
@@ -61,6 +63,9 @@ pub enum Entity {
     Appointments,
     /// Contacts an incremental run no longer found: `id`, last known `dateUpdated`, `locationId`.
     DeletedContacts,
+    /// The location's contact custom field definitions (`GET /locations/:id/customFields`),
+    /// written once per run: what the ids in the contacts' `customFields` stand for.
+    CustomFields,
 }
 
 impl Entity {
@@ -72,7 +77,7 @@ impl Entity {
     ];
 
     /// Number of variants (sizes per-entity tables indexed by `self as usize`).
-    pub(crate) const COUNT: usize = 5;
+    pub(crate) const COUNT: usize = 6;
 
     /// The table name, also the directory name under the output root.
     pub fn name(self) -> &'static str {
@@ -82,6 +87,7 @@ impl Entity {
             Entity::Notes => "notes",
             Entity::Appointments => "appointments",
             Entity::DeletedContacts => "deleted_contacts",
+            Entity::CustomFields => "custom_fields",
         }
     }
 
@@ -101,6 +107,7 @@ impl Entity {
             Entity::Notes => NOTES,
             Entity::Appointments => APPOINTMENTS,
             Entity::DeletedContacts => DELETED_CONTACTS,
+            Entity::CustomFields => CUSTOM_FIELDS,
         }
     }
 }
@@ -134,8 +141,7 @@ pub enum DecodeError {
 pub(crate) enum Kind {
     Str,
     Bool,
-    /// No column of schema version 1 uses it; kept so a new integer field is one line.
-    #[allow(dead_code)]
+    /// `custom_fields`' `position` and `maxFileLimit`.
     Int,
     Ts,
     StrList,
@@ -187,7 +193,7 @@ const EXTRA: Column = Column {
     role: Role::Extra,
 };
 
-use Kind::{Bool, CustomFields, Json, Str, StrList, Ts};
+use Kind::{Bool, CustomFields, Int, Json, Str, StrList, Ts};
 
 const CONTACTS: &[Column] = &[
     col("id", Str),
@@ -239,6 +245,24 @@ const DELETED_CONTACTS: &[Column] = &[
     col("id", Str),
     col("dateUpdated", Ts),
     ctx("locationId", Role::ContextLocation),
+];
+
+/// The API's `CustomFieldSchema`: the fields it declares, in its order; anything else in `_extra`.
+const CUSTOM_FIELDS: &[Column] = &[
+    col("id", Str),
+    col("name", Str),
+    col("fieldKey", Str),
+    col("dataType", Str),
+    col("placeholder", Str),
+    col("position", Int),
+    col("picklistOptions", StrList),
+    col("picklistImageOptions", StrList),
+    col("isAllowedCustomOption", Bool),
+    col("isMultiFileAllowed", Bool),
+    col("maxFileLimit", Int),
+    ctx("locationId", Role::LocationOrContext),
+    col("model", Str),
+    EXTRA,
 ];
 
 const TASKS: &[Column] = &[

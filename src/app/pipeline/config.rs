@@ -103,6 +103,8 @@ pub struct ExportSection {
     /// `--max-skipped`: child requests refused for good that are skipped before a location
     /// fails.
     pub max_skipped: Option<Spanned<i64>>,
+    /// `--custom-fields`: `ids` (default) or `wide`.
+    pub custom_fields: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -557,6 +557,16 @@ fn check_export(
             crate::export::DEFAULT_MAX_SKIPPED
         }
     };
+    let custom_fields = match &e.custom_fields {
+        None => Default::default(),
+        Some(v) => keep(
+            p,
+            v.get_ref()
+                .parse()
+                .map_err(|m| src.at(v, "custom_fields", m)),
+        )
+        .unwrap_or_default(),
+    };
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -584,6 +594,7 @@ fn check_export(
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
         max_skipped,
+        custom_fields,
     })
 }
 

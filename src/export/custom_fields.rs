@@ -1,0 +1,220 @@
+//! The location's custom field definitions, once per run: the `custom_fields` table, and the
+//! wide contacts columns of `--custom-fields wide` ([`crate::schema::WideColumns`]).
+//!
+//! They are fetched before the listing starts (`GET /locations/:id/customFields?model=contact`,
+//! one request) and written as one part committed in the checkpoint, like `deleted_contacts`
+//! at the end of a run. The definitions are also kept beside the checkpoint
+//! (`custom_fields.json`, tagged with the run's `startedAt`): a run resumed after a stop or a
+//! kill neither fetches nor writes them again, and its wide columns are the ones its earlier
+//! parts have, even if a field was added meanwhile.
+//!
+//! A token without the scope `locations/customFields.readonly` (a 401 or 403 on this request)
+//! gets one warning and an export without the table (and without wide columns); that, too, is
+//! kept for the run's resumptions so every part has the same columns.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::{ExportError, ExportPlan};
+use crate::api::{is_scope_refusal, Client, CUSTOM_FIELDS_SCOPE};
+use crate::checkpoint::{self, Checkpoint, EntityReport};
+use crate::extract::ExtractError;
+use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
+use crate::sink::{self, Partition};
+
+/// How the contacts table shows custom fields (`--custom-fields`).
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub enum CustomFieldsMode {
+    /// Only the `customFields` column (`[{id, value}]`), as the API sends it.
+    #[default]
+    Ids,
+    /// Also one column per custom field, named by its key.
+    Wide,
+}
+
+impl std::str::FromStr for CustomFieldsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "ids" => Ok(CustomFieldsMode::Ids),
+            "wide" => Ok(CustomFieldsMode::Wide),
+            other => Err(format!(
+                "'{}' is not a custom fields layout: use ids or wide",
+                crate::term::escape(other)
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CustomFieldsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CustomFieldsMode::Ids => "ids",
+            CustomFieldsMode::Wide => "wide",
+        })
+    }
+}
+
+/// `custom_fields.json` beside the checkpoint.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Saved {
+    /// The run (its checkpoint's `startedAt`) these are for.
+    started_at: String,
+    /// As received; `None`: the token may not read them.
+    definitions: Option<Vec<Box<RawValue>>>,
+}
+
+fn saved_path(ck_path: &Path) -> PathBuf {
+    ck_path.with_file_name("custom_fields.json")
+}
+
+/// Makes sure this run's custom field definitions are settled: fetched and written as the
+/// `custom_fields` table (committed in `ck`) once per run, or known to be out of the token's
+/// reach. Returns the wide columns when the plan asks for them and the definitions are known.
+pub(super) async fn prepare(
+    client: &Client,
+    plan: &ExportPlan,
+    mut ck: Checkpoint,
+    ck_path: &Path,
+) -> Result<(Checkpoint, Option<Arc<WideColumns>>), ExportError> {
+    let table = Entity::CustomFields.name();
+    let have_table = ck.entities.contains_key(table);
+    let path = saved_path(ck_path);
+    let saved = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+        .filter(|s| s.started_at == ck.started_at);
+    let definitions = match saved {
+        // Settled by an earlier attempt of this run.
+        Some(s) if have_table || s.definitions.is_none() => {
+            if s.definitions.is_none() {
+                warn_no_scope(plan);
+            }
+            s.definitions
+        }
+        _ => {
+            let definitions = fetch(client, plan).await?;
+            if let (false, Some(defs)) = (have_table, &definitions) {
+                write_table(plan, &mut ck, defs)?;
+            }
+            let bytes = serde_json::to_vec(&Saved {
+                started_at: ck.started_at.clone(),
+                definitions: definitions.clone(),
+            })
+            .unwrap_or_default();
+            // Before the checkpoint: a checkpoint listing the table always has this file.
+            checkpoint::write_atomic(&path, &bytes)?;
+            checkpoint::save(ck_path, &ck)?;
+            definitions
+        }
+    };
+    let wide = match (plan.custom_fields, definitions) {
+        (CustomFieldsMode::Wide, Some(defs)) => {
+            let defs: Vec<Value> = defs
+                .iter()
+                .filter_map(|d| serde_json::from_str(d.get()).ok())
+                .collect();
+            Some(Arc::new(WideColumns::new(&defs)))
+        }
+        _ => None,
+    };
+    Ok((ck, wide))
+}
+
+/// The definitions, or `None` (with a warning) when the token may not read them.
+async fn fetch(
+    client: &Client,
+    plan: &ExportPlan,
+) -> Result<Option<Vec<Box<RawValue>>>, ExportError> {
+    match client.custom_fields(&plan.location_id).await {
+        Ok(raw) => Ok(Some(match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
+            Ok(list) => list,
+            Err(_) => {
+                tracing::warn!(location = %plan.location_id, reply = %crate::term::escape(&crate::schema::truncate_for_message(raw.get(), 80)), "the custom field definitions are not a list: writing an empty custom_fields table");
+                Vec::new()
+            }
+        })),
+        Err(e) if is_scope_refusal(&e) => {
+            tracing::debug!(error = %e, "custom field definitions refused");
+            warn_no_scope(plan);
+            Ok(None)
+        }
+        Err(e) => Err(ExportError::Extract(ExtractError::Api(e))),
+    }
+}
+
+fn warn_no_scope(plan: &ExportPlan) {
+    let wide = if plan.custom_fields == CustomFieldsMode::Wide {
+        " and no wide custom field columns"
+    } else {
+        ""
+    };
+    tracing::warn!(
+        location = %plan.location_id,
+        "the token may not read the location's custom field definitions (it lacks the {CUSTOM_FIELDS_SCOPE} scope): exporting without the custom_fields table{wide}; contacts keep their custom field values by id"
+    );
+}
+
+/// Writes the definitions as one `custom_fields` part and records it in `ck` (saved by the
+/// caller).
+fn write_table(
+    plan: &ExportPlan,
+    ck: &mut Checkpoint,
+    defs: &[Box<RawValue>],
+) -> Result<(), ExportError> {
+    let partition = Partition {
+        export_date: ck.export_date.clone(),
+        location_id: plan.location_id.clone(),
+    };
+    let mut part = sink::open_part_at(
+        &plan.out,
+        plan.format,
+        Entity::CustomFields,
+        &partition,
+        ck.next_part,
+    )?;
+    let mut builder = BatchBuilder::new(Entity::CustomFields);
+    let ctx = RowContext {
+        location_id: &plan.location_id,
+        contact_id: None,
+    };
+    for def in defs {
+        if let Err(e) = builder.append(def, &ctx) {
+            ck.skipped_objects += 1;
+            tracing::warn!(error = %e, "skipping a custom field definition that cannot be written");
+        }
+    }
+    if !builder.is_empty() {
+        part.write(&builder.finish())?;
+    }
+    let info = part.finish()?;
+    ck.entities.insert(
+        Entity::CustomFields.name().to_owned(),
+        EntityReport {
+            rows: info.rows,
+            files: vec![info],
+        },
+    );
+    ck.next_part += 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn custom_fields_layouts_parse_and_print() {
+        assert_eq!("ids".parse(), Ok(CustomFieldsMode::Ids));
+        assert_eq!(" Wide".parse(), Ok(CustomFieldsMode::Wide));
+        assert!("names".parse::<CustomFieldsMode>().unwrap_err().contains("ids or wide"));
+        assert_eq!(CustomFieldsMode::Wide.to_string(), "wide");
+        assert_eq!(CustomFieldsMode::default(), CustomFieldsMode::Ids);
+    }
+}
