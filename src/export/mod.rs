@@ -474,6 +474,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
 
 /// Lists, fans out and writes until the listing ends, the budget is spent, or an error.
 /// Complete pages are committed in every case.
+#[allow(clippy::too_many_arguments)] // the run's parts, each from a different step of `run`
 async fn stream(
     client: Arc<Client>,
     plan: &ExportPlan,

@@ -61,7 +61,7 @@ fn properties(schema: &Schema) -> Result<WriterProperties, parquet::errors::Parq
         .filter_map(|k| {
             schema
                 .metadata()
-                .get(*k)
+                .get(k)
                 .map(|v| KeyValue::new((*k).to_owned(), v.clone()))
         })
         .collect();
