@@ -218,24 +218,53 @@ pub(crate) struct Identity {
     pub phone: F<Text>,
 }
 
-/// A custom field definition: id, key (`contact.<name>`), value kind.
+/// A custom field definition: id, key (`contact.<name>`), display name, value kind.
 pub(crate) struct CfDef {
     pub id: String,
     pub key: String,
+    pub name: &'static str,
     kind: CfKind,
+}
+
+/// The options of the list field, also its picklist.
+const INTERESTS: &[&str] = &["golf", "tennis", "chess", "café ☕"];
+
+impl CfDef {
+    /// The API's `dataType` for the values this field holds.
+    pub(crate) fn data_type(&self) -> &'static str {
+        match self.kind {
+            CfKind::Text => "TEXT",
+            CfKind::LargeText => "LARGE_TEXT",
+            CfKind::Int => "NUMERICAL",
+            CfKind::Float => "FLOAT",
+            CfKind::List => "MULTIPLE_OPTIONS",
+            // Sic: the API spells it so.
+            CfKind::Money => "MONETORY",
+            CfKind::Bool => "CHECKBOX",
+        }
+    }
+
+    /// The picklist of an options field; empty for the others.
+    pub(crate) fn picklist(&self) -> &'static [&'static str] {
+        match self.kind {
+            CfKind::List => INTERESTS,
+            _ => &[],
+        }
+    }
 }
 
 impl LocationGen {
     pub(crate) fn new(seed: u64, loc: u32, location_id: &str, businesses: usize) -> LocationGen {
         let l = u64::from(loc);
+        // Key, display name (one with a comma and quotes, one with non-ASCII), value kind.
         let kinds = [
-            ("favourite_color", CfKind::Text),
-            ("notes_long", CfKind::LargeText),
-            ("employees", CfKind::Int),
-            ("score", CfKind::Float),
-            ("interests", CfKind::List),
-            ("budget", CfKind::Money),
-            ("opted_in", CfKind::Bool),
+            ("favourite_color", "Favourite colour", CfKind::Text),
+            ("notes_long", "Notes, long \"free\" text", CfKind::LargeText),
+            ("employees", "Employees", CfKind::Int),
+            ("score", "Score (0–1000)", CfKind::Float),
+            ("interests", "Interests", CfKind::List),
+            ("budget", "Budget", CfKind::Money),
+            ("opted_in", "Opted in?", CfKind::Bool),
         ];
         LocationGen {
             seed,
@@ -250,9 +279,10 @@ impl LocationGen {
             custom: kinds
                 .iter()
                 .enumerate()
-                .map(|(i, &(name, kind))| CfDef {
+                .map(|(i, &(key, name, kind))| CfDef {
                     id: opaque_id(hash(&[seed, 23, l, i as u64])),
-                    key: format!("contact.{name}"),
+                    key: format!("contact.{key}"),
+                    name,
                     kind,
                 })
                 .collect(),
@@ -488,11 +518,9 @@ impl LocationGen {
                 CfKind::LargeText => CfValue::Str(r.pick(NOTE_BODIES).into()),
                 CfKind::Int => CfValue::Int(r.range(-5, 5000)),
                 CfKind::Float => CfValue::Float(r.below(100_000) as f64 / 100.0),
-                CfKind::List => CfValue::List(
-                    (0..r.below(4))
-                        .map(|_| r.pick(&["golf", "tennis", "chess", "café ☕"]).into())
-                        .collect(),
-                ),
+                CfKind::List => {
+                    CfValue::List((0..r.below(4)).map(|_| r.pick(INTERESTS).into()).collect())
+                }
                 CfKind::Money => CfValue::Money {
                     currency: r.pick(&["USD", "EUR", "GBP"]),
                     amount: r.below(1_000_000) as f64 / 100.0,

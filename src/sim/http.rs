@@ -32,6 +32,7 @@ kinds! {
     Create => "POST /contacts/",
     Upsert => "POST /contacts/upsert",
     Duplicate => "GET /contacts/search/duplicate",
+    Search => "POST /contacts/search",
     Business => "GET /contacts/business/:businessId",
     Get => "GET /contacts/:id",
     Update => "PUT /contacts/:id",
@@ -51,6 +52,7 @@ kinds! {
     AddTags => "POST /contacts/:id/tags",
     RemoveTags => "DELETE /contacts/:id/tags",
     Location => "GET /locations/:locationId",
+    CustomFields => "GET /locations/:locationId/customFields",
     Authorize => "GET /oauth/chooselocation",
     OAuthToken => "POST /oauth/token",
     LocationToken => "POST /oauth/locationToken",
@@ -61,7 +63,8 @@ kinds! {
 /// A parsed request path: the route and its ids (empty when the route has none).
 pub(crate) struct Route {
     pub kind: Kind,
-    /// Contact id, business id for [`Kind::Business`], location id for [`Kind::Location`].
+    /// Contact id, business id for [`Kind::Business`], location id for [`Kind::Location`]
+    /// and the other `/locations/:locationId/...` routes.
     pub id: String,
     /// Task or note id.
     pub child: String,

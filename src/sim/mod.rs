@@ -17,6 +17,10 @@
 //!   [`SimOAuth::required`].
 //! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
 //!   hold the handlers; `mutate` the incremental-export helper.
+//! - `search`: `POST /contacts/search` (the listing's successor: the same index, a
+//!   `searchAfter` cursor, a `dateUpdated` range filter).
+//! - `wide`: location-wide reads: custom field definitions, task search, calendars and
+//!   their events.
 //!
 //! Memory stays small because base contacts are never stored: a location of N contacts costs
 //! about 12 bytes per contact until it is written to.
@@ -55,7 +59,9 @@ mod oauth;
 mod read;
 mod rng;
 mod routes;
+mod search;
 mod store;
+mod wide;
 mod write;
 
 #[cfg(test)]

@@ -125,7 +125,7 @@ pub(crate) fn list(req: &Req<'_>) -> Result<Reply, ApiError> {
     }))
 }
 
-fn matches_query(c: &Contact, q: &str) -> bool {
+pub(crate) fn matches_query(c: &Contact, q: &str) -> bool {
     let has = |f: &super::model::F<super::model::Text>| {
         f.get().is_some_and(|v| v.to_lowercase().contains(q))
     };

@@ -23,7 +23,7 @@ use serde_json::json;
 use super::faults::{self, Fault};
 use super::http::{ApiError, Kind, Params, Reply, Req, Route};
 use super::limit::{RateHeaders, Verdict};
-use super::{oauth, read, write, Sim};
+use super::{oauth, read, search, wide, write, Sim};
 
 /// The only API version the simulator (and the real v2 API) accepts.
 const API_VERSION: &str = "2021-07-28";
@@ -42,6 +42,7 @@ impl Kind {
         !matches!(
             self,
             Kind::List
+                | Kind::Search
                 | Kind::Duplicate
                 | Kind::Business
                 | Kind::Get
@@ -51,6 +52,7 @@ impl Kind {
                 | Kind::GetNote
                 | Kind::Appointments
                 | Kind::Location
+                | Kind::CustomFields
                 | Kind::Unknown
         )
     }
@@ -81,6 +83,7 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Post, ["contacts"]) => (Kind::Create, "", ""),
         (M::Post, ["contacts", "upsert"]) => (Kind::Upsert, "", ""),
         (M::Get, ["contacts", "search", "duplicate"]) => (Kind::Duplicate, "", ""),
+        (M::Post, ["contacts", "search"]) => (Kind::Search, "", ""),
         (M::Get, ["contacts", "business", b]) => (Kind::Business, *b, ""),
         (M::Get, ["contacts", id]) => (Kind::Get, *id, ""),
         (M::Put, ["contacts", id]) => (Kind::Update, *id, ""),
@@ -100,6 +103,7 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Post, ["contacts", id, "tags"]) => (Kind::AddTags, *id, ""),
         (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
         (M::Get, ["locations", id]) => (Kind::Location, *id, ""),
+        (M::Get, ["locations", id, "customFields"]) => (Kind::CustomFields, *id, ""),
         (M::Get, ["oauth", "chooselocation"]) => (Kind::Authorize, "", ""),
         (M::Post, ["oauth", "token"]) => (Kind::OAuthToken, "", ""),
         (M::Post, ["oauth", "locationToken"]) => (Kind::LocationToken, "", ""),
@@ -149,7 +153,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             .map(|q| q.0)
             .unwrap_or_default();
         let location = match route.kind {
-            Kind::Location => Some(route.id.as_str()),
+            Kind::Location | Kind::CustomFields => Some(route.id.as_str()),
             _ => params.get("locationId").map(String::as_str),
         };
         let refused = match sim.oauth.check(token, location) {
@@ -313,6 +317,7 @@ async fn apply_later(
 fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
     match req.route.kind {
         Kind::List => read::list(req),
+        Kind::Search => search::search(req),
         Kind::Business => read::business(req),
         Kind::Get => read::contact(req),
         Kind::Tasks | Kind::GetTask | Kind::Notes | Kind::GetNote | Kind::Appointments => {
@@ -320,6 +325,7 @@ fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
         }
         Kind::Duplicate => read::duplicate(req),
         Kind::Location => read::location_info(req),
+        Kind::CustomFields => wide::custom_fields(req),
         Kind::Create => write::create(req),
         Kind::Upsert => write::upsert(req),
         Kind::Update => write::update(req),

@@ -1172,3 +1172,7 @@ async fn location_endpoint_needs_the_locations_readonly_scope_in_oauth_mode() {
     assert_eq!(c.get(&path).await.status, 200);
     assert_eq!(c.get("/locations/someoneElsesLocation1").await.status, 403);
 }
+
+/// The issue-13 routes: search, location-wide children, custom fields, scopes, churn.
+#[path = "tests_search.rs"]
+mod search;
