@@ -161,8 +161,8 @@ fn warn_no_scope(plan: &ExportPlan) {
     );
 }
 
-/// Writes the definitions as one `custom_fields` part and records it in `ck` (saved by the
-/// caller).
+/// Writes the definitions as the one `custom_fields` part (`part-00000`) and records it in `ck`
+/// (saved by the caller).
 fn write_table(
     plan: &ExportPlan,
     ck: &mut Checkpoint,
@@ -172,13 +172,10 @@ fn write_table(
         export_date: ck.export_date.clone(),
         location_id: plan.location_id.clone(),
     };
-    let mut part = sink::open_part_at(
-        &plan.out,
-        plan.format,
-        Entity::CustomFields,
-        &partition,
-        ck.next_part,
-    )?;
+    // The table's only part: its own directory has no other, so it takes number 0 and leaves
+    // the run's part numbers (`ck.next_part`) to the other tables, whose layout stays as it was.
+    let mut part =
+        sink::open_part_at(&plan.out, plan.format, Entity::CustomFields, &partition, 0)?;
     let mut builder = BatchBuilder::new(Entity::CustomFields);
     let ctx = RowContext {
         location_id: &plan.location_id,
@@ -201,7 +198,6 @@ fn write_table(
             files: vec![info],
         },
     );
-    ck.next_part += 1;
     Ok(())
 }
 
