@@ -299,4 +299,17 @@ mod tests {
             "{m}"
         );
     }
+
+    #[test]
+    fn a_wide_export_does_not_resume_an_ids_checkpoint() {
+        let mut wide = settings();
+        wide.wide_custom_fields = true;
+        let m = wide.mismatch(&settings()).unwrap();
+        assert!(m.contains("--custom-fields wide (checkpoint: ids)"), "{m}");
+        // Written only when set: checkpoints of ids runs read as before, both ways.
+        let text = serde_json::to_string(&settings()).unwrap();
+        assert!(!text.contains("wideCustomFields"), "{text}");
+        let back: Settings = serde_json::from_str(&serde_json::to_string(&wide).unwrap()).unwrap();
+        assert!(back.wide_custom_fields);
+    }
 }

@@ -718,6 +718,28 @@ mod tests {
     }
 
     #[test]
+    fn export_pipelines_reach_the_custom_fields_layout_of_export() {
+        let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let good = format!("{base}custom_fields = \"wide\"\n");
+        let src = Source {
+            file: Path::new("p.toml"),
+            text: &good,
+        };
+        let (Some((f, true)), _) = parse_all(&src) else {
+            panic!("parses")
+        };
+        let Job::Export(settings) = check(&src, f).unwrap().job else {
+            panic!("an export job")
+        };
+        assert_eq!(
+            settings.custom_fields,
+            crate::export::CustomFieldsMode::Wide
+        );
+        let bad = format!("{base}custom_fields = \"names\"\n");
+        assert_eq!(problems(&bad), [(7, "custom_fields".to_owned())]);
+    }
+
+    #[test]
     fn every_key_level_problem_is_collected_without_follow_on_noise() {
         let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n";
         // Two unknown keys and a wrong type, then a bad value the checks find.
