@@ -150,7 +150,7 @@ impl ApiError {
             ),
             ApiError::Scope => (
                 StatusCode::UNAUTHORIZED,
-                json!({"statusCode": 401, "message": "The token is not authorized for this scope.", "traceId": trace_id}),
+                json!({"statusCode": 401, "message": "The token is not authorized for this scope.", "error": "Unauthorized", "traceId": trace_id}),
             ),
             ApiError::Forbidden => (
                 StatusCode::FORBIDDEN,

@@ -47,7 +47,16 @@
 //!   duplicate search answers the oldest matching contact (by `dateAdded`; the real API does
 //!   not document which one it answers), and upsert updates that one.
 //! - `GET /locations/:locationId` serves the location's `country` ([`SimConfig::country`]),
-//!   timezone and duplicate setting; in OAuth mode it needs the `locations.readonly` scope.
+//!   timezone and duplicate setting.
+//!
+//! # Scopes
+//! Every route needs the scope the API's spec names for it (`contacts.readonly` for contact
+//! reads and the search, `contacts.write` for writes, `locations.readonly`,
+//! `locations/customFields.readonly`, ...; see `Kind::scope` in `routes`); a token without
+//! it gets 401 "The token is not authorized for this scope.", before the rate limit counts
+//! the request. Static bearer tokens hold [`SimConfig::scopes`] (all by default), OAuth
+//! tokens the scopes they were granted, so a client's fallback for a missing scope can be
+//! tested either way.
 
 mod faults;
 mod gen;
@@ -109,6 +118,10 @@ pub struct SimConfig {
     pub allow_duplicates: bool,
     /// The locations' country (ISO 3166 alpha-2) served by `GET /locations/:id`.
     pub country: String,
+    /// The scopes every static bearer token holds (e.g. `contacts.readonly`); `None` (the
+    /// default) holds every scope. A route whose scope the token lacks answers 401. OAuth
+    /// tokens hold what they were granted instead.
+    pub scopes: Option<Vec<String>>,
 }
 
 impl Default for SimConfig {
@@ -127,6 +140,7 @@ impl Default for SimConfig {
             search_lag: Duration::ZERO,
             allow_duplicates: false,
             country: "US".into(),
+            scopes: None,
         }
     }
 }

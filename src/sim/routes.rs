@@ -58,6 +58,45 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The scope a token needs for this route (as the API's spec names it); `None` for the
+    /// OAuth routes and unknown paths.
+    pub(crate) fn scope(self) -> Option<&'static str> {
+        Some(match self {
+            Kind::List
+            | Kind::Search
+            | Kind::Duplicate
+            | Kind::Business
+            | Kind::Get
+            | Kind::Tasks
+            | Kind::GetTask
+            | Kind::Notes
+            | Kind::GetNote
+            | Kind::Appointments => "contacts.readonly",
+            Kind::Create
+            | Kind::Upsert
+            | Kind::Update
+            | Kind::Delete
+            | Kind::CreateTask
+            | Kind::UpdateTask
+            | Kind::CompleteTask
+            | Kind::DeleteTask
+            | Kind::CreateNote
+            | Kind::UpdateNote
+            | Kind::DeleteNote
+            | Kind::AddTags
+            | Kind::RemoveTags => "contacts.write",
+            Kind::Location => "locations.readonly",
+            Kind::CustomFields => "locations/customFields.readonly",
+            Kind::Authorize
+            | Kind::OAuthToken
+            | Kind::LocationToken
+            | Kind::InstalledLocations
+            | Kind::Unknown => return None,
+        })
+    }
+}
+
 fn parse(method: &Method, path: &str) -> Route {
     #[derive(PartialEq)]
     enum M {
@@ -148,6 +187,18 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         let reply = ApiError::Unauthorized.reply(sim.trace_id());
         return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
     };
+    let scope = route.kind.scope();
+    let static_scopes = sim
+        .config
+        .scopes
+        .as_deref()
+        .filter(|_| !sim.config.oauth.required);
+    if let (Some(needed), Some(held)) = (scope, static_scopes) {
+        if !held.iter().any(|h| h == needed) {
+            let reply = ApiError::Scope.reply(sim.trace_id());
+            return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
+        }
+    }
     if sim.config.oauth.required {
         let params: Params = Query::try_from_uri(&parts.uri)
             .map(|q| q.0)
@@ -157,10 +208,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             _ => params.get("locationId").map(String::as_str),
         };
         let refused = match sim.oauth.check(token, location) {
-            Ok(())
-                if route.kind == Kind::Location
-                    && !sim.oauth.has_scope(token, "locations.readonly") =>
-            {
+            Ok(()) if scope.is_some_and(|s| !sim.oauth.has_scope(token, s)) => {
                 Some(ApiError::Scope)
             }
             Ok(()) => None,
@@ -222,6 +270,18 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             return respond(reply.status, reply.body, &rate, None);
         }
     };
+    if sim.config.oauth.required && route.kind == Kind::Search {
+        // The search names its location in the body: a location token may search only its own.
+        let asked = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("locationId")?.as_str().map(String::from));
+        if let Some(asked) = asked.filter(|a| !a.is_empty()) {
+            if let Err(oauth::Refusal::WrongLocation) = sim.oauth.check(token, Some(&asked)) {
+                let reply = ApiError::Forbidden.reply(sim.trace_id());
+                return respond(reply.status, reply.body, &rate, None);
+            }
+        }
+    }
     let params: Params = Query::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .unwrap_or_default();

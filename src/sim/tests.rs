@@ -1165,7 +1165,7 @@ async fn location_endpoint_needs_the_locations_readonly_scope_in_oauth_mode() {
     assert_eq!(
         c.get(&format!("/contacts/?locationId={LOC}")).await.status,
         200,
-        "contacts routes do not check scopes"
+        "a contacts read needs only contacts.readonly"
     );
 
     c.token = Some(oauth_token(&sim, &c, "contacts.readonly locations.readonly").await);

@@ -415,3 +415,302 @@ async fn custom_fields_define_every_id_the_contacts_use() {
         Some(&5)
     );
 }
+
+/// One request of every route that needs a scope: method, path, body, the scope, and the
+/// status it gets with the scope. Each is meant for a fresh simulator of [`scoped`].
+fn scoped_routes(
+    sim: &super::Sim,
+) -> Vec<(&'static str, String, Option<Value>, &'static str, u16)> {
+    let truth = sim.contacts(LOC);
+    let with = |f: &dyn Fn(&str) -> bool| -> String {
+        truth
+            .iter()
+            .map(id)
+            .find(|i| f(i))
+            .expect("such a contact")
+            .to_string()
+    };
+    let a = with(&|i| !sim.tasks(i).is_empty() && !sim.notes(i).is_empty());
+    let t = sim.tasks(&a)[0]["id"]
+        .as_str()
+        .expect("task id")
+        .to_string();
+    let n = sim.notes(&a)[0]["id"]
+        .as_str()
+        .expect("note id")
+        .to_string();
+    let other = with(&|i| i != a);
+    let (read, write) = ("contacts.readonly", "contacts.write");
+    vec![
+        (
+            "GET",
+            format!("/contacts/?locationId={LOC}"),
+            None,
+            read,
+            200,
+        ),
+        (
+            "POST",
+            "/contacts/search".into(),
+            Some(json!({"locationId": LOC, "pageLimit": 5})),
+            read,
+            200,
+        ),
+        (
+            "GET",
+            format!("/contacts/search/duplicate?locationId={LOC}&email=x%40example.com"),
+            None,
+            read,
+            200,
+        ),
+        (
+            "GET",
+            format!("/contacts/business/nobusiness?locationId={LOC}"),
+            None,
+            read,
+            200,
+        ),
+        ("GET", format!("/contacts/{a}"), None, read, 200),
+        ("GET", format!("/contacts/{a}/tasks"), None, read, 200),
+        ("GET", format!("/contacts/{a}/tasks/{t}"), None, read, 200),
+        ("GET", format!("/contacts/{a}/notes"), None, read, 200),
+        ("GET", format!("/contacts/{a}/notes/{n}"), None, read, 200),
+        (
+            "GET",
+            format!("/contacts/{a}/appointments"),
+            None,
+            read,
+            200,
+        ),
+        (
+            "POST",
+            "/contacts/".into(),
+            Some(json!({"locationId": LOC, "email": "scoped@example.com"})),
+            write,
+            201,
+        ),
+        (
+            "POST",
+            "/contacts/upsert".into(),
+            Some(json!({"locationId": LOC, "email": "scoped@example.com"})),
+            write,
+            201,
+        ),
+        (
+            "PUT",
+            format!("/contacts/{a}"),
+            Some(json!({"city": "Scopeville"})),
+            write,
+            200,
+        ),
+        ("DELETE", format!("/contacts/{other}"), None, write, 200),
+        (
+            "POST",
+            format!("/contacts/{a}/tasks"),
+            Some(json!({"title": "t", "dueDate": "2025-01-01T00:00:00Z", "completed": false})),
+            write,
+            201,
+        ),
+        (
+            "PUT",
+            format!("/contacts/{a}/tasks/{t}"),
+            Some(json!({"title": "t2"})),
+            write,
+            200,
+        ),
+        (
+            "PUT",
+            format!("/contacts/{a}/tasks/{t}/completed"),
+            Some(json!({"completed": true})),
+            write,
+            200,
+        ),
+        (
+            "DELETE",
+            format!("/contacts/{a}/tasks/{t}"),
+            None,
+            write,
+            200,
+        ),
+        (
+            "POST",
+            format!("/contacts/{a}/notes"),
+            Some(json!({"body": "b"})),
+            write,
+            201,
+        ),
+        (
+            "PUT",
+            format!("/contacts/{a}/notes/{n}"),
+            Some(json!({"body": "b2"})),
+            write,
+            200,
+        ),
+        (
+            "DELETE",
+            format!("/contacts/{a}/notes/{n}"),
+            None,
+            write,
+            200,
+        ),
+        (
+            "POST",
+            format!("/contacts/{a}/tags"),
+            Some(json!({"tags": ["x"]})),
+            write,
+            201,
+        ),
+        (
+            "DELETE",
+            format!("/contacts/{a}/tags"),
+            Some(json!({"tags": ["x"]})),
+            write,
+            200,
+        ),
+        (
+            "GET",
+            format!("/locations/{LOC}"),
+            None,
+            "locations.readonly",
+            200,
+        ),
+        (
+            "GET",
+            format!("/locations/{LOC}/customFields?model=contact"),
+            None,
+            "locations/customFields.readonly",
+            200,
+        ),
+    ]
+}
+
+/// A small simulator whose static tokens hold `scopes`.
+async fn scoped(scopes: &[&str]) -> (std::sync::Arc<super::Sim>, Client) {
+    start(super::SimConfig {
+        scopes: Some(scopes.iter().map(|s| s.to_string()).collect()),
+        ..unlimited(60)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_static_token_without_a_routes_scope_gets_401_on_every_route() {
+    // Ids depend only on the seed: every fresh simulator below holds the same contacts.
+    let rows = scoped_routes(&super::Sim::new(unlimited(60)));
+    let mut all: Vec<&str> = rows.iter().map(|r| r.3).collect();
+    all.dedup();
+    let mut covered = HashSet::new();
+    for (method, path, body, scope, status) in rows {
+        // With exactly the route's scope: served.
+        let (sim, c) = scoped(&[scope]).await;
+        let r = c.send(method, &path, body.clone()).await;
+        assert_eq!(
+            r.status,
+            status,
+            "{method} {path} with {scope}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        covered.extend(sim.stats().by_route.into_keys());
+
+        // With every other scope: 401, the API's body, the request not counted by the limit.
+        let others: Vec<&str> = all.iter().copied().filter(|s| *s != scope).collect();
+        let (sim, c) = scoped(&others).await;
+        let r = c.send(method, &path, body).await;
+        assert_eq!(r.status, 401, "{method} {path} without {scope}");
+        let v = r.json();
+        assert_eq!(
+            (&v["statusCode"], &v["message"], &v["error"]),
+            (
+                &json!(401),
+                &json!("The token is not authorized for this scope."),
+                &json!("Unauthorized")
+            ),
+        );
+        assert_eq!(
+            sim.stats().max_in_window,
+            0,
+            "a refused request is not admitted"
+        );
+    }
+    let expected: HashSet<String> = crate::sim::http::Kind::ALL
+        .iter()
+        .filter(|k| k.scope().is_some())
+        .map(|k| k.name().to_string())
+        .collect();
+    assert_eq!(
+        covered, expected,
+        "every route that needs a scope was tried"
+    );
+}
+
+#[tokio::test]
+async fn oauth_tokens_hold_the_scopes_they_were_granted_and_search_only_their_location() {
+    let mut config = unlimited(20);
+    config.oauth.required = true;
+    config.locations = vec![LOC.into(), "demoLocation00000002".into()];
+    // Static scopes do not apply to OAuth tokens.
+    config.scopes = Some(Vec::new());
+    let (sim, mut c) = start(config).await;
+    let fields = format!("/locations/{LOC}/customFields?model=contact");
+    let create = json!({"locationId": LOC, "email": "granted@example.com"});
+
+    c.token = Some(super::oauth_token(&sim, &c, "contacts.readonly").await);
+    assert_eq!(
+        search(&c, json!({"locationId": LOC, "pageLimit": 5}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(c.get(&fields).await.status, 401);
+    assert_eq!(
+        c.send("POST", "/contacts/", Some(create.clone()))
+            .await
+            .status,
+        401
+    );
+
+    c.token = Some(
+        super::oauth_token(
+            &sim,
+            &c,
+            "contacts.readonly contacts.write locations/customFields.readonly",
+        )
+        .await,
+    );
+    assert_eq!(c.get(&fields).await.status, 200);
+    assert_eq!(c.send("POST", "/contacts/", Some(create)).await.status, 201);
+    // The token's location is the first; the other one is served but not to this token.
+    let r = search(
+        &c,
+        json!({"locationId": "demoLocation00000002", "pageLimit": 5}),
+    )
+    .await;
+    assert_eq!(r.status, 403);
+    let r = c.get("/locations/demoLocation00000002/customFields").await;
+    assert_eq!(r.status, 403);
+}
+
+#[test]
+fn sim_scopes_flag_reaches_the_config() {
+    use clap::Parser;
+    let config = |args: &[&str]| {
+        let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+        match crate::cli::Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(crate::cli::Command::Sim(a)) => crate::cli::sim_config(&a),
+            other => panic!("not the sim command: {other:?}"),
+        }
+    };
+    assert_eq!(config(&[]).scopes, None, "every scope by default");
+    assert_eq!(
+        config(&["--sim-scopes", "contacts.readonly,locations/tasks.readonly"]).scopes,
+        Some(vec![
+            "contacts.readonly".to_string(),
+            "locations/tasks.readonly".to_string()
+        ])
+    );
+    assert_eq!(
+        config(&["--sim-scopes", ""]).scopes,
+        Some(Vec::new()),
+        "none"
+    );
+}
