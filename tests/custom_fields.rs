@@ -299,7 +299,6 @@ async fn wide_columns_hold_exactly_each_contacts_values_in_parquet_and_csv_with_
     }
 }
 
-/* SCOPE-TEST-PENDING
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_without_the_custom_fields_scope_exports_everything_else_with_one_warning() {
     let sim = TestSim::start(SimConfig {
@@ -328,7 +327,6 @@ async fn a_token_without_the_custom_fields_scope_exports_everything_else_with_on
     }
 }
 
-SCOPE-TEST-PENDING */
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_import_with_custom_field_key_columns_sets_the_fields_and_an_unknown_key_is_refused_before_any_write(
 ) {

@@ -10,7 +10,10 @@
 //!
 //! A token without the scope `locations/customFields.readonly` (a 401 or 403 on this request)
 //! gets one warning and an export without the table (and without wide columns); that, too, is
-//! kept for the run's resumptions so every part has the same columns.
+//! kept for the run's resumptions so every part has the same columns. Any other failure of
+//! the request (after the retries) is a warning too, and a resumed run tries again, except
+//! where the run cannot go on without it: the daily quota is spent, or `--custom-fields wide`
+//! asked for the columns the definitions make.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ExportError, ExportPlan};
-use crate::api::{is_scope_refusal, Client, CUSTOM_FIELDS_SCOPE};
+use crate::api::{is_scope_refusal, Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
 use crate::checkpoint::{self, Checkpoint, EntityReport};
 use crate::extract::ExtractError;
 use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
@@ -58,6 +61,15 @@ impl std::fmt::Display for CustomFieldsMode {
             CustomFieldsMode::Wide => "wide",
         })
     }
+}
+
+/// What the one request for the definitions came to.
+enum Fetched {
+    Definitions(Vec<Box<RawValue>>),
+    /// The token may not read them (401/403): settled for the run.
+    NoScope,
+    /// Another failure, logged: this attempt goes on without them; a resumed run tries again.
+    Failed,
 }
 
 /// `custom_fields.json` beside the checkpoint.
@@ -99,7 +111,11 @@ pub(super) async fn prepare(
             s.definitions
         }
         _ => {
-            let definitions = fetch(client, plan).await?;
+            let definitions = match fetch(client, plan).await? {
+                Fetched::Definitions(d) => Some(d),
+                Fetched::NoScope => None,
+                Fetched::Failed => return Ok((ck, None)),
+            };
             if let (false, Some(defs)) = (have_table, &definitions) {
                 write_table(plan, &mut ck, defs)?;
             }
@@ -127,13 +143,12 @@ pub(super) async fn prepare(
     Ok((ck, wide))
 }
 
-/// The definitions, or `None` (with a warning) when the token may not read them.
-async fn fetch(
-    client: &Client,
-    plan: &ExportPlan,
-) -> Result<Option<Vec<Box<RawValue>>>, ExportError> {
+/// The definitions, or why there are none (logged). Fails the run only when the quota is
+/// spent (nothing else could be fetched either) or when the wide columns were asked for and
+/// cannot be made (a rerun resumes).
+async fn fetch(client: &Client, plan: &ExportPlan) -> Result<Fetched, ExportError> {
     match client.custom_fields(&plan.location_id).await {
-        Ok(raw) => Ok(Some(match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
+        Ok(raw) => Ok(Fetched::Definitions(match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
             Ok(list) => list,
             Err(_) => {
                 tracing::warn!(location = %plan.location_id, reply = %crate::term::escape(&crate::schema::truncate_for_message(raw.get(), 80)), "the custom field definitions are not a list: writing an empty custom_fields table");
@@ -143,9 +158,18 @@ async fn fetch(
         Err(e) if is_scope_refusal(&e) => {
             tracing::debug!(error = %e, "custom field definitions refused");
             warn_no_scope(plan);
-            Ok(None)
+            Ok(Fetched::NoScope)
         }
-        Err(e) => Err(ExportError::Extract(ExtractError::Api(e))),
+        Err(e)
+            if e.kind() == ErrorKind::QuotaExhausted
+                || plan.custom_fields == CustomFieldsMode::Wide =>
+        {
+            Err(ExportError::Extract(ExtractError::Api(e)))
+        }
+        Err(e) => {
+            tracing::warn!(location = %plan.location_id, error = %e, "cannot read the location's custom field definitions: exporting without the custom_fields table (a resumed run tries again)");
+            Ok(Fetched::Failed)
+        }
     }
 }
 
