@@ -74,7 +74,10 @@ fn by_id(rows: Vec<Row>) -> BTreeMap<String, Row> {
     let mut m = BTreeMap::new();
     for row in rows {
         let id = row["id"].clone().expect("every definition has an id");
-        assert!(m.insert(id.clone(), row).is_none(), "definition {id} written twice");
+        assert!(
+            m.insert(id.clone(), row).is_none(),
+            "definition {id} written twice"
+        );
     }
     m
 }
@@ -84,7 +87,10 @@ async fn custom_fields_table_rows_equal_the_simulators_definitions_in_parquet_an
     let sim = TestSim::start(fast_sim(30, 11)).await;
     let loc = sim.location();
     let defs = definitions(&sim).await;
-    assert!(defs.len() >= 5, "the simulator serves definitions: {defs:?}");
+    assert!(
+        defs.len() >= 5,
+        "the simulator serves definitions: {defs:?}"
+    );
     let expected: BTreeMap<String, Row> = defs
         .iter()
         .map(|d| {
@@ -105,16 +111,33 @@ async fn custom_fields_table_rows_equal_the_simulators_definitions_in_parquet_an
             read_csv(&out, Entity::CustomFields, &loc)
         };
         let expected = if format == "csv" {
-            expected.iter().map(|(k, r)| (k.clone(), as_csv(r.clone()))).collect()
+            expected
+                .iter()
+                .map(|(k, r)| (k.clone(), as_csv(r.clone())))
+                .collect()
         } else {
             expected.clone()
         };
-        assert_same_rows(&format!("custom_fields ({format})"), &expected, &by_id(rows));
+        assert_same_rows(
+            &format!("custom_fields ({format})"),
+            &expected,
+            &by_id(rows),
+        );
         let m = manifest(&out);
         assert_eq!(m["entities"]["custom_fields"]["rows"], defs.len(), "{m}");
-        assert_eq!(m["entities"]["custom_fields"]["files"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            m["entities"]["custom_fields"]["files"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
     }
-    assert_eq!(sim.sim.stats().by_route.get(DEFINITIONS_ROUTE), Some(&3), "one request per export (and the test's own)");
+    assert_eq!(
+        sim.sim.stats().by_route.get(DEFINITIONS_ROUTE),
+        Some(&3),
+        "one request per export (and the test's own)"
+    );
 }
 
 /// What a wide cell must hold, computed from the contact's value as the API sends it.
@@ -178,14 +201,20 @@ async fn wide_columns_hold_exactly_each_contacts_values_in_parquet_and_csv_with_
             let cells = columns
                 .iter()
                 .map(|(name, (id, number))| {
-                    let v = values.iter().find(|e| e["id"] == id.as_str()).map(|e| &e["value"]);
+                    let v = values
+                        .iter()
+                        .find(|e| e["id"] == id.as_str())
+                        .map(|e| &e["value"]);
                     (name.clone(), expected_cell(v, *number))
                 })
                 .collect();
             (c["id"].as_str().unwrap().to_owned(), cells)
         })
         .collect();
-    assert!(truth.values().flat_map(|r| r.values()).any(|c| matches!(c, Cell::Number(_))));
+    assert!(truth
+        .values()
+        .flat_map(|r| r.values())
+        .any(|c| matches!(c, Cell::Number(_))));
 
     let dir = tempfile::tempdir().unwrap();
     let base = Entity::Contacts.schema();
@@ -194,7 +223,14 @@ async fn wide_columns_hold_exactly_each_contacts_values_in_parquet_and_csv_with_
         let (code, stderr) = export(
             &sim,
             &out,
-            &["--format", format, "--include", "none", "--custom-fields", "wide"],
+            &[
+                "--format",
+                format,
+                "--include",
+                "none",
+                "--custom-fields",
+                "wide",
+            ],
         )
         .await;
         assert_eq!(code, 0, "{stderr}");
@@ -253,7 +289,10 @@ async fn wide_columns_hold_exactly_each_contacts_values_in_parquet_and_csv_with_
                     rdr.headers().unwrap().iter().map(str::to_owned).collect();
                 let names: Vec<&str> = base.fields().iter().map(|f| f.name().as_str()).collect();
                 assert_eq!(headers[..names.len()], names[..]);
-                assert_eq!(headers[names.len()..], columns.keys().cloned().collect::<Vec<_>>()[..]);
+                assert_eq!(
+                    headers[names.len()..],
+                    columns.keys().cloned().collect::<Vec<_>>()[..]
+                );
                 for rec in rdr.records() {
                     let rec = rec.unwrap();
                     let mut cells = BTreeMap::new();
@@ -302,7 +341,10 @@ async fn wide_columns_hold_exactly_each_contacts_values_in_parquet_and_csv_with_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_without_the_custom_fields_scope_exports_everything_else_with_one_warning() {
     let sim = TestSim::start(SimConfig {
-        scopes: Some(vec!["contacts.readonly".into(), "locations.readonly".into()]),
+        scopes: Some(vec![
+            "contacts.readonly".into(),
+            "locations.readonly".into(),
+        ]),
         ..fast_sim(150, 13)
     })
     .await;
@@ -323,7 +365,11 @@ async fn a_token_without_the_custom_fields_scope_exports_everything_else_with_on
     let truth = truth(&sim.sim, &loc);
     for entity in Entity::ALL {
         let got = keyed(entity, read_parquet(&out, entity, &loc));
-        assert_same_rows(entity.name(), &truth.get(&entity).cloned().unwrap_or_default(), &got);
+        assert_same_rows(
+            entity.name(),
+            &truth.get(&entity).cloned().unwrap_or_default(),
+            &got,
+        );
     }
 }
 
@@ -346,9 +392,18 @@ async fn an_import_with_custom_field_key_columns_sets_the_fields_and_an_unknown_
     let rejects = dir.path().join("rejects.csv");
     let import = |input: &Path, dry: bool| {
         let mut args: Vec<String> = [
-            "import", "contacts", "--location", &loc, "--input", input.to_str().unwrap(),
-            "--journal", journal.to_str().unwrap(), "--rejects", rejects.to_str().unwrap(),
-            "--rate-limit", "off",
+            "import",
+            "contacts",
+            "--location",
+            &loc,
+            "--input",
+            input.to_str().unwrap(),
+            "--journal",
+            journal.to_str().unwrap(),
+            "--rejects",
+            rejects.to_str().unwrap(),
+            "--rate-limit",
+            "off",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -361,12 +416,19 @@ async fn an_import_with_custom_field_key_columns_sets_the_fields_and_an_unknown_
 
     // An unknown key: the dry run names the column and the known keys, and nothing is sent.
     let bad = dir.path().join("bad.csv");
-    std::fs::write(&bad, "email,customField.favourite_color,customField.shoe_size\nkey1@example.com,teal,44\n").unwrap();
+    std::fs::write(
+        &bad,
+        "email,customField.favourite_color,customField.shoe_size\nkey1@example.com,teal,44\n",
+    )
+    .unwrap();
     let writes_before: u64 = write_count(&sim);
     let args = import(&bad, true);
     let (code, stderr) = run(&sim, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_ne!(code, 0, "{stderr}");
-    assert!(stderr.contains("customField.shoe_size") && stderr.contains("favourite_color"), "{stderr}");
+    assert!(
+        stderr.contains("customField.shoe_size") && stderr.contains("favourite_color"),
+        "{stderr}"
+    );
     let args = import(&bad, false);
     let (code, stderr) = run(&sim, &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_ne!(code, 0, "{stderr}");
@@ -401,8 +463,15 @@ async fn an_import_with_custom_field_key_columns_sets_the_fields_and_an_unknown_
             .find(|e| e["id"] == id_of(key).as_str())
             .map(|e| e["value"].clone())
     };
-    assert_eq!(value("favourite_color"), Some(Value::from("teal")), "{contact}");
-    assert!(matches!(value("employees"), Some(v) if v == "42" || v == 42), "{contact}");
+    assert_eq!(
+        value("favourite_color"),
+        Some(Value::from("teal")),
+        "{contact}"
+    );
+    assert!(
+        matches!(value("employees"), Some(v) if v == "42" || v == 42),
+        "{contact}"
+    );
     assert!(value("interests").is_some(), "{contact}");
 }
 
@@ -422,7 +491,14 @@ async fn a_run_killed_after_writing_the_custom_fields_table_writes_it_once_when_
     let loc = sim.location();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let flags = ["--custom-fields", "wide", "--part-contacts", "100", "--commit-interval", "1"];
+    let flags = [
+        "--custom-fields",
+        "wide",
+        "--part-contacts",
+        "100",
+        "--commit-interval",
+        "1",
+    ];
     let mut child = export_cmd(&sim, &out, &flags).spawn().unwrap();
     // Killed mid-listing: the table is committed before the listing starts, and a few
     // hundred requests later several contacts parts are too.
@@ -433,7 +509,10 @@ async fn a_run_killed_after_writing_the_custom_fields_table_writes_it_once_when_
         &std::fs::read(out.join(format!("_state/location_id={loc}/checkpoint.json"))).unwrap(),
     )
     .unwrap();
-    assert!(ck["entities"].get("custom_fields").is_some(), "committed before the kill: {ck}");
+    assert!(
+        ck["entities"].get("custom_fields").is_some(),
+        "committed before the kill: {ck}"
+    );
     assert!(!out.join("_manifest.json").exists(), "killed mid-run");
 
     let o = run_to_end(&sim, &out, &flags).await;
@@ -441,7 +520,10 @@ async fn a_run_killed_after_writing_the_custom_fields_table_writes_it_once_when_
     let defs = definitions(&sim).await;
     let files = part_files(&out, Entity::CustomFields, &loc, "parquet");
     assert_eq!(files.len(), 1, "{files:?}");
-    assert_eq!(read_parquet(&out, Entity::CustomFields, &loc).len(), defs.len());
+    assert_eq!(
+        read_parquet(&out, Entity::CustomFields, &loc).len(),
+        defs.len()
+    );
     // One request by the runs (the kill came after it), one by this test.
     assert_eq!(sim.sim.stats().by_route.get(DEFINITIONS_ROUTE), Some(&2));
     assert_eq!(manifest(&out)["resumed"], 1);

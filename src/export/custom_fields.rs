@@ -148,13 +148,15 @@ pub(super) async fn prepare(
 /// cannot be made (a rerun resumes).
 async fn fetch(client: &Client, plan: &ExportPlan) -> Result<Fetched, ExportError> {
     match client.custom_fields(&plan.location_id).await {
-        Ok(raw) => Ok(Fetched::Definitions(match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
-            Ok(list) => list,
-            Err(_) => {
-                tracing::warn!(location = %plan.location_id, reply = %crate::term::escape(&crate::schema::truncate_for_message(raw.get(), 80)), "the custom field definitions are not a list: writing an empty custom_fields table");
-                Vec::new()
-            }
-        })),
+        Ok(raw) => Ok(Fetched::Definitions(
+            match serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()) {
+                Ok(list) => list,
+                Err(_) => {
+                    tracing::warn!(location = %plan.location_id, reply = %crate::term::escape(&crate::schema::truncate_for_message(raw.get(), 80)), "the custom field definitions are not a list: writing an empty custom_fields table");
+                    Vec::new()
+                }
+            },
+        )),
         Err(e) if is_scope_refusal(&e) => {
             tracing::debug!(error = %e, "custom field definitions refused");
             warn_no_scope(plan);
@@ -198,8 +200,7 @@ fn write_table(
     };
     // The table's only part: its own directory has no other, so it takes number 0 and leaves
     // the run's part numbers (`ck.next_part`) to the other tables, whose layout stays as it was.
-    let mut part =
-        sink::open_part_at(&plan.out, plan.format, Entity::CustomFields, &partition, 0)?;
+    let mut part = sink::open_part_at(&plan.out, plan.format, Entity::CustomFields, &partition, 0)?;
     let mut builder = BatchBuilder::new(Entity::CustomFields);
     let ctx = RowContext {
         location_id: &plan.location_id,
@@ -233,7 +234,10 @@ mod tests {
     fn custom_fields_layouts_parse_and_print() {
         assert_eq!("ids".parse(), Ok(CustomFieldsMode::Ids));
         assert_eq!(" Wide".parse(), Ok(CustomFieldsMode::Wide));
-        assert!("names".parse::<CustomFieldsMode>().unwrap_err().contains("ids or wide"));
+        assert!("names"
+            .parse::<CustomFieldsMode>()
+            .unwrap_err()
+            .contains("ids or wide"));
         assert_eq!(CustomFieldsMode::Wide.to_string(), "wide");
         assert_eq!(CustomFieldsMode::default(), CustomFieldsMode::Ids);
     }

@@ -772,7 +772,8 @@ fn remove_parts(
     let mut removed = 0;
     for entity in Entity::ALL
         .into_iter()
-        .chain([Entity::DeletedContacts, Entity::CustomFields]) {
+        .chain([Entity::DeletedContacts, Entity::CustomFields])
+    {
         let rel_dir = partition.rel_dir(entity);
         let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else {
             continue;

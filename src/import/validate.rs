@@ -513,7 +513,8 @@ impl ColumnPlan {
     /// naming the column and listing the known keys. Two columns that name one field are a
     /// header problem too.
     pub(crate) fn resolve_custom_fields(&mut self, index: &FieldIndex) {
-        let unknown = |field: &str, name: &str| Problem {
+        let unknown = |field: &str, name: &str| {
+            Problem {
             line: 1,
             field: Some(field.to_owned()),
             reason: Reason::BadRow,
@@ -522,6 +523,7 @@ impl ColumnPlan {
                 crate::term::escape(name),
                 index.known_keys()
             ),
+        }
         };
         // (id, name as written): one field named twice the same way is already a problem.
         let mut seen: Vec<(String, String)> = Vec::new();
@@ -1530,10 +1532,15 @@ mod tests {
             )
             .unwrap(),
         );
-        let h: Vec<String> = ["email", "customField.pincode", "customField.contact.employees", "customField.zip"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let h: Vec<String> = [
+            "email",
+            "customField.pincode",
+            "customField.contact.employees",
+            "customField.zip",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let mapping = Mapping {
             constants: [("customField.B2".to_owned(), toml::Value::Integer(3))].into(),
             ..Mapping::default()
@@ -1543,21 +1550,37 @@ mod tests {
         plan.resolve_custom_fields(&index);
         assert_eq!(
             plan.targets[1..3],
-            [Target::CustomField("A1".into()), Target::CustomField("B2".into())]
+            [
+                Target::CustomField("A1".into()),
+                Target::CustomField("B2".into())
+            ]
         );
-        assert_eq!(plan.constants, [(Target::CustomField("B2".into()), "3".into())]);
+        assert_eq!(
+            plan.constants,
+            [(Target::CustomField("B2".into()), "3".into())]
+        );
         let [p] = plan.header_problems.as_slice() else {
             panic!("{:?}", plan.header_problems)
         };
         assert_eq!(p.field.as_deref(), Some("customField.zip"));
-        assert!(p.message.contains("'zip'") && p.message.contains("employees, pincode"), "{}", p.message);
+        assert!(
+            p.message.contains("'zip'") && p.message.contains("employees, pincode"),
+            "{}",
+            p.message
+        );
 
         // One field named twice (by key and by id) is a second column for it.
-        let h: Vec<String> = ["customField.pincode", "customField.A1"].iter().map(|s| s.to_string()).collect();
+        let h: Vec<String> = ["customField.pincode", "customField.A1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         let mut plan = ColumnPlan::new(Entity::Contacts, &h, &Mapping::default());
         plan.resolve_custom_fields(&index);
         assert_eq!(plan.header_problems.len(), 1, "{:?}", plan.header_problems);
-        assert_eq!(plan.header_problems[0].field.as_deref(), Some("customField.A1"));
+        assert_eq!(
+            plan.header_problems[0].field.as_deref(),
+            Some("customField.A1")
+        );
     }
 
     #[test]

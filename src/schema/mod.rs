@@ -44,8 +44,8 @@ use std::sync::{Arc, OnceLock};
 use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 pub use builder::BatchBuilder;
-pub use wide::{WideColumn, WideColumns, WIDE_COLUMNS_KEY};
 pub(crate) use decode::push_json_string;
+pub use wide::{WideColumn, WideColumns, WIDE_COLUMNS_KEY};
 
 /// Version of the column layout below. Bump it when a column is added, removed, renamed or
 /// retyped, so readers of old exports (and the manifest) can tell layouts apart.

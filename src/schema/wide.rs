@@ -87,9 +87,11 @@ impl WideColumns {
                 let text = |k: &str| d.get(k).and_then(Value::as_str).map(str::to_owned);
                 let field_key = text("fieldKey");
                 let data_type = text("dataType");
-                let number = data_type
-                    .as_deref()
-                    .is_some_and(|t| NUMBER_TYPES.iter().any(|n| n.eq_ignore_ascii_case(t.trim())));
+                let number = data_type.as_deref().is_some_and(|t| {
+                    NUMBER_TYPES
+                        .iter()
+                        .any(|n| n.eq_ignore_ascii_case(t.trim()))
+                });
                 let base = safe_name(field_key.as_deref(), &id);
                 Some((
                     base,
@@ -414,8 +416,7 @@ mod tests {
         let base = Entity::Contacts.schema();
         assert_eq!(schema.fields().len(), base.fields().len() + 6);
         assert_eq!(&schema.fields()[..base.fields().len()], &base.fields()[..]);
-        let meta: Value =
-            serde_json::from_str(&schema.metadata()[WIDE_COLUMNS_KEY]).unwrap();
+        let meta: Value = serde_json::from_str(&schema.metadata()[WIDE_COLUMNS_KEY]).unwrap();
         assert_eq!(meta["employees"]["id"], "f2");
         assert_eq!(meta["employees"]["fieldKey"], "contact.employees");
         assert_eq!(meta["f6"]["fieldKey"], Value::Null);
@@ -472,7 +473,9 @@ mod tests {
         assert_eq!(exact_double("123456789012345"), Some(123456789012345.0));
         assert_eq!(exact_double("1234567890123456"), None);
         assert_eq!(exact_double("0.1000000000000000000"), Some(0.1));
-        for bad in ["", "-", "01", "1.", ".5", "1e", "1,5", " 1", "NaN", "inf", "1e999"] {
+        for bad in [
+            "", "-", "01", "1.", ".5", "1e", "1,5", " 1", "NaN", "inf", "1e999",
+        ] {
             assert_eq!(exact_double(bad), None, "{bad}");
         }
     }

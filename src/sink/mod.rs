@@ -217,7 +217,8 @@ pub fn clean_temp_parts(out: &Path, partition: &Partition) -> Result<usize, Sink
     let mut removed = 0;
     for entity in Entity::ALL
         .into_iter()
-        .chain([Entity::DeletedContacts, Entity::CustomFields]) {
+        .chain([Entity::DeletedContacts, Entity::CustomFields])
+    {
         let dir = out.join(partition.rel_dir(entity));
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,

@@ -719,7 +719,8 @@ mod tests {
 
     #[test]
     fn export_pipelines_reach_the_custom_fields_layout_of_export() {
-        let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let base =
+            "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
         let good = format!("{base}custom_fields = \"wide\"\n");
         let src = Source {
             file: Path::new("p.toml"),
