@@ -541,3 +541,48 @@ async fn a_run_killed_after_writing_the_custom_fields_table_writes_it_once_when_
     assert!(schemas.windows(2).all(|w| w[0] == w[1]));
     assert!(schemas[0].fields().len() > Entity::Contacts.schema().fields().len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_fetches_each_locations_definitions_once_and_widens_its_contacts() {
+    let locations = ["cfPipeA0000000000001", "cfPipeB0000000000002"];
+    let sim = TestSim::start(SimConfig {
+        locations: locations.iter().map(|l| l.to_string()).collect(),
+        ..fast_sim(120, 16)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("p.toml");
+    let mut text = String::from("[api]\nrate_limit = \"off\"\n[auth]\ntoken_env = \"HL_TOKEN\"\n");
+    for l in locations {
+        text.push_str(&format!("[[locations]]\nid = \"{l}\"\n"));
+    }
+    text.push_str("[export]\nout = \"out\"\ninclude = [\"none\"]\ncustom_fields = \"wide\"\n");
+    std::fs::write(&file, text).unwrap();
+    let (code, output) = run(&sim, &["run", file.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{output}");
+    let out = dir.path().join("out");
+    let client = sim.client(None, 1);
+    for l in locations {
+        let served = client.custom_fields(l).await.unwrap();
+        let defs = serde_json::from_str::<Vec<Value>>(served.get())
+            .unwrap()
+            .len();
+        assert_eq!(
+            read_parquet(&out, Entity::CustomFields, l).len(),
+            defs,
+            "{l}"
+        );
+        for path in part_files(&out, Entity::Contacts, l, "parquet") {
+            let b = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+                .unwrap();
+            let mapping: Value =
+                serde_json::from_str(&b.schema().metadata()[WIDE_COLUMNS_KEY]).unwrap();
+            assert_eq!(mapping.as_object().unwrap().len(), defs, "{l}");
+        }
+    }
+    assert_eq!(
+        sim.sim.stats().by_route.get(DEFINITIONS_ROUTE),
+        Some(&4),
+        "once per location (and once each by this test)"
+    );
+}

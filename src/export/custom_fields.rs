@@ -229,6 +229,63 @@ fn write_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{ClientConfig, Token};
+    use crate::sink::Format;
+
+    fn fresh_checkpoint(plan: &ExportPlan) -> Checkpoint {
+        Checkpoint {
+            settings: plan.settings(),
+            started_at: "2026-01-01T00:00:00.000Z".into(),
+            export_date: None,
+            resumed: 0,
+            position: None,
+            next_part: 0,
+            contacts_listed: 0,
+            entities: Default::default(),
+            skipped_objects: 0,
+            skipped: Vec::new(),
+            seen_bytes: 0,
+            listing_done: false,
+            deletions_done: false,
+            complete: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn unreadable_definitions_leave_an_ids_export_without_the_table_and_stop_a_wide_one() {
+        // A port nobody listens on: the request fails without a reply (no retries here).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cfg =
+            ClientConfig::new(format!("http://127.0.0.1:{port}"), Token::new("t").unwrap());
+        cfg.retry.max_attempts = 1;
+        cfg.rate_limit = None;
+        let client = Client::new(cfg).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ck_path = dir.path().join("checkpoint.json");
+        let mut plan = ExportPlan::new("L1", Format::Csv, dir.path());
+        let (ck, wide) = prepare(&client, &plan, fresh_checkpoint(&plan), &ck_path)
+            .await
+            .unwrap();
+        assert!(wide.is_none());
+        assert!(ck.entities.is_empty(), "no table");
+        // Nothing settled: a resumed run asks again.
+        assert!(!saved_path(&ck_path).exists());
+        assert!(!ck_path.exists());
+
+        plan.custom_fields = CustomFieldsMode::Wide;
+        let err = prepare(&client, &plan, fresh_checkpoint(&plan), &ck_path)
+            .await
+            .unwrap_err();
+        assert!(err.api().is_some(), "{err}");
+        assert!(
+            err.to_string().contains("/locations/L1/customFields"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn custom_fields_layouts_parse_and_print() {
