@@ -12,9 +12,7 @@ use super::conn::{check_ids, Connection};
 use super::outcome::{export_outcome, Outcome};
 use super::report::{RunReport, Started};
 use crate::api::Client;
-use crate::export::{
-    Budget, CustomFieldsMode, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress,
-};
+use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress};
 use crate::fanout::Include;
 use crate::sink::Format;
 
@@ -42,7 +40,7 @@ pub struct ExportSettings {
     /// skipped and listed in the report.
     pub max_skipped: u64,
     /// `--custom-fields`: `Wide` adds one contacts column per custom field.
-    pub custom_fields: CustomFieldsMode,
+    pub custom_fields: crate::export::CustomFieldsMode,
 }
 
 impl ExportSettings {
@@ -61,7 +59,7 @@ impl ExportSettings {
             state_dir: None,
             partition_by_date: false,
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
-            custom_fields: CustomFieldsMode::Ids,
+            custom_fields: crate::export::CustomFieldsMode::Ids,
         }
     }
 
