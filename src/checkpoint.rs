@@ -39,6 +39,9 @@ pub struct Settings {
     /// `--children-by` (a checkpoint made before it existed fetched every child per contact).
     #[serde(default = "per_contact")]
     pub children_by: String,
+    /// `--custom-fields wide`: the contacts parts have the wide columns.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wide_custom_fields: bool,
 }
 
 fn per_contact() -> String {
@@ -101,6 +104,14 @@ impl Settings {
             diffs.push(format!(
                 "--children-by {} (checkpoint: {})",
                 self.children_by, other.children_by
+            ));
+        }
+        if self.wide_custom_fields != other.wide_custom_fields {
+            let name = |wide: bool| if wide { "wide" } else { "ids" };
+            diffs.push(format!(
+                "--custom-fields {} (checkpoint: {})",
+                name(self.wide_custom_fields),
+                name(other.wide_custom_fields)
             ));
         }
         (!diffs.is_empty()).then(|| diffs.join(", "))
@@ -246,6 +257,7 @@ mod tests {
             incremental: false,
             listing: "auto".into(),
             children_by: "contact".into(),
+            wide_custom_fields: false,
         }
     }
 
@@ -323,5 +335,18 @@ mod tests {
             m.contains("--format parquet (checkpoint: csv)") && m.contains("--include"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_wide_export_does_not_resume_an_ids_checkpoint() {
+        let mut wide = settings();
+        wide.wide_custom_fields = true;
+        let m = wide.mismatch(&settings()).unwrap();
+        assert!(m.contains("--custom-fields wide (checkpoint: ids)"), "{m}");
+        // Written only when set: checkpoints of ids runs read as before, both ways.
+        let text = serde_json::to_string(&settings()).unwrap();
+        assert!(!text.contains("wideCustomFields"), "{text}");
+        let back: Settings = serde_json::from_str(&serde_json::to_string(&wide).unwrap()).unwrap();
+        assert!(back.wide_custom_fields);
     }
 }

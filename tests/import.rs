@@ -515,7 +515,7 @@ async fn duplicates_update_without_replacing_tags_and_undo_deletes_only_created_
     let known_tags: Vec<String> = serde_json::from_value(known["tags"].clone()).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.csv");
-    let mut text = String::from("email,firstName,tags,customField.cfX\n");
+    let mut text = String::from("email,firstName,tags,customField.favourite_color\n");
     for i in 0..5 {
         text.push_str(&format!(
             "new{i}@example.com,New {i},\"imported, batch-{i}\",v{i}\n"

@@ -267,6 +267,7 @@ fn all_entities() -> Vec<Entity> {
         Entity::Notes,
         Entity::Appointments,
         Entity::DeletedContacts,
+        Entity::CustomFields,
     ];
     for e in &all {
         match e {
@@ -274,7 +275,8 @@ fn all_entities() -> Vec<Entity> {
             | Entity::Tasks
             | Entity::Notes
             | Entity::Appointments
-            | Entity::DeletedContacts => {}
+            | Entity::DeletedContacts
+            | Entity::CustomFields => {}
         }
     }
     all

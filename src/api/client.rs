@@ -663,6 +663,7 @@ impl Client {
         .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn call<T: DeserializeOwned>(
         &self,
         kind: RequestKind,

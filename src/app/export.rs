@@ -52,6 +52,8 @@ pub struct ExportSettings {
     /// Share of the listed contacts whose location-wide children are checked per contact
     /// (`--verify-sample`, 0..=1).
     pub verify_sample: f64,
+    /// `--custom-fields`: `Wide` adds one contacts column per custom field.
+    pub custom_fields: crate::export::CustomFieldsMode,
 }
 
 impl ExportSettings {
@@ -75,6 +77,7 @@ impl ExportSettings {
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
             children_by: ChildrenBy::Auto,
             verify_sample: crate::export::DEFAULT_VERIFY_SAMPLE,
+            custom_fields: crate::export::CustomFieldsMode::Ids,
         }
     }
 
@@ -133,6 +136,7 @@ pub fn plan(
     plan.max_skipped = s.max_skipped;
     plan.children_by = s.children_by;
     plan.verify_sample = s.verify_sample;
+    plan.custom_fields = s.custom_fields;
     plan.budget = s.budget.clone();
     if s.incremental {
         plan.incremental = Some(IncrementalPlan {

@@ -25,7 +25,8 @@ pub enum ImportCommand {
     /// Columns are named as the API's fields (firstName, lastName, email, phone, companyName,
     /// address1, city, state, postalCode, country, website, source, timezone, dnd,
     /// dateOfBirth, assignedTo, tags as one comma-separated cell or a JSON array,
-    /// customField.<id> per custom field, customFields as the export's JSON, id to update a
+    /// customField.<key> per custom field (its fieldKey without 'contact.', the full fieldKey,
+    /// or its id), customFields as the export's JSON, id to update a
     /// contact of this location), or mapped with --mapping. A CSV written by `export` is
     /// accepted as it is: its read-only columns are left out and ids from another location
     /// are not update targets.

@@ -270,6 +270,13 @@ pub struct ExportArgs {
     /// contact for the whole run (reported in the manifest).
     #[arg(long, default_value_t = crate::export::DEFAULT_VERIFY_SAMPLE, value_name = "SHARE")]
     pub verify_sample: f64,
+    /// How contacts show custom fields: ids (the customFields column, [{id, value}] as the API
+    /// sends it) or wide (also one column per custom field, named by its key: fieldKey without
+    /// 'contact.'; numbers as doubles, the rest as text). Either way the location's field
+    /// definitions go to the custom_fields table (token scope locations/customFields.readonly;
+    /// without it, a warning and no table).
+    #[arg(long, default_value = "ids", value_name = "ids|wide", value_parser = clap::builder::ValueParser::new(str::parse::<crate::export::CustomFieldsMode>))]
+    pub custom_fields: crate::export::CustomFieldsMode,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -568,6 +575,7 @@ impl ExportArgs {
         settings.max_skipped = self.max_skipped;
         settings.children_by = self.children_by;
         settings.verify_sample = self.verify_sample;
+        settings.custom_fields = self.custom_fields;
         ExportJob {
             location: self.location.clone(),
             settings,

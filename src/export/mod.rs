@@ -14,6 +14,7 @@
 //! page as a [`SkippedRequest`] and listed under `skipped` in the manifest, up to
 //! [`ExportPlan::max_skipped`]; beyond that the run fails ([`ExportError::TooManySkipped`]).
 
+mod custom_fields;
 pub mod interrupt;
 mod resources;
 mod wide;
@@ -28,6 +29,7 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use custom_fields::CustomFieldsMode;
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
 pub use wide::{ChildrenReport, WideProgress, DEFAULT_VERIFY_SAMPLE};
@@ -92,6 +94,8 @@ pub struct ExportPlan {
     pub children_by: crate::wide::ChildrenBy,
     /// Share of the listed contacts whose location-wide children are checked per contact.
     pub verify_sample: f64,
+    /// `--custom-fields`: also one contacts column per custom field (`Wide`).
+    pub custom_fields: CustomFieldsMode,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -190,6 +194,7 @@ impl ExportPlan {
             max_skipped: DEFAULT_MAX_SKIPPED,
             children_by: crate::wide::ChildrenBy::Contact,
             verify_sample: wide::DEFAULT_VERIFY_SAMPLE,
+            custom_fields: CustomFieldsMode::Ids,
         }
     }
 
@@ -210,6 +215,7 @@ impl ExportPlan {
             incremental: self.incremental.is_some(),
             listing: self.listing.name().into(),
             children_by: self.children_by.name().into(),
+            wide_custom_fields: self.custom_fields == CustomFieldsMode::Wide,
         }
     }
 
@@ -387,6 +393,7 @@ pub async fn run(
         }
     }
     progress.resumed_from.store(ck.contacts_listed, Relaxed);
+    let (ck, wide) = custom_fields::prepare(&client, plan, ck, &ck_path).await?;
 
     let prev = match &plan.incremental {
         Some(inc) if !inc.full_refresh => {
@@ -416,6 +423,7 @@ pub async fn run(
             seen,
             prev.clone(),
             progress,
+            wide,
         )
         .await?
     };
@@ -542,6 +550,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
 
 /// Lists, fans out and writes until the listing ends, the budget is spent, or an error.
 /// Complete pages are committed in every case.
+#[allow(clippy::too_many_arguments)] // the run's parts, each from a different step of `run`
 async fn stream(
     client: Arc<Client>,
     plan: &ExportPlan,
@@ -551,6 +560,7 @@ async fn stream(
     seen: Option<SeenLog>,
     prev: Option<Arc<PrevState>>,
     progress: Arc<Progress>,
+    wide: Option<Arc<crate::schema::WideColumns>>,
 ) -> Result<Checkpoint, ExportError> {
     let pages = listing(client.clone(), plan, source).map({
         let progress = progress.clone();
@@ -592,6 +602,7 @@ async fn stream(
             commit_interval: plan.commit_interval,
             checkpoint_path: ck_path.to_path_buf(),
             seen,
+            wide,
         },
         ck,
         // In pages: as many as the fan-out window holds, and one more.
@@ -988,7 +999,10 @@ fn remove_parts(
     remove: impl Fn(&str) -> bool,
 ) -> Result<usize, ExportError> {
     let mut removed = 0;
-    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+    for entity in Entity::ALL
+        .into_iter()
+        .chain([Entity::DeletedContacts, Entity::CustomFields])
+    {
         let rel_dir = partition.rel_dir(entity);
         let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else {
             continue;

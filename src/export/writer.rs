@@ -8,6 +8,7 @@
 //! run stops early) always matches a listing position the next run can continue from.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
@@ -17,8 +18,8 @@ use crate::checkpoint::{self, Checkpoint};
 use crate::extract::Position;
 use crate::fanout::{ContactUnit, Include, Item};
 use crate::incremental::SeenLog;
-use crate::schema::{BatchBuilder, Entity, RowContext};
-use crate::sink::{open_part_at, Format, PartWriter, Partition};
+use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
+use crate::sink::{open_part_with, Format, PartWriter, Partition};
 
 pub(crate) struct WriterConfig {
     pub out: PathBuf,
@@ -35,6 +36,8 @@ pub(crate) struct WriterConfig {
     pub checkpoint_path: PathBuf,
     /// The incremental run's log of listed contacts.
     pub seen: Option<SeenLog>,
+    /// `--custom-fields wide`: the contacts parts get these columns too.
+    pub wide: Option<Arc<WideColumns>>,
 }
 
 /// Messages to the writer.
@@ -233,16 +236,13 @@ impl Writer {
         if slot.builder.is_empty() {
             return Ok(());
         }
-        let batch = slot.builder.finish();
+        let mut batch = slot.builder.finish();
+        if let (Entity::Contacts, Some(wide)) = (slot.entity, &cfg.wide) {
+            batch = wide.widen(&batch);
+        }
         let part = match &mut slot.part {
             Some(p) => p,
-            None => slot.part.insert(open_part_at(
-                &cfg.out,
-                cfg.format,
-                slot.entity,
-                &cfg.partition,
-                n,
-            )?),
+            None => slot.part.insert(open_part(cfg, slot.entity, n)?),
         };
         part.write(&batch)?;
         Ok(())
@@ -264,13 +264,9 @@ impl Writer {
             let part = match slot.part.take() {
                 Some(p) => Some(p),
                 // An empty part, so readers find the schema and a glob is never empty.
-                None if listing_done && report.files.is_empty() => Some(open_part_at(
-                    &self.cfg.out,
-                    self.cfg.format,
-                    slot.entity,
-                    &self.cfg.partition,
-                    self.ck.next_part,
-                )?),
+                None if listing_done && report.files.is_empty() => {
+                    Some(open_part(&self.cfg, slot.entity, self.ck.next_part)?)
+                }
                 None => None,
             };
             if let Some(part) = part {
@@ -297,4 +293,18 @@ impl Writer {
         self.last_commit = Instant::now();
         Ok(())
     }
+}
+
+/// Opens part `n` of `entity`: with the wide custom field columns for contacts when the run
+/// has them, else with the entity's declared schema.
+fn open_part(
+    cfg: &WriterConfig,
+    entity: Entity,
+    n: u32,
+) -> Result<Box<dyn PartWriter>, crate::sink::SinkError> {
+    let schema = match (entity, &cfg.wide) {
+        (Entity::Contacts, Some(wide)) => wide.schema(),
+        _ => entity.schema(),
+    };
+    open_part_with(&cfg.out, cfg.format, entity, &cfg.partition, n, schema)
 }

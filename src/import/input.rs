@@ -434,7 +434,7 @@ pub fn refuse_clobbering(
 /// [columns]                         # column name = API field
 /// "E-mail Address" = "email"
 /// "Mobile" = "phone"
-/// "Favourite colour" = "customField.kP3sQ1xZ9aB4cD5eF6gH"
+/// "Favourite colour" = "customField.favourite_color"   # a key, a fieldKey or an id
 /// [constants]                       # field = value, for every row (a cell wins)
 /// source = "crm-x migration"
 /// ```

@@ -23,6 +23,7 @@
 
 mod ambiguous;
 mod children;
+mod custom_fields;
 mod input;
 mod journal;
 mod report;
@@ -457,7 +458,12 @@ async fn validate_all(
     )
     .map_err(ImportError::Clobber)?;
     let mut input = open_csv(&source.input, source.delimiter, source.encoding)?;
-    let plan = ColumnPlan::new(entity, &input.headers, &source.mapping);
+    let mut plan = ColumnPlan::new(entity, &input.headers, &source.mapping);
+    if plan.names_custom_fields() {
+        if let Some(index) = custom_fields::load(client, &rules.location_id).await? {
+            plan.resolve_custom_fields(&index);
+        }
+    }
     let mut report = ImportReport {
         entity: Some(entity),
         input: source.input.clone(),

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde_json::{Map, Value};
 
+use super::custom_fields::FieldIndex;
 use super::input::{constant_text, Mapping, RawRecord};
 use super::OnDuplicate;
 
@@ -497,6 +498,76 @@ impl ColumnPlan {
             }
         }
         plan
+    }
+
+    /// Whether a column or a mapping constant is a `customField.<name>`.
+    pub(crate) fn names_custom_fields(&self) -> bool {
+        self.targets
+            .iter()
+            .chain(self.constants.iter().map(|(t, _)| t))
+            .any(|t| matches!(t, Target::CustomField(_)))
+    }
+
+    /// Maps every `customField.<name>` (a column or a mapping constant) to the id it names
+    /// ([`FieldIndex::resolve`]); a name the location does not know is a header problem
+    /// naming the column and listing the known keys. Two columns that name one field are a
+    /// header problem too.
+    pub(crate) fn resolve_custom_fields(&mut self, index: &FieldIndex) {
+        let unknown = |field: &str, name: &str| {
+            Problem {
+            line: 1,
+            field: Some(field.to_owned()),
+            reason: Reason::BadRow,
+            message: format!(
+                "no custom field of the location has the id or key '{}'; name one by its key (customField.<key>), its full fieldKey or its id; the location's keys: {}",
+                crate::term::escape(name),
+                index.known_keys()
+            ),
+        }
+        };
+        // (id, name as written): one field named twice the same way is already a problem.
+        let mut seen: Vec<(String, String)> = Vec::new();
+        for (column, target) in self.columns.iter().zip(self.targets.iter_mut()) {
+            let Target::CustomField(name) = target else {
+                continue;
+            };
+            match index.resolve(name) {
+                Some(id) => {
+                    let id = id.to_owned();
+                    if seen.iter().any(|(i, n)| *i == id && n != name) {
+                        self.header_problems.push(Problem {
+                            line: 1,
+                            field: Some(column.clone()),
+                            reason: Reason::BadRow,
+                            message: format!("a second column for the same custom field (id {id})"),
+                        });
+                    }
+                    seen.push((id.clone(), name.clone()));
+                    *name = id;
+                }
+                None => {
+                    self.header_problems.push(unknown(column, name));
+                    *target = Target::Skip;
+                }
+            }
+        }
+        let mut problems = Vec::new();
+        self.constants.retain_mut(|(target, _)| {
+            let Target::CustomField(name) = target else {
+                return true;
+            };
+            match index.resolve(name) {
+                Some(id) => {
+                    *name = id.to_owned();
+                    true
+                }
+                None => {
+                    problems.push(unknown(&format!("customField.{name}"), name));
+                    false
+                }
+            }
+        });
+        self.header_problems.extend(problems);
     }
 
     /// Whether rows carry phone numbers (a column or a constant).
@@ -1450,6 +1521,65 @@ mod tests {
         assert_eq!(
             parse_tags(" vip, , new lead ").unwrap(),
             ["vip", "new lead"]
+        );
+    }
+
+    #[test]
+    fn custom_field_columns_by_key_or_field_key_become_ids_and_an_unknown_key_names_the_column() {
+        let index = FieldIndex::new(
+            &serde_json::from_str::<Vec<Value>>(
+                r#"[{"id":"A1","fieldKey":"contact.pincode"},{"id":"B2","fieldKey":"contact.employees"}]"#,
+            )
+            .unwrap(),
+        );
+        let h: Vec<String> = [
+            "email",
+            "customField.pincode",
+            "customField.contact.employees",
+            "customField.zip",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mapping = Mapping {
+            constants: [("customField.B2".to_owned(), toml::Value::Integer(3))].into(),
+            ..Mapping::default()
+        };
+        let mut plan = ColumnPlan::new(Entity::Contacts, &h, &mapping);
+        assert!(plan.names_custom_fields());
+        plan.resolve_custom_fields(&index);
+        assert_eq!(
+            plan.targets[1..3],
+            [
+                Target::CustomField("A1".into()),
+                Target::CustomField("B2".into())
+            ]
+        );
+        assert_eq!(
+            plan.constants,
+            [(Target::CustomField("B2".into()), "3".into())]
+        );
+        let [p] = plan.header_problems.as_slice() else {
+            panic!("{:?}", plan.header_problems)
+        };
+        assert_eq!(p.field.as_deref(), Some("customField.zip"));
+        assert!(
+            p.message.contains("'zip'") && p.message.contains("employees, pincode"),
+            "{}",
+            p.message
+        );
+
+        // One field named twice (by key and by id) is a second column for it.
+        let h: Vec<String> = ["customField.pincode", "customField.A1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut plan = ColumnPlan::new(Entity::Contacts, &h, &Mapping::default());
+        plan.resolve_custom_fields(&index);
+        assert_eq!(plan.header_problems.len(), 1, "{:?}", plan.header_problems);
+        assert_eq!(
+            plan.header_problems[0].field.as_deref(),
+            Some("customField.A1")
         );
     }
 

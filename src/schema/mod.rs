@@ -42,6 +42,7 @@
 
 mod builder;
 mod decode;
+mod wide;
 
 use std::sync::{Arc, OnceLock};
 
@@ -49,6 +50,7 @@ use arrow::datatypes::{DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 
 pub use builder::BatchBuilder;
 pub(crate) use decode::push_json_string;
+pub use wide::{WideColumn, WideColumns, WIDE_COLUMNS_KEY};
 
 /// Version of the column layout below. Bump it when a column is added, removed, renamed or
 /// retyped, so readers of old exports (and the manifest) can tell layouts apart.
@@ -69,6 +71,9 @@ pub enum Entity {
     Appointments,
     /// Contacts an incremental run no longer found: `id`, last known `dateUpdated`, `locationId`.
     DeletedContacts,
+    /// The location's contact custom field definitions (`GET /locations/:id/customFields`),
+    /// written once per run: what the ids in the contacts' `customFields` stand for.
+    CustomFields,
 }
 
 impl Entity {
@@ -80,7 +85,7 @@ impl Entity {
     ];
 
     /// Number of variants (sizes per-entity tables indexed by `self as usize`).
-    pub(crate) const COUNT: usize = 5;
+    pub(crate) const COUNT: usize = 6;
 
     /// The table name, also the directory name under the output root.
     pub fn name(self) -> &'static str {
@@ -90,6 +95,7 @@ impl Entity {
             Entity::Notes => "notes",
             Entity::Appointments => "appointments",
             Entity::DeletedContacts => "deleted_contacts",
+            Entity::CustomFields => "custom_fields",
         }
     }
 
@@ -109,6 +115,7 @@ impl Entity {
             Entity::Notes => NOTES,
             Entity::Appointments => APPOINTMENTS,
             Entity::DeletedContacts => DELETED_CONTACTS,
+            Entity::CustomFields => CUSTOM_FIELDS,
         }
     }
 }
@@ -142,8 +149,7 @@ pub enum DecodeError {
 pub(crate) enum Kind {
     Str,
     Bool,
-    /// No column of schema version 1 uses it; kept so a new integer field is one line.
-    #[allow(dead_code)]
+    /// `custom_fields`' `position` and `maxFileLimit`.
     Int,
     Ts,
     StrList,
@@ -195,7 +201,7 @@ const EXTRA: Column = Column {
     role: Role::Extra,
 };
 
-use Kind::{Bool, CustomFields, Json, Str, StrList, Ts};
+use Kind::{Bool, CustomFields, Int, Json, Str, StrList, Ts};
 
 const CONTACTS: &[Column] = &[
     col("id", Str),
@@ -247,6 +253,24 @@ const DELETED_CONTACTS: &[Column] = &[
     col("id", Str),
     col("dateUpdated", Ts),
     ctx("locationId", Role::ContextLocation),
+];
+
+/// The API's `CustomFieldSchema`: the fields it declares, in its order; anything else in `_extra`.
+const CUSTOM_FIELDS: &[Column] = &[
+    col("id", Str),
+    col("name", Str),
+    col("fieldKey", Str),
+    col("dataType", Str),
+    col("placeholder", Str),
+    col("position", Int),
+    col("picklistOptions", StrList),
+    col("picklistImageOptions", StrList),
+    col("isAllowedCustomOption", Bool),
+    col("isMultiFileAllowed", Bool),
+    col("maxFileLimit", Int),
+    ctx("locationId", Role::LocationOrContext),
+    col("model", Str),
+    EXTRA,
 ];
 
 const TASKS: &[Column] = &[

@@ -15,6 +15,7 @@
 //! | text (Str) | the text, byte for byte |
 //! | Bool | `true` / `false` |
 //! | Int | decimal |
+//! | Float64 (wide custom field columns of number fields) | the shortest decimal that reads back as the same double: `12.5`, `5000` |
 //! | timestamp (Ts) | `YYYY-MM-DDTHH:MM:SS.sssZ` (UTC, milliseconds) |
 //! | list of text (StrList) | a JSON array: `["a","b"]` |
 //! | customFields | a JSON array: `[{"id":"x","value":<the value's JSON as received>}]`; a missing value is `null` |
@@ -31,10 +32,10 @@ use std::fs::File;
 
 use ::csv::{QuoteStyle, Terminator, Writer, WriterBuilder};
 use arrow::array::{
-    Array, AsArray, BooleanArray, GenericListArray, Int64Array, StringArray,
+    Array, AsArray, BooleanArray, Float64Array, GenericListArray, Int64Array, StringArray,
     TimestampMillisecondArray,
 };
-use arrow::datatypes::{DataType, Int64Type, TimeUnit, TimestampMillisecondType};
+use arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit, TimestampMillisecondType};
 use arrow::record_batch::RecordBatch;
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
@@ -68,7 +69,7 @@ impl CsvPart {
     pub(crate) fn create(target: PartTarget) -> Result<Self, SinkError> {
         let file = target.create()?;
         let mut writer = writer_builder().from_writer(file);
-        let schema = target.entity.schema();
+        let schema = target.schema.clone();
         writer
             .write_record(schema.fields().iter().map(|f| f.name().as_bytes()))
             .map_err(|source| SinkError::Csv {
@@ -139,6 +140,8 @@ enum Cells<'a> {
     Utf8(&'a StringArray),
     Bool(&'a BooleanArray),
     Int(&'a Int64Array),
+    /// The wide custom field columns of a number field.
+    Float(&'a Float64Array),
     Ts(&'a TimestampMillisecondArray),
     StrList(&'a GenericListArray<i32>, &'a StringArray),
     CustomFields {
@@ -155,6 +158,7 @@ impl<'a> Cells<'a> {
             DataType::Utf8 => Cells::Utf8(array.as_string_opt::<i32>()?),
             DataType::Boolean => Cells::Bool(array.as_boolean_opt()?),
             DataType::Int64 => Cells::Int(array.as_primitive_opt::<Int64Type>()?),
+            DataType::Float64 => Cells::Float(array.as_primitive_opt::<Float64Type>()?),
             DataType::Timestamp(TimeUnit::Millisecond, _) => {
                 Cells::Ts(array.as_primitive_opt::<TimestampMillisecondType>()?)
             }
@@ -184,6 +188,7 @@ impl<'a> Cells<'a> {
             Cells::Utf8(a) => a.is_valid(row),
             Cells::Bool(a) => a.is_valid(row),
             Cells::Int(a) => a.is_valid(row),
+            Cells::Float(a) => a.is_valid(row),
             Cells::Ts(a) => a.is_valid(row),
             Cells::StrList(a, _) | Cells::CustomFields { list: a, .. } => a.is_valid(row),
         };
@@ -195,6 +200,8 @@ impl<'a> Cells<'a> {
             Cells::Bool(a) => out.push_str(if a.value(row) { "true" } else { "false" }),
             // Writing to a String cannot fail.
             Cells::Int(a) => drop(write!(out, "{}", a.value(row))),
+            // The shortest text that reads back as the same double (`12.5`, `5000`).
+            Cells::Float(a) => drop(write!(out, "{}", a.value(row))),
             Cells::Ts(a) => crate::timefmt::write_iso_millis(out, a.value(row)),
             Cells::StrList(list, values) => {
                 let range = list_range(list, row);

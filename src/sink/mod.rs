@@ -27,6 +27,7 @@ use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
 use crate::schema::Entity;
@@ -182,7 +183,21 @@ pub fn open_part_at(
     partition: &Partition,
     n: u32,
 ) -> Result<Box<dyn PartWriter>, SinkError> {
-    let target = PartTarget::new(out, format, entity, partition, n)?;
+    open_part_with(out, format, entity, partition, n, entity.schema())
+}
+
+/// [`open_part_at`] with a schema of its own: the entity's columns, then more (the contacts'
+/// wide custom field columns, [`crate::export::WideColumns`]). Every batch written must have
+/// exactly this schema's columns.
+pub fn open_part_with(
+    out: &Path,
+    format: Format,
+    entity: Entity,
+    partition: &Partition,
+    n: u32,
+    schema: SchemaRef,
+) -> Result<Box<dyn PartWriter>, SinkError> {
+    let target = PartTarget::new(out, format, entity, partition, n, schema)?;
     Ok(match format {
         Format::Parquet => Box::new(parquet::ParquetPart::create(target)?),
         Format::Csv => Box::new(csv::CsvPart::create(target)?),
@@ -190,7 +205,8 @@ pub fn open_part_at(
 }
 
 /// Removes the temporary part files a stopped run left in one partition: each entity's
-/// `location_id=<id>` directory (and `deleted_contacts`'), under `partition`. Returns how many.
+/// `location_id=<id>` directory (and those of `deleted_contacts` and `custom_fields`), under
+/// `partition`. Returns how many.
 ///
 /// Only this partition is touched, and only names this module writes
 /// (`.part-<digits>.<parquet|csv>.tmp`): another location's export may be writing into the same
@@ -199,7 +215,10 @@ pub fn open_part_at(
 pub fn clean_temp_parts(out: &Path, partition: &Partition) -> Result<usize, SinkError> {
     partition.check()?;
     let mut removed = 0;
-    for entity in Entity::ALL.into_iter().chain([Entity::DeletedContacts]) {
+    for entity in Entity::ALL
+        .into_iter()
+        .chain([Entity::DeletedContacts, Entity::CustomFields])
+    {
         let dir = out.join(partition.rel_dir(entity));
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -267,6 +286,8 @@ fn check_location_id(location_id: &str) -> Result<(), SinkError> {
 /// Where a part is written, and the temp-then-rename steps shared by both formats.
 pub(crate) struct PartTarget {
     pub(crate) entity: Entity,
+    /// The columns of every batch, and of the file.
+    pub(crate) schema: SchemaRef,
     dir: PathBuf,
     /// `.part-<n>.<ext>.tmp`, the file being written.
     pub(crate) tmp: PathBuf,
@@ -283,6 +304,7 @@ impl PartTarget {
         entity: Entity,
         partition: &Partition,
         n: u32,
+        schema: SchemaRef,
     ) -> Result<Self, SinkError> {
         partition.check()?;
         let rel_dir = partition.rel_dir(entity);
@@ -290,6 +312,7 @@ impl PartTarget {
         let dir = out.join(&rel_dir);
         Ok(PartTarget {
             entity,
+            schema,
             tmp: dir.join(format!(".{name}.tmp")),
             fin: dir.join(&name),
             rel: format!("{rel_dir}/{name}"),
@@ -317,9 +340,9 @@ impl PartTarget {
         })
     }
 
-    /// Checks that `batch` has the entity's columns (names, types, nullability).
+    /// Checks that `batch` has the part's columns (names, types, nullability).
     pub(crate) fn check_schema(&self, batch: &RecordBatch) -> Result<(), SinkError> {
-        let expected = self.entity.schema();
+        let expected = &self.schema;
         let got = batch.schema();
         if got.fields() == expected.fields() {
             return Ok(());

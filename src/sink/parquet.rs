@@ -23,9 +23,11 @@
 use std::fs::File;
 use std::io::BufWriter;
 
+use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
@@ -47,8 +49,24 @@ pub(crate) struct ParquetPart {
     rows: u64,
 }
 
-fn properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
+/// Schema metadata also written as the file's own key-value metadata (beside the embedded
+/// Arrow schema, which carries all of it): readers that do not decode the Arrow schema
+/// (DuckDB's `parquet_kv_metadata`, `pyarrow.parquet.ParquetFile(...).metadata.metadata`) find it
+/// there.
+const FILE_METADATA_KEYS: &[&str] = &[crate::schema::WIDE_COLUMNS_KEY];
+
+fn properties(schema: &Schema) -> Result<WriterProperties, parquet::errors::ParquetError> {
+    let file_metadata: Vec<KeyValue> = FILE_METADATA_KEYS
+        .iter()
+        .filter_map(|k| {
+            schema
+                .metadata()
+                .get(k)
+                .map(|v| KeyValue::new((*k).to_owned(), v.clone()))
+        })
+        .collect();
     Ok(WriterProperties::builder()
+        .set_key_value_metadata((!file_metadata.is_empty()).then_some(file_metadata))
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
         .set_max_row_group_row_count(Some(MAX_ROW_GROUP_ROWS))
@@ -65,11 +83,11 @@ fn properties() -> Result<WriterProperties, parquet::errors::ParquetError> {
 impl ParquetPart {
     pub(crate) fn create(target: PartTarget) -> Result<Self, SinkError> {
         let file = target.create()?;
-        let writer = properties()
+        let writer = properties(&target.schema)
             .and_then(|props| {
                 ArrowWriter::try_new(
                     BufWriter::with_capacity(WRITE_BUFFER, file),
-                    target.entity.schema(),
+                    target.schema.clone(),
                     Some(props),
                 )
             })

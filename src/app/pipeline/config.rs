@@ -113,6 +113,8 @@ pub struct ExportSection {
     pub children_by: Option<Spanned<String>>,
     /// `--verify-sample`: a share between 0 and 1.
     pub verify_sample: Option<Spanned<f64>>,
+    /// `--custom-fields`: `ids` (default) or `wide`.
+    pub custom_fields: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

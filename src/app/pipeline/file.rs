@@ -612,6 +612,16 @@ fn check_export(
             crate::export::DEFAULT_VERIFY_SAMPLE
         }
     };
+    let custom_fields = match &e.custom_fields {
+        None => Default::default(),
+        Some(v) => keep(
+            p,
+            v.get_ref()
+                .parse()
+                .map_err(|m| src.at(v, "custom_fields", m)),
+        )
+        .unwrap_or_default(),
+    };
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -644,6 +654,7 @@ fn check_export(
         max_skipped,
         children_by,
         verify_sample,
+        custom_fields,
     })
 }
 
@@ -764,6 +775,29 @@ mod tests {
             problems(&bad),
             [(7, "encoding".to_owned()), (8, "settle_secs".to_owned())]
         );
+    }
+
+    #[test]
+    fn export_pipelines_reach_the_custom_fields_layout_of_export() {
+        let base =
+            "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let good = format!("{base}custom_fields = \"wide\"\n");
+        let src = Source {
+            file: Path::new("p.toml"),
+            text: &good,
+        };
+        let (Some((f, true)), _) = parse_all(&src) else {
+            panic!("parses")
+        };
+        let Job::Export(settings) = check(&src, f).unwrap().job else {
+            panic!("an export job")
+        };
+        assert_eq!(
+            settings.custom_fields,
+            crate::export::CustomFieldsMode::Wide
+        );
+        let bad = format!("{base}custom_fields = \"names\"\n");
+        assert_eq!(problems(&bad), [(7, "custom_fields".to_owned())]);
     }
 
     #[test]
