@@ -16,7 +16,7 @@
 //!   `/oauth/locationToken`, `/oauth/installedLocations`, and the token check of
 //!   [`SimOAuth::required`].
 //! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
-//!   hold the handlers; `mutate` the incremental-export helper.
+//!   hold the handlers; `mutate` the incremental-export helper and churn.
 //! - `search`: `POST /contacts/search` (the listing's successor: the same index, a
 //!   `searchAfter` cursor, a `dateUpdated` range filter).
 //! - `wide`: location-wide reads: custom field definitions, task search, calendars and
