@@ -463,6 +463,32 @@ pub struct SimArgs {
     /// Without the flag: every scope.
     #[arg(long = "sim-scopes", value_name = "SCOPE,...", value_delimiter = ',')]
     pub sim_scopes: Option<Vec<String>>,
+    /// Writes while clients page: after every EVERY listing pages served, UPDATE contacts
+    /// of that location are edited, DELETE deleted and CREATE created (e.g. 10:5:1:1).
+    #[arg(long, value_name = "EVERY:UPDATE:DELETE:CREATE", value_parser = parse_churn)]
+    pub churn: Option<crate::sim::Churn>,
+}
+
+/// `EVERY:UPDATE:DELETE:CREATE`, e.g. `10:5:1:1`.
+fn parse_churn(s: &str) -> Result<crate::sim::Churn, String> {
+    let bad = || {
+        format!("{s:?} is not EVERY:UPDATE:DELETE:CREATE (four whole numbers, EVERY at least 1), e.g. 10:5:1:1")
+    };
+    let n: Vec<u64> = s
+        .split(':')
+        .map(|v| v.trim().parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad())?;
+    let size = |v: u64| usize::try_from(v).map_err(|_| bad());
+    match n.as_slice() {
+        &[every, update, delete, create] if every > 0 => Ok(crate::sim::Churn {
+            every,
+            update: size(update)?,
+            delete: size(delete)?,
+            create: size(create)?,
+        }),
+        _ => Err(bad()),
+    }
 }
 
 /// `200` or `50-400` (milliseconds) as a range of durations.
@@ -797,6 +823,7 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
             .map(String::from)
             .collect()
     });
+    cfg.churn = args.churn;
     cfg
 }
 

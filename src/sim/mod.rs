@@ -16,7 +16,7 @@
 //!   `/oauth/locationToken`, `/oauth/installedLocations`, and the token check of
 //!   [`SimOAuth::required`].
 //! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
-//!   hold the handlers; `mutate` the incremental-export helper.
+//!   hold the handlers; `mutate` the incremental-export helper and churn.
 //! - `search`: `POST /contacts/search` (the listing's successor: the same index, a
 //!   `searchAfter` cursor, a `dateUpdated` range filter).
 //! - `wide`: location-wide reads: custom field definitions, task search, calendars and
@@ -48,6 +48,9 @@
 //!   not document which one it answers), and upsert updates that one.
 //! - `GET /locations/:locationId` serves the location's `country` ([`SimConfig::country`]),
 //!   timezone and duplicate setting.
+//! - **Churn** ([`SimConfig::churn`]): contacts edited, deleted and created while a client
+//!   pages, every so many listing pages, for the client's paging guards (a cursor listing
+//!   loses no unchanged contact; offset paging of tasks can miss or repeat rows).
 //!
 //! # Scopes
 //! Every route needs the scope the API's spec names for it (`contacts.readonly` for contact
@@ -76,7 +79,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -122,6 +125,21 @@ pub struct SimConfig {
     /// default) holds every scope. A route whose scope the token lacks answers 401. OAuth
     /// tokens hold what they were granted instead.
     pub scopes: Option<Vec<String>>,
+    /// Writes while a client pages (see [`Churn`]); `None` (the default): none.
+    pub churn: Option<Churn>,
+}
+
+/// Writes during a run, so that a client's paging guards meet what they guard against:
+/// after every `every` listing pages served (`GET /contacts/`, `POST /contacts/search`, the
+/// task search, calendar events; counted over all locations), the location of that page
+/// gets `update` contacts edited (`dateUpdated` moves to now, `city` and a tag change),
+/// `delete` deleted and `create` created. [`Sim::churned`] tells which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Churn {
+    pub every: u64,
+    pub update: usize,
+    pub delete: usize,
+    pub create: usize,
 }
 
 impl Default for SimConfig {
@@ -141,6 +159,7 @@ impl Default for SimConfig {
             allow_duplicates: false,
             country: "US".into(),
             scopes: None,
+            churn: None,
         }
     }
 }
@@ -202,6 +221,10 @@ pub struct Sim {
     latency_draws: AtomicU64,
     /// Woken when the last write in flight has been applied.
     idle: tokio::sync::Notify,
+    /// Listing pages served, for [`SimConfig::churn`].
+    listing_pages: AtomicU64,
+    /// Ids touched by churn so far.
+    churned: std::sync::Mutex<BTreeSet<String>>,
 }
 
 struct Counters {
@@ -278,6 +301,8 @@ impl Sim {
             oauth: oauth::OAuthState::default(),
             latency_draws: AtomicU64::new(0),
             idle: tokio::sync::Notify::new(),
+            listing_pages: AtomicU64::new(0),
+            churned: std::sync::Mutex::default(),
             config,
         })
     }
@@ -431,6 +456,39 @@ impl Sim {
             Some(lock) => mutate::mutate(&mut store::write(lock), share, deleted, seed),
             None => (Vec::new(), Vec::new()),
         }
+    }
+
+    /// Test truth: the ids of the contacts churn edited, deleted or created so far.
+    pub fn churned(&self) -> BTreeSet<String> {
+        self.churned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Counts a listing page served from `location_id` and, when [`SimConfig::churn`] is
+    /// due, applies a round of it to that location (after the page was built).
+    fn page_served(&self, location_id: &str) {
+        let Some(churn) = self.config.churn.filter(|c| c.every > 0) else {
+            return;
+        };
+        let served = self.listing_pages.fetch_add(1, Ordering::SeqCst) + 1;
+        if !served.is_multiple_of(churn.every) {
+            return;
+        }
+        let Some(lock) = self.store.location(location_id) else {
+            return;
+        };
+        let touched = mutate::churn(
+            &mut store::write(lock),
+            churn,
+            self.config.seed,
+            served / churn.every,
+        );
+        self.churned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(touched);
     }
 
     fn next_serial(&self) -> u64 {

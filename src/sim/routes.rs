@@ -347,11 +347,34 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
     respond(reply.status, reply.body, &rate, None)
 }
 
-/// Serves a request now: the handler's reply, or its error as the API shapes it.
+/// Serves a request now: the handler's reply, or its error as the API shapes it. A listing
+/// page served counts towards churn ([`super::SimConfig::churn`]), applied after the page
+/// was built.
 fn answer(req: &Req<'_>) -> Reply {
     match dispatch(req) {
-        Ok(r) => r,
+        Ok(r) => {
+            if req.sim.config.churn.is_some() {
+                if let Some(location) = page_location(req) {
+                    req.sim.page_served(&location);
+                }
+            }
+            r
+        }
         Err(e) => e.reply(req.sim.trace_id()),
+    }
+}
+
+/// The location of a listing page request (`None` for other routes).
+fn page_location(req: &Req<'_>) -> Option<String> {
+    match req.route.kind {
+        Kind::List | Kind::CalendarEvents => req.param("locationId").map(String::from),
+        Kind::LocationTasks => Some(req.route.id.clone()),
+        Kind::Search => serde_json::from_slice::<serde_json::Value>(req.body)
+            .ok()?
+            .get("locationId")?
+            .as_str()
+            .map(String::from),
+        _ => None,
     }
 }
 

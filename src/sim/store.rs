@@ -306,7 +306,7 @@ impl Location {
         };
         let now = self.task_count(slot);
         if let Some(prefix) = self.task_prefix.get_mut() {
-            let before = prefix[pos + 1] - prefix[pos];
+            let before = prefix[pos + 1].saturating_sub(prefix[pos]);
             if now != before {
                 for p in &mut prefix[pos + 1..] {
                     *p = (*p + now).saturating_sub(before);

@@ -1225,3 +1225,155 @@ async fn calendar_routes_take_their_own_version_and_refuse_bad_queries() {
     );
     assert_eq!(c.get("/calendars/").await.status, 422);
 }
+
+fn churning(
+    contacts: usize,
+    every: u64,
+    update: usize,
+    delete: usize,
+    create: usize,
+) -> super::SimConfig {
+    super::SimConfig {
+        churn: Some(crate::sim::Churn {
+            every,
+            update,
+            delete,
+            create,
+        }),
+        ..unlimited(contacts)
+    }
+}
+
+#[tokio::test]
+async fn churn_edits_deletes_and_creates_what_it_says_after_every_n_listing_pages() {
+    let (sim, mut c) = start(churning(300, 2, 3, 2, 1)).await;
+    let before = sim.contacts(LOC);
+    let newest_base = before
+        .iter()
+        .map(|v| ms(v, "dateUpdated"))
+        .max()
+        .expect("contacts");
+
+    // One page: not yet. Reads of single contacts do not count.
+    assert_eq!(
+        c.get(&format!("/contacts/?locationId={LOC}&limit=10"))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        c.get(&format!("/contacts/{}", id(&before[0]))).await.status,
+        200
+    );
+    assert!(sim.churned().is_empty());
+    // The second (a search): 3 edited, 2 deleted, 1 created, after the page was built.
+    let page = search(&c, json!({"locationId": LOC, "pageLimit": 500}))
+        .await
+        .json();
+    assert_eq!(page["total"], 300);
+    let churned = sim.churned();
+    assert_eq!(churned.len(), 6);
+    let after = sim.contacts(LOC);
+    assert_eq!(after.len(), 299);
+    let now_of = |i: &str| after.iter().find(|v| id(v) == i);
+    let was = |i: &str| before.iter().find(|v| id(v) == i);
+    let (mut edited, mut deleted, mut created) = (0, 0, 0);
+    for i in &churned {
+        match (was(i), now_of(i)) {
+            (Some(old), Some(new)) => {
+                edited += 1;
+                assert!(ms(new, "dateUpdated") > newest_base);
+                assert_ne!(old["city"], new["city"]);
+                assert_eq!(old["email"], new["email"]);
+            }
+            (Some(_), None) => {
+                deleted += 1;
+                assert_eq!(c.get(&format!("/contacts/{i}")).await.status, 400);
+            }
+            (None, Some(new)) => {
+                created += 1;
+                assert_eq!(new, &after[0], "newest first");
+            }
+            (None, None) => panic!("{i} neither was nor is"),
+        }
+    }
+    assert_eq!((edited, deleted, created), (3, 2, 1));
+    for v in &after {
+        if !churned.contains(id(v)) {
+            assert_eq!(Some(v), was(id(v)), "untouched contacts stay as they were");
+        }
+    }
+
+    // Task search and calendar events pages count too; errors do not.
+    assert_eq!(search(&c, json!({"locationId": LOC})).await.status, 422);
+    assert_eq!(task_search(&c, json!({})).await.status, 200);
+    c.version = Some("2021-04-15");
+    let group = sim_group(&sim);
+    let r = events(&c, &format!("groupId={group}&startTime=0&endTime=1")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(sim.churned().len(), 12);
+    assert_eq!(sim.contacts(LOC).len(), 298);
+}
+
+#[tokio::test]
+async fn a_cursor_listing_under_churn_serves_every_unchanged_contact_exactly_once() {
+    // A round of churn after every page: edits, deletions and creations all along.
+    let (sim, c) = start(churning(1000, 1, 4, 3, 2)).await;
+    let before = sim.contacts(LOC);
+    let served = {
+        let mut out: Vec<Value> = Vec::new();
+        let mut after: Option<Value> = None;
+        loop {
+            let mut body = json!({"locationId": LOC, "pageLimit": 40});
+            if let Some(a) = &after {
+                body["searchAfter"] = a.clone();
+            }
+            let v = search(&c, body).await.json();
+            let page = v["contacts"].as_array().expect("contacts").clone();
+            let Some(last) = page.last() else { break out };
+            after = Some(last["searchAfter"].clone());
+            out.extend(page.into_iter().map(strip_cursor));
+        }
+    };
+    let churned = sim.churned();
+    assert!(churned.len() > 150, "{}", churned.len());
+    let mut seen = HashSet::new();
+    for v in &served {
+        assert!(seen.insert(id(v).to_string()), "{} served twice", id(v));
+    }
+    let final_state = sim.contacts(LOC);
+    for v in &before {
+        if !churned.contains(id(v)) {
+            let got = served.iter().find(|s| id(s) == id(v));
+            assert_eq!(got, Some(v), "an unchanged contact, as it is");
+            assert!(final_state.contains(v));
+        }
+    }
+}
+
+#[test]
+fn churn_flag_reaches_the_config() {
+    use clap::Parser;
+    let parse = |args: &[&str]| {
+        let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+        crate::cli::Cli::try_parse_from(argv).map(|c| match c.command {
+            crate::cli::Command::Sim(a) => crate::cli::sim_config(&a),
+            other => panic!("not the sim command: {other:?}"),
+        })
+    };
+    assert_eq!(parse(&[]).expect("no flag").churn, None);
+    let c = parse(&["--churn", "10:5:1:2"]).expect("valid");
+    assert_eq!(
+        c.churn,
+        Some(crate::sim::Churn {
+            every: 10,
+            update: 5,
+            delete: 1,
+            create: 2
+        })
+    );
+    for bad in ["10:5:1", "0:1:1:1", "a:b:c:d", "1:2:3:4:5"] {
+        let e = parse(&["--churn", bad]).expect_err(bad).to_string();
+        assert!(e.contains("EVERY:UPDATE:DELETE:CREATE"), "{bad}: {e}");
+    }
+}

@@ -216,7 +216,7 @@ fn task_page(l: &Location, skip: usize, limit: usize) -> Vec<Task> {
     let mut p = prefix.partition_point(|&n| n as usize <= skip) - 1;
     let mut offset = skip - prefix[p] as usize;
     while out.len() < limit && p < listing.len() {
-        if prefix[p + 1] > prefix[p] {
+        if prefix.get(p + 1).is_none_or(|&next| next > prefix[p]) {
             let ch = l.children(listing[p]);
             let want = limit - out.len();
             out.extend(ch.tasks.iter().skip(offset).take(want).cloned());

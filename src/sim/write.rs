@@ -244,7 +244,7 @@ fn duplicate_error(l: &Location, slot: u32, field: &'static str) -> ApiError {
     }
 }
 
-fn new_contact(location_id: &str) -> Contact {
+pub(crate) fn new_contact(location_id: &str) -> Contact {
     let now = now_ms();
     Contact {
         date_added: Ms(now),
