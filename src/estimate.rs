@@ -13,7 +13,8 @@
 //! - location-wide appointments: the calendars listing plus one request per calendar and
 //!   time window ([`EventsPlan`](crate::wide::EventsPlan));
 //! - the verification sample: the sampled contacts' location-wide entities once more per
-//!   contact.
+//!   contact;
+//! - one request for the location's custom-field definitions.
 //!
 //! Retries are not in the estimate: they depend on the server's health, not the plan. What a
 //! run spent, retries included, is `requests.attempts` in its report.
@@ -58,6 +59,8 @@ pub struct Estimate {
     pub appointments: u64,
     /// The verification sample's per-contact requests.
     pub verify: u64,
+    /// The custom-field definitions.
+    pub other: u64,
     pub total: u64,
 }
 
@@ -117,7 +120,8 @@ impl Estimate {
             notes,
             appointments,
             verify,
-            total: listing + tasks + notes + appointments + verify,
+            other: 1,
+            total: listing + tasks + notes + appointments + verify + 1,
         }
     }
 
@@ -163,7 +167,7 @@ mod tests {
             (e.tasks, e.notes, e.appointments, e.verify),
             (100_000, 100_000, 100_000, 0)
         );
-        assert_eq!(e.total, 300_201);
+        assert_eq!(e.total, 300_202);
         let get = Estimate::of(&CostInput {
             search: false,
             ..input()

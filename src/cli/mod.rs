@@ -696,8 +696,8 @@ fn plan_table(p: &crate::app::plan::QuotaPlan) -> String {
     let e = &p.chosen.estimate;
     let _ = writeln!(
         t,
-        "\nthis export ({} run, {} listing): {} requests = {} listing + {} tasks + {} notes + {} appointments + {} verification",
-        p.run_kind, p.listing, e.total, e.listing, e.tasks, e.notes, e.appointments, e.verify
+        "\nthis export ({} run, {} listing): {} requests = {} listing + {} tasks + {} notes + {} appointments + {} verification + {} custom-field definitions",
+        p.run_kind, p.listing, e.total, e.listing, e.tasks, e.notes, e.appointments, e.verify, e.other
     );
     let days = p.chosen.days_of_quota;
     let _ = writeln!(
