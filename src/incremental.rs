@@ -337,6 +337,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_seventh_run_walks_by_default_and_the_others_list_changes_since_the_last_start() {
+        let overlap = std::time::Duration::from_secs(600);
+        let every = crate::export::DEFAULT_FULL_WALK_EVERY;
+        let choose = |meta: Option<&Meta>, can_filter| {
+            RunKind::choose(false, true, meta, can_filter, overlap, every)
+        };
+        let mut kinds = Vec::new();
+        let mut meta = Meta {
+            last_started_ms: 1_000_000,
+            filtered_since_walk: 0,
+        };
+        for _ in 0..14 {
+            let kind = choose(Some(&meta), true);
+            meta.filtered_since_walk = match kind {
+                RunKind::Filtered { nth, since_ms } => {
+                    assert_eq!(since_ms, 1_000_000 - 600_000);
+                    nth
+                }
+                _ => 0,
+            };
+            kinds.push(kind.name());
+        }
+        let walks: Vec<usize> = (0..14).filter(|&i| kinds[i] == "walk").collect();
+        assert_eq!(walks, vec![6, 13], "{kinds:?}");
+        assert_eq!(choose(None, true), RunKind::Walk, "no meta: walk");
+        assert_eq!(choose(Some(&meta), false), RunKind::Walk, "GET cannot filter");
+        assert_eq!(
+            RunKind::choose(true, true, Some(&meta), true, overlap, every),
+            RunKind::Full
+        );
+        assert_eq!(
+            RunKind::choose(false, false, Some(&meta), true, overlap, every),
+            RunKind::Full,
+            "no state: full"
+        );
+    }
+
+    #[test]
     fn seen_log_becomes_state_and_yields_deletions() {
         let dir = tempfile::tempdir().unwrap();
         let (seen, state) = (dir.path().join("seen.tsv"), dir.path().join("state.tsv"));

@@ -133,6 +133,13 @@ async fn filtered_incremental_runs_list_only_changed_contacts_and_every_nth_run_
             "night {i}: the listing costs pages of changed contacts only: {req}"
         );
         assert_eq!(req["list"], 0, "night {i}: {req}");
+        // The bound for an incremental run after about 1% changed.
+        let bound = c / 500 + (1.2 * c as f64) as u64 + 20;
+        assert!(
+            req["attempts"].as_u64().unwrap() <= bound,
+            "night {i}: {} requests for {c} changed contacts (bound {bound}): {req}",
+            req["attempts"]
+        );
         // Exactly the changed contacts and their children.
         let got: BTreeSet<String> = keyed(
             Entity::Contacts,

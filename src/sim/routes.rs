@@ -462,6 +462,36 @@ fn admin_route(sim: &Sim, method: &Method, path: &str) -> Response {
             sim.reset_daily_quota();
             respond(StatusCode::OK, b"{\"ok\":true}".to_vec(), &no_limits, None)
         }
+        // `POST /_sim/mutate/<percent>/<deleted>/<seed>`: edits that share of every location's
+        // contacts and deletes that many (as `Sim::mutate`), for benchmarks of incremental runs
+        // against a separate simulator process.
+        ("POST", p) if p.starts_with("mutate/") => {
+            let parts: Vec<&str> = p["mutate/".len()..].split('/').collect();
+            let parsed = match parts.as_slice() {
+                [share, deleted, seed] => share
+                    .parse::<f64>()
+                    .ok()
+                    .zip(deleted.parse::<usize>().ok())
+                    .zip(seed.parse::<u64>().ok()),
+                _ => None,
+            };
+            let Some(((percent, deleted), seed)) = parsed else {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    b"{\"statusCode\":400,\"message\":\"use /_sim/mutate/<percent>/<deleted>/<seed>\"}".to_vec(),
+                    &no_limits,
+                    None,
+                );
+            };
+            let (mut changed, mut gone) = (0, 0);
+            for location in &sim.config.locations {
+                let (c, d) = sim.mutate(location, percent / 100.0, deleted, seed);
+                changed += c.len();
+                gone += d.len();
+            }
+            let body = format!("{{\"changed\":{changed},\"deleted\":{gone}}}");
+            respond(StatusCode::OK, body.into_bytes(), &no_limits, None)
+        }
         _ => respond(
             StatusCode::NOT_FOUND,
             b"{\"statusCode\":404,\"message\":\"unknown admin route\"}".to_vec(),
