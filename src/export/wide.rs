@@ -290,6 +290,14 @@ impl Phase<'_> {
                 unlisted_rows: 0,
                 repeats: 0,
             });
+        if let Stage::Listing { pos: None } = prog.stage {
+            tracing::info!(
+                location = %self.plan.location_id,
+                entity = entity.name(),
+                "fetching {entity} location-wide (--children-by {})",
+                self.plan.children_by.name()
+            );
+        }
         loop {
             match prog.stage.clone() {
                 Stage::Listing { pos } => self.listing(ck, entity, &mut prog, pos).await?,
