@@ -393,6 +393,11 @@ pub struct SimArgs {
     /// Country of the locations (ISO 3166 alpha-2), served by GET /locations/:id.
     #[arg(long, default_value = "US", value_parser = parse_country)]
     pub country: String,
+    /// Scopes every bearer token holds, comma-separated (e.g. contacts.readonly,
+    /// locations/tasks.readonly); a route needing another answers 401. '' holds none.
+    /// Without the flag: every scope.
+    #[arg(long = "sim-scopes", value_name = "SCOPE,...", value_delimiter = ',')]
+    pub sim_scopes: Option<Vec<String>>,
 }
 
 /// `200` or `50-400` (milliseconds) as a range of durations.
@@ -634,6 +639,14 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
     cfg.search_lag = Duration::from_millis(args.search_lag_ms);
     cfg.allow_duplicates = args.allow_duplicates;
     cfg.country = args.country.clone();
+    cfg.scopes = args.sim_scopes.as_ref().map(|scopes| {
+        scopes
+            .iter()
+            .map(|s| s.trim())
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect()
+    });
     cfg
 }
 

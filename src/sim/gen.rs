@@ -218,24 +218,53 @@ pub(crate) struct Identity {
     pub phone: F<Text>,
 }
 
-/// A custom field definition: id, key (`contact.<name>`), value kind.
+/// A custom field definition: id, key (`contact.<name>`), display name, value kind.
 pub(crate) struct CfDef {
     pub id: String,
     pub key: String,
+    pub name: &'static str,
     kind: CfKind,
+}
+
+/// The options of the list field, also its picklist.
+const INTERESTS: &[&str] = &["golf", "tennis", "chess", "café ☕"];
+
+impl CfDef {
+    /// The API's `dataType` for the values this field holds.
+    pub(crate) fn data_type(&self) -> &'static str {
+        match self.kind {
+            CfKind::Text => "TEXT",
+            CfKind::LargeText => "LARGE_TEXT",
+            CfKind::Int => "NUMERICAL",
+            CfKind::Float => "FLOAT",
+            CfKind::List => "MULTIPLE_OPTIONS",
+            // Sic: the API spells it so.
+            CfKind::Money => "MONETORY",
+            CfKind::Bool => "CHECKBOX",
+        }
+    }
+
+    /// The picklist of an options field; empty for the others.
+    pub(crate) fn picklist(&self) -> &'static [&'static str] {
+        match self.kind {
+            CfKind::List => INTERESTS,
+            _ => &[],
+        }
+    }
 }
 
 impl LocationGen {
     pub(crate) fn new(seed: u64, loc: u32, location_id: &str, businesses: usize) -> LocationGen {
         let l = u64::from(loc);
+        // Key, display name (one with a comma and quotes, one with non-ASCII), value kind.
         let kinds = [
-            ("favourite_color", CfKind::Text),
-            ("notes_long", CfKind::LargeText),
-            ("employees", CfKind::Int),
-            ("score", CfKind::Float),
-            ("interests", CfKind::List),
-            ("budget", CfKind::Money),
-            ("opted_in", CfKind::Bool),
+            ("favourite_color", "Favourite colour", CfKind::Text),
+            ("notes_long", "Notes, long \"free\" text", CfKind::LargeText),
+            ("employees", "Employees", CfKind::Int),
+            ("score", "Score (0–1000)", CfKind::Float),
+            ("interests", "Interests", CfKind::List),
+            ("budget", "Budget", CfKind::Money),
+            ("opted_in", "Opted in?", CfKind::Bool),
         ];
         LocationGen {
             seed,
@@ -250,9 +279,10 @@ impl LocationGen {
             custom: kinds
                 .iter()
                 .enumerate()
-                .map(|(i, &(name, kind))| CfDef {
+                .map(|(i, &(key, name, kind))| CfDef {
                     id: opaque_id(hash(&[seed, 23, l, i as u64])),
-                    key: format!("contact.{name}"),
+                    key: format!("contact.{key}"),
+                    name,
                     kind,
                 })
                 .collect(),
@@ -488,11 +518,9 @@ impl LocationGen {
                 CfKind::LargeText => CfValue::Str(r.pick(NOTE_BODIES).into()),
                 CfKind::Int => CfValue::Int(r.range(-5, 5000)),
                 CfKind::Float => CfValue::Float(r.below(100_000) as f64 / 100.0),
-                CfKind::List => CfValue::List(
-                    (0..r.below(4))
-                        .map(|_| r.pick(&["golf", "tennis", "chess", "café ☕"]).into())
-                        .collect(),
-                ),
+                CfKind::List => {
+                    CfValue::List((0..r.below(4)).map(|_| r.pick(INTERESTS).into()).collect())
+                }
                 CfKind::Money => CfValue::Money {
                     currency: r.pick(&["USD", "EUR", "GBP"]),
                     amount: r.below(1_000_000) as f64 / 100.0,
@@ -531,6 +559,24 @@ impl LocationGen {
             .collect()
     }
 
+    /// How many tasks [`LocationGen::children`] gives `slot`, without building them: the
+    /// first draws of the same stream.
+    pub(crate) fn task_count(&self, slot: u32) -> usize {
+        let mut r = Rng::new(hash(&[self.seed, 50, u64::from(self.loc), u64::from(slot)]));
+        r.chance(ADVERSARIAL);
+        child_count(&mut r, 3) as usize
+    }
+
+    /// The location's calendars; every generated appointment is in one of them.
+    pub(crate) fn calendars(&self) -> &[String] {
+        &self.calendars
+    }
+
+    /// The calendar group of every calendar and appointment of the location.
+    pub(crate) fn group_id(&self) -> String {
+        opaque_id(hash(&[self.seed, 54, u64::from(self.loc)]))
+    }
+
     /// The base children of the contact in `slot`; `added` is the contact's dateAdded.
     pub(crate) fn children(&self, slot: u32, added: i64) -> Children {
         let (l, s) = (u64::from(self.loc), u64::from(slot));
@@ -545,15 +591,7 @@ impl LocationGen {
                 _ => F::Val(normal.into()),
             }
         };
-        let counts = |r: &mut Rng, max: u64| -> u64 {
-            match r.below(20) {
-                0..=5 => 0,
-                6..=12 => 1,
-                13..=16 => 2.min(max),
-                _ => max,
-            }
-        };
-        let tasks = (0..counts(&mut r, 3))
+        let tasks = (0..child_count(&mut r, 3))
             .map(|j| Task {
                 id: opaque_id(hash(&[self.seed, 51, l, s, j])),
                 title: {
@@ -573,7 +611,7 @@ impl LocationGen {
                 contact_id: contact_id.clone(),
             })
             .collect();
-        let notes = (0..counts(&mut r, 3))
+        let notes = (0..child_count(&mut r, 3))
             .map(|j| Note {
                 id: opaque_id(hash(&[self.seed, 52, l, s, j])),
                 body: {
@@ -600,7 +638,7 @@ impl LocationGen {
                 },
             })
             .collect();
-        let events = (0..counts(&mut r, 2))
+        let events = (0..child_count(&mut r, 2))
             .map(|j| {
                 let start =
                     added + r.range(1, 90) * 86_400_000 / 24 * 24 + r.range(8, 17) * 3_600_000;
@@ -644,7 +682,7 @@ impl LocationGen {
                     },
                     location_id: self.location_id.clone(),
                     contact_id: contact_id.clone(),
-                    group_id: opaque_id(hash(&[self.seed, 54, l])),
+                    group_id: self.group_id(),
                     appointment_status: if status == "booked" {
                         "confirmed"
                     } else {
@@ -674,6 +712,16 @@ impl LocationGen {
         } else {
             F::Absent
         }
+    }
+}
+
+/// How many children of one kind a contact has: none, one, two or `max`.
+fn child_count(r: &mut Rng, max: u64) -> u64 {
+    match r.below(20) {
+        0..=5 => 0,
+        6..=12 => 1,
+        13..=16 => 2.min(max),
+        _ => max,
     }
 }
 

@@ -32,6 +32,7 @@ kinds! {
     Create => "POST /contacts/",
     Upsert => "POST /contacts/upsert",
     Duplicate => "GET /contacts/search/duplicate",
+    Search => "POST /contacts/search",
     Business => "GET /contacts/business/:businessId",
     Get => "GET /contacts/:id",
     Update => "PUT /contacts/:id",
@@ -51,6 +52,10 @@ kinds! {
     AddTags => "POST /contacts/:id/tags",
     RemoveTags => "DELETE /contacts/:id/tags",
     Location => "GET /locations/:locationId",
+    CustomFields => "GET /locations/:locationId/customFields",
+    LocationTasks => "POST /locations/:locationId/tasks/search",
+    Calendars => "GET /calendars/",
+    CalendarEvents => "GET /calendars/events",
     Authorize => "GET /oauth/chooselocation",
     OAuthToken => "POST /oauth/token",
     LocationToken => "POST /oauth/locationToken",
@@ -61,7 +66,8 @@ kinds! {
 /// A parsed request path: the route and its ids (empty when the route has none).
 pub(crate) struct Route {
     pub kind: Kind,
-    /// Contact id, business id for [`Kind::Business`], location id for [`Kind::Location`].
+    /// Contact id, business id for [`Kind::Business`], location id for [`Kind::Location`]
+    /// and the other `/locations/:locationId/...` routes.
     pub id: String,
     /// Task or note id.
     pub child: String,
@@ -147,7 +153,7 @@ impl ApiError {
             ),
             ApiError::Scope => (
                 StatusCode::UNAUTHORIZED,
-                json!({"statusCode": 401, "message": "The token is not authorized for this scope.", "traceId": trace_id}),
+                json!({"statusCode": 401, "message": "The token is not authorized for this scope.", "error": "Unauthorized", "traceId": trace_id}),
             ),
             ApiError::Forbidden => (
                 StatusCode::FORBIDDEN,

@@ -17,6 +17,10 @@
 //!   [`SimOAuth::required`].
 //! - `routes`: the request pipeline (auth, limits, faults) and dispatch; `read` and `write`
 //!   hold the handlers; `mutate` the incremental-export helper.
+//! - `search`: `POST /contacts/search` (the listing's successor: the same index, a
+//!   `searchAfter` cursor, a `dateUpdated` range filter).
+//! - `wide`: location-wide reads: custom field definitions, task search, calendars and
+//!   their events.
 //!
 //! Memory stays small because base contacts are never stored: a location of N contacts costs
 //! about 12 bytes per contact until it is written to.
@@ -43,7 +47,16 @@
 //!   duplicate search answers the oldest matching contact (by `dateAdded`; the real API does
 //!   not document which one it answers), and upsert updates that one.
 //! - `GET /locations/:locationId` serves the location's `country` ([`SimConfig::country`]),
-//!   timezone and duplicate setting; in OAuth mode it needs the `locations.readonly` scope.
+//!   timezone and duplicate setting.
+//!
+//! # Scopes
+//! Every route needs the scope the API's spec names for it (`contacts.readonly` for contact
+//! reads and the search, `contacts.write` for writes, `locations.readonly`,
+//! `locations/customFields.readonly`, ...; see `Kind::scope` in `routes`); a token without
+//! it gets 401 "The token is not authorized for this scope.", before the rate limit counts
+//! the request. Static bearer tokens hold [`SimConfig::scopes`] (all by default), OAuth
+//! tokens the scopes they were granted, so a client's fallback for a missing scope can be
+//! tested either way.
 
 mod faults;
 mod gen;
@@ -55,7 +68,9 @@ mod oauth;
 mod read;
 mod rng;
 mod routes;
+mod search;
 mod store;
+mod wide;
 mod write;
 
 #[cfg(test)]
@@ -103,6 +118,10 @@ pub struct SimConfig {
     pub allow_duplicates: bool,
     /// The locations' country (ISO 3166 alpha-2) served by `GET /locations/:id`.
     pub country: String,
+    /// The scopes every static bearer token holds (e.g. `contacts.readonly`); `None` (the
+    /// default) holds every scope. A route whose scope the token lacks answers 401. OAuth
+    /// tokens hold what they were granted instead.
+    pub scopes: Option<Vec<String>>,
 }
 
 impl Default for SimConfig {
@@ -121,6 +140,7 @@ impl Default for SimConfig {
             search_lag: Duration::ZERO,
             allow_duplicates: false,
             country: "US".into(),
+            scopes: None,
         }
     }
 }
@@ -184,7 +204,6 @@ pub struct Sim {
     idle: tokio::sync::Notify,
 }
 
-#[derive(Default)]
 struct Counters {
     requests: AtomicU64,
     by_route: [AtomicU64; Kind::COUNT],
@@ -193,6 +212,21 @@ struct Counters {
     faults: AtomicU64,
     writes_in_flight: AtomicU64,
     writes_abandoned: AtomicU64,
+}
+
+// Not derived: `Default` stops at arrays of 32.
+impl Default for Counters {
+    fn default() -> Counters {
+        Counters {
+            requests: AtomicU64::default(),
+            by_route: std::array::from_fn(|_| AtomicU64::default()),
+            rate_limited: AtomicU64::default(),
+            quota_exceeded: AtomicU64::default(),
+            faults: AtomicU64::default(),
+            writes_in_flight: AtomicU64::default(),
+            writes_abandoned: AtomicU64::default(),
+        }
+    }
 }
 
 /// One write between being accepted and being applied; dropping it (also on a panic) marks

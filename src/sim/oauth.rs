@@ -135,8 +135,7 @@ impl OAuthState {
     }
 
     /// Whether an issued access token's grant lists `scope` (scopes are space-separated, as
-    /// asked for at the consent screen). Only `GET /locations/:id` checks one today: the
-    /// contacts routes accept any valid location token, whatever its scopes.
+    /// asked for at the consent screen). The pipeline checks each route's scope with it.
     pub(crate) fn has_scope(&self, token: &str, scope: &str) -> bool {
         self.lock()
             .access

@@ -30,7 +30,7 @@ struct Meta {
 }
 
 /// An optional numeric query parameter; a non-number is a 422 as on the real API.
-fn number<T: FromStr>(req: &Req<'_>, name: &str) -> Result<Option<T>, ApiError> {
+pub(crate) fn number<T: FromStr>(req: &Req<'_>, name: &str) -> Result<Option<T>, ApiError> {
     match req.param(name).filter(|v| !v.is_empty()) {
         None => Ok(None),
         Some(v) => v.parse().map(Some).map_err(|_| {
@@ -42,7 +42,7 @@ fn number<T: FromStr>(req: &Req<'_>, name: &str) -> Result<Option<T>, ApiError> 
 }
 
 /// The location named by the `locationId` query parameter.
-fn location<'a>(req: &Req<'a>) -> Result<&'a std::sync::RwLock<Location>, ApiError> {
+pub(crate) fn location<'a>(req: &Req<'a>) -> Result<&'a std::sync::RwLock<Location>, ApiError> {
     let id = req.param("locationId").filter(|v| !v.is_empty());
     let id = id.ok_or_else(|| ApiError::invalid("locationId should not be empty"))?;
     req.sim.store.location(id).ok_or(ApiError::Forbidden)
@@ -125,7 +125,7 @@ pub(crate) fn list(req: &Req<'_>) -> Result<Reply, ApiError> {
     }))
 }
 
-fn matches_query(c: &Contact, q: &str) -> bool {
+pub(crate) fn matches_query(c: &Contact, q: &str) -> bool {
     let has = |f: &super::model::F<super::model::Text>| {
         f.get().is_some_and(|v| v.to_lowercase().contains(q))
     };

@@ -23,10 +23,12 @@ use serde_json::json;
 use super::faults::{self, Fault};
 use super::http::{ApiError, Kind, Params, Reply, Req, Route};
 use super::limit::{RateHeaders, Verdict};
-use super::{oauth, read, write, Sim};
+use super::{oauth, read, search, wide, write, Sim};
 
-/// The only API version the simulator (and the real v2 API) accepts.
+/// The only API version the simulator (and the real v2 API) accepts, but for calendars.
 const API_VERSION: &str = "2021-07-28";
+/// The version the calendars routes take (`apps/calendars.json`).
+const CALENDARS_VERSION: &str = "2021-04-15";
 /// Request bodies above this are refused.
 const MAX_BODY: usize = 8 << 20;
 
@@ -42,6 +44,7 @@ impl Kind {
         !matches!(
             self,
             Kind::List
+                | Kind::Search
                 | Kind::Duplicate
                 | Kind::Business
                 | Kind::Get
@@ -51,8 +54,62 @@ impl Kind {
                 | Kind::GetNote
                 | Kind::Appointments
                 | Kind::Location
+                | Kind::CustomFields
+                | Kind::LocationTasks
+                | Kind::Calendars
+                | Kind::CalendarEvents
                 | Kind::Unknown
         )
+    }
+}
+
+impl Kind {
+    /// The scope a token needs for this route (as the API's spec names it); `None` for the
+    /// OAuth routes and unknown paths.
+    pub(crate) fn scope(self) -> Option<&'static str> {
+        Some(match self {
+            Kind::List
+            | Kind::Search
+            | Kind::Duplicate
+            | Kind::Business
+            | Kind::Get
+            | Kind::Tasks
+            | Kind::GetTask
+            | Kind::Notes
+            | Kind::GetNote
+            | Kind::Appointments => "contacts.readonly",
+            Kind::Create
+            | Kind::Upsert
+            | Kind::Update
+            | Kind::Delete
+            | Kind::CreateTask
+            | Kind::UpdateTask
+            | Kind::CompleteTask
+            | Kind::DeleteTask
+            | Kind::CreateNote
+            | Kind::UpdateNote
+            | Kind::DeleteNote
+            | Kind::AddTags
+            | Kind::RemoveTags => "contacts.write",
+            Kind::Location => "locations.readonly",
+            Kind::CustomFields => "locations/customFields.readonly",
+            Kind::LocationTasks => "locations/tasks.readonly",
+            Kind::Calendars => "calendars.readonly",
+            Kind::CalendarEvents => "calendars/events.readonly",
+            Kind::Authorize
+            | Kind::OAuthToken
+            | Kind::LocationToken
+            | Kind::InstalledLocations
+            | Kind::Unknown => return None,
+        })
+    }
+
+    /// The `Version` header this route takes; any other is a 400.
+    fn version(self) -> &'static str {
+        match self {
+            Kind::Calendars | Kind::CalendarEvents => CALENDARS_VERSION,
+            _ => API_VERSION,
+        }
     }
 }
 
@@ -81,6 +138,7 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Post, ["contacts"]) => (Kind::Create, "", ""),
         (M::Post, ["contacts", "upsert"]) => (Kind::Upsert, "", ""),
         (M::Get, ["contacts", "search", "duplicate"]) => (Kind::Duplicate, "", ""),
+        (M::Post, ["contacts", "search"]) => (Kind::Search, "", ""),
         (M::Get, ["contacts", "business", b]) => (Kind::Business, *b, ""),
         (M::Get, ["contacts", id]) => (Kind::Get, *id, ""),
         (M::Put, ["contacts", id]) => (Kind::Update, *id, ""),
@@ -100,6 +158,10 @@ fn parse(method: &Method, path: &str) -> Route {
         (M::Post, ["contacts", id, "tags"]) => (Kind::AddTags, *id, ""),
         (M::Delete, ["contacts", id, "tags"]) => (Kind::RemoveTags, *id, ""),
         (M::Get, ["locations", id]) => (Kind::Location, *id, ""),
+        (M::Get, ["locations", id, "customFields"]) => (Kind::CustomFields, *id, ""),
+        (M::Post, ["locations", id, "tasks", "search"]) => (Kind::LocationTasks, *id, ""),
+        (M::Get, ["calendars"]) => (Kind::Calendars, "", ""),
+        (M::Get, ["calendars", "events"]) => (Kind::CalendarEvents, "", ""),
         (M::Get, ["oauth", "chooselocation"]) => (Kind::Authorize, "", ""),
         (M::Post, ["oauth", "token"]) => (Kind::OAuthToken, "", ""),
         (M::Post, ["oauth", "locationToken"]) => (Kind::LocationToken, "", ""),
@@ -144,19 +206,28 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         let reply = ApiError::Unauthorized.reply(sim.trace_id());
         return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
     };
+    let scope = route.kind.scope();
+    let static_scopes = sim
+        .config
+        .scopes
+        .as_deref()
+        .filter(|_| !sim.config.oauth.required);
+    if let (Some(needed), Some(held)) = (scope, static_scopes) {
+        if !held.iter().any(|h| h == needed) {
+            let reply = ApiError::Scope.reply(sim.trace_id());
+            return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
+        }
+    }
     if sim.config.oauth.required {
         let params: Params = Query::try_from_uri(&parts.uri)
             .map(|q| q.0)
             .unwrap_or_default();
         let location = match route.kind {
-            Kind::Location => Some(route.id.as_str()),
+            Kind::Location | Kind::CustomFields | Kind::LocationTasks => Some(route.id.as_str()),
             _ => params.get("locationId").map(String::as_str),
         };
         let refused = match sim.oauth.check(token, location) {
-            Ok(())
-                if route.kind == Kind::Location
-                    && !sim.oauth.has_scope(token, "locations.readonly") =>
-            {
+            Ok(()) if scope.is_some_and(|s| !sim.oauth.has_scope(token, s)) => {
                 Some(ApiError::Scope)
             }
             Ok(()) => None,
@@ -189,7 +260,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         }
     }
     let version = parts.headers.get("version").and_then(|v| v.to_str().ok());
-    if version.map(str::trim) != Some(API_VERSION) {
+    if version.map(str::trim) != Some(route.kind.version()) {
         let body = json!({"statusCode": 400, "message": "Version header is missing or invalid", "traceId": sim.trace_id()});
         let reply = Reply::new(StatusCode::BAD_REQUEST, &body);
         return respond(reply.status, reply.body, &rate, None);
@@ -218,6 +289,18 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             return respond(reply.status, reply.body, &rate, None);
         }
     };
+    if sim.config.oauth.required && route.kind == Kind::Search {
+        // The search names its location in the body: a location token may search only its own.
+        let asked = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("locationId")?.as_str().map(String::from));
+        if let Some(asked) = asked.filter(|a| !a.is_empty()) {
+            if let Err(oauth::Refusal::WrongLocation) = sim.oauth.check(token, Some(&asked)) {
+                let reply = ApiError::Forbidden.reply(sim.trace_id());
+                return respond(reply.status, reply.body, &rate, None);
+            }
+        }
+    }
     let params: Params = Query::try_from_uri(&parts.uri)
         .map(|q| q.0)
         .unwrap_or_default();
@@ -313,6 +396,7 @@ async fn apply_later(
 fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
     match req.route.kind {
         Kind::List => read::list(req),
+        Kind::Search => search::search(req),
         Kind::Business => read::business(req),
         Kind::Get => read::contact(req),
         Kind::Tasks | Kind::GetTask | Kind::Notes | Kind::GetNote | Kind::Appointments => {
@@ -320,6 +404,10 @@ fn dispatch(req: &Req<'_>) -> Result<Reply, ApiError> {
         }
         Kind::Duplicate => read::duplicate(req),
         Kind::Location => read::location_info(req),
+        Kind::CustomFields => wide::custom_fields(req),
+        Kind::LocationTasks => wide::tasks(req),
+        Kind::Calendars => wide::calendars(req),
+        Kind::CalendarEvents => wide::events(req),
         Kind::Create => write::create(req),
         Kind::Upsert => write::upsert(req),
         Kind::Update => write::update(req),

@@ -13,7 +13,7 @@
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -43,6 +43,20 @@ pub(crate) struct Location {
     by_business: Vec<Vec<u32>>,
     /// The duplicate search's lagging view; `None` when the search sees writes at once.
     index: Option<SearchIndex>,
+    /// dateUpdated of each base slot, computed on first use (a `dateUpdated` filter of
+    /// `POST /contacts/search`): 8 bytes per contact, only in locations searched that way.
+    base_updated: OnceLock<Vec<i64>>,
+    /// Tasks before each listing position (`len + 1` entries, the last is the location's
+    /// total), so that a page of the location-wide task search finds its first contact by
+    /// binary search instead of building every contact's tasks. Built on first use (from
+    /// the cheap [`LocationGen::task_count`]), then kept up to date by every write that
+    /// changes the listing or a contact's tasks.
+    task_prefix: OnceLock<Vec<u32>>,
+    /// Every appointment as (start ms, slot, index in the contact's events), by start: the
+    /// calendar events route reads a time window of it. Built on first use. Appointments
+    /// are never written, and created contacts have none, so it stays right; deleted
+    /// contacts are skipped on read.
+    events: OnceLock<Vec<(i64, u32, u8)>>,
 }
 
 /// Which state a duplicate lookup reads.
@@ -132,6 +146,9 @@ impl Location {
             next_slot: n,
             by_business,
             index: None,
+            base_updated: OnceLock::new(),
+            task_prefix: OnceLock::new(),
+            events: OnceLock::new(),
         }
     }
 
@@ -169,6 +186,25 @@ impl Location {
             Some(c) => c.date_added.0,
             None => self.base_added.get(slot as usize).copied().unwrap_or(0),
         }
+    }
+
+    /// dateUpdated of a live slot. The first call for a base contact generates every base
+    /// contact of the location once (their dateUpdated comes late in each one's random stream).
+    pub(crate) fn updated(&self, slot: u32) -> i64 {
+        if let Some(c) = self.overlay.get(&slot) {
+            return c.date_updated.0;
+        }
+        let base = self.base_updated.get_or_init(|| {
+            (0..self.base_n)
+                .map(|s| {
+                    self.gen
+                        .contact(s, self.base_added[s as usize])
+                        .date_updated
+                        .0
+                })
+                .collect()
+        });
+        base.get(slot as usize).copied().unwrap_or(0)
     }
 
     fn order_key(&self, slot: u32) -> OrderKey {
@@ -239,6 +275,70 @@ impl Location {
         self.children.entry(slot).or_default()
     }
 
+    /// How many tasks a live slot has now.
+    fn task_count(&self, slot: u32) -> u32 {
+        let n = match self.children.get(&slot) {
+            Some(c) => c.tasks.len(),
+            None if slot < self.base_n => self.gen.task_count(slot),
+            None => 0,
+        };
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Tasks before each listing position, and the total last (see the field).
+    pub(crate) fn task_prefix(&self) -> &[u32] {
+        self.task_prefix.get_or_init(|| {
+            let mut prefix = Vec::with_capacity(self.listing.len() + 1);
+            let mut n = 0u32;
+            prefix.push(0);
+            for &s in &self.listing {
+                n = n.saturating_add(self.task_count(s));
+                prefix.push(n);
+            }
+            prefix
+        })
+    }
+
+    /// Brings the task prefix up to date after a write to a contact's tasks.
+    pub(crate) fn sync_task_count(&mut self, slot: u32) {
+        let Some(pos) = self.listing_position(slot) else {
+            return;
+        };
+        let now = self.task_count(slot);
+        if let Some(prefix) = self.task_prefix.get_mut() {
+            let before = prefix[pos + 1] - prefix[pos];
+            if now != before {
+                for p in &mut prefix[pos + 1..] {
+                    *p = (*p + now).saturating_sub(before);
+                }
+            }
+        }
+    }
+
+    /// Where a live slot is in the listing.
+    pub(crate) fn listing_position(&self, slot: u32) -> Option<usize> {
+        let key = self.order_key(slot);
+        let pos = self.listing.partition_point(|&s| self.order_key(s) < key);
+        (self.listing.get(pos) == Some(&slot)).then_some(pos)
+    }
+
+    /// Every appointment by start time (see the field).
+    pub(crate) fn events_by_start(&self) -> &[(i64, u32, u8)] {
+        self.events.get_or_init(|| {
+            let mut all = Vec::new();
+            for &s in &self.listing {
+                for (j, e) in self.children(s).events.iter().enumerate() {
+                    let start = crate::timefmt::parse_iso_millis(&e.start_time);
+                    if let (Some(start), Ok(j)) = (start, u8::try_from(j)) {
+                        all.push((start, s, j));
+                    }
+                }
+            }
+            all.sort_unstable();
+            all
+        })
+    }
+
     /// Index in the listing of the first contact strictly after the cursor (`ms`, `id`) in
     /// listing order. Without an id, the first contact added before `ms`.
     pub(crate) fn position_after(&self, ms: i64, id: Option<&str>) -> usize {
@@ -262,14 +362,23 @@ impl Location {
         let key = self.order_key(slot);
         let pos = self.listing.partition_point(|&s| self.order_key(s) < key);
         self.listing.insert(pos, slot);
+        if let Some(prefix) = self.task_prefix.get_mut() {
+            // A new contact has no tasks.
+            prefix.insert(pos + 1, prefix[pos]);
+        }
         slot
     }
 
     pub(crate) fn delete(&mut self, slot: u32) {
-        let key = self.order_key(slot);
-        let pos = self.listing.partition_point(|&s| self.order_key(s) < key);
-        if self.listing.get(pos) == Some(&slot) {
+        if let Some(pos) = self.listing_position(slot) {
+            let tasks = self.task_count(slot);
             self.listing.remove(pos);
+            if let Some(prefix) = self.task_prefix.get_mut() {
+                prefix.remove(pos + 1);
+                for p in &mut prefix[pos + 1..] {
+                    *p = p.saturating_sub(tasks);
+                }
+            }
         }
         self.deleted.insert(slot);
         self.overlay.remove(&slot);

@@ -1165,10 +1165,14 @@ async fn location_endpoint_needs_the_locations_readonly_scope_in_oauth_mode() {
     assert_eq!(
         c.get(&format!("/contacts/?locationId={LOC}")).await.status,
         200,
-        "contacts routes do not check scopes"
+        "a contacts read needs only contacts.readonly"
     );
 
     c.token = Some(oauth_token(&sim, &c, "contacts.readonly locations.readonly").await);
     assert_eq!(c.get(&path).await.status, 200);
     assert_eq!(c.get("/locations/someoneElsesLocation1").await.status, 403);
 }
+
+/// The issue-13 routes: search, location-wide children, custom fields, scopes, churn.
+#[path = "tests_search.rs"]
+mod search;

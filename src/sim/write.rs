@@ -45,7 +45,7 @@ const TASK_FIELDS: &[&str] = &["title", "body", "dueDate", "completed", "assigne
 const NOTE_FIELDS: &[&str] = &["userId", "body", "title", "color", "pinned"];
 
 /// The JSON object body; an empty body counts as `{}`.
-fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -61,7 +61,7 @@ fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// 422 listing every property not in `allowed` (any of the slices).
-fn only(map: &Map<String, Value>, allowed: &[&[&str]]) -> Result<(), ApiError> {
+pub(crate) fn only(map: &Map<String, Value>, allowed: &[&[&str]]) -> Result<(), ApiError> {
     let unknown: Vec<String> = map
         .keys()
         .filter(|k| !allowed.iter().any(|a| a.contains(&k.as_str())))
@@ -541,6 +541,7 @@ pub(crate) fn task(req: &Req<'_>) -> Result<Reply, ApiError> {
             }
         };
         touch(l.contact_mut(slot));
+        l.sync_task_count(slot);
         Ok(Reply::new(status, &body))
     })
 }
