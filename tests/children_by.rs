@@ -204,6 +204,8 @@ async fn hiding_proxy(upstream: String) -> String {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // reqwest is built without a default TLS provider (plain http here, but it insists).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let state = Arc::new((upstream, reqwest::Client::new()));
     let app = axum::Router::new().fallback(forward).with_state(state);
     tokio::spawn(async move { axum::serve(listener, app).await });
