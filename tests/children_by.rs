@@ -77,6 +77,9 @@ async fn children_by_location_equals_children_by_contact_row_for_row_at_under_1_
     assert_eq!(strategy(&m, "tasks"), "location");
     assert_eq!(strategy(&m, "appointments"), "location");
     assert!(m.children_by["tasks"].verified_contacts > 0, "{m:?}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(by_location.join("_report.json")).unwrap()).unwrap();
+    assert_eq!(report["childrenBy"]["appointments"]["strategy"], "location");
     let spent = m.requests.succeeded();
     assert!(
         spent as f64 <= 1.1 * n as f64,

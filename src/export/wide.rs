@@ -127,8 +127,9 @@ pub struct ChildrenReport {
     pub repeats: u64,
 }
 
-/// The manifest's `childrenBy`: one entry per entity of the phase.
-pub(super) fn report(ck: &Checkpoint) -> BTreeMap<String, ChildrenReport> {
+/// The manifest's (and the run report's) `childrenBy`: one entry per entity of the phase,
+/// as far as `ck` got.
+pub fn report(ck: &Checkpoint) -> BTreeMap<String, ChildrenReport> {
     let Some(w) = &ck.wide else {
         return BTreeMap::new();
     };
