@@ -303,3 +303,59 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
     assert_eq!(m.resumed, 1);
     assert_eq!(strategy(&m, "tasks"), "location");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_fetches_the_changed_contacts_tasks_in_contact_id_batches() {
+    let n = 3_000;
+    let sim = TestSim::start(fast_sim(n, 136)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let flags = [
+        "--incremental",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--children-by",
+        "location",
+    ];
+    let o = run_to_end(&sim, &dir.path().join("night1"), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loc = sim.location();
+    let (changed, _) = sim.sim.mutate(&loc, 0.01, 5, 77);
+    assert!(changed.len() > 10, "{}", changed.len());
+    let night2 = dir.path().join("night2");
+    let o = run_to_end(&sim, &night2, &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Exactly the changed contacts' children, as the simulator holds them.
+    let changed_set: std::collections::BTreeSet<&str> =
+        changed.iter().map(String::as_str).collect();
+    let truth = truth(&sim.sim, &loc);
+    for entity in [Entity::Tasks, Entity::Appointments, Entity::Notes] {
+        let expected: BTreeMap<String, Row> = truth[&entity]
+            .iter()
+            .filter(|(_, r)| {
+                changed_set.contains(r["contactId"].as_deref().unwrap_or_default())
+            })
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        assert!(!expected.is_empty());
+        let got = keyed(entity, read_parquet(&night2, entity, &loc));
+        assert_same_rows(entity.name(), &expected, &got);
+    }
+    let m: Manifest = serde_json::from_slice(
+        &std::fs::read(night2.join("_manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(strategy(&m, "tasks"), "location");
+    // One batch of contact ids: a page or two, and the empty page that ends it.
+    assert!(
+        m.requests.location_tasks <= 3,
+        "the changed contacts' tasks in one contactId batch: {:?}",
+        m.requests
+    );
+    assert!(
+        m.requests.tasks < changed.len() as u64,
+        "not one task request per changed contact: {:?}",
+        m.requests
+    );
+}

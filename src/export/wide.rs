@@ -421,6 +421,17 @@ impl Phase<'_> {
                                     contacts,
                                     now_millis(),
                                 );
+                                if p.requests() >= contacts {
+                                    // A small run (an incremental one, most nights): one
+                                    // request per contact is fewer than the windows.
+                                    tracing::info!(contacts, windows = p.requests(), "appointments per contact: fewer requests than the calendar windows");
+                                    return self.to_per_contact(
+                                        ck,
+                                        entity,
+                                        prog,
+                                        format!("{contacts} contacts cost fewer requests per contact than {} calendar windows", p.requests()),
+                                    );
+                                }
                                 prog.events_plan = Some(p.clone());
                                 self.save(ck, entity, prog)?;
                                 p
@@ -765,9 +776,18 @@ impl<'a> PartSink<'a> {
         }
         self.rows += 1;
         if self.builder.len() >= self.plan.batch_rows.max(1) {
-            self.flush(ck.next_part)?;
+            self.flush(Self::number(ck, self.entity))?;
         }
         Ok(())
+    }
+
+    /// The number of the entity's next part. Only this phase writes the entity's directory
+    /// (the listing fetched it not), so its parts are numbered on their own from 0, as the
+    /// listing numbers the other entities': every entity then has a `part-00000`.
+    fn number(ck: &Checkpoint, entity: Entity) -> u32 {
+        ck.entities
+            .get(entity.name())
+            .map_or(0, |r| r.files.len() as u32)
     }
 
     fn flush(&mut self, n: u32) -> Result<(), ExportError> {
@@ -799,7 +819,8 @@ impl<'a> PartSink<'a> {
     /// Completes the open part (an empty one with `empty`, if none is open) and records it
     /// in `ck`, which the caller then saves.
     fn close(&mut self, ck: &mut Checkpoint, empty: bool) -> Result<(), ExportError> {
-        self.flush(ck.next_part)?;
+        let n = Self::number(ck, self.entity);
+        self.flush(n)?;
         let part = match self.part.take() {
             Some(p) => Some(p),
             None if empty => Some(sink::open_part_at(
@@ -807,7 +828,7 @@ impl<'a> PartSink<'a> {
                 self.plan.format,
                 self.entity,
                 &self.partition,
-                ck.next_part,
+                n,
             )?),
             None => None,
         };
@@ -816,7 +837,6 @@ impl<'a> PartSink<'a> {
             let report = ck.entities.entry(self.entity.name().to_owned()).or_default();
             report.rows += info.rows;
             report.files.push(info);
-            ck.next_part += 1;
         }
         self.rows = 0;
         self.since = Instant::now();
