@@ -279,7 +279,13 @@ pub fn location_tasks(
         Some(WidePos::Tasks { batch, skip }) => (batch, skip),
         _ => (0, 0),
     };
-    let batches = contacts.map(|ids| Arc::new(ids.chunks(CONTACT_BATCH).map(<[String]>::to_vec).collect::<Vec<_>>()));
+    let batches = contacts.map(|ids| {
+        Arc::new(
+            ids.chunks(CONTACT_BATCH)
+                .map(<[String]>::to_vec)
+                .collect::<Vec<_>>(),
+        )
+    });
     let done = batches.as_ref().is_some_and(|b| batch >= b.len());
     let state = TaskState {
         client,
@@ -300,16 +306,15 @@ pub fn location_tasks(
         }
         let reply = st.client.task_search(&st.location, &body).await?;
         let served = reply.served as u64;
-        let (rows, repeats) = wide_rows(reply.rows, &mut st.guard).map_err(|reason| {
-            ExtractError::PageLoop {
+        let (rows, repeats) =
+            wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
                 request: format!(
                     "{} (skip {})",
                     Client::task_search_label(&st.location).0,
                     st.skip
                 ),
                 reason,
-            }
-        })?;
+            })?;
         let next = if served > 0 {
             st.skip += served;
             Some(WidePos::Tasks {
@@ -446,12 +451,11 @@ pub fn location_events(
         // two equal windows in a row (both empty, or the server ignoring the times) are
         // normal: only repeated ids count.
         st.guard.new_sequence();
-        let (rows, repeats) = wide_rows(reply.rows, &mut st.guard).map_err(|reason| {
-            ExtractError::PageLoop {
+        let (rows, repeats) =
+            wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
                 request: Client::calendar_events_label(&st.location, calendar, start, end).0,
                 reason,
-            }
-        })?;
+            })?;
         let next = st.plan.after(c, w);
         st.pos = match &next {
             Some(WidePos::Events { calendar, window }) => Some((*calendar, *window)),
@@ -476,7 +480,10 @@ mod tests {
     #[test]
     fn key_is_stable_across_builds_and_processes() {
         // Written to the state directory and read back by a resumed run: pinned values.
-        assert_eq!(key(""), 0xcbf2_9ce4_8422_2325 ^ (0xcbf2_9ce4_8422_2325 >> 29));
+        assert_eq!(
+            key(""),
+            0xcbf2_9ce4_8422_2325 ^ (0xcbf2_9ce4_8422_2325 >> 29)
+        );
         assert_ne!(key("a"), key("b"));
         assert_eq!(key("contact-1"), key("contact-1"));
     }
@@ -506,11 +513,20 @@ mod tests {
     #[test]
     fn repeats_are_dropped_and_a_server_that_loops_is_stopped() {
         let mut g = RepeatGuard::default();
-        assert_eq!(g.page(&[Some(1), Some(2), None]).unwrap(), [true, true, true]);
+        assert_eq!(
+            g.page(&[Some(1), Some(2), None]).unwrap(),
+            [true, true, true]
+        );
         // A repeat across pages is dropped; a row without an id is always new.
-        assert_eq!(g.page(&[Some(2), Some(3), None]).unwrap(), [false, true, true]);
+        assert_eq!(
+            g.page(&[Some(2), Some(3), None]).unwrap(),
+            [false, true, true]
+        );
         // The same page again: the offset was ignored.
-        assert!(g.page(&[Some(2), Some(3)]).unwrap_err().contains("same 2 rows"));
+        assert!(g
+            .page(&[Some(2), Some(3)])
+            .unwrap_err()
+            .contains("same 2 rows"));
         let mut g = RepeatGuard::with_seen([1, 2, 3, 4]);
         assert_eq!(g.page(&[Some(1)]).unwrap(), [false]);
         assert_eq!(g.page(&[Some(2)]).unwrap(), [false]);
@@ -540,15 +556,27 @@ mod tests {
         // Larger locations get more windows, so a reply stays near 5,000 events.
         let big = EventsPlan::new(vec!["a".into(); 3], 100_000, now);
         assert_eq!(big.windows, 14);
-        assert_eq!(big.after(0, 13), Some(WidePos::Events { calendar: 1, window: 0 }));
+        assert_eq!(
+            big.after(0, 13),
+            Some(WidePos::Events {
+                calendar: 1,
+                window: 0
+            })
+        );
         assert_eq!(big.after(2, 13), None);
     }
 
     #[test]
     fn positions_round_trip_through_the_checkpoint() {
         for pos in [
-            WidePos::Tasks { batch: 2, skip: 300 },
-            WidePos::Events { calendar: 1, window: 7 },
+            WidePos::Tasks {
+                batch: 2,
+                skip: 300,
+            },
+            WidePos::Events {
+                calendar: 1,
+                window: 7,
+            },
         ] {
             let s = serde_json::to_string(&pos).unwrap();
             assert_eq!(serde_json::from_str::<WidePos>(&s).unwrap(), pos);
@@ -613,7 +641,10 @@ mod tests {
         })
         .await;
         let (ids, repeats) = collect(client).await.unwrap();
-        assert_eq!(repeats, 1, "the row the shift pushed across the first boundary");
+        assert_eq!(
+            repeats, 1,
+            "the row the shift pushed across the first boundary"
+        );
         assert_eq!(ids.len(), 250);
         let unique: HashSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), 250, "each task once");

@@ -174,10 +174,9 @@ async fn hiding_proxy(upstream: String) -> String {
         let (parts, body) = req.into_parts();
         let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
         let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut rb = up
-            .1
-            .request(parts.method.clone(), format!("{}{pq}", up.0))
-            .body(body);
+        let mut rb =
+            up.1.request(parts.method.clone(), format!("{}{pq}", up.0))
+                .body(body);
         for (k, v) in &parts.headers {
             if k != "host" && k != "content-length" {
                 rb = rb.header(k, v);
@@ -216,8 +215,8 @@ async fn hiding_proxy(upstream: String) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_task_search_that_hides_tasks_is_caught_by_the_sample_and_tasks_fall_back_to_per_contact(
-) {
+async fn a_task_search_that_hides_tasks_is_caught_by_the_sample_and_tasks_fall_back_to_per_contact()
+{
     let sim = TestSim::start(fast_sim(2_000, 134)).await;
     let dir = tempfile::tempdir().unwrap();
     let (by_contact, hidden) = (dir.path().join("contact"), dir.path().join("hidden"));
@@ -226,7 +225,14 @@ async fn a_task_search_that_hides_tasks_is_caught_by_the_sample_and_tasks_fall_b
     let o = loud_export(
         &sim,
         &hidden,
-        &["--format", "csv", "--children-by", "location", "--verify-sample", "0.05"],
+        &[
+            "--format",
+            "csv",
+            "--children-by",
+            "location",
+            "--verify-sample",
+            "0.05",
+        ],
     )
     .env("HL_BASE_URL", &proxy)
     .output()
@@ -333,19 +339,15 @@ async fn an_incremental_run_fetches_the_changed_contacts_tasks_in_contact_id_bat
     for entity in [Entity::Tasks, Entity::Appointments, Entity::Notes] {
         let expected: BTreeMap<String, Row> = truth[&entity]
             .iter()
-            .filter(|(_, r)| {
-                changed_set.contains(r["contactId"].as_deref().unwrap_or_default())
-            })
+            .filter(|(_, r)| changed_set.contains(r["contactId"].as_deref().unwrap_or_default()))
             .map(|(k, r)| (k.clone(), r.clone()))
             .collect();
         assert!(!expected.is_empty());
         let got = keyed(entity, read_parquet(&night2, entity, &loc));
         assert_same_rows(entity.name(), &expected, &got);
     }
-    let m: Manifest = serde_json::from_slice(
-        &std::fs::read(night2.join("_manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(night2.join("_manifest.json")).unwrap()).unwrap();
     assert_eq!(strategy(&m, "tasks"), "location");
     // One batch of contact ids: a page or two, and the empty page that ends it.
     assert!(

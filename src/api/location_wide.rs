@@ -230,7 +230,8 @@ mod tests {
 
     #[test]
     fn a_task_reply_of_objects_keeps_every_field_as_received() {
-        let r = rows(r#"{"tasks":[{"id":"t1","contactId":"c1","newField":{"x":[1,2]}},{"_id":"t2"}]}"#);
+        let r =
+            rows(r#"{"tasks":[{"id":"t1","contactId":"c1","newField":{"x":[1,2]}},{"_id":"t2"}]}"#);
         assert_eq!(r.served, 2);
         assert_eq!(r.non_objects, 0);
         assert_eq!(
@@ -248,8 +249,8 @@ mod tests {
     }
 
     #[test]
-    fn a_task_reply_shaped_as_the_spec_declares_it_array_of_arrays_is_read_and_non_objects_counted(
-    ) {
+    fn a_task_reply_shaped_as_the_spec_declares_it_array_of_arrays_is_read_and_non_objects_counted()
+    {
         let r = rows(r#"{"tasks":[[{"id":"a"},{"id":"b"},3],{"id":"c"},null,"x",[[]]]}"#);
         let ids: Vec<_> = r.rows.iter().map(|t| ChildKey::of(t).id.unwrap()).collect();
         assert_eq!(ids, ["a", "b", "c"]);

@@ -382,7 +382,15 @@ pub async fn run(
         )
         .await?
     };
-    let ck = wide::run(client.clone(), plan, ck, &ck_path, &seen_path, prev.as_deref()).await?;
+    let ck = wide::run(
+        client.clone(),
+        plan,
+        ck,
+        &ck_path,
+        &seen_path,
+        prev.as_deref(),
+    )
+    .await?;
     finish(client, plan, ck, &ck_path, &seen_path, prev.as_deref()).await
 }
 

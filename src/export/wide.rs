@@ -103,8 +103,12 @@ pub enum Stage {
     /// The rows are committed; the sample remains to be checked.
     Verify,
     /// Per contact, from the `next`-th listed contact on.
-    PerContact { next: u64 },
-    Done { location_wide: bool },
+    PerContact {
+        next: u64,
+    },
+    Done {
+        location_wide: bool,
+    },
 }
 
 /// How an entity's children were fetched, as the manifest reports it.
@@ -136,7 +140,12 @@ pub fn report(ck: &Checkpoint) -> BTreeMap<String, ChildrenReport> {
     w.entities
         .iter()
         .map(|(name, p)| {
-            let location = matches!(p.stage, Stage::Done { location_wide: true });
+            let location = matches!(
+                p.stage,
+                Stage::Done {
+                    location_wide: true
+                }
+            );
             let report = ChildrenReport {
                 strategy: if location { "location" } else { "contact" }.into(),
                 reason: p.per_contact_reason.clone(),
@@ -169,9 +178,10 @@ fn scope_of(entity: Entity, calendars_listed: bool) -> &'static str {
 fn unavailable(e: &ApiError) -> Option<(&'static str, String)> {
     let esc = |m: &str| crate::term::Escaped(m).to_string();
     match e {
-        ApiError::Unauthorized { message, .. } => {
-            Some(("the token lacks the scope", format!("HTTP 401 {}", esc(message))))
-        }
+        ApiError::Unauthorized { message, .. } => Some((
+            "the token lacks the scope",
+            format!("HTTP 401 {}", esc(message)),
+        )),
         ApiError::Fatal {
             status: 403,
             messages,
@@ -381,6 +391,10 @@ impl Phase<'_> {
         let client = self.client.clone();
         let plan = self.plan;
         let (set, contacts) = self.listed(ck)?.clone();
+        if contacts == 0 {
+            // Nothing listed (an incremental night without changes): nothing to ask.
+            return self.done(ck, entity, prog, true);
+        }
         let fresh_start = pos.is_none() && prog.ids_bytes == 0;
         let (mut log, seen) = IdLog::open(&self.ids_log(entity), prog.ids_bytes)?;
         let guard = RepeatGuard::with_seen(seen);
@@ -581,13 +595,17 @@ impl Phase<'_> {
         let mut checked = 0u64;
         while let Some((id, r)) = fetched.next().await {
             let children = r.map_err(|e| ExportError::Extract(e.into()))?;
+            if !children.skipped.is_empty() {
+                // Refused for good per contact: nothing to compare this contact with.
+                continue;
+            }
             checked += 1;
             let rows = rows_of(&children, entity);
             let mut per_contact: Vec<u64> = rows.iter().map(|r| engine::key(r.get())).collect();
             per_contact.sort_unstable();
             let mut location = wide.remove(&engine::key(&id)).unwrap_or_default();
             location.sort_unstable();
-            if per_contact != location || !children.skipped.is_empty() {
+            if per_contact != location {
                 differing += 1;
                 first_diff.get_or_insert_with(|| {
                     format!(
@@ -615,7 +633,11 @@ impl Phase<'_> {
                 )
             }
             None => {
-                tracing::info!(entity = entity.name(), sampled = checked, "location-wide rows verified against a per-contact sample");
+                tracing::info!(
+                    entity = entity.name(),
+                    sampled = checked,
+                    "location-wide rows verified against a per-contact sample"
+                );
                 self.done(ck, entity, prog, true)
             }
         }
@@ -834,7 +856,10 @@ impl<'a> PartSink<'a> {
         };
         if let Some(part) = part {
             let info = part.finish()?;
-            let report = ck.entities.entry(self.entity.name().to_owned()).or_default();
+            let report = ck
+                .entities
+                .entry(self.entity.name().to_owned())
+                .or_default();
             report.rows += info.rows;
             report.files.push(info);
         }
@@ -945,7 +970,12 @@ mod tests {
         let mut w = WideProgress::default();
         w.entities.insert(
             "tasks".into(),
-            prog(Stage::Done { location_wide: true }, None),
+            prog(
+                Stage::Done {
+                    location_wide: true,
+                },
+                None,
+            ),
         );
         w.entities.insert(
             "appointments".into(),
