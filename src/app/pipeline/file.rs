@@ -755,7 +755,8 @@ mod tests {
 
     #[test]
     fn export_pipelines_take_children_by_and_verify_sample_and_name_a_bad_value() {
-        let base = "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let base =
+            "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
         let good = format!("{base}children_by = \"location\"\nverify_sample = 0.02\n");
         assert_eq!(problems(&good), []);
         let src = Source {
@@ -773,7 +774,10 @@ mod tests {
         let bad = format!("{base}children_by = \"sideways\"\nverify_sample = 2.0\n");
         assert_eq!(
             problems(&bad),
-            [(7, "children_by".to_owned()), (8, "verify_sample".to_owned())]
+            [
+                (7, "children_by".to_owned()),
+                (8, "verify_sample".to_owned())
+            ]
         );
     }
 }
