@@ -361,3 +361,46 @@ async fn an_incremental_run_fetches_the_changed_contacts_tasks_in_contact_id_bat
         m.requests
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_export_asks_for_its_contacts_tasks_in_batches_not_the_whole_locations() {
+    let sim = TestSim::start(fast_sim(3_000, 137)).await;
+    let loc = sim.location();
+    let business = sim
+        .sim
+        .contacts(&loc)
+        .iter()
+        .find_map(|c| c["businessId"].as_str().map(str::to_owned))
+        .expect("some contact has a business");
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, by_location) = (dir.path().join("contact"), dir.path().join("location"));
+    for (out, mode) in [(&by_contact, "contact"), (&by_location, "location")] {
+        let o = run_to_end(
+            &sim,
+            out,
+            &[
+                "--format",
+                "csv",
+                "--business",
+                &business,
+                "--children-by",
+                mode,
+            ],
+        )
+        .await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (e, a) = (rows(&by_contact, &loc), rows(&by_location, &loc));
+    for entity in Entity::ALL {
+        assert_same_rows(entity.name(), &e[&entity], &a[&entity]);
+    }
+    let m = manifest(&by_location);
+    let listed = m.contacts_listed;
+    assert!(listed > 0 && listed < 1_000, "{listed}");
+    // The whole location's tasks would take about 45 pages.
+    assert!(
+        m.requests.location_tasks <= 2 * listed.div_ceil(100) + 2,
+        "{listed} contacts' tasks in contactId batches: {:?}",
+        m.requests
+    );
+}

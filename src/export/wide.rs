@@ -408,14 +408,20 @@ impl Phase<'_> {
         let mut pages: Pin<Box<dyn Stream<Item = Result<engine::WidePage, ExtractError>> + Send>> =
             match entity {
                 Entity::Tasks => {
-                    let batches = match (&plan.incremental, self.prev) {
-                        // An incremental run asks for its changed contacts' tasks only,
-                        // unless they are a large part of the location.
-                        (Some(_), Some(prev)) if contacts * 3 < prev.len() as u64 => Some(
+                    // An incremental run asks for its changed contacts' tasks only (unless
+                    // they are a large part of the location), and a `--business` export for
+                    // its businesses' contacts: `contactId` batches cost about 2 requests a
+                    // hundred contacts, where the whole location's tasks could cost far more.
+                    let few = match (&plan.incremental, self.prev) {
+                        (Some(_), Some(prev)) => contacts * 3 < prev.len() as u64,
+                        _ => false,
+                    };
+                    let batches = match few || !plan.businesses.is_empty() {
+                        true => Some(
                             listed_ids(self.seen_path, ck.seen_bytes, self.prev)?
                                 .collect::<Result<Vec<_>, _>>()?,
                         ),
-                        _ => None,
+                        false => None,
                     };
                     Box::pin(engine::location_tasks(
                         client.clone(),
