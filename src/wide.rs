@@ -582,4 +582,81 @@ mod tests {
             assert_eq!(serde_json::from_str::<WidePos>(&s).unwrap(), pos);
         }
     }
+
+    /// A task search on loopback serving `tasks` rows by offset, through `page`:
+    /// `page(skip, rows)` returns the ids served for a request at `skip`.
+    async fn fake_search(
+        page: impl Fn(u64) -> Vec<String> + Clone + Send + Sync + 'static,
+    ) -> Arc<Client> {
+        use axum::{routing::post, Json, Router};
+        let app = Router::new().route(
+            "/locations/{loc}/tasks/search",
+            post(move |Json(body): Json<serde_json::Value>| {
+                let page = page.clone();
+                async move {
+                    let skip = body["skip"].as_u64().unwrap_or(0);
+                    let tasks: Vec<serde_json::Value> = page(skip)
+                        .into_iter()
+                        .map(|id| serde_json::json!({"id": id, "contactId": "c"}))
+                        .collect();
+                    Json(serde_json::json!({ "tasks": tasks }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let mut cfg = crate::api::ClientConfig::new(
+            format!("http://{addr}"),
+            crate::api::Token::new("t").unwrap(),
+        );
+        cfg.rate_limit = None;
+        Arc::new(Client::new(cfg).unwrap())
+    }
+
+    async fn collect(client: Arc<Client>) -> Result<(Vec<String>, u64), ExtractError> {
+        use futures::TryStreamExt;
+        let pages: Vec<WidePage> =
+            location_tasks(client, "L".into(), None, None, RepeatGuard::default())
+                .try_collect()
+                .await?;
+        let repeats = pages.iter().map(|p| p.repeats).sum();
+        let ids = pages
+            .into_iter()
+            .flat_map(|p| p.rows)
+            .map(|r| ChildKey::of(&r.raw).id.unwrap())
+            .collect();
+        Ok((ids, repeats))
+    }
+
+    #[tokio::test]
+    async fn task_search_pages_by_offset_until_an_empty_page_and_drops_rows_repeated_by_a_shift() {
+        // 250 tasks; a task inserted at the front after the first page shifts the offsets:
+        // the second page repeats the first page's last row.
+        let all: Vec<String> = (0..250).map(|i| format!("t{i:03}")).collect();
+        let client = fake_search(move |skip| {
+            let shifted = skip > 0;
+            let start = if shifted { skip as usize - 1 } else { 0 };
+            all.iter().skip(start).take(100).cloned().collect()
+        })
+        .await;
+        let (ids, repeats) = collect(client).await.unwrap();
+        assert_eq!(
+            repeats, 1,
+            "the row the shift pushed across the first boundary"
+        );
+        assert_eq!(ids.len(), 250);
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), 250, "each task once");
+    }
+
+    #[tokio::test]
+    async fn a_task_search_that_ignores_skip_is_stopped_not_paged_forever() {
+        let client = fake_search(|_| (0..100).map(|i| format!("t{i}")).collect()).await;
+        let e = collect(client).await.unwrap_err();
+        assert!(
+            matches!(&e, ExtractError::PageLoop { request, .. } if request.contains("/tasks/search")),
+            "{e}"
+        );
+    }
 }

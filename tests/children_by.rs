@@ -77,6 +77,9 @@ async fn children_by_location_equals_children_by_contact_row_for_row_at_under_1_
     assert_eq!(strategy(&m, "tasks"), "location");
     assert_eq!(strategy(&m, "appointments"), "location");
     assert!(m.children_by["tasks"].verified_contacts > 0, "{m:?}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(by_location.join("_report.json")).unwrap()).unwrap();
+    assert_eq!(report["childrenBy"]["appointments"]["strategy"], "location");
     let spent = m.requests.succeeded();
     assert!(
         spent as f64 <= 1.1 * n as f64,
@@ -203,6 +206,8 @@ async fn hiding_proxy(upstream: String) -> String {
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    // reqwest is built without a default TLS provider (plain http here, but it insists).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let state = Arc::new((upstream, reqwest::Client::new()));
     let app = axum::Router::new().fallback(forward).with_state(state);
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -303,4 +308,99 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
     let m = manifest(&killed);
     assert_eq!(m.resumed, 1);
     assert_eq!(strategy(&m, "tasks"), "location");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incremental_run_fetches_the_changed_contacts_tasks_in_contact_id_batches() {
+    let n = 3_000;
+    let sim = TestSim::start(fast_sim(n, 136)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let flags = [
+        "--incremental",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--children-by",
+        "location",
+    ];
+    let o = run_to_end(&sim, &dir.path().join("night1"), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let loc = sim.location();
+    let (changed, _) = sim.sim.mutate(&loc, 0.01, 5, 77);
+    assert!(changed.len() > 10, "{}", changed.len());
+    let night2 = dir.path().join("night2");
+    let o = run_to_end(&sim, &night2, &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // Exactly the changed contacts' children, as the simulator holds them.
+    let changed_set: std::collections::BTreeSet<&str> =
+        changed.iter().map(String::as_str).collect();
+    let truth = truth(&sim.sim, &loc);
+    for entity in [Entity::Tasks, Entity::Appointments, Entity::Notes] {
+        let expected: BTreeMap<String, Row> = truth[&entity]
+            .iter()
+            .filter(|(_, r)| changed_set.contains(r["contactId"].as_deref().unwrap_or_default()))
+            .map(|(k, r)| (k.clone(), r.clone()))
+            .collect();
+        assert!(!expected.is_empty());
+        let got = keyed(entity, read_parquet(&night2, entity, &loc));
+        assert_same_rows(entity.name(), &expected, &got);
+    }
+    let m: Manifest =
+        serde_json::from_slice(&std::fs::read(night2.join("_manifest.json")).unwrap()).unwrap();
+    assert_eq!(strategy(&m, "tasks"), "location");
+    // One batch of contact ids: a page or two, and the empty page that ends it.
+    assert!(
+        m.requests.location_tasks <= 3,
+        "the changed contacts' tasks in one contactId batch: {:?}",
+        m.requests
+    );
+    assert!(
+        m.requests.tasks < changed.len() as u64,
+        "not one task request per changed contact: {:?}",
+        m.requests
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_export_asks_for_its_contacts_tasks_in_batches_not_the_whole_locations() {
+    let sim = TestSim::start(fast_sim(3_000, 137)).await;
+    let loc = sim.location();
+    let business = sim
+        .sim
+        .contacts(&loc)
+        .iter()
+        .find_map(|c| c["businessId"].as_str().map(str::to_owned))
+        .expect("some contact has a business");
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, by_location) = (dir.path().join("contact"), dir.path().join("location"));
+    for (out, mode) in [(&by_contact, "contact"), (&by_location, "location")] {
+        let o = run_to_end(
+            &sim,
+            out,
+            &[
+                "--format",
+                "csv",
+                "--business",
+                &business,
+                "--children-by",
+                mode,
+            ],
+        )
+        .await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (e, a) = (rows(&by_contact, &loc), rows(&by_location, &loc));
+    for entity in Entity::ALL {
+        assert_same_rows(entity.name(), &e[&entity], &a[&entity]);
+    }
+    let m = manifest(&by_location);
+    let listed = m.contacts_listed;
+    assert!(listed > 0 && listed < 1_000, "{listed}");
+    // The whole location's tasks would take about 45 pages.
+    assert!(
+        m.requests.location_tasks <= 2 * listed.div_ceil(100) + 2,
+        "{listed} contacts' tasks in contactId batches: {:?}",
+        m.requests
+    );
 }

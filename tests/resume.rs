@@ -52,7 +52,15 @@ async fn kill_9_twenty_times_then_resume(sim: &TestSim, seed: u64) {
     let max_step = needed / 30;
     // Parts end at a listing page (100 contacts) at the earliest.
     let part = (max_step / 6).max(100).to_string();
-    let flags = ["--part-contacts", part.as_str(), "--commit-interval", "1"];
+    // Per contact: `needed` counts three child requests a contact.
+    let flags = [
+        "--children-by",
+        "contact",
+        "--part-contacts",
+        part.as_str(),
+        "--commit-interval",
+        "1",
+    ];
     let mut rng = Lcg(seed);
     for i in 0..20 {
         let start = sim.sim.stats().requests;
@@ -132,7 +140,12 @@ async fn daily_quota_stops_with_exit_75_and_resumes_after_reset() {
     let out = dir.path().join("out");
     let mut stops = 0;
     loop {
-        let o = run_to_end(&sim, &out, &["--part-contacts", "1000"]).await;
+        let o = run_to_end(
+            &sim,
+            &out,
+            &["--children-by", "contact", "--part-contacts", "1000"],
+        )
+        .await;
         match o.status.code() {
             Some(0) => break,
             Some(75) => {
@@ -210,6 +223,8 @@ async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_on
         &sim,
         &night1,
         &[
+            "--children-by",
+            "contact",
             "--incremental",
             "--listing",
             "get",
@@ -233,6 +248,8 @@ async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_on
         &sim,
         &night2,
         &[
+            "--children-by",
+            "contact",
             "--incremental",
             "--listing",
             "get",
@@ -293,6 +310,8 @@ async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_on
         &sim,
         &night3,
         &[
+            "--children-by",
+            "contact",
             "--incremental",
             "--listing",
             "get",

@@ -125,7 +125,7 @@ async fn export_of_20k_contacts_with_0_1_percent_child_refusals_exits_9_and_list
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
 
-    let o = run_to_end(&sim, &out, &[]).await;
+    let o = run_to_end(&sim, &out, &["--children-by", "contact"]).await;
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -151,7 +151,7 @@ async fn a_clean_export_has_an_empty_skipped_list_and_exits_0() {
     let sim = TestSim::start(fast_sim(300, 5)).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = run_to_end(&sim, &out, &[]).await;
+    let o = run_to_end(&sim, &out, &["--children-by", "contact"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(
         json(&out.join("_manifest.json"))["skipped"],
@@ -171,7 +171,14 @@ async fn kill_9_and_resume_with_refusals_lists_each_skip_once_and_rows_are_exact
     let out = dir.path().join("out");
     // Small parts and frequent commits; each attempt is killed after a number of requests
     // served (the run's own progress, not the clock), so kills land mid-run on any machine.
-    let flags = ["--part-contacts", "300", "--commit-interval", "1"];
+    let flags = [
+        "--children-by",
+        "contact",
+        "--part-contacts",
+        "300",
+        "--commit-interval",
+        "1",
+    ];
     let mut rng = Lcg(0x5c1d);
     let kills = 6;
     for i in 0..kills {
@@ -204,7 +211,12 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let sim = TestSim::start(refusing_sim(2_000, 31, 0.05)).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = run_to_end(&sim, &out, &["--max-skipped", "40"]).await;
+    let o = run_to_end(
+        &sim,
+        &out,
+        &["--children-by", "contact", "--max-skipped", "40"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     let err = stderr(&o);
     assert!(
@@ -227,7 +239,12 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
 
     // A rerun allowing fewer than are committed stops at once, spending no request.
     let before = sim.sim.stats().requests;
-    let o = run_to_end(&sim, &out, &["--max-skipped", "1"]).await;
+    let o = run_to_end(
+        &sim,
+        &out,
+        &["--children-by", "contact", "--max-skipped", "1"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
     assert!(
         stderr(&o).contains("more than --max-skipped 1 allows"),
@@ -241,7 +258,12 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     );
 
     // Accepting more resumes the run and completes it.
-    let o = run_to_end(&sim, &out, &["--max-skipped", "100000"]).await;
+    let o = run_to_end(
+        &sim,
+        &out,
+        &["--children-by", "contact", "--max-skipped", "100000"],
+    )
+    .await;
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
     let refused = refused_by_sim(&sim);
     assert_eq!(
@@ -258,12 +280,12 @@ async fn next_incremental_run_fetches_again_the_contacts_whose_children_were_ski
     assert!(!refused.is_empty());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = run_to_end(&sim, &out, &["--incremental"]).await;
+    let o = run_to_end(&sim, &out, &["--children-by", "contact", "--incremental"]).await;
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));
 
     // The refusals are lifted (the token got its access back); nothing else changed.
     sim.sim.set_faults(Faults::default());
-    let o = run_to_end(&sim, &out, &["--incremental"]).await;
+    let o = run_to_end(&sim, &out, &["--children-by", "contact", "--incremental"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let loc = sim.location();
     let contacts_written = |out: &Path| -> BTreeSet<String> {
@@ -278,7 +300,7 @@ async fn next_incremental_run_fetches_again_the_contacts_whose_children_were_ski
         .collect();
     // A run with nothing changed fetches only the contacts it cannot compare (no readable
     // dateUpdated): the baseline the skipped contacts add to.
-    let o = run_to_end(&sim, &out, &["--incremental"]).await;
+    let o = run_to_end(&sim, &out, &["--children-by", "contact", "--incremental"]).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let always = contacts_written(&out);
     let skipped_contacts: BTreeSet<String> = refused.iter().map(|(_, c)| c.clone()).collect();

@@ -69,6 +69,10 @@ pub struct RunReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub daily_limit: Option<u64>,
     pub resources: Resources,
+    /// How tasks and appointments were fetched (the manifest's `childrenBy`; so far, for an
+    /// unfinished run); absent with `--children-by contact`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub children_by: BTreeMap<String, crate::export::ChildrenReport>,
 }
 
 /// When a run started: the wall-clock time for the report, the instant for its duration.
@@ -127,6 +131,11 @@ impl RunReport {
             (None, Some(ck)) => ck.skipped.clone(),
             _ => Vec::new(),
         };
+        let children_by = match (manifest, &ck) {
+            (Some(m), _) => m.children_by.clone(),
+            (None, Some(ck)) => crate::export::children_report(ck),
+            _ => BTreeMap::new(),
+        };
         let requests = client.map(|c| c.stats().snapshot()).unwrap_or_default();
         let quota = client.and_then(|c| c.limiter().effective_quota());
         let (daily_remaining, daily_limit) = client.map_or((None, None), |c| c.limiter().daily());
@@ -170,6 +179,7 @@ impl RunReport {
             daily_remaining,
             daily_limit,
             resources: Resources::now(),
+            children_by,
         }
     }
 

@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use custom_fields::CustomFieldsMode;
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
-pub use wide::{ChildrenReport, WideProgress, DEFAULT_VERIFY_SAMPLE};
+pub use wide::{report as children_report, ChildrenReport, WideProgress, DEFAULT_VERIFY_SAMPLE};
 
 use crate::api::{Client, StatsSnapshot};
 pub use crate::checkpoint::EntityReport;

@@ -131,8 +131,9 @@ pub struct ChildrenReport {
     pub repeats: u64,
 }
 
-/// The manifest's `childrenBy`: one entry per entity of the phase.
-pub(super) fn report(ck: &Checkpoint) -> BTreeMap<String, ChildrenReport> {
+/// The manifest's (and the run report's) `childrenBy`: one entry per entity of the phase,
+/// as far as `ck` got.
+pub fn report(ck: &Checkpoint) -> BTreeMap<String, ChildrenReport> {
     let Some(w) = &ck.wide else {
         return BTreeMap::new();
     };
@@ -300,6 +301,14 @@ impl Phase<'_> {
                 unlisted_rows: 0,
                 repeats: 0,
             });
+        if let Stage::Listing { pos: None } = prog.stage {
+            tracing::info!(
+                location = %self.plan.location_id,
+                entity = entity.name(),
+                "fetching {entity} location-wide (--children-by {})",
+                self.plan.children_by.name()
+            );
+        }
         loop {
             match prog.stage.clone() {
                 Stage::Listing { pos } => self.listing(ck, entity, &mut prog, pos).await?,
@@ -382,6 +391,10 @@ impl Phase<'_> {
         let client = self.client.clone();
         let plan = self.plan;
         let (set, contacts) = self.listed(ck)?.clone();
+        if contacts == 0 {
+            // Nothing listed (an incremental night without changes): nothing to ask.
+            return self.done(ck, entity, prog, true);
+        }
         let fresh_start = pos.is_none() && prog.ids_bytes == 0;
         let (mut log, seen) = IdLog::open(&self.ids_log(entity), prog.ids_bytes)?;
         let guard = RepeatGuard::with_seen(seen);
@@ -395,14 +408,20 @@ impl Phase<'_> {
         let mut pages: Pin<Box<dyn Stream<Item = Result<engine::WidePage, ExtractError>> + Send>> =
             match entity {
                 Entity::Tasks => {
-                    let batches = match (&plan.incremental, self.prev) {
-                        // An incremental run asks for its changed contacts' tasks only,
-                        // unless they are a large part of the location.
-                        (Some(_), Some(prev)) if contacts * 3 < prev.len() as u64 => Some(
+                    // An incremental run asks for its changed contacts' tasks only (unless
+                    // they are a large part of the location), and a `--business` export for
+                    // its businesses' contacts: `contactId` batches cost about 2 requests a
+                    // hundred contacts, where the whole location's tasks could cost far more.
+                    let few = match (&plan.incremental, self.prev) {
+                        (Some(_), Some(prev)) => contacts * 3 < prev.len() as u64,
+                        _ => false,
+                    };
+                    let batches = match few || !plan.businesses.is_empty() {
+                        true => Some(
                             listed_ids(self.seen_path, ck.seen_bytes, self.prev)?
                                 .collect::<Result<Vec<_>, _>>()?,
                         ),
-                        _ => None,
+                        false => None,
                     };
                     Box::pin(engine::location_tasks(
                         client.clone(),
@@ -422,6 +441,17 @@ impl Phase<'_> {
                                     contacts,
                                     now_millis(),
                                 );
+                                if p.requests() >= contacts {
+                                    // A small run (an incremental one, most nights): one
+                                    // request per contact is fewer than the windows.
+                                    tracing::info!(contacts, windows = p.requests(), "appointments per contact: fewer requests than the calendar windows");
+                                    return self.to_per_contact(
+                                        ck,
+                                        entity,
+                                        prog,
+                                        format!("{contacts} contacts cost fewer requests per contact than {} calendar windows", p.requests()),
+                                    );
+                                }
                                 prog.events_plan = Some(p.clone());
                                 self.save(ck, entity, prog)?;
                                 p
@@ -571,13 +601,17 @@ impl Phase<'_> {
         let mut checked = 0u64;
         while let Some((id, r)) = fetched.next().await {
             let children = r.map_err(|e| ExportError::Extract(e.into()))?;
+            if !children.skipped.is_empty() {
+                // Refused for good per contact: nothing to compare this contact with.
+                continue;
+            }
             checked += 1;
             let rows = rows_of(&children, entity);
             let mut per_contact: Vec<u64> = rows.iter().map(|r| engine::key(r.get())).collect();
             per_contact.sort_unstable();
             let mut location = wide.remove(&engine::key(&id)).unwrap_or_default();
             location.sort_unstable();
-            if per_contact != location || !children.skipped.is_empty() {
+            if per_contact != location {
                 differing += 1;
                 first_diff.get_or_insert_with(|| {
                     format!(
@@ -770,9 +804,18 @@ impl<'a> PartSink<'a> {
         }
         self.rows += 1;
         if self.builder.len() >= self.plan.batch_rows.max(1) {
-            self.flush(ck.next_part)?;
+            self.flush(Self::number(ck, self.entity))?;
         }
         Ok(())
+    }
+
+    /// The number of the entity's next part. Only this phase writes the entity's directory
+    /// (the listing fetched it not), so its parts are numbered on their own from 0, as the
+    /// listing numbers the other entities': every entity then has a `part-00000`.
+    fn number(ck: &Checkpoint, entity: Entity) -> u32 {
+        ck.entities
+            .get(entity.name())
+            .map_or(0, |r| r.files.len() as u32)
     }
 
     fn flush(&mut self, n: u32) -> Result<(), ExportError> {
@@ -804,7 +847,8 @@ impl<'a> PartSink<'a> {
     /// Completes the open part (an empty one with `empty`, if none is open) and records it
     /// in `ck`, which the caller then saves.
     fn close(&mut self, ck: &mut Checkpoint, empty: bool) -> Result<(), ExportError> {
-        self.flush(ck.next_part)?;
+        let n = Self::number(ck, self.entity);
+        self.flush(n)?;
         let part = match self.part.take() {
             Some(p) => Some(p),
             None if empty => Some(sink::open_part_at(
@@ -812,7 +856,7 @@ impl<'a> PartSink<'a> {
                 self.plan.format,
                 self.entity,
                 &self.partition,
-                ck.next_part,
+                n,
             )?),
             None => None,
         };
@@ -824,7 +868,6 @@ impl<'a> PartSink<'a> {
                 .or_default();
             report.rows += info.rows;
             report.files.push(info);
-            ck.next_part += 1;
         }
         self.rows = 0;
         self.since = Instant::now();

@@ -822,4 +822,32 @@ mod tests {
             format!("[api]\nconcurency = 4\nrate_limit = \"x\n{base}[export]\nout = \"o\"\n");
         assert_eq!(problems(&text).len(), 1, "{:?}", problems(&text));
     }
+
+    #[test]
+    fn export_pipelines_take_children_by_and_verify_sample_and_name_a_bad_value() {
+        let base =
+            "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let good = format!("{base}children_by = \"location\"\nverify_sample = 0.02\n");
+        assert_eq!(problems(&good), []);
+        let src = Source {
+            file: Path::new("p.toml"),
+            text: &good,
+        };
+        let (Some((f, true)), _) = parse_all(&src) else {
+            panic!("parses")
+        };
+        let Job::Export(settings) = check(&src, f).unwrap().job else {
+            panic!("an export job")
+        };
+        assert_eq!(settings.children_by, crate::wide::ChildrenBy::Location);
+        assert_eq!(settings.verify_sample, 0.02);
+        let bad = format!("{base}children_by = \"sideways\"\nverify_sample = 2.0\n");
+        assert_eq!(
+            problems(&bad),
+            [
+                (7, "children_by".to_owned()),
+                (8, "verify_sample".to_owned())
+            ]
+        );
+    }
 }
