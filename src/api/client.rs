@@ -708,8 +708,8 @@ impl Client {
                 .await;
             // One refresh per call on a 401: an expired access token is renewed and the
             // request sent again; a second 401 is final.
-            if let Err(ApiError::Unauthorized { .. }) = &result {
-                if !refreshed && self.auth.refresh(&auth).await? {
+            if let Err(e @ ApiError::Unauthorized { .. }) = &result {
+                if !refreshed && !e.names_a_scope() && self.auth.refresh(&auth).await? {
                     refreshed = true;
                     continue;
                 }

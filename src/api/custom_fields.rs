@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::error::{ApiError, ErrorKind, RequestLabel};
+use super::error::{ApiError, RequestLabel};
 use super::stats::RequestKind;
 use super::transport::path_and_query;
 use super::{Client, API_VERSION};
@@ -57,17 +57,6 @@ impl Client {
 
 fn empty_list() -> Box<RawValue> {
     RawValue::from_string("[]".into()).expect("[] is JSON")
-}
-
-/// Whether `e` is the API refusing a request for a scope the token does not hold: a 401 that
-/// survived the token refresh, or a 403. Such a refusal of an optional request (custom field
-/// definitions) is a warning, not a failure.
-pub fn is_scope_refusal(e: &ApiError) -> bool {
-    match e.kind() {
-        ErrorKind::Reauth => true,
-        ErrorKind::Fatal => e.status() == Some(403),
-        _ => false,
-    }
 }
 
 #[cfg(test)]

@@ -164,6 +164,23 @@ fn trace(id: &Option<String>) -> String {
 }
 
 impl ApiError {
+    /// The API refusing a request for a scope the token does not hold: a 401 that survived
+    /// the token refresh, or a 403. Such a refusal of an optional request (custom field
+    /// definitions, a location-wide listing) is a warning and another way, not a failure.
+    pub fn is_scope_refusal(&self) -> bool {
+        match self.kind() {
+            ErrorKind::Reauth => true,
+            ErrorKind::Fatal => self.status() == Some(403),
+            _ => false,
+        }
+    }
+
+    /// A 401 that says it is about a scope (the API's "The token is not authorized for this
+    /// scope."): a fresh access token carries the same scopes, so it is not refreshed for.
+    pub(crate) fn names_a_scope(&self) -> bool {
+        matches!(self, ApiError::Unauthorized { message, .. } if message.to_ascii_lowercase().contains("scope"))
+    }
+
     pub fn kind(&self) -> ErrorKind {
         match self {
             ApiError::Transient { .. } => ErrorKind::Retry,

@@ -19,7 +19,7 @@ pub use client::{
     BusinessPage, Client, ClientBuildError, ClientConfig, ContactsPage, SearchPage,
     DEFAULT_MAX_RESPONSE_BYTES,
 };
-pub use custom_fields::{is_scope_refusal, CUSTOM_FIELDS_SCOPE};
+pub use custom_fields::CUSTOM_FIELDS_SCOPE;
 pub use error::{ApiError, ErrorKind, RequestLabel};
 pub use ids::{check_id, MAX_ID_LEN};
 pub use location_wide::{CalendarRef, ChildKey, LooseRows};

@@ -152,7 +152,7 @@ pub async fn run(job: &ExportJob) -> Result<QuotaPlan, Outcome> {
     } else if appointments_by_location {
         match client.calendars(&plan.location_id).await {
             Ok(list) => calendars = Some(list.len() as u64),
-            Err(e) if is_scope_refusal(&e) && plan.children_by == ChildrenBy::Auto => {
+            Err(e) if e.is_scope_refusal() && plan.children_by == ChildrenBy::Auto => {
                 notes.push("the token may not read calendars (scope calendars.readonly): appointments come per contact".into());
                 appointments_by_location = false;
             }
@@ -261,14 +261,6 @@ async fn get_total(client: &Client, plan: &ExportPlan) -> Result<u64, ApiError> 
         .meta
         .and_then(|m| m.total)
         .map_or(page.contacts.len() as u64, |t| t as u64))
-}
-
-/// The API's answer to a token without a route's scope: 401 (after the refresh) or 403.
-fn is_scope_refusal(e: &ApiError) -> bool {
-    matches!(
-        e,
-        ApiError::Unauthorized { .. } | ApiError::Fatal { status: 403, .. }
-    )
 }
 
 /// What the model gives for a run as its checkpoint describes it: the contacts it listed,

@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ExportError, ExportPlan};
-use crate::api::{is_scope_refusal, Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
+use crate::api::{Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
 use crate::checkpoint::{self, Checkpoint, EntityReport};
 use crate::extract::ExtractError;
 use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
@@ -157,7 +157,7 @@ async fn fetch(client: &Client, plan: &ExportPlan) -> Result<Fetched, ExportErro
                 }
             },
         )),
-        Err(e) if is_scope_refusal(&e) => {
+        Err(e) if e.is_scope_refusal() => {
             tracing::debug!(error = %e, "custom field definitions refused");
             warn_no_scope(plan);
             Ok(Fetched::NoScope)

@@ -10,7 +10,7 @@
 
 use serde_json::Value;
 
-use crate::api::{is_scope_refusal, ApiError, Client, CUSTOM_FIELDS_SCOPE};
+use crate::api::{ApiError, Client, CUSTOM_FIELDS_SCOPE};
 
 /// The location's custom fields, to look names up in.
 #[derive(Clone, Debug, Default)]
@@ -100,7 +100,7 @@ pub(crate) async fn load(client: &Client, location: &str) -> Result<Option<Field
             let defs: Vec<Value> = serde_json::from_str(raw.get()).unwrap_or_default();
             Ok(Some(FieldIndex::new(&defs)))
         }
-        Err(e) if is_scope_refusal(&e) => {
+        Err(e) if e.is_scope_refusal() => {
             tracing::warn!(error = %e, "cannot read the location's custom field definitions (the token lacks the {CUSTOM_FIELDS_SCOPE} scope): customField.<name> columns are sent as ids, so a key there will be refused by the API; grant the scope, or name the fields by id");
             Ok(None)
         }
