@@ -7,7 +7,8 @@
 //!   it; `GET /contacts/` ends on `meta.nextPage: null`, so no extra page);
 //! - per-contact children: one request per listed contact (changed contact, in an
 //!   incremental run) and entity;
-//! - location-wide tasks: pages of [`TASK_PAGE`](crate::wide::TASK_PAGE) tasks, at an assumed
+//! - location-wide tasks: pages of [`TASK_PAGE`](crate::wide::TASK_PAGE) tasks, each starting
+//!   [`TASK_OVERLAP`](crate::wide::TASK_OVERLAP) rows early, at an assumed
 //!   [`TASKS_PER_CONTACT`] (the API announces no count), plus the empty last page; in an
 //!   incremental run, one search per batch of changed contacts;
 //! - location-wide appointments: the calendars listing plus one request per calendar and
@@ -90,7 +91,9 @@ impl Estimate {
             }
             (true, true) => {
                 let tasks = (c.contacts as f64 * TASKS_PER_CONTACT).ceil() as u64;
-                tasks.div_ceil(u64::from(crate::wide::TASK_PAGE)) + 1
+                // Each page starts `TASK_OVERLAP` rows early; the last brings only those.
+                let step = u64::from(crate::wide::TASK_PAGE) - crate::wide::TASK_OVERLAP;
+                tasks.div_ceil(step) + 1
             }
         };
         let appointments = match (c.include.appointments, c.appointments_by_location) {
@@ -183,7 +186,7 @@ mod tests {
             ..input()
         });
         assert_eq!(e.notes, 100_000);
-        assert_eq!(e.tasks, 1_001);
+        assert_eq!(e.tasks, 1_251);
         assert_eq!(e.verify, 1_000);
         assert!(e.appointments < 200, "{e:?}");
         assert!(e.total <= 110_000, "{e:?}");

@@ -100,6 +100,8 @@ pub struct Children {
     pub appointments: Vec<Box<RawValue>>,
     /// The child requests the API refused for good: their entity has no rows for this contact.
     pub skipped: Vec<SkippedRequest>,
+    /// A child request found the contact gone (deleted since it was listed): no rows.
+    pub vanished: bool,
 }
 
 /// A child request the API refused for good, as the manifest and the run report list it.
@@ -210,12 +212,12 @@ pub async fn fetch_children(
         entity: Entity,
         contact_id: &str,
         fut: impl std::future::Future<Output = Result<Rows, ApiError>>,
-    ) -> Result<(Rows, Option<SkippedRequest>), ApiError> {
+    ) -> Result<(Rows, Option<SkippedRequest>, bool), ApiError> {
         if !on {
-            return Ok((Vec::new(), None));
+            return Ok((Vec::new(), None, false));
         }
         match fut.await {
-            Ok(rows) => Ok((rows, None)),
+            Ok(rows) => Ok((rows, None, false)),
             // The API's answer for a contact deleted since it was listed: "Contact with id …
             // not found" (a 400). Any other "not found" (a 404 from a proxy, a moved route)
             // is an error, not an empty list.
@@ -226,18 +228,18 @@ pub async fn fetch_children(
                         .contains("contact with id") =>
             {
                 tracing::debug!(error = %e, "contact vanished during the export; no children");
-                Ok((Vec::new(), None))
+                Ok((Vec::new(), None, true))
             }
             Err(e) => match SkippedRequest::of(&e, entity, contact_id) {
                 Some(skip) => {
                     tracing::warn!(error = %e, "the API refused a child request for good: skipped (listed under `skipped` in the manifest and the run report)");
-                    Ok((Vec::new(), Some(skip)))
+                    Ok((Vec::new(), Some(skip), false))
                 }
                 None => Err(e),
             },
         }
     }
-    let ((tasks, t), (notes, n), (appointments, a)) = futures::try_join!(
+    let ((tasks, t, vt), (notes, n, vn), (appointments, a, va)) = futures::try_join!(
         opt(
             include.tasks,
             Entity::Tasks,
@@ -262,6 +264,7 @@ pub async fn fetch_children(
         notes,
         appointments,
         skipped: [t, n, a].into_iter().flatten().collect(),
+        vanished: vt || vn || va,
     })
 }
 

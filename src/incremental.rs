@@ -78,7 +78,11 @@ impl RunKind {
             return RunKind::Full;
         }
         match meta {
-            Some(m) if can_filter && m.filtered_since_walk.saturating_add(1) < full_walk_every => {
+            Some(m)
+                if can_filter
+                    && !m.refetch
+                    && m.filtered_since_walk.saturating_add(1) < full_walk_every =>
+            {
                 RunKind::Filtered {
                     since_ms: m
                         .last_started_ms
@@ -100,6 +104,11 @@ pub struct Meta {
     pub last_started_ms: i64,
     /// Filtered runs since the last walk (0 after a walk or a full run).
     pub filtered_since_walk: u32,
+    /// That run skipped child requests the API refused: their contacts are fetched again by
+    /// the next run, which a filter would not list (their `dateUpdated` did not move), so
+    /// the next run walks.
+    #[serde(default)]
+    pub refetch: bool,
 }
 
 impl Meta {
@@ -347,6 +356,7 @@ mod tests {
         let mut meta = Meta {
             last_started_ms: 1_000_000,
             filtered_since_walk: 0,
+            refetch: false,
         };
         for _ in 0..14 {
             let kind = choose(Some(&meta), true);
@@ -362,7 +372,20 @@ mod tests {
         let walks: Vec<usize> = (0..14).filter(|&i| kinds[i] == "walk").collect();
         assert_eq!(walks, vec![6, 13], "{kinds:?}");
         assert_eq!(choose(None, true), RunKind::Walk, "no meta: walk");
-        assert_eq!(choose(Some(&meta), false), RunKind::Walk, "GET cannot filter");
+        let refetch = Meta {
+            refetch: true,
+            ..meta.clone()
+        };
+        assert_eq!(
+            choose(Some(&refetch), true),
+            RunKind::Walk,
+            "skipped requests to fetch again: walk"
+        );
+        assert_eq!(
+            choose(Some(&meta), false),
+            RunKind::Walk,
+            "GET cannot filter"
+        );
         assert_eq!(
             RunKind::choose(true, true, Some(&meta), true, overlap, every),
             RunKind::Full

@@ -38,6 +38,11 @@ use crate::extract::{self, ExtractError};
 /// Rows asked per task search page (the API serves at most 100).
 pub const TASK_PAGE: u32 = 100;
 
+/// Rows each task page asks for again before where the last one ended (at most a fifth of
+/// the page the server serves): a task deleted before that point shifts the rest of the
+/// listing back, and the overlap catches the rows that slid under it. Repeats are dropped.
+pub const TASK_OVERLAP: u64 = 20;
+
 /// Contact ids per `contactId` filter of a task search.
 pub const CONTACT_BATCH: usize = 100;
 
@@ -186,6 +191,11 @@ impl RepeatGuard {
         Ok(fresh)
     }
 
+    /// Whether a row with this id hash was read already.
+    pub fn has_seen(&self, key: u64) -> bool {
+        self.seen.contains(&key)
+    }
+
     /// Forgets the previous page (a new batch or window starts: its first page may equal
     /// the last one of the one before, e.g. two empty calendars).
     fn new_sequence(&mut self) {
@@ -260,7 +270,10 @@ struct TaskState {
     location: String,
     batches: Option<Arc<Vec<Vec<String>>>>,
     batch: usize,
+    /// Rows of the batch read so far, in the server's order: where the next page continues.
     skip: u64,
+    /// The most rows one page brought: the server's page size, as far as seen.
+    page: u64,
     guard: RepeatGuard,
     done: bool,
 }
@@ -268,6 +281,14 @@ struct TaskState {
 /// Streams a location's tasks from `from` on, each page's new rows with the position after
 /// it. With `contacts`, only the tasks of these contacts, in [`CONTACT_BATCH`] batches (the
 /// batches are cut the same way at every attempt, so a saved position stays valid).
+///
+/// Offset paging while the location changes: a task created before the position pushes rows
+/// forward (they come again, and are dropped as repeats); a task deleted before it pulls rows
+/// back, under the next page's start, where they would be missed. So each page starts
+/// [`TASK_OVERLAP`] rows early, and must find a row it already read there (its anchor). A page
+/// without one means the listing slid back further: the next page starts earlier still,
+/// until an anchor (or the start) is found. What slips through anyway is for the
+/// verification sample to find.
 pub fn location_tasks(
     client: Arc<Client>,
     location_id: String,
@@ -293,6 +314,7 @@ pub fn location_tasks(
         batches,
         batch,
         skip,
+        page: 0,
         guard,
         done,
     };
@@ -300,38 +322,68 @@ pub fn location_tasks(
         if st.done {
             return Ok(None);
         }
-        let mut body = serde_json::json!({ "limit": TASK_PAGE, "skip": st.skip });
+        // Start early by the overlap, once the server's page size is known (never more than
+        // a fifth of it, so every page also brings rows past the position).
+        let lead = st.skip.min(TASK_OVERLAP.min(st.page / 5));
+        let ask = st.skip - lead;
+        let mut body = serde_json::json!({ "limit": TASK_PAGE, "skip": ask });
         if let Some(b) = &st.batches {
             body["contactId"] = serde_json::json!(b[st.batch]);
         }
         let reply = st.client.task_search(&st.location, &body).await?;
         let served = reply.served as u64;
+        st.page = st.page.max(served);
+        // The anchor: a row of the overlap already read. Without one the listing slid back
+        // past the overlap (or shrank below `ask`).
+        let anchored = lead == 0
+            || reply.rows.iter().take(lead as usize).any(|r| {
+                ChildKey::of(r)
+                    .id
+                    .as_deref()
+                    .is_some_and(|id| st.guard.has_seen(key(id)))
+            });
         let (rows, repeats) =
             wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
-                request: format!(
-                    "{} (skip {})",
-                    Client::task_search_label(&st.location).0,
-                    st.skip
-                ),
+                request: format!("{} (skip {ask})", Client::task_search_label(&st.location).0,),
                 reason,
             })?;
-        let next = if served > 0 {
-            st.skip += served;
+        // A short page of rows all read already, from a known point: the end of the listing
+        // (the overlap makes the last pages repeat what came before).
+        let at_end = rows.is_empty() && served < st.page;
+        let next = if at_end && anchored {
+            None
+        } else if !anchored {
+            // Start again earlier: by a page, not just the overlap, so a large slide costs
+            // few requests.
+            st.skip = ask.saturating_sub(st.page.max(TASK_OVERLAP) - lead);
+            tracing::debug!(location = %st.location, skip = st.skip, "the task listing slid back past the overlap; reading again from earlier");
+            Some(WidePos::Tasks {
+                batch: st.batch,
+                skip: st.skip,
+            })
+        } else if served > lead {
+            st.skip = ask + served;
             Some(WidePos::Tasks {
                 batch: st.batch,
                 skip: st.skip,
             })
         } else {
-            // An empty page ends the listing, or this batch.
-            st.batch += 1;
-            st.skip = 0;
-            st.guard.new_sequence();
-            match &st.batches {
-                Some(b) if st.batch < b.len() => Some(WidePos::Tasks {
-                    batch: st.batch,
-                    skip: 0,
-                }),
-                _ => None,
+            None
+        };
+        let next = match next {
+            Some(pos) => Some(pos),
+            // Nothing past the position: the listing, or this batch, ends.
+            None => {
+                st.batch += 1;
+                st.skip = 0;
+                st.guard.new_sequence();
+                match &st.batches {
+                    Some(b) if st.batch < b.len() => Some(WidePos::Tasks {
+                        batch: st.batch,
+                        skip: 0,
+                    }),
+                    _ => None,
+                }
             }
         };
         st.done = next.is_none();
@@ -641,13 +693,82 @@ mod tests {
         })
         .await;
         let (ids, repeats) = collect(client).await.unwrap();
-        assert_eq!(
-            repeats, 1,
-            "the row the shift pushed across the first boundary"
+        assert!(
+            repeats >= 1,
+            "the row the shift pushed across the first boundary, and the overlaps"
         );
         assert_eq!(ids.len(), 250);
         let unique: HashSet<&String> = ids.iter().collect();
         assert_eq!(unique.len(), 250, "each task once");
+    }
+
+    #[tokio::test]
+    async fn tasks_deleted_before_the_offset_while_paging_do_not_hide_the_rows_that_slid_back() {
+        // 300 tasks; after the first page, 15 tasks of that page are deleted: every later
+        // row slides back by 15, under the next page's start. The overlap reads them.
+        let all: Vec<String> = (0..300).map(|i| format!("t{i:03}")).collect();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = fake_search(move |skip| {
+            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let live: Vec<&String> = if first {
+                all.iter().collect()
+            } else {
+                all.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !(40..55).contains(i))
+                    .map(|(_, t)| t)
+                    .collect()
+            };
+            live.into_iter()
+                .skip(skip as usize)
+                .take(100)
+                .cloned()
+                .collect()
+        })
+        .await;
+        let (ids, _) = collect(client).await.unwrap();
+        let got: HashSet<&String> = ids.iter().collect();
+        assert_eq!(got.len(), ids.len(), "each task once");
+        let missing: Vec<String> = (0..300)
+            .filter(|i| !(40..55).contains(i))
+            .map(|i| format!("t{i:03}"))
+            .filter(|t| !got.contains(t))
+            .collect();
+        assert!(missing.is_empty(), "missed {missing:?}");
+    }
+
+    #[tokio::test]
+    async fn a_slide_larger_than_the_overlap_is_found_by_the_missing_anchor_and_read_again() {
+        // After the first page, 60 of its tasks are deleted: more than the overlap.
+        let all: Vec<String> = (0..300).map(|i| format!("t{i:03}")).collect();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let client = fake_search(move |skip| {
+            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+            let live: Vec<&String> = if first {
+                all.iter().collect()
+            } else {
+                all.iter()
+                    .enumerate()
+                    .filter(|(i, _)| !(10..70).contains(i))
+                    .map(|(_, t)| t)
+                    .collect()
+            };
+            live.into_iter()
+                .skip(skip as usize)
+                .take(100)
+                .cloned()
+                .collect()
+        })
+        .await;
+        let (ids, _) = collect(client).await.unwrap();
+        let got: HashSet<&String> = ids.iter().collect();
+        assert_eq!(got.len(), ids.len(), "each task once");
+        let missing: Vec<String> = (0..300)
+            .filter(|i| !(10..70).contains(i))
+            .map(|i| format!("t{i:03}"))
+            .filter(|t| !got.contains(t))
+            .collect();
+        assert!(missing.is_empty(), "missed {missing:?}");
     }
 
     #[tokio::test]

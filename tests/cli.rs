@@ -202,8 +202,12 @@ async fn a_location_the_token_cannot_access_exits_3_and_writes_no_manifest() {
     let (_, err) = text(&o);
     assert_eq!(o.status.code(), Some(3), "{err}");
     assert!(
-        err.contains("403") && err.contains("GET /contacts/"),
+        err.contains("403") && err.contains("POST /contacts/search"),
         "names the request and status: {err}"
+    );
+    assert!(
+        !err.contains("scope"),
+        "no access to the location is not a missing scope: {err}"
     );
     assert!(!dir.path().join("_manifest.json").exists());
 }

@@ -202,7 +202,8 @@ async fn rerun_into_the_same_directory_replaces_rather_than_duplicates() {
     let sim = TestSim::start(fast_sim(700, 5)).await;
     let dir = tempfile::tempdir().unwrap();
     let mut plan = ExportPlan::new(sim.location(), Format::Parquet, dir.path());
-    plan.part_contacts = 200; // several parts
+    plan.part_contacts = 200; // several parts (a part holds whole pages)
+    plan.search_page = 100;
     for _ in 0..2 {
         export::run(sim.client(None, 8), &plan, Arc::new(Progress::default()))
             .await

@@ -143,7 +143,16 @@ async fn daily_quota_stops_with_exit_75_and_resumes_after_reset() {
         let o = run_to_end(
             &sim,
             &out,
-            &["--children-by", "contact", "--part-contacts", "1000"],
+            // Pages of 100 (GET): the 5% reserve (450 requests) is more than a page costs,
+            // so the run stops at the reserve rather than at the server's refusal.
+            &[
+                "--children-by",
+                "contact",
+                "--listing",
+                "get",
+                "--part-contacts",
+                "1000",
+            ],
         )
         .await;
         match o.status.code() {
@@ -365,6 +374,8 @@ async fn a_budget_spent_on_the_last_page_finishes_instead_of_starting_over() {
         contacts_etl::sink::Format::Parquet,
         dir.path(),
     );
+    // Pages of 100 (GET): the budget below is placed between the ends of its pages.
+    plan.listing = contacts_etl::extract::Listing::Get;
     plan.window = 1; // no lookahead: the budget is checked exactly at each page end
                      // 3 list pages + 750 child requests; page 2 ends near 602, page 3 (the last) at 753.
     plan.budget = Budget {

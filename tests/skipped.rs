@@ -214,7 +214,15 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let o = run_to_end(
         &sim,
         &out,
-        &["--children-by", "contact", "--max-skipped", "40"],
+        // Pages of 100 (GET), so that pages with refusals commit before the cap is passed.
+        &[
+            "--children-by",
+            "contact",
+            "--listing",
+            "get",
+            "--max-skipped",
+            "40",
+        ],
     )
     .await;
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
@@ -242,7 +250,14 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let o = run_to_end(
         &sim,
         &out,
-        &["--children-by", "contact", "--max-skipped", "1"],
+        &[
+            "--children-by",
+            "contact",
+            "--listing",
+            "get",
+            "--max-skipped",
+            "1",
+        ],
     )
     .await;
     assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
@@ -261,7 +276,14 @@ async fn more_refusals_than_max_skipped_fail_the_run_with_exit_4_and_say_why() {
     let o = run_to_end(
         &sim,
         &out,
-        &["--children-by", "contact", "--max-skipped", "100000"],
+        &[
+            "--children-by",
+            "contact",
+            "--listing",
+            "get",
+            "--max-skipped",
+            "100000",
+        ],
     )
     .await;
     assert_eq!(o.status.code(), Some(9), "{}", stderr(&o));

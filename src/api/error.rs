@@ -92,7 +92,7 @@ pub enum ApiError {
         matching_field: Option<String>,
         trace_id: Option<String>,
     },
-    #[error("{request}: the location's daily request quota is spent{}", trace(.trace_id))]
+    #[error("{request}: the location's daily request quota is spent{}\nhint: HighLevel resets the daily quota within 24 hours (it does not say when); rerun the same command then to resume", trace(.trace_id))]
     QuotaExhausted {
         request: RequestLabel,
         trace_id: Option<String>,
@@ -168,9 +168,17 @@ impl ApiError {
     /// the token refresh, or a 403. Such a refusal of an optional request (custom field
     /// definitions, a location-wide listing) is a warning and another way, not a failure.
     pub fn is_scope_refusal(&self) -> bool {
-        match self.kind() {
-            ErrorKind::Reauth => true,
-            ErrorKind::Fatal => self.status() == Some(403),
+        match self {
+            ApiError::Unauthorized { .. } => true,
+            // Not the API's 403 for a location the token may not use at all: every request
+            // will meet that one.
+            ApiError::Fatal {
+                status: 403,
+                messages,
+                ..
+            } => !messages
+                .iter()
+                .any(|m| m.to_ascii_lowercase().contains("access to this location")),
             _ => false,
         }
     }

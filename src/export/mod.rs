@@ -791,6 +791,7 @@ async fn finish(
                 RunKind::Filtered { nth, .. } => nth,
                 _ => 0,
             },
+            refetch: !ck.skipped.is_empty(),
         };
         meta.save(&inc.meta_file(&plan.location_id))?;
     }

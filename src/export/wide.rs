@@ -601,8 +601,9 @@ impl Phase<'_> {
         let mut checked = 0u64;
         while let Some((id, r)) = fetched.next().await {
             let children = r.map_err(|e| ExportError::Extract(e.into()))?;
-            if !children.skipped.is_empty() {
-                // Refused for good per contact: nothing to compare this contact with.
+            if !children.skipped.is_empty() || children.vanished {
+                // Refused for good per contact, or deleted since the location-wide rows were
+                // read: nothing to compare this contact with.
                 continue;
             }
             checked += 1;
