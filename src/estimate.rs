@@ -85,9 +85,10 @@ impl Estimate {
         let tasks = match (c.include.tasks, c.tasks_by_location) {
             (false, _) => 0,
             (true, false) => per_contact(true),
-            // One search per batch of changed contacts (their tasks fit a page).
+            // Two searches per batch of changed contacts: their tasks fit a page, and the
+            // second (short) page says the batch ended.
             (true, true) if incremental => {
-                with_children.div_ceil(crate::wide::CONTACT_BATCH as u64)
+                with_children.div_ceil(crate::wide::CONTACT_BATCH as u64) * 2
             }
             (true, true) => {
                 let tasks = (c.contacts as f64 * TASKS_PER_CONTACT).ceil() as u64;
@@ -204,7 +205,7 @@ mod tests {
             ..input()
         });
         assert_eq!(e.listing, 3);
-        assert_eq!(e.tasks, 10);
+        assert_eq!(e.tasks, 20);
         assert_eq!((e.notes, e.appointments), (1_000, 1_000));
         assert_eq!(e.verify, 5);
     }

@@ -297,6 +297,9 @@ pub fn location_contacts(
             });
         }
         let mut contacts = page.contacts;
+        // Without `meta`, the cursor comes from the last contact the server sent, repeated
+        // or not.
+        let last_cursor = contacts.last().and_then(|c| cursor_of(c));
         let this_ids: HashSet<String> = contacts
             .iter()
             .filter_map(|c| ContactHead::of(c).id)
@@ -329,7 +332,7 @@ pub fn location_contacts(
                 }),
                 _ => None,
             };
-            let cursor = match from_meta.or_else(|| contacts.last().and_then(|c| cursor_of(c))) {
+            let cursor = match from_meta.or(last_cursor) {
                 Some(c) => c,
                 None => {
                     return Err(ExtractError::NoCursor {
@@ -620,6 +623,8 @@ pub fn search_contacts(
             return Err(looping(&st, reason));
         }
         let mut contacts = page.contacts;
+        // The cursor comes from the last contact the server sent, repeated or not.
+        let last_after = contacts.last().map(|c| search_after_of(c));
         let this_ids: HashSet<String> = contacts
             .iter()
             .filter_map(|c| ContactHead::of(c).id)
@@ -645,9 +650,7 @@ pub fn search_contacts(
         let next = if fetched == 0 {
             None
         } else {
-            // The cursor comes from the last contact the server sent, repeated or not.
-            let last = contacts.last().map(|c| search_after_of(c));
-            let Some(Some(after)) = last else {
+            let Some(Some(after)) = last_after else {
                 return Err(ExtractError::NoCursor {
                     location: st.query.location_id.clone(),
                 });

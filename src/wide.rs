@@ -43,6 +43,9 @@ pub const TASK_PAGE: u32 = 100;
 /// listing back, and the overlap catches the rows that slid under it. Repeats are dropped.
 pub const TASK_OVERLAP: u64 = 20;
 
+/// Steps back in a row (see [`location_tasks`]) after which a task listing is taken to loop.
+const MAX_STEPS_BACK: u32 = 20;
+
 /// Contact ids per `contactId` filter of a task search.
 pub const CONTACT_BATCH: usize = 100;
 
@@ -237,12 +240,26 @@ pub struct WidePage {
     pub next: Option<WidePos>,
 }
 
+/// A row's identity for dropping repeats: the hash of its id, or, for a row without one, of
+/// its whole text (a row read twice is the same text; two id-less rows with the same text
+/// cannot be told apart anyway).
+fn row_key(raw: &RawValue, k: &ChildKey) -> u64 {
+    match k.id.as_deref() {
+        Some(id) => key(id),
+        None => key(raw.get()) ^ 0x9e37_79b9_7f4a_7c15,
+    }
+}
+
 fn wide_rows(
     rows: Vec<Box<RawValue>>,
     guard: &mut RepeatGuard,
 ) -> Result<(Vec<WideRow>, u64), String> {
     let keys: Vec<ChildKey> = rows.iter().map(|r| ChildKey::of(r)).collect();
-    let ids: Vec<Option<u64>> = keys.iter().map(|k| k.id.as_deref().map(key)).collect();
+    let ids: Vec<Option<u64>> = rows
+        .iter()
+        .zip(&keys)
+        .map(|(raw, k)| Some(row_key(raw, k)))
+        .collect();
     let fresh = guard.page(&ids)?;
     let mut repeats = 0;
     let out = rows
@@ -274,6 +291,11 @@ struct TaskState {
     skip: u64,
     /// The most rows one page brought: the server's page size, as far as seen.
     page: u64,
+    /// The furthest position reached, and the steps back taken since it last grew: a listing
+    /// that keeps sliding back (or a server whose order is not stable) stops the run instead
+    /// of swinging between two offsets.
+    furthest: u64,
+    backs: u32,
     guard: RepeatGuard,
     done: bool,
 }
@@ -314,7 +336,11 @@ pub fn location_tasks(
         batches,
         batch,
         skip,
-        page: 0,
+        // A resumed listing starts early by the overlap and checks its anchor from the first
+        // page: rows may have slid back while no run was reading.
+        page: if skip > 0 { u64::from(TASK_PAGE) } else { 0 },
+        furthest: skip,
+        backs: 0,
         guard,
         done,
     };
@@ -336,23 +362,34 @@ pub fn location_tasks(
         // The anchor: a row of the overlap already read. Without one the listing slid back
         // past the overlap (or shrank below `ask`).
         let anchored = lead == 0
-            || reply.rows.iter().take(lead as usize).any(|r| {
-                ChildKey::of(r)
-                    .id
-                    .as_deref()
-                    .is_some_and(|id| st.guard.has_seen(key(id)))
-            });
+            || reply
+                .rows
+                .iter()
+                .take(lead as usize)
+                .any(|r| st.guard.has_seen(row_key(r, &ChildKey::of(r))));
         let (rows, repeats) =
             wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
                 request: format!("{} (skip {ask})", Client::task_search_label(&st.location).0,),
                 reason,
             })?;
-        // A short page of rows all read already, from a known point: the end of the listing
-        // (the overlap makes the last pages repeat what came before).
-        let at_end = rows.is_empty() && served < st.page;
-        let next = if at_end && anchored {
+        // A short page from a known point: the server has no rows past it, the listing (or
+        // this batch) ends.
+        let next = if anchored && served < st.page {
             None
         } else if !anchored {
+            st.backs += 1;
+            if st.backs > MAX_STEPS_BACK {
+                return Err(ExtractError::PageLoop {
+                    request: format!(
+                        "{} (skip {ask})",
+                        Client::task_search_label(&st.location).0,
+                    ),
+                    reason: format!(
+                        "the listing slid back past the rows already read {MAX_STEPS_BACK} times in a row without passing offset {}",
+                        st.furthest
+                    ),
+                });
+            }
             // Start again earlier: by a page, not just the overlap, so a large slide costs
             // few requests.
             st.skip = ask.saturating_sub(st.page.max(TASK_OVERLAP) - lead);
@@ -363,6 +400,10 @@ pub fn location_tasks(
             })
         } else if served > lead {
             st.skip = ask + served;
+            if st.skip > st.furthest {
+                st.furthest = st.skip;
+                st.backs = 0;
+            }
             Some(WidePos::Tasks {
                 batch: st.batch,
                 skip: st.skip,
@@ -376,6 +417,8 @@ pub fn location_tasks(
             None => {
                 st.batch += 1;
                 st.skip = 0;
+                st.furthest = 0;
+                st.backs = 0;
                 st.guard.new_sequence();
                 match &st.batches {
                     Some(b) if st.batch < b.len() => Some(WidePos::Tasks {

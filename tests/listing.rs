@@ -181,3 +181,60 @@ async fn a_server_capping_the_page_size_without_meta_still_yields_every_contact(
         .unwrap();
     assert_eq!(pages.iter().map(|p| p.contacts.len()).sum::<usize>(), 230);
 }
+
+/// A search page that starts back inside the previous page (a server whose cursor is not
+/// exclusive): the repeated contacts are dropped, the listing continues from the last
+/// contact sent, and every contact comes once.
+#[tokio::test]
+async fn a_search_page_repeating_the_previous_pages_contacts_emits_each_once() {
+    use axum::routing::post;
+    // 12 contacts, newest first, pages of 5; the second page starts 5 back (it repeats the
+    // whole first page), the third continues normally.
+    let all: Vec<Value> = (0..12)
+        .map(|i| contact(i, 1_700_000_000_000 - i as i64 * 1000))
+        .collect();
+    let router = Router::new().route(
+        "/contacts/search",
+        post(move |Json(body): Json<Value>| {
+            let all = all.clone();
+            async move {
+                let after = body["searchAfter"][1].as_str().map(str::to_owned);
+                let start = match after.as_deref() {
+                    None => 0,
+                    // After the first page (cursor c0004) the server starts back at c0001:
+                    // four of its five contacts repeat the previous page.
+                    Some("c0004") => 1,
+                    Some(id) => all.iter().position(|c| c["id"] == id).unwrap() + 1,
+                };
+                let page: Vec<Value> = all.iter().skip(start).take(5).cloned().collect();
+                Json(json!({ "contacts": page, "total": 12 }))
+            }
+        }),
+    );
+    let base = serve(router).await;
+    let query = extract::SearchQuery {
+        location_id: "L".into(),
+        page_limit: 5,
+        updated_since: None,
+    };
+    let pages: Vec<extract::Page> = extract::search_contacts(client(base), query, None, None)
+        .try_collect()
+        .await
+        .expect("the listing continues after the repeated contacts");
+    let ids: Vec<String> = pages
+        .iter()
+        .flat_map(|p| &p.contacts)
+        .map(|c| {
+            serde_json::from_str::<Value>(c.get()).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    let expected: Vec<String> = (0..12).map(|i| format!("c{i:04}")).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), ids.len(), "each contact once: {ids:?}");
+    assert_eq!(sorted, expected);
+}
