@@ -168,7 +168,7 @@ pub struct Checkpoint {
     /// How far the location-wide children phase got (`crate::export` runs it after the
     /// listing); `None` before it starts, and in runs with `--children-by contact`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wide: Option<crate::export::WideProgress>,
+    pub wide: Option<crate::wide::WideProgress>,
 }
 
 #[derive(Serialize, Deserialize)]

@@ -25,7 +25,7 @@
 //! again, or [`extract::STALE_PAGES`] pages in a row that bring no row not already read
 //! ([`RepeatGuard`]). Misses are what the verification sample is for.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use futures::Stream;
@@ -566,6 +566,74 @@ pub fn location_events(
             st,
         )))
     })
+}
+
+// ---- What the export's location-wide phase records in its checkpoint ----------------------
+//
+// These types live here, with the listings they describe, and not in `crate::export`: the
+// checkpoint holds them, and the checkpoint sits below the export that writes it.
+
+/// Where the phase stands, per entity (`tasks`, `appointments`), in the checkpoint.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WideProgress {
+    pub entities: BTreeMap<String, EntityProgress>,
+}
+
+/// One entity's progress through the phase.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EntityProgress {
+    #[serde(flatten)]
+    pub stage: Stage,
+    /// Why the entity is fetched per contact, once it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_contact_reason: Option<String>,
+    /// What the verification sample found different.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub difference: Option<String>,
+    /// The share sampled, fixed at the start (a resumed run with another
+    /// `--verify-sample` checks the same contacts).
+    pub verify_sample: f64,
+    /// Calendars and windows of the appointments, fixed at the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_plan: Option<EventsPlan>,
+    /// Committed length of the id-hash log.
+    #[serde(default)]
+    pub ids_bytes: u64,
+    /// `[hash of contactId, hash of the row's text]` of the committed location-wide rows of
+    /// sampled contacts.
+    #[serde(default)]
+    pub sample: Vec<[u64; 2]>,
+    /// Sampled contacts checked per contact.
+    #[serde(default)]
+    pub verified_contacts: u64,
+    /// Location-wide rows dropped: their contact was not listed in this run.
+    #[serde(default)]
+    pub unlisted_rows: u64,
+    /// Location-wide rows dropped as repeats.
+    #[serde(default)]
+    pub repeats: u64,
+}
+
+/// The stage an entity is in.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", tag = "stage")]
+pub enum Stage {
+    /// Reading the location-wide rows, from `pos` (`None`: the first request).
+    Listing {
+        #[serde(default)]
+        pos: Option<WidePos>,
+    },
+    /// The rows are committed; the sample remains to be checked.
+    Verify,
+    /// Per contact, from the `next`-th listed contact on.
+    PerContact {
+        next: u64,
+    },
+    Done {
+        location_wide: bool,
+    },
 }
 
 #[cfg(test)]

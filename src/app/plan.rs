@@ -262,30 +262,3 @@ async fn get_total(client: &Client, plan: &ExportPlan) -> Result<u64, ApiError> 
         .and_then(|m| m.total)
         .map_or(page.contacts.len() as u64, |t| t as u64))
 }
-
-/// What the model gives for a run as its checkpoint describes it: the contacts it listed,
-/// its kind, its listing and how its children came. The run report puts it beside the
-/// requests the run spent. `None` before the run decided its listing.
-pub fn of_run(plan: &ExportPlan, ck: &crate::checkpoint::Checkpoint) -> Option<Estimate> {
-    let kind = ck.run_kind?;
-    let listing = ck.listing_used.as_deref()?;
-    let wide = |entity: &str| ck.wide.as_ref().and_then(|w| w.entities.get(entity));
-    let written = ck.entities.get("contacts").map_or(0, |e| e.rows);
-    Some(Estimate::of(&CostInput {
-        contacts: ck.contacts_listed,
-        changed: match kind {
-            RunKind::Full => None,
-            RunKind::Walk | RunKind::Filtered { .. } => Some(written),
-        },
-        kind,
-        search: listing == "search",
-        include: plan.include,
-        tasks_by_location: wide("tasks").is_some(),
-        appointments_by_location: wide("appointments").is_some(),
-        verify_sample: plan.verify_sample,
-        calendars: wide("appointments")
-            .and_then(|e| e.events_plan.as_ref())
-            .map(|p| p.calendars.len() as u64),
-        now_ms: crate::export::now_millis(),
-    }))
-}

@@ -10,7 +10,10 @@ use serde::Serialize;
 
 use super::outcome::Outcome;
 use crate::api::{Client, StatsSnapshot};
+use crate::checkpoint::Checkpoint;
+use crate::estimate::{CostInput, Estimate};
 use crate::export::{ExportPlan, Manifest, Resources};
+use crate::incremental::RunKind;
 
 /// `OUT/_report.json` (or `--report FILE`).
 #[derive(Debug, Serialize)]
@@ -58,7 +61,7 @@ pub struct RunReport {
     /// listing and children strategy), beside `requests.attempts`; absent before the run
     /// chose its listing.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub estimate: Option<crate::estimate::Estimate>,
+    pub estimate: Option<Estimate>,
     /// Share of the rate limit in force that this run used (successful requests / allowed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_share: Option<f64>,
@@ -159,13 +162,13 @@ impl RunReport {
                 .and_then(|c| c.run_kind)
                 .map(|k| k.name().into()),
             changed_since: match ck.as_ref().and_then(|c| c.run_kind) {
-                Some(crate::incremental::RunKind::Filtered { since_ms, .. }) => {
+                Some(RunKind::Filtered { since_ms, .. }) => {
                     Some(crate::timefmt::format_iso_millis(since_ms))
                 }
                 _ => None,
             },
             listing: ck.as_ref().and_then(|c| c.listing_used.clone()),
-            estimate: ck.as_ref().and_then(|c| super::plan::of_run(plan, c)),
+            estimate: ck.as_ref().and_then(|c| estimate_of_run(plan, c)),
             out: plan.out.display().to_string(),
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
@@ -186,4 +189,31 @@ impl RunReport {
     pub fn write(&self, path: &Path) -> Result<(), crate::durable::WriteError> {
         crate::durable::write(path, &serde_json::to_vec_pretty(self).unwrap_or_default())
     }
+}
+
+/// What the model gives for a run as its checkpoint describes it: the contacts it listed,
+/// its kind, its listing and how its children came. The run report puts it beside the
+/// requests the run spent. `None` before the run decided its listing.
+fn estimate_of_run(plan: &ExportPlan, ck: &Checkpoint) -> Option<Estimate> {
+    let kind = ck.run_kind?;
+    let listing = ck.listing_used.as_deref()?;
+    let wide = |entity: &str| ck.wide.as_ref().and_then(|w| w.entities.get(entity));
+    let written = ck.entities.get("contacts").map_or(0, |e| e.rows);
+    Some(Estimate::of(&CostInput {
+        contacts: ck.contacts_listed,
+        changed: match kind {
+            RunKind::Full => None,
+            RunKind::Walk | RunKind::Filtered { .. } => Some(written),
+        },
+        kind,
+        search: listing == "search",
+        include: plan.include,
+        tasks_by_location: wide("tasks").is_some(),
+        appointments_by_location: wide("appointments").is_some(),
+        verify_sample: plan.verify_sample,
+        calendars: wide("appointments")
+            .and_then(|e| e.events_plan.as_ref())
+            .map(|p| p.calendars.len() as u64),
+        now_ms: crate::export::now_millis(),
+    }))
 }

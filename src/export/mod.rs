@@ -29,10 +29,11 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 
+pub use crate::wide::WideProgress;
 pub use custom_fields::CustomFieldsMode;
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
-pub use wide::{report as children_report, ChildrenReport, WideProgress, DEFAULT_VERIFY_SAMPLE};
+pub use wide::{report as children_report, ChildrenReport, DEFAULT_VERIFY_SAMPLE};
 
 use crate::api::{Client, StatsSnapshot};
 pub use crate::checkpoint::EntityReport;
