@@ -30,6 +30,11 @@ use std::path::{Path, PathBuf};
 /// Marks a contact whose `dateUpdated` was absent or unreadable: always treated as changed.
 const UNKNOWN: i64 = i64::MIN;
 
+/// How often an incremental run walks every contact, by default.
+pub const DEFAULT_FULL_WALK_EVERY: u32 = 7;
+/// How far before the previous run's start a filtered run lists changes, by default.
+pub const DEFAULT_OVERLAP: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Which contacts a run lists (see the [module docs](self)). Fixed when a run starts and kept
 /// in its checkpoint, so a resumed run lists as it began.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -348,7 +353,7 @@ mod tests {
     #[test]
     fn every_seventh_run_walks_by_default_and_the_others_list_changes_since_the_last_start() {
         let overlap = std::time::Duration::from_secs(600);
-        let every = crate::export::DEFAULT_FULL_WALK_EVERY;
+        let every = DEFAULT_FULL_WALK_EVERY;
         let choose = |meta: Option<&Meta>, can_filter| {
             RunKind::choose(false, true, meta, can_filter, overlap, every)
         };

@@ -166,10 +166,7 @@ impl IncrementalPlan {
     }
 }
 
-/// How often an incremental run walks every contact, by default.
-pub const DEFAULT_FULL_WALK_EVERY: u32 = 7;
-/// How far before the previous run's start a filtered run lists changes, by default.
-pub const DEFAULT_OVERLAP: Duration = Duration::from_secs(600);
+pub use crate::incremental::{DEFAULT_FULL_WALK_EVERY, DEFAULT_OVERLAP};
 
 impl ExportPlan {
     pub fn new(location_id: impl Into<String>, format: Format, out: impl Into<PathBuf>) -> Self {
