@@ -813,27 +813,21 @@ mod tests {
         assert_eq!(unique.len(), 250, "each task once");
     }
 
-    #[tokio::test]
-    async fn tasks_deleted_before_the_offset_while_paging_do_not_hide_the_rows_that_slid_back() {
-        // 300 tasks; after the first page, 15 tasks of that page are deleted: every later
-        // row slides back by 15, under the next page's start. The overlap reads them.
+    /// Pages 300 tasks through a fake whose `deleted` tasks vanish after the first request
+    /// (every later row slides back by their number), and checks every remaining task comes
+    /// exactly once.
+    async fn assert_every_task_once_after_deleting(deleted: std::ops::Range<usize>) {
         let all: Vec<String> = (0..300).map(|i| format!("t{i:03}")).collect();
         let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let gone = deleted.clone();
         let client = fake_search(move |skip| {
             let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-            let live: Vec<&String> = if first {
-                all.iter().collect()
-            } else {
-                all.iter()
-                    .enumerate()
-                    .filter(|(i, _)| !(40..55).contains(i))
-                    .map(|(_, t)| t)
-                    .collect()
-            };
-            live.into_iter()
+            all.iter()
+                .enumerate()
+                .filter(|(i, _)| first || !gone.contains(i))
+                .map(|(_, t)| t.clone())
                 .skip(skip as usize)
                 .take(100)
-                .cloned()
                 .collect()
         })
         .await;
@@ -841,7 +835,7 @@ mod tests {
         let got: HashSet<&String> = ids.iter().collect();
         assert_eq!(got.len(), ids.len(), "each task once");
         let missing: Vec<String> = (0..300)
-            .filter(|i| !(40..55).contains(i))
+            .filter(|i| !deleted.contains(i))
             .map(|i| format!("t{i:03}"))
             .filter(|t| !got.contains(t))
             .collect();
@@ -849,37 +843,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tasks_deleted_before_the_offset_while_paging_do_not_hide_the_rows_that_slid_back() {
+        // 15 tasks of the first page deleted: the rows slide under the next page's start,
+        // within the overlap.
+        assert_every_task_once_after_deleting(40..55).await;
+    }
+
+    #[tokio::test]
     async fn a_slide_larger_than_the_overlap_is_found_by_the_missing_anchor_and_read_again() {
-        // After the first page, 60 of its tasks are deleted: more than the overlap.
-        let all: Vec<String> = (0..300).map(|i| format!("t{i:03}")).collect();
-        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let client = fake_search(move |skip| {
-            let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
-            let live: Vec<&String> = if first {
-                all.iter().collect()
-            } else {
-                all.iter()
-                    .enumerate()
-                    .filter(|(i, _)| !(10..70).contains(i))
-                    .map(|(_, t)| t)
-                    .collect()
-            };
-            live.into_iter()
-                .skip(skip as usize)
-                .take(100)
-                .cloned()
-                .collect()
-        })
-        .await;
-        let (ids, _) = collect(client).await.unwrap();
-        let got: HashSet<&String> = ids.iter().collect();
-        assert_eq!(got.len(), ids.len(), "each task once");
-        let missing: Vec<String> = (0..300)
-            .filter(|i| !(10..70).contains(i))
-            .map(|i| format!("t{i:03}"))
-            .filter(|t| !got.contains(t))
-            .collect();
-        assert!(missing.is_empty(), "missed {missing:?}");
+        // 60 tasks of the first page deleted: more than the overlap.
+        assert_every_task_once_after_deleting(10..70).await;
     }
 
     #[tokio::test]

@@ -94,28 +94,6 @@ async fn children_by_location_equals_children_by_contact_row_for_row_at_under_1_
     );
 }
 
-/// The export without `--quiet`: its warnings are what the test reads.
-fn loud_export(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(BIN);
-    cmd.args([
-        "export",
-        "--location",
-        &sim.location(),
-        "--out",
-        out.to_str().unwrap(),
-        "--rate-limit",
-        "off",
-        "--concurrency",
-        "16",
-    ])
-    .args(extra)
-    .env("HL_TOKEN", "test-token")
-    .env("HL_BASE_URL", &sim.base_url)
-    .env_remove("RUST_LOG")
-    .kill_on_drop(true);
-    cmd
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_without_the_task_scope_exports_tasks_per_contact_with_one_warning_naming_it() {
     let n = 2_000;
@@ -133,7 +111,7 @@ async fn a_token_without_the_task_scope_exports_tasks_per_contact_with_one_warni
     let (by_contact, auto) = (dir.path().join("contact"), dir.path().join("auto"));
     per_contact(&sim, &by_contact).await;
     // --children-by auto is the default.
-    let o = loud_export(&sim, &auto, &["--format", "csv"])
+    let o = loud_export_cmd(&sim, &auto, &["--format", "csv"])
         .output()
         .await
         .unwrap();
@@ -222,7 +200,7 @@ async fn a_task_search_that_hides_tasks_is_caught_by_the_sample_and_tasks_fall_b
     let (by_contact, hidden) = (dir.path().join("contact"), dir.path().join("hidden"));
     per_contact(&sim, &by_contact).await;
     let proxy = hiding_proxy(sim.base_url.clone()).await;
-    let o = loud_export(
+    let o = loud_export_cmd(
         &sim,
         &hidden,
         &[

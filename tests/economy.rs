@@ -327,22 +327,7 @@ async fn a_token_without_the_extra_scopes_exports_everything_per_contact_with_on
     let loc = sim.location();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
-    let o = tokio::process::Command::new(BIN)
-        .args([
-            "export",
-            "--location",
-            &loc,
-            "--out",
-            out.to_str().unwrap(),
-            "--rate-limit",
-            "off",
-        ])
-        .env("HL_TOKEN", "test-token")
-        .env("HL_BASE_URL", &sim.base_url)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .unwrap();
+    let o = loud_export_cmd(&sim, &out, &[]).output().await.unwrap();
     let err = stderr(&o);
     assert!(o.status.success(), "{err}");
     let truth = truth(&sim.sim, &loc);

@@ -21,9 +21,25 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 /// `contacts-etl --quiet export` of the simulator's location into `out`, unpaced, with
 /// `extra` flags; killed when dropped.
 pub fn export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
+    export_command(sim, out, true, extra)
+}
+
+/// [`export_cmd`] without `--quiet`: for tests that read its warnings.
+pub fn loud_export_cmd(sim: &TestSim, out: &Path, extra: &[&str]) -> tokio::process::Command {
+    export_command(sim, out, false, extra)
+}
+
+fn export_command(
+    sim: &TestSim,
+    out: &Path,
+    quiet: bool,
+    extra: &[&str],
+) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(BIN);
+    if quiet {
+        cmd.arg("--quiet");
+    }
     cmd.args([
-        "--quiet",
         "export",
         "--location",
         &sim.location(),
