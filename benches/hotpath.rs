@@ -73,8 +73,14 @@ fn main() {
         let mut size = 0;
         for round in 0..ROUNDS {
             let start = Instant::now();
-            let mut part =
-                open_part(&dir, format, Entity::Contacts, &loc, round as u32).expect("open a part");
+            let mut part = open_part(
+                &contacts_etl::dest::Dest::local(&dir),
+                format,
+                Entity::Contacts,
+                &loc,
+                round as u32,
+            )
+            .expect("open a part");
             for b in &batches {
                 part.write(b).expect("write");
             }

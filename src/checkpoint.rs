@@ -230,6 +230,22 @@ pub fn save(path: &Path, checkpoint: &Checkpoint) -> Result<(), CheckpointError>
     write_atomic(path, &bytes)
 }
 
+/// [`save`], then the state directory it is in made the destination's
+/// ([`crate::dest::Dest::sync_state`]: uploaded to a bucket, the checkpoint last): every
+/// commit of a run goes through here.
+pub fn commit(
+    dest: &crate::dest::Dest,
+    path: &Path,
+    checkpoint: &Checkpoint,
+) -> Result<(), CheckpointError> {
+    save(path, checkpoint)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    dest.sync_state(dir).map_err(|source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 /// Writes a file atomically ([`crate::durable::write`]), with the error of this module.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     crate::durable::write(path, bytes).map_err(write_error(path))

@@ -120,11 +120,17 @@ impl Meta {
     /// The meta file, or `None` when there is none or it cannot be read (the next run then
     /// walks, which is always correct).
     pub fn load(path: &Path) -> Option<Meta> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Meta::load_from(&crate::dest::Dest::local(""), path)
+    }
+
+    /// [`Meta::load`] from a destination (a bucket's copy, for `contacts-etl plan` on a
+    /// machine that has no work directory yet).
+    pub fn load_from(dest: &crate::dest::Dest, path: &Path) -> Option<Meta> {
+        let bytes = match dest.read(path) {
+            Ok(Some(b)) => b,
+            Ok(None) => return None,
             Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the incremental run's meta file; this run lists every contact");
+                tracing::warn!(path = %dest.show(path), error = %e, "cannot read the incremental run's meta file; this run lists every contact");
                 return None;
             }
         };

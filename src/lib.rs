@@ -11,6 +11,9 @@
 //! - [`schema`]: the Arrow schema of each entity and the JSON-to-Arrow row decoder: one truth
 //!   for both sinks.
 //! - [`sink`]: Parquet and CSV part files, written under a temporary name and renamed.
+//! - [`dest`]: where a run's files land: a local directory, or an object store bucket
+//!   (`s3://`, `gs://`, `az://`), with parts streamed as multipart uploads, the state mirrored,
+//!   and the run lock as a lease object.
 //! - [`durable`]: the one atomic file write (temp, fsync, rename, fsync the directory) and the
 //!   run lock (`File::try_lock`).
 //! - [`estimate`]: what an export will cost in requests, per strategy (`contacts-etl plan`).
@@ -30,6 +33,8 @@ pub mod app;
 pub mod auth;
 pub mod checkpoint;
 pub mod cli;
+pub mod delta;
+pub mod dest;
 pub mod durable;
 pub mod estimate;
 pub mod export;

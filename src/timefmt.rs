@@ -143,6 +143,14 @@ pub fn write_iso_millis(out: &mut String, ms: i64) {
     let _ = write!(out, "{y:04}-{m:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{f:03}Z");
 }
 
+/// Now, in milliseconds since the epoch (0 on a clock before 1970).
+pub fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,10 +19,6 @@ fn manifest(out: &Path) -> Manifest {
     serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap()
 }
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// Every entity's rows, keyed by id (a row written twice fails [`keyed`]).
 fn rows(out: &Path, location: &str) -> BTreeMap<Entity, BTreeMap<String, Row>> {
     Entity::ALL

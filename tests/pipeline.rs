@@ -25,10 +25,6 @@ async fn run_bin(args: &[&str], envs: &[(String, String)]) -> Output {
     cmd.output().await.unwrap()
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -152,6 +148,75 @@ async fn twenty_locations_each_stay_within_their_own_limit_while_the_total_excee
             )
             .len(),
             100,
+            "{l}"
+        );
+    }
+}
+
+/// The defect: every location of a pipeline ran on one thread, so blocking work in one
+/// location (reading its token file, creating and fsyncing its files) held up all the others;
+/// with 200 locations each used about 70% of its rate limit. A token file that is a named
+/// pipe makes the blocking visible: nothing writes the token until the other location has
+/// finished, which it can only do while the first one waits.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_location_waiting_for_its_token_file_does_not_hold_up_the_others() {
+    let (waiting, other) = ("waitsForToken0000001", "runsMeanwhile0000002");
+    let sim = TestSim::start(SimConfig {
+        locations: vec![waiting.into(), other.into()],
+        ..fast_sim(50, 91)
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("token.fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg("-m")
+        .arg("600")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success(), "mkfifo");
+    let text = format!(
+        "parallel_locations = 2\n[[locations]]\nid = \"{waiting}\"\ntoken_file = \"{}\"\n[[locations]]\nid = \"{other}\"\ntoken_env = \"HL_TOKEN\"\n[export]\nout = \"out\"\nformat = \"csv\"\n",
+        fifo.display()
+    );
+    let file = write(dir.path(), "p.toml", &format!("[api]\n{text}"));
+    let mut cmd = tokio::process::Command::new(BIN);
+    cmd.args(["--quiet", "run", file.to_str().unwrap()])
+        .env_remove("RUST_LOG")
+        .env("HL_BASE_URL", &sim.base_url)
+        .env("HL_TOKEN", "t")
+        .kill_on_drop(true);
+    let child = cmd.spawn().unwrap();
+    // The other location completes while the first waits for its token.
+    let report = dir
+        .path()
+        .join(format!("out/_state/location_id={other}/report.json"));
+    let deadline = tokio::time::Instant::now() + PROGRESS_DEADLINE;
+    while !report.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{other} did not run while {waiting} waited for its token file"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(done["status"], "complete", "{done}");
+    // Now the token: opening the pipe for writing lets the waiting read finish.
+    tokio::task::spawn_blocking(move || std::fs::write(fifo, "t\n").unwrap())
+        .await
+        .unwrap();
+    let o = child.wait_with_output().await.unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    for l in [waiting, other] {
+        assert_eq!(
+            read_csv(
+                &dir.path().join("out"),
+                contacts_etl::schema::Entity::Contacts,
+                l
+            )
+            .len(),
+            50,
             "{l}"
         );
     }

@@ -4,33 +4,14 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn report(out: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(out.join("_report.json")).unwrap()).unwrap()
-}
-
-/// Every entity's rows equal the simulator's, each exactly once.
-fn assert_exactly_the_truth(out: &Path, sim: &TestSim) {
-    let loc = sim.location();
-    let truth = truth(&sim.sim, &loc);
-    for entity in Entity::ALL {
-        let got = keyed(entity, read_parquet(out, entity, &loc));
-        assert_same_rows(
-            entity.name(),
-            &truth.get(&entity).cloned().unwrap_or_default(),
-            &got,
-        );
-    }
 }
 
 /// Kills an export with SIGKILL twenty times, then lets it finish, and checks every row

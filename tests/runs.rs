@@ -47,10 +47,6 @@ fn export_args<'a>(loc: &'a str, out: &'a Path, extra: &[&'a str]) -> Vec<&'a st
     a
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(
         &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),

@@ -7,7 +7,6 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Output;
 
 use common::*;
 use contacts_etl::schema::Entity;
@@ -24,10 +23,6 @@ fn refusing_sim(contacts: usize, seed: u64, rate: f64) -> SimConfig {
         },
         ..fast_sim(contacts, seed)
     }
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn json(path: &Path) -> Value {

@@ -17,6 +17,8 @@ pub const HL_CLIENT_SECRET: &str = "HL_CLIENT_SECRET";
 pub const HL_TOKEN_STORE: &str = "HL_TOKEN_STORE";
 /// The consent screen URL (a white-label marketplace, or the simulator in tests).
 pub const HL_AUTHORIZE_URL: &str = "HL_AUTHORIZE_URL";
+/// The worker index of `run --shard /N` (set by a Kubernetes Indexed Job in each pod).
+pub const JOB_COMPLETION_INDEX: &str = "JOB_COMPLETION_INDEX";
 
 /// The base URL to use: `HL_BASE_URL` when set and not empty, else `configured`. Commands get
 /// the same rule from their `--base-url` flag's `env`; pipeline files through this.

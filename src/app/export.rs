@@ -12,6 +12,7 @@ use super::conn::{check_ids, Connection};
 use super::outcome::{export_outcome, Outcome};
 use super::report::{RunReport, Started};
 use crate::api::Client;
+use crate::dest::{Dest, Target};
 use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress};
 use crate::extract::Listing;
 use crate::fanout::Include;
@@ -21,7 +22,8 @@ use crate::wide::ChildrenBy;
 /// What to export and where, for any number of locations.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExportSettings {
-    pub out: PathBuf,
+    /// A directory, or a bucket URL (opened once per command or pipeline: [`Dest::open`]).
+    pub out: Target,
     pub format: Format,
     pub include: Include,
     /// When non-empty, these businesses' contacts instead of the whole location.
@@ -54,10 +56,12 @@ pub struct ExportSettings {
     pub verify_sample: f64,
     /// `--custom-fields`: `Wide` adds one contacts column per custom field.
     pub custom_fields: crate::export::CustomFieldsMode,
+    /// `--table delta`: also commit each run to the entities' Delta tables.
+    pub table: crate::delta::TableFormat,
 }
 
 impl ExportSettings {
-    pub fn new(out: impl Into<PathBuf>, format: Format) -> ExportSettings {
+    pub fn new(out: impl Into<Target>, format: Format) -> ExportSettings {
         ExportSettings {
             out: out.into(),
             format,
@@ -78,11 +82,18 @@ impl ExportSettings {
             children_by: ChildrenBy::Auto,
             verify_sample: crate::export::DEFAULT_VERIFY_SAMPLE,
             custom_fields: crate::export::CustomFieldsMode::Ids,
+            table: crate::delta::TableFormat::Files,
         }
     }
 
     /// Checks what can be checked before any request (usage errors).
     pub fn check(&self) -> Result<(), Outcome> {
+        if let Some(why) = self.table.refuse(
+            self.format,
+            self.custom_fields == crate::export::CustomFieldsMode::Wide,
+        ) {
+            return Err(Outcome::usage(why));
+        }
         if !(0.0..1.0).contains(&self.budget.reserve) {
             // Shown as given (the fraction times 100 can print as 110.00000000000001).
             let percent = (self.budget.reserve * 100.0 * 1e6).round() / 1e6;
@@ -97,6 +108,12 @@ impl ExportSettings {
             )));
         }
         check_ids("--business", &self.businesses)
+    }
+
+    /// Opens `out` ([`Dest::open`]): for a bucket, connects and checks it answers.
+    pub fn open_out(&self) -> Result<Dest, Outcome> {
+        Dest::open(&self.out)
+            .map_err(|e| Outcome::Failed(super::outcome::FailKind::Other, anyhow::Error::from(e)))
     }
 }
 
@@ -114,33 +131,38 @@ pub struct Placement {
 pub fn plan(
     location: &str,
     s: &ExportSettings,
+    dest: &Dest,
     conn: &Connection,
     placement: &Placement,
     interrupt: &Interrupt,
 ) -> ExportPlan {
-    let mut plan = ExportPlan::new(location, s.format, s.out.clone());
+    let mut plan = ExportPlan::new(location, s.format, dest.clone());
     plan.businesses = s.businesses.clone();
     plan.include = s.include;
     plan.part_contacts = s.part_contacts.max(1);
     plan.commit_interval = s.commit_interval.max(Duration::from_secs(1));
-    // Enough contacts in progress to keep every request permit busy, and at least a page
-    // plus the children of the contacts still waiting on theirs.
     plan.listing = s.listing;
-    // The largest page either listing brings.
-    let page = plan.page_size.max(match s.listing {
-        Listing::Get => 0,
-        Listing::Search | Listing::Auto => plan.search_page,
-    });
-    plan.window = (conn.concurrency * 8).max(page as usize + 28);
+    // Contacts in progress: enough to keep every request permit busy and to ask for the next
+    // page while the last ones of a page wait for their children (a GET page of 100 plus 28).
+    // Not a whole search page of 500: the listing asks for the next page once the window
+    // reaches the end of the current one, so a window of 128 overlaps pages as well, and each
+    // contact in progress holds its JSON and its requests' state (about 11 KB): a window of
+    // 528 cost 4.5 MB per location, most of a pipeline's memory with many locations at once
+    // (BENCHMARKS.md, "Agency scale").
+    plan.window = (conn.concurrency * 8).max(plan.page_size as usize + 28);
     plan.restart = s.restart;
     plan.max_skipped = s.max_skipped;
     plan.children_by = s.children_by;
     plan.verify_sample = s.verify_sample;
     plan.custom_fields = s.custom_fields;
+    plan.table = s.table;
     plan.budget = s.budget.clone();
     if s.incremental {
         plan.incremental = Some(IncrementalPlan {
-            state_dir: s.state_dir.clone().unwrap_or_else(|| s.out.join("_state")),
+            state_dir: s
+                .state_dir
+                .clone()
+                .unwrap_or_else(|| dest.root().join("_state")),
             full_refresh: s.full_refresh,
             overlap: s.overlap,
             full_walk_every: s.full_walk_every.max(1),
@@ -153,7 +175,7 @@ pub fn plan(
     };
     if placement.shared_out {
         plan.manifest_path =
-            Some(crate::checkpoint::state_dir(&s.out, location).join("manifest.json"));
+            Some(crate::checkpoint::state_dir(dest.root(), location).join("manifest.json"));
     }
     plan.interrupt = interrupt.clone();
     plan
@@ -165,7 +187,7 @@ pub struct ExportJob {
     pub location: String,
     pub settings: ExportSettings,
     pub conn: Connection,
-    /// Where the run report goes (default `OUT/_report.json`).
+    /// Where the run report goes (default `OUT/_report.json`, in the bucket for a bucket).
     pub report: Option<PathBuf>,
 }
 
@@ -174,6 +196,8 @@ pub struct Prepared {
     pub plan: ExportPlan,
     pub client: Arc<Client>,
     report: PathBuf,
+    /// The report is `OUT/_report.json`: a bucket gets it too.
+    report_in_out: bool,
     started: Started,
 }
 
@@ -191,6 +215,7 @@ impl ExportJob {
         self.settings.check()?;
         check_ids("--location", std::slice::from_ref(&self.location))?;
         let client = self.conn.client()?;
+        let dest = self.settings.open_out()?;
         let placement = Placement {
             shared_out: false,
             export_date: None,
@@ -198,6 +223,7 @@ impl ExportJob {
         let plan = plan(
             &self.location,
             &self.settings,
+            &dest,
             &self.conn,
             &placement,
             interrupt,
@@ -206,7 +232,8 @@ impl ExportJob {
             report: self
                 .report
                 .clone()
-                .unwrap_or_else(|| self.settings.out.join("_report.json")),
+                .unwrap_or_else(|| dest.root().join("_report.json")),
+            report_in_out: self.report.is_none(),
             plan,
             client,
             started: Started::now(),
@@ -241,7 +268,14 @@ impl Prepared {
             manifest.as_ref(),
             resumed_from,
         );
-        if let Err(e) = report.write(&self.report) {
+        let written = report
+            .write(&self.report)
+            .map_err(std::io::Error::from)
+            .and_then(|()| match self.report_in_out {
+                true => self.plan.dest.publish(&self.report),
+                false => Ok(()),
+            });
+        if let Err(e) = written {
             tracing::error!(error = %e, "cannot write the run report");
         }
         Finished {
@@ -258,7 +292,7 @@ pub async fn execute(
     plan: &ExportPlan,
     progress: Arc<Progress>,
 ) -> (Outcome, Option<Manifest>) {
-    tracing::info!(location = %plan.location_id, include = %plan.include, format = plan.format.extension(), out = %plan.out.display(), rate = ?client.limiter().effective_quota().map(|q| q.to_string()), "export started");
+    tracing::info!(location = %plan.location_id, include = %plan.include, format = plan.format.extension(), out = %plan.dest.describe(), rate = ?client.limiter().effective_quota().map(|q| q.to_string()), "export started");
     match crate::export::run(client, plan, progress).await {
         Ok(m) => {
             tracing::info!(location = %plan.location_id, contacts = m.entities.get("contacts").map_or(0, |e| e.rows), skipped = m.skipped.len(), "export complete");

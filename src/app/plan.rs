@@ -16,7 +16,7 @@ use crate::api::{ApiError, Client, ErrorKind};
 use crate::estimate::{CostInput, Estimate};
 use crate::export::{ExportPlan, Interrupt};
 use crate::extract::{Listing, SearchQuery};
-use crate::incremental::{Meta, PrevState, RunKind};
+use crate::incremental::{Meta, RunKind};
 use crate::wide::ChildrenBy;
 
 /// The API's documented daily limit per location, when the server does not announce one.
@@ -109,14 +109,18 @@ pub async fn run(job: &ExportJob) -> Result<QuotaPlan, Outcome> {
     let kind = match &plan.incremental {
         None => RunKind::Full,
         Some(inc) => {
-            let has_state = match PrevState::load(&inc.state_file(&plan.location_id)) {
-                Ok(prev) => prev.is_some(),
-                Err(e) => return Err(Outcome::usage(e)),
-            };
+            // From the destination itself: a bucket's state, not a work directory's copy.
+            let state = inc.state_file(&plan.location_id);
+            let has_state = plan.dest.exists(&state).map_err(|e| {
+                Outcome::from(anyhow::anyhow!(
+                    "cannot read {}: {e}",
+                    plan.dest.show(&state)
+                ))
+            })?;
             RunKind::choose(
                 inc.full_refresh,
                 has_state,
-                Meta::load(&inc.meta_file(&plan.location_id)).as_ref(),
+                Meta::load_from(&plan.dest, &inc.meta_file(&plan.location_id)).as_ref(),
                 search,
                 inc.overlap,
                 inc.full_walk_every.max(1),
@@ -126,7 +130,7 @@ pub async fn run(job: &ExportJob) -> Result<QuotaPlan, Outcome> {
     let since = match (kind, &plan.incremental) {
         (RunKind::Filtered { since_ms, .. }, _) => Some(since_ms),
         (RunKind::Walk, Some(inc)) if search => {
-            Meta::load(&inc.meta_file(&plan.location_id)).map(|m| {
+            Meta::load_from(&plan.dest, &inc.meta_file(&plan.location_id)).map(|m| {
                 m.last_started_ms
                     .saturating_sub(inc.overlap.as_millis() as i64)
             })

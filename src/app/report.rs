@@ -107,7 +107,7 @@ impl RunReport {
     ) -> RunReport {
         let secs = started.instant.elapsed().as_secs_f64();
         let ck = crate::checkpoint::load(&crate::checkpoint::path(&crate::checkpoint::state_dir(
-            &plan.out,
+            plan.out(),
             &plan.location_id,
         )))
         .ok()
@@ -169,7 +169,7 @@ impl RunReport {
             },
             listing: ck.as_ref().and_then(|c| c.listing_used.clone()),
             estimate: ck.as_ref().and_then(|c| estimate_of_run(plan, c)),
-            out: plan.out.display().to_string(),
+            out: plan.dest.describe(),
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
             contacts_listed: listed,

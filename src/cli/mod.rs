@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::api::DEFAULT_BASE_URL;
 use crate::app::env;
 use crate::app::export::{ExportJob, ExportSettings, Finished, Prepared};
+use crate::app::pipeline::shard::{Shard, ShardSpec};
 use crate::app::pipeline::Job;
 use crate::app::{Connection, Outcome, TokenRef};
 use crate::export::{Budget, Interrupt, Manifest, Progress};
@@ -117,6 +118,10 @@ pub enum Command {
     /// base_url. Writes OUT/_pipeline_report.json; exit 0 all complete, 7 some locations
     /// failed (partial), 75 stopped for the daily quota, 130/143 interrupted by SIGINT/SIGTERM
     /// (complete pages committed; rerun to resume), otherwise as for export.
+    ///
+    /// Many workers: --shard K/N runs worker K's share of the locations (README, "Scale-out").
+    ///
+    /// Example: JOB_COMPLETION_INDEX=2 contacts-etl run agency.toml --shard /8
     Run(RunArgs),
     /// Check a pipeline file without running it: every problem is reported with its line and
     /// key.
@@ -141,12 +146,51 @@ pub struct PlanArgs {
 pub struct RunArgs {
     /// The pipeline file (TOML).
     pub file: PathBuf,
+
+    /// Run only worker K's share of N (K counted from 0): a location goes to the worker
+    /// FNV-1a-64(location id) mod N, so N workers cover every location exactly once. /N takes
+    /// K from JOB_COMPLETION_INDEX (set by a Kubernetes Indexed Job). Each shard has its own
+    /// pipeline lock and report, OUT/_pipeline_report.shard-K-of-N.json.
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<ShardSpec>,
 }
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// The pipeline file (TOML).
     pub file: PathBuf,
+
+    /// Also print the locations worker K of N gets (as `run --shard K/N`).
+    #[arg(long, value_name = "K/N", value_parser = parse_shard)]
+    pub shard: Option<ShardSpec>,
+}
+
+/// `--shard K/N` or `/N`.
+fn parse_shard(s: &str) -> Result<ShardSpec, String> {
+    s.parse()
+}
+
+/// The shard `--shard` names, K from `JOB_COMPLETION_INDEX` when omitted. A K given beside
+/// a different `JOB_COMPLETION_INDEX` wins, with a warning: in an Indexed Job that is every
+/// pod running the same shard and the other shards' locations never running.
+fn resolve_shard(spec: Option<ShardSpec>) -> Result<Option<Shard>, Outcome> {
+    let Some(spec) = spec else { return Ok(None) };
+    let index =
+        std::env::var_os(env::JOB_COMPLETION_INDEX).map(|v| v.to_string_lossy().into_owned());
+    if let (Some(k), Some(v)) = (spec.index, &index) {
+        if v.trim() != k.to_string() {
+            tracing::warn!(
+                "--shard {k}/{} runs worker {k}, not the {}={} this process was given; use --shard /{} to take the index from it",
+                spec.count,
+                env::JOB_COMPLETION_INDEX,
+                crate::term::escape(&v.chars().take(40).collect::<String>()),
+                spec.count
+            );
+        }
+    }
+    spec.resolve(index.as_deref())
+        .map(Some)
+        .map_err(Outcome::usage)
 }
 
 #[derive(Debug, Args)]
@@ -173,9 +217,11 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value_t = FormatArg::Parquet)]
     pub format: FormatArg,
 
-    /// Output directory (created if missing).
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    /// Output directory (created if missing), or a bucket: s3://BUCKET/PREFIX, gs://…, az://…
+    /// (credentials from the environment: AWS_*, GOOGLE_*, AZURE_*; see the README's "Object
+    /// storage"). file:///DIR is a directory.
+    #[arg(long, value_name = "DIR|URL")]
+    pub out: crate::dest::Target,
 
     #[command(flatten)]
     pub conn: ConnArgs,
@@ -277,6 +323,19 @@ pub struct ExportArgs {
     /// without it, a warning and no table).
     #[arg(long, default_value = "ids", value_name = "ids|wide", value_parser = clap::builder::ValueParser::new(str::parse::<crate::export::CustomFieldsMode>))]
     pub custom_fields: crate::export::CustomFieldsMode,
+
+    /// Also publish each run as a Delta Lake commit per entity table (OUT/<entity>/ with its
+    /// _delta_log, partitioned by location_id and export_date): readers see a run all at
+    /// once or not at all. Each run then writes under a run=<start time> directory of its
+    /// own, and earlier runs' files stay (the tables keep history). Needs --format parquet.
+    #[arg(long, value_name = "delta", value_parser = clap::builder::ValueParser::new(str::parse::<crate::delta::TableFormat>))]
+    pub table: Option<crate::delta::TableFormat>,
+
+    /// With --table delta: also keep a current-state table per entity under OUT/current/
+    /// (one row per contact, task, note, appointment, as of the latest run; deleted contacts
+    /// and their children dropped), rewritten for the run's location at the end of each run.
+    #[arg(long, requires = "table")]
+    pub merge: bool,
 }
 
 /// How to reach the API: shared by every command that calls it.
@@ -417,10 +476,10 @@ pub struct SimArgs {
     /// Businesses per location.
     #[arg(long, default_value_t = 20)]
     pub businesses: usize,
-    /// Limit per token, as REQUESTS/INTERVAL, or 'off'.
+    /// Limit per token and location, as REQUESTS/INTERVAL, or 'off'.
     #[arg(long, default_value = "100/10s", value_parser = parse_rate)]
     pub rate_limit: RateArg,
-    /// Requests per token per day, or 0 for no quota.
+    /// Requests per token and location per day, or 0 for no quota.
     #[arg(long, default_value_t = 200_000)]
     pub daily_quota: u64,
     /// Share of requests answered with a 5xx (0..1).
@@ -602,6 +661,11 @@ impl ExportArgs {
         settings.children_by = self.children_by;
         settings.verify_sample = self.verify_sample;
         settings.custom_fields = self.custom_fields;
+        settings.table = self
+            .table
+            .unwrap_or_default()
+            .with_merge(self.merge)
+            .unwrap_or_default();
         ExportJob {
             location: self.location.clone(),
             settings,
@@ -929,6 +993,10 @@ async fn run_demo(args: &DemoArgs, quiet: bool) -> Outcome {
 
 /// `contacts-etl validate FILE`.
 fn run_validate(args: &ValidateArgs) -> Outcome {
+    let shard = match resolve_shard(args.shard) {
+        Ok(s) => s,
+        Err(o) => return o,
+    };
     let p = match crate::app::pipeline::load(&args.file) {
         Ok(p) => p,
         Err(e) => return Outcome::usage(e),
@@ -939,7 +1007,7 @@ fn run_validate(args: &ValidateArgs) -> Outcome {
             j.format.extension(),
             j.include,
             if j.incremental { ", incremental" } else { "" },
-            j.out.display()
+            crate::term::escape(&j.out.to_string())
         ),
         Job::Import(j) => format!(
             "import of {} into location {}{}",
@@ -958,11 +1026,33 @@ fn run_validate(args: &ValidateArgs) -> Outcome {
         p.name,
         p.locations.len()
     );
+    if let Some(s) = shard {
+        let mine: Vec<&str> = p
+            .locations
+            .iter()
+            .filter(|l| s.owns(&l.id))
+            .map(|l| l.id.as_str())
+            .collect();
+        println!(
+            "shard {s}: {} of {} location(s){}{}",
+            mine.len(),
+            p.locations.len(),
+            if mine.is_empty() { "" } else { ": " },
+            mine.join(" ")
+        );
+        if p.oauth.as_ref().is_some_and(|o| o.all_installed_locations) {
+            println!("  (plus the installed locations `run` finds, split the same way)");
+        }
+    }
     Outcome::Complete
 }
 
 /// `contacts-etl run FILE`.
 async fn run_pipeline(args: &RunArgs, quiet: bool) -> Outcome {
+    let shard = match resolve_shard(args.shard) {
+        Ok(s) => s,
+        Err(o) => return o,
+    };
     let p = match crate::app::pipeline::load(&args.file) {
         Ok(p) => p,
         Err(e) => return Outcome::usage(e),
@@ -973,7 +1063,8 @@ async fn run_pipeline(args: &RunArgs, quiet: bool) -> Outcome {
             if let Err(o) = install_interrupt(&interrupt) {
                 return o;
             }
-            let (outcome, report) = crate::app::pipeline::run_export(&p, job, &interrupt).await;
+            let (outcome, report) =
+                crate::app::pipeline::run_export_shard(&p, job, shard, &interrupt).await;
             if let (Some(report), false) = (&report, quiet) {
                 // Ids and errors can hold server text: printed escaped (crate::term).
                 for r in &report.locations {
@@ -991,14 +1082,28 @@ async fn run_pipeline(args: &RunArgs, quiet: bool) -> Outcome {
                     );
                 }
                 eprintln!(
-                    "pipeline {}: {} (report: {})",
+                    "pipeline {}{}: {} (report: {})",
                     p.name,
+                    shard.map(|s| format!(", shard {s}")).unwrap_or_default(),
                     report.status,
-                    job.out.join("_pipeline_report.json").display()
+                    match &job.out {
+                        crate::dest::Target::Dir(d) => d
+                            .join(crate::app::pipeline::shard::report_file(shard))
+                            .display()
+                            .to_string(),
+                        store => format!(
+                            "{store}/{}",
+                            crate::app::pipeline::shard::report_file(shard)
+                        ),
+                    }
                 );
             }
             outcome
         }
+        Job::Import(_) if shard.is_some() => Outcome::usage(format!(
+            "--shard splits the locations of an export pipeline; {} is an import (one location)\nhint: run it without --shard, from one worker",
+            args.file.display()
+        )),
         Job::Import(job) => import::run_job(job, quiet).await,
     }
 }
@@ -1177,9 +1282,11 @@ mod same_jobs {
         };
         let job = args.job();
         let interrupt = Interrupt::default();
+        let dest = crate::dest::Dest::open(&job.settings.out).unwrap();
         let alone = plan(
             &job.location,
             &job.settings,
+            &dest,
             &job.conn,
             &Placement::default(),
             &interrupt,
@@ -1187,6 +1294,7 @@ mod same_jobs {
         let in_pipeline = plan(
             "L1",
             settings,
+            &dest,
             &p.conn,
             &Placement {
                 shared_out: true,
@@ -1197,7 +1305,7 @@ mod same_jobs {
         // The one difference by design: locations sharing OUT keep their manifests apart.
         assert_eq!(
             in_pipeline.manifest_path,
-            Some(crate::checkpoint::state_dir(&job.settings.out, "L1").join("manifest.json"))
+            Some(crate::checkpoint::state_dir(dest.root(), "L1").join("manifest.json"))
         );
         let in_pipeline = crate::export::ExportPlan {
             manifest_path: None,

@@ -27,7 +27,7 @@ use crate::api::{Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
 use crate::checkpoint::{self, Checkpoint, EntityReport};
 use crate::extract::ExtractError;
 use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
-use crate::sink::{self, Partition};
+use crate::sink;
 
 /// How the contacts table shows custom fields (`--custom-fields`).
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -126,7 +126,7 @@ pub(super) async fn prepare(
             .unwrap_or_default();
             // Before the checkpoint: a checkpoint listing the table always has this file.
             checkpoint::write_atomic(&path, &bytes)?;
-            checkpoint::save(ck_path, &ck)?;
+            checkpoint::commit(&plan.dest, ck_path, &ck)?;
             definitions
         }
     };
@@ -194,13 +194,11 @@ fn write_table(
     ck: &mut Checkpoint,
     defs: &[Box<RawValue>],
 ) -> Result<(), ExportError> {
-    let partition = Partition {
-        export_date: ck.export_date.clone(),
-        location_id: plan.location_id.clone(),
-    };
+    let partition = plan.partition(ck);
     // The table's only part: its own directory has no other, so it takes number 0 and leaves
     // the run's part numbers (`ck.next_part`) to the other tables, whose layout stays as it was.
-    let mut part = sink::open_part_at(&plan.out, plan.format, Entity::CustomFields, &partition, 0)?;
+    let mut part =
+        sink::open_part_at(&plan.dest, plan.format, Entity::CustomFields, &partition, 0)?;
     let mut builder = BatchBuilder::new(Entity::CustomFields);
     let ctx = RowContext {
         location_id: &plan.location_id,

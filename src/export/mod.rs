@@ -38,6 +38,7 @@ pub use wide::{report as children_report, ChildrenReport, DEFAULT_VERIFY_SAMPLE}
 use crate::api::{Client, StatsSnapshot};
 pub use crate::checkpoint::EntityReport;
 use crate::checkpoint::{self, Checkpoint, CheckpointError, Settings};
+use crate::dest::Dest;
 use crate::extract::{self, ExtractError, Listing, Page, Position, SearchQuery};
 use crate::fanout::{self, ChangeFilter, Include, Item, SkippedRequest};
 use crate::incremental::{self, PrevState, RunKind, SeenLog, StateError};
@@ -58,7 +59,8 @@ pub struct ExportPlan {
     pub businesses: Vec<String>,
     pub include: Include,
     pub format: Format,
-    pub out: PathBuf,
+    /// Where the files go: a directory, or a bucket ([`Dest`]).
+    pub dest: Dest,
     /// How the location's contacts are listed (businesses always through their own route).
     pub listing: Listing,
     /// Contacts per `GET /contacts/` or business request (the API's maximum is 100).
@@ -97,6 +99,9 @@ pub struct ExportPlan {
     pub verify_sample: f64,
     /// `--custom-fields`: also one contacts column per custom field (`Wide`).
     pub custom_fields: CustomFieldsMode,
+    /// `--table delta`: each run in a directory of its own, committed to the entities' Delta
+    /// tables before the manifest ([`crate::delta`]).
+    pub table: crate::delta::TableFormat,
 }
 
 /// When to stop before the location's daily quota is gone.
@@ -169,13 +174,13 @@ impl IncrementalPlan {
 pub use crate::incremental::{DEFAULT_FULL_WALK_EVERY, DEFAULT_OVERLAP};
 
 impl ExportPlan {
-    pub fn new(location_id: impl Into<String>, format: Format, out: impl Into<PathBuf>) -> Self {
+    pub fn new(location_id: impl Into<String>, format: Format, out: impl Into<Dest>) -> Self {
         ExportPlan {
             location_id: location_id.into(),
             businesses: Vec::new(),
             include: Include::ALL,
             format,
-            out: out.into(),
+            dest: out.into(),
             listing: Listing::Auto,
             page_size: 100,
             search_page: extract::SEARCH_PAGE_MAX,
@@ -193,14 +198,37 @@ impl ExportPlan {
             children_by: crate::wide::ChildrenBy::Contact,
             verify_sample: wide::DEFAULT_VERIFY_SAMPLE,
             custom_fields: CustomFieldsMode::Ids,
+            table: crate::delta::TableFormat::Files,
         }
+    }
+
+    /// The partition the run of `ck` writes to (in Delta mode, its own run directory).
+    pub(crate) fn partition(&self, ck: &Checkpoint) -> Partition {
+        Partition {
+            export_date: ck.export_date.clone(),
+            location_id: self.location_id.clone(),
+            run: self.run_dir(&ck.started_at),
+        }
+    }
+
+    /// `run=…` in Delta mode, for the run that started at `started_at`.
+    fn run_dir(&self, started_at: &str) -> Option<String> {
+        self.table
+            .is_delta()
+            .then(|| crate::delta::run_dir(started_at))
     }
 
     /// Where this run's manifest is written.
     pub fn manifest_path(&self) -> PathBuf {
         self.manifest_path
             .clone()
-            .unwrap_or_else(|| self.out.join(MANIFEST))
+            .unwrap_or_else(|| self.out().join(MANIFEST))
+    }
+
+    /// The local directory the run writes under: OUT, or the work directory of a bucket
+    /// ([`Dest::root`]).
+    pub fn out(&self) -> &Path {
+        self.dest.root()
     }
 
     fn settings(&self) -> Settings {
@@ -325,6 +353,8 @@ pub enum ExportError {
     Unsupported(String),
     #[error(transparent)]
     Lock(#[from] crate::durable::lock::LockError),
+    #[error(transparent)]
+    Delta(#[from] crate::delta::DeltaError),
 }
 
 impl ExportError {
@@ -356,10 +386,17 @@ pub async fn run(
     if plan.incremental.is_some() && !plan.businesses.is_empty() {
         return Err(ExportError::Unsupported("--incremental covers a whole location; it cannot be combined with --business (the state would mark every other contact deleted)".into()));
     }
-    std::fs::create_dir_all(&plan.out).map_err(io_err(&plan.out))?;
-    let state_dir = checkpoint::state_dir(&plan.out, &plan.location_id);
-    // Two runs on one OUT and location would delete each other's parts: one at a time.
-    let _lock = crate::durable::lock::RunLock::acquire(&state_dir.join("export.lock"))?;
+    if let Some(why) = plan
+        .table
+        .refuse(plan.format, plan.custom_fields == CustomFieldsMode::Wide)
+    {
+        return Err(ExportError::Unsupported(why));
+    }
+    std::fs::create_dir_all(plan.out()).map_err(io_err(plan.out()))?;
+    let state_dir = checkpoint::state_dir(plan.out(), &plan.location_id);
+    // Two runs on one OUT and location would delete each other's parts: one at a time (in a
+    // bucket, also across machines).
+    let _lock = plan.dest.lock(&state_dir.join("export.lock"))?;
     // Writers of this state directory killed mid-write left their temporary files: the lock
     // says no other run writes here now.
     match crate::durable::remove_stale_temps(&state_dir) {
@@ -369,13 +406,17 @@ pub async fn run(
             tracing::warn!(dir = %state_dir.display(), error = %e, "cannot remove temporary files of killed runs")
         }
     }
+    // A bucket holds the truth; the work directory may be stale, or new (another machine).
+    plan.dest
+        .pull_state(&state_dir)
+        .map_err(io_err(&state_dir))?;
     let ck_path = checkpoint::path(&state_dir);
     let seen_path = state_dir.join("seen.tsv");
     // The manifest means "complete": it goes before anything else changes.
     let manifest_path = plan.manifest_path();
-    if manifest_path.exists() {
-        std::fs::remove_file(&manifest_path).map_err(io_err(&manifest_path))?;
-    }
+    plan.dest
+        .remove(&manifest_path)
+        .map_err(io_err(&manifest_path))?;
     let ck = begin(plan, &ck_path, &seen_path)?;
     // A resumed run with a lower cap than the refusals already committed stops as the first
     // run would have, before anything else is fetched.
@@ -452,15 +493,15 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
     // the one this run writes to. Nothing else under OUT is ours to delete (another location's
     // export may be writing there right now).
     let mut cleaned = 0;
-    let mut dates = vec![plan.export_date.clone()];
-    dates.extend(loaded.as_ref().map(|ck| ck.export_date.clone()));
-    dates.dedup();
-    for export_date in dates {
-        let partition = Partition {
-            export_date,
-            location_id: plan.location_id.clone(),
-        };
-        cleaned += sink::clean_temp_parts(&plan.out, &partition)?;
+    let mut partitions = vec![Partition {
+        export_date: plan.export_date.clone(),
+        location_id: plan.location_id.clone(),
+        run: None,
+    }];
+    partitions.extend(loaded.as_ref().map(|ck| plan.partition(ck)));
+    partitions.dedup();
+    for partition in partitions {
+        cleaned += sink::clean_temp_parts(&plan.dest, &partition)?;
     }
     if cleaned > 0 {
         tracing::info!(
@@ -477,18 +518,31 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
                     why,
                 });
             }
+            // Its parts are in a `run=` directory exactly when it was a Delta run.
+            let delta_ck = ck
+                .entities
+                .values()
+                .flat_map(|e| e.files.iter())
+                .any(|f| f.path.contains("/run="));
+            let delta = plan.table.is_delta();
+            if ck.entities.values().any(|e| !e.files.is_empty()) && delta_ck != delta {
+                return Err(ExportError::CheckpointMismatch {
+                    path: ck_path.to_path_buf(),
+                    why: format!(
+                        "it was started {} --table delta",
+                        if delta_ck { "with" } else { "without" }
+                    ),
+                });
+            }
             let listed: Vec<&str> = ck
                 .entities
                 .values()
                 .flat_map(|e| e.files.iter().map(|f| f.path.as_str()))
                 .collect();
-            let partition = Partition {
-                export_date: ck.export_date.clone(),
-                location_id: plan.location_id.clone(),
-            };
-            let orphans = remove_parts(&plan.out, &partition, |rel| !listed.contains(&rel))?;
+            let partition = plan.partition(&ck);
+            let orphans = remove_parts(&plan.dest, &partition, |rel| !listed.contains(&rel))?;
             ck.resumed += 1;
-            checkpoint::save(ck_path, &ck)?;
+            checkpoint::commit(&plan.dest, ck_path, &ck)?;
             tracing::info!(
                 location = %plan.location_id,
                 contacts = ck.contacts_listed,
@@ -502,21 +556,23 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         }
         if !ck.complete {
             tracing::info!(location = %plan.location_id, "--restart: discarding the unfinished export in {}", ck_path.display());
-            // Its parts may sit in another day's partition: they go too.
-            if ck.export_date != plan.export_date {
-                let old = Partition {
-                    export_date: ck.export_date.clone(),
-                    location_id: plan.location_id.clone(),
-                };
-                remove_parts(&plan.out, &old, |_| true)?;
+            // Its parts may sit in another day's partition: they go too. Not in Delta mode:
+            // a run killed after its commit is in the table (its files stay; unreferenced
+            // ones are the table's VACUUM's).
+            if ck.export_date != plan.export_date && !plan.table.is_delta() {
+                let old = plan.partition(&ck);
+                remove_parts(&plan.dest, &old, |_| true)?;
             }
         }
     }
+    let started_at = crate::timefmt::format_iso_millis(now_millis());
+    // In Delta mode this is the new run's own directory: earlier runs' files stay.
     let partition = Partition {
         export_date: plan.export_date.clone(),
         location_id: plan.location_id.clone(),
+        run: plan.run_dir(&started_at),
     };
-    let removed = remove_parts(&plan.out, &partition, |_| true)?;
+    let removed = remove_parts(&plan.dest, &partition, |_| true)?;
     if removed > 0 {
         tracing::info!(files = removed, location = %plan.location_id, "replacing the part files of an earlier export of this location");
     }
@@ -525,7 +581,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
     }
     let ck = Checkpoint {
         settings,
-        started_at: crate::timefmt::format_iso_millis(now_millis()),
+        started_at,
         export_date: plan.export_date.clone(),
         resumed: 0,
         position: None,
@@ -542,7 +598,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         listing_used: None,
         wide: None,
     };
-    checkpoint::save(ck_path, &ck)?;
+    checkpoint::commit(&plan.dest, ck_path, &ck)?;
     Ok(ck)
 }
 
@@ -560,6 +616,12 @@ async fn stream(
     progress: Arc<Progress>,
     wide: Option<Arc<crate::schema::WideColumns>>,
 ) -> Result<Checkpoint, ExportError> {
+    // Contacts a page of this listing brings at most.
+    let page_len = match &source {
+        Source::Search { query, .. } => query.page_limit,
+        Source::Get(_) | Source::Businesses { .. } => plan.page_size,
+    }
+    .max(1) as usize;
     let pages = listing(client.clone(), plan, source).map({
         let progress = progress.clone();
         move |page| {
@@ -587,13 +649,10 @@ async fn stream(
     );
     let (tx, handle) = writer::spawn(
         writer::WriterConfig {
-            out: plan.out.clone(),
+            dest: plan.dest.clone(),
             format: plan.format,
             location_id: plan.location_id.clone(),
-            partition: Partition {
-                export_date: ck.export_date.clone(),
-                location_id: plan.location_id.clone(),
-            },
+            partition: plan.partition(&ck),
             include: plan.listing_include(),
             batch_rows: plan.batch_rows.max(1),
             part_contacts: plan.part_contacts.max(1),
@@ -603,8 +662,10 @@ async fn stream(
             wide,
         },
         ck,
-        // In pages: as many as the fan-out window holds, and one more.
-        plan.window / plan.page_size.max(1) as usize + 1,
+        // In pages of this listing: as many as the fan-out window holds, and one more (with
+        // search pages of 500 that is two, not the six of GET's 100: a writer slower than
+        // the listing holds two pages, not 3,000 contacts, in memory).
+        plan.window / page_len + 1,
     );
 
     let mut items = std::pin::pin!(items);
@@ -730,12 +791,9 @@ async fn finish(
         let filtered = matches!(kind, RunKind::Filtered { .. });
         if !ck.deletions_done && !filtered {
             let deleted = incremental::deletions(prev, seen_path)?;
-            let partition = Partition {
-                export_date: ck.export_date.clone(),
-                location_id: plan.location_id.clone(),
-            };
+            let partition = plan.partition(&ck);
             let mut part = sink::open_part_at(
-                &plan.out,
+                &plan.dest,
                 plan.format,
                 Entity::DeletedContacts,
                 &partition,
@@ -770,7 +828,7 @@ async fn finish(
             };
             ck.next_part += 1;
             ck.deletions_done = true;
-            checkpoint::save(ck_path, &ck)?;
+            checkpoint::commit(&plan.dest, ck_path, &ck)?;
             if !deleted.is_empty() {
                 tracing::info!(location = %plan.location_id, deleted = deleted.len(), "contacts deleted since the previous run");
             }
@@ -819,10 +877,38 @@ async fn finish(
         resources: Resources::now(),
         children_by: wide::report(&ck),
     };
+    // The Delta commit: after every part is complete, before the manifest (at most once:
+    // see `crate::delta`).
+    if plan.table.is_delta() {
+        let state_dir = checkpoint::state_dir(plan.out(), &plan.location_id);
+        let run = crate::delta::RunCommit {
+            dest: &plan.dest,
+            location_id: &plan.location_id,
+            export_date: ck
+                .export_date
+                .clone()
+                .unwrap_or_else(|| ck.started_at.chars().take(10).collect()),
+            started_at: &ck.started_at,
+            state_dir: &state_dir,
+            entities: &ck.entities,
+        };
+        crate::delta::commit_run(&run).await?;
+        if plan.table == crate::delta::TableFormat::DeltaMerge {
+            crate::delta::merge_run(&run, kind == RunKind::Full).await?;
+        }
+    }
+    // Everything the manifest describes is the destination's before the manifest is.
+    plan.dest
+        .sync_state(ck_path.parent().unwrap_or(Path::new(".")))
+        .map_err(io_err(ck_path))?;
     let bytes = serde_json::to_vec_pretty(&manifest).unwrap_or_default();
-    checkpoint::write_atomic(&plan.manifest_path(), &bytes)?;
+    let manifest_path = plan.manifest_path();
+    checkpoint::write_atomic(&manifest_path, &bytes)?;
+    plan.dest
+        .publish(&manifest_path)
+        .map_err(io_err(&manifest_path))?;
     ck.complete = true;
-    checkpoint::save(ck_path, &ck)?;
+    checkpoint::commit(&plan.dest, ck_path, &ck)?;
     Ok(manifest)
 }
 
@@ -861,7 +947,7 @@ async fn decide(
         if ck.run_kind.is_none() {
             ck.run_kind = Some(RunKind::Full);
             ck.listing_used = Some("business".into());
-            checkpoint::save(ck_path, ck)?;
+            checkpoint::commit(&plan.dest, ck_path, ck)?;
         }
         return Ok(Source::Businesses { first, skip });
     }
@@ -940,7 +1026,7 @@ async fn decide(
     if ck.run_kind != Some(kind) || ck.listing_used.as_deref() != Some(used) {
         ck.run_kind = Some(kind);
         ck.listing_used = Some(used.into());
-        checkpoint::save(ck_path, ck)?;
+        checkpoint::commit(&plan.dest, ck_path, ck)?;
     }
     if let RunKind::Filtered { since_ms, .. } = kind {
         tracing::info!(location = %plan.location_id, since = %crate::timefmt::format_iso_millis(since_ms), "incremental run: listing only the contacts updated since");
@@ -993,7 +1079,7 @@ fn listing(
 
 /// Removes the partition's part files for which `remove(relative path)` holds; returns how many.
 fn remove_parts(
-    out: &Path,
+    out: &Dest,
     partition: &Partition,
     remove: impl Fn(&str) -> bool,
 ) -> Result<usize, ExportError> {
@@ -1003,16 +1089,13 @@ fn remove_parts(
         .chain([Entity::DeletedContacts, Entity::CustomFields])
     {
         let rel_dir = partition.rel_dir(entity);
-        let Ok(entries) = std::fs::read_dir(out.join(&rel_dir)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
+        let dir = out.root().join(&rel_dir);
+        for name in out.list_files(&dir).map_err(io_err(&dir))? {
             let ours =
                 name.starts_with("part-") && (name.ends_with(".parquet") || name.ends_with(".csv"));
             if ours && remove(&format!("{rel_dir}/{name}")) {
-                std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
+                let path = dir.join(&name);
+                out.remove(&path).map_err(io_err(&path))?;
                 removed += 1;
             }
         }
@@ -1020,9 +1103,4 @@ fn remove_parts(
     Ok(removed)
 }
 
-pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub(crate) use crate::timefmt::now_millis;

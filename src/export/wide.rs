@@ -156,7 +156,7 @@ pub(super) async fn run(
         ck_path,
         seen_path,
         prev,
-        state_dir: checkpoint::state_dir(&plan.out, &plan.location_id),
+        state_dir: checkpoint::state_dir(plan.out(), &plan.location_id),
         listed: None,
     };
     for (on, entity) in [
@@ -270,7 +270,7 @@ impl Phase<'_> {
             .get_or_insert_with(WideProgress::default)
             .entities
             .insert(entity.name().to_owned(), prog.clone());
-        checkpoint::save(self.ck_path, ck)?;
+        checkpoint::commit(&self.plan.dest, self.ck_path, ck)?;
         Ok(())
     }
 
@@ -307,12 +307,8 @@ impl Phase<'_> {
         prog.sample.clear();
         self.save(ck, entity, prog)?;
         for f in dropped.files {
-            let p = self.plan.out.join(&f.path);
-            match std::fs::remove_file(&p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(&p)(e)),
-            }
+            let p = self.plan.out().join(&f.path);
+            self.plan.dest.remove(&p).map_err(io_err(&p))?;
         }
         let log = self.ids_log(entity);
         if log.exists() {
@@ -716,10 +712,7 @@ impl<'a> PartSink<'a> {
     fn new(plan: &'a ExportPlan, ck: &Checkpoint, entity: Entity) -> PartSink<'a> {
         PartSink {
             plan,
-            partition: Partition {
-                export_date: ck.export_date.clone(),
-                location_id: plan.location_id.clone(),
-            },
+            partition: plan.partition(ck),
             entity,
             builder: BatchBuilder::new(entity),
             part: None,
@@ -767,7 +760,7 @@ impl<'a> PartSink<'a> {
         let part = match &mut self.part {
             Some(p) => p,
             None => self.part.insert(sink::open_part_at(
-                &self.plan.out,
+                &self.plan.dest,
                 self.plan.format,
                 self.entity,
                 &self.partition,
@@ -793,7 +786,7 @@ impl<'a> PartSink<'a> {
         let part = match self.part.take() {
             Some(p) => Some(p),
             None if empty => Some(sink::open_part_at(
-                &self.plan.out,
+                &self.plan.dest,
                 self.plan.format,
                 self.entity,
                 &self.partition,

@@ -22,7 +22,7 @@ use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
 use crate::sink::{open_part_with, Format, PartWriter, Partition};
 
 pub(crate) struct WriterConfig {
-    pub out: PathBuf,
+    pub dest: crate::dest::Dest,
     pub format: Format,
     pub location_id: String,
     pub partition: Partition,
@@ -288,7 +288,7 @@ impl Writer {
             self.position.clone()
         };
         self.ck.listing_done = listing_done;
-        checkpoint::save(&self.cfg.checkpoint_path, &self.ck)?;
+        checkpoint::commit(&self.cfg.dest, &self.cfg.checkpoint_path, &self.ck)?;
         self.contacts_in_part = 0;
         self.last_commit = Instant::now();
         Ok(())
@@ -306,5 +306,5 @@ fn open_part(
         (Entity::Contacts, Some(wide)) => wide.schema(),
         _ => entity.schema(),
     };
-    open_part_with(&cfg.out, cfg.format, entity, &cfg.partition, n, schema)
+    open_part_with(&cfg.dest, cfg.format, entity, &cfg.partition, n, schema)
 }

@@ -10,7 +10,7 @@
 //! - `model`: the served records, serialised directly to bytes.
 //! - `gen`: base data, a pure function of (seed, location, slot); ~10% adversarial values.
 //! - `store`: per-location listing order and the overlay of written records.
-//! - `limit`: per-token burst window and daily quota.
+//! - `limit`: burst window and daily quota per token and location.
 //! - `faults`: seeded 5xx, truncated bodies, dropped connections, slow and ambiguous replies.
 //! - `oauth`: the consent redirect, `/oauth/token` (rotating refresh tokens),
 //!   `/oauth/locationToken`, `/oauth/installedLocations`, and the token check of
@@ -86,6 +86,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Kind;
+pub use limit::LocationTraffic;
 pub use oauth::SimOAuth;
 use store::{read as read_lock, Location, Store};
 
@@ -101,9 +102,10 @@ pub struct SimConfig {
     pub seed: u64,
     /// Businesses per location; about one contact in three belongs to one.
     pub businesses: usize,
-    /// Per token: at most this many requests per interval; `None` turns the limit off.
+    /// Per token and location: at most this many requests per interval; `None` turns the
+    /// limit off.
     pub rate_limit: Option<(u32, Duration)>,
-    /// Per token, per day; `None` turns the quota off.
+    /// Per token and location, per day; `None` turns the quota off.
     pub daily_quota: Option<u64>,
     pub faults: Faults,
     /// Largest `limit` honoured on `GET /contacts/`.
@@ -198,13 +200,17 @@ pub struct SimStats {
     pub quota_exceeded: u64,
     /// Requests that got a fault (error, truncation, drop, delay or ambiguous write).
     pub faults_injected: u64,
-    /// The most requests accepted for one token within any sliding window of the rate-limit
-    /// interval (10 s when the limit is off): a well-paced client keeps it at or below the max.
+    /// The most requests accepted for one token at one location within any sliding window of
+    /// the rate-limit interval (10 s when the limit is off): a well-paced client keeps it at
+    /// or below the max.
     pub max_in_window: u64,
     /// Writes accepted but not applied yet (only with a write latency).
     pub writes_in_flight: u64,
     /// Writes applied after their client had gone (disconnected or timed out).
     pub writes_abandoned: u64,
+    /// Per location: requests accepted and the seconds from the first to the last (the
+    /// agency bench's share of each location's limit, as the server sees it).
+    pub by_location: BTreeMap<String, LocationTraffic>,
 }
 
 /// The simulator's shared state; serve it with [`serve`].
@@ -328,6 +334,7 @@ impl Sim {
             max_in_window: self.limiter.max_in_window(),
             writes_in_flight: get(&c.writes_in_flight),
             writes_abandoned: get(&c.writes_abandoned),
+            by_location: self.limiter.by_location(),
         }
     }
 

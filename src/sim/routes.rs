@@ -239,7 +239,16 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             return respond(reply.status, reply.body, &sim.limiter.untouched(), None);
         }
     }
-    let (verdict, rate) = sim.limiter.admit(token, tokio::time::Instant::now());
+    // Read before the limit is applied: a search or a create names its location in the body,
+    // and the limit is per location. An unreadable body is answered below, where it was.
+    let body = axum::body::to_bytes(body, MAX_BODY).await;
+    let params: Params = Query::try_from_uri(&parts.uri)
+        .map(|q| q.0)
+        .unwrap_or_default();
+    let location = limit_location(&sim, &route, &params, body.as_deref().unwrap_or_default());
+    let (verdict, rate) = sim
+        .limiter
+        .admit(token, &location, tokio::time::Instant::now());
     match verdict {
         Verdict::Allowed => {}
         Verdict::Burst(wait) => {
@@ -281,7 +290,7 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
         return respond(status, Reply::new(status, &body).body, &rate, None);
     }
 
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+    let body = match body {
         Ok(b) => b,
         Err(_) => {
             let reply = ApiError::BadRequest("request body is unreadable or too large".into())
@@ -301,9 +310,6 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, req: Request) -> Respons
             }
         }
     }
-    let params: Params = Query::try_from_uri(&parts.uri)
-        .map(|q| q.0)
-        .unwrap_or_default();
     let host = parts
         .headers
         .get(header::HOST)
@@ -375,6 +381,37 @@ fn page_location(req: &Req<'_>) -> Option<String> {
             .as_str()
             .map(String::from),
         _ => None,
+    }
+}
+
+/// The location a request counts against for the rate limit and the daily quota: the
+/// `locationId` of the query or, for a search, a create or an upsert, of the body; the path's
+/// location for `/locations/:id/...`; the contact's own location for `/contacts/:id/...`.
+/// Empty when none can be told (the request then counts under its token alone).
+fn limit_location<'a>(
+    sim: &'a Sim,
+    route: &'a Route,
+    params: &'a Params,
+    body: &[u8],
+) -> std::borrow::Cow<'a, str> {
+    use std::borrow::Cow;
+    match route.kind {
+        Kind::Location | Kind::CustomFields | Kind::LocationTasks => Cow::Borrowed(&route.id),
+        Kind::Search | Kind::Create | Kind::Upsert => {
+            serde_json::from_slice::<serde_json::Value>(body)
+                .ok()
+                .and_then(|v| v.get("locationId")?.as_str().map(String::from))
+                .map_or(Cow::Borrowed(""), Cow::Owned)
+        }
+        _ if !route.id.is_empty() && route.kind != Kind::Business => {
+            match sim.store.locate(&route.id) {
+                Some((lock, _)) => Cow::Owned(super::store::read(lock).id().to_owned()),
+                None => Cow::Borrowed(""),
+            }
+        }
+        _ => params
+            .get("locationId")
+            .map_or(Cow::Borrowed(""), |l| Cow::Borrowed(l.as_str())),
     }
 }
 

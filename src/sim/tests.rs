@@ -371,6 +371,67 @@ async fn rate_limit_answers_429_with_headers_after_max_in_window() {
     assert_eq!(stats.by_route.get("GET /contacts/"), Some(&102));
 }
 
+/// The defect: the limit was per token only, so one token used for several locations (a
+/// pipeline's shared `[auth]` token) had one budget for all of them, where the API counts per
+/// app per location. Each request counts against the location it names (query, search body,
+/// path) or, for `/contacts/:id/...`, the contact's own location.
+#[tokio::test]
+async fn one_token_used_for_two_locations_gets_a_limit_at_each() {
+    const OTHER: &str = "otherLocation0000002";
+    let config = SimConfig {
+        locations: vec![LOC.into(), OTHER.into()],
+        contacts: 5,
+        rate_limit: Some((3, Duration::from_secs(60))),
+        daily_quota: Some(50),
+        ..SimConfig::default()
+    };
+    let (sim, c) = start(config).await;
+    let other_contact = sim.contacts(OTHER)[0]["id"].as_str().unwrap().to_string();
+    for _ in 0..3 {
+        assert_eq!(
+            c.get(&format!("/contacts/?locationId={LOC}&limit=1"))
+                .await
+                .status,
+            200
+        );
+    }
+    // LOC's window is full, in every form a request can name LOC.
+    assert_eq!(
+        c.get(&format!("/contacts/?locationId={LOC}&limit=1"))
+            .await
+            .status,
+        429
+    );
+    let search = json!({"locationId": LOC, "pageLimit": 1});
+    assert_eq!(
+        c.send("POST", "/contacts/search", Some(search))
+            .await
+            .status,
+        429
+    );
+    assert_eq!(c.get(&format!("/locations/{LOC}")).await.status, 429);
+    // OTHER has its own window and day, whichever way the request names it.
+    let r = c.get(&format!("/contacts/{other_contact}/notes")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    assert_eq!(r.header("x-ratelimit-daily-remaining"), Some("49"));
+    let search = json!({"locationId": OTHER, "pageLimit": 1});
+    let r = c.send("POST", "/contacts/search", Some(search)).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
+    let r = c.get(&format!("/locations/{OTHER}")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(
+        c.get(&format!("/contacts/?locationId={OTHER}&limit=1"))
+            .await
+            .status,
+        429
+    );
+    let stats = sim.stats();
+    assert_eq!((stats.rate_limited, stats.max_in_window), (4, 3));
+}
+
 #[tokio::test]
 async fn daily_quota_exhausts_and_resets() {
     let config = SimConfig {

@@ -28,8 +28,6 @@
 //! starting with `=`, `+`, `-` or `@` is not prefixed or altered), since an export must give
 //! back exactly what the CRM holds. Open untrusted exports in a spreadsheet with care.
 
-use std::fs::File;
-
 use ::csv::{QuoteStyle, Terminator, Writer, WriterBuilder};
 use arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, GenericListArray, Int64Array, StringArray,
@@ -59,7 +57,7 @@ fn writer_builder() -> WriterBuilder {
 
 pub(crate) struct CsvPart {
     target: PartTarget,
-    writer: Writer<File>,
+    writer: Writer<crate::dest::PartFile>,
     rows: u64,
     /// Cell text of non-string columns, reused across cells.
     cell: String,

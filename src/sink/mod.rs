@@ -23,13 +23,14 @@
 mod csv;
 mod parquet;
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 
+use crate::dest::{Dest, PartFile};
 use crate::schema::Entity;
 
 /// Output file format.
@@ -55,7 +56,7 @@ pub struct PartInfo {
     /// Relative to the output root, `/`-separated on every platform.
     pub path: String,
     pub rows: u64,
-    /// Size of the file on disk.
+    /// Size of the file.
     pub bytes: u64,
 }
 
@@ -91,6 +92,9 @@ pub enum SinkError {
         entity: Entity,
         detail: String,
     },
+    /// The bucket refused or failed a request.
+    #[error(transparent)]
+    Dest(#[from] crate::dest::DestError),
     /// The location id cannot be used as a directory name.
     #[error(
         "location id {location_id:?} is not safe as a directory name: only ASCII letters, digits, '-', '_' and '.' are allowed"
@@ -127,6 +131,9 @@ pub struct Partition {
     /// A nightly pipeline's run date (`YYYY-MM-DD`), partitioning above the location.
     pub export_date: Option<String>,
     pub location_id: String,
+    /// `--table delta`: the run's own directory below the location (`run=…`,
+    /// [`crate::delta`]), so no run overwrites or deletes the files of another.
+    pub run: Option<String>,
 }
 
 impl Partition {
@@ -134,18 +141,23 @@ impl Partition {
         Partition {
             export_date: None,
             location_id: location_id.to_owned(),
+            run: None,
         }
     }
 
     /// `<entity>/[export_date=…/]location_id=…`, relative to OUT, `/`-separated.
     pub fn rel_dir(&self, entity: Entity) -> String {
-        match &self.export_date {
+        let dir = match &self.export_date {
             Some(d) => format!(
                 "{}/export_date={d}/location_id={}",
                 entity.name(),
                 self.location_id
             ),
             None => format!("{}/location_id={}", entity.name(), self.location_id),
+        };
+        match &self.run {
+            Some(run) => format!("{dir}/{run}"),
+            None => dir,
         }
     }
 
@@ -166,7 +178,7 @@ impl Partition {
 /// Opens OUT/<entity>/location_id=<location_id>/part-<n:05>.<ext>, written first as
 /// `.part-<n:05>.<ext>.tmp` in the same dir (creating dirs).
 pub fn open_part(
-    out: &Path,
+    out: &Dest,
     format: Format,
     entity: Entity,
     location_id: &str,
@@ -177,7 +189,7 @@ pub fn open_part(
 
 /// [`open_part`] under any [`Partition`].
 pub fn open_part_at(
-    out: &Path,
+    out: &Dest,
     format: Format,
     entity: Entity,
     partition: &Partition,
@@ -190,7 +202,7 @@ pub fn open_part_at(
 /// wide custom field columns, [`crate::export::WideColumns`]). Every batch written must have
 /// exactly this schema's columns.
 pub fn open_part_with(
-    out: &Path,
+    out: &Dest,
     format: Format,
     entity: Entity,
     partition: &Partition,
@@ -212,8 +224,13 @@ pub fn open_part_with(
 /// (`.part-<digits>.<parquet|csv>.tmp`): another location's export may be writing into the same
 /// OUT at this moment, and other tools' files may sit anywhere under it. Symbolic links are not
 /// followed. Missing directories count as clean.
-pub fn clean_temp_parts(out: &Path, partition: &Partition) -> Result<usize, SinkError> {
+pub fn clean_temp_parts(out: &Dest, partition: &Partition) -> Result<usize, SinkError> {
     partition.check()?;
+    // A bucket holds no temporary parts: an unfinished upload is not an object.
+    if out.is_remote() {
+        return Ok(0);
+    }
+    let out = out.root();
     let mut removed = 0;
     for entity in Entity::ALL
         .into_iter()
@@ -285,10 +302,10 @@ fn check_location_id(location_id: &str) -> Result<(), SinkError> {
 
 /// Where a part is written, and the temp-then-rename steps shared by both formats.
 pub(crate) struct PartTarget {
+    dest: Dest,
     pub(crate) entity: Entity,
     /// The columns of every batch, and of the file.
     pub(crate) schema: SchemaRef,
-    dir: PathBuf,
     /// `.part-<n>.<ext>.tmp`, the file being written.
     pub(crate) tmp: PathBuf,
     /// `part-<n>.<ext>`.
@@ -299,7 +316,7 @@ pub(crate) struct PartTarget {
 
 impl PartTarget {
     fn new(
-        out: &Path,
+        out: &Dest,
         format: Format,
         entity: Entity,
         partition: &Partition,
@@ -309,30 +326,29 @@ impl PartTarget {
         partition.check()?;
         let rel_dir = partition.rel_dir(entity);
         let name = format!("part-{n:05}.{}", format.extension());
-        let dir = out.join(&rel_dir);
+        let dir = out.root().join(&rel_dir);
         Ok(PartTarget {
+            dest: out.clone(),
             entity,
             schema,
             tmp: dir.join(format!(".{name}.tmp")),
             fin: dir.join(&name),
             rel: format!("{rel_dir}/{name}"),
-            dir,
         })
     }
 
-    /// Creates the directories and the temp file (truncating a leftover one).
-    fn create(&self) -> Result<File, SinkError> {
-        fs::create_dir_all(&self.dir).map_err(SinkError::io("create directory", &self.dir))?;
-        File::create(&self.tmp).map_err(SinkError::io("create", &self.tmp))
+    /// Starts the file: the temp file (truncating a leftover one, creating directories), or
+    /// the bucket's upload ([`Dest::create_part`]).
+    fn create(&self) -> Result<PartFile, SinkError> {
+        self.dest
+            .create_part(&self.tmp, &self.fin)
+            .map_err(SinkError::io("create", &self.tmp))
     }
 
-    /// Makes the written temp file durable under its final name ([`crate::durable::commit`]).
-    fn commit(self, file: File, rows: u64) -> Result<PartInfo, SinkError> {
-        let bytes = file
-            .metadata()
-            .map_err(SinkError::io("inspect", &self.tmp))?
-            .len();
-        crate::durable::commit(file, &self.tmp, &self.fin)?;
+    /// Makes the written file durable and visible under its final name
+    /// ([`PartFile::commit`]).
+    fn commit(self, file: PartFile, rows: u64) -> Result<PartInfo, SinkError> {
+        let bytes = file.commit().map_err(SinkError::io("commit", &self.fin))?;
         Ok(PartInfo {
             path: self.rel,
             rows,

@@ -20,9 +20,6 @@
 //! - **The Arrow schema is embedded** (arrow-rs does it by default), so readers using Arrow get
 //!   back `Timestamp(Millisecond, "UTC")` and the schema-version metadata unchanged.
 
-use std::fs::File;
-use std::io::BufWriter;
-
 use arrow::datatypes::Schema;
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
@@ -40,12 +37,10 @@ const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
 const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
 const ZSTD_LEVEL: i32 = 3;
 const PAGE_BYTES: usize = 256 * 1024;
-/// Larger than the default 8 KiB so the encoder's many small writes turn into few syscalls.
-const WRITE_BUFFER: usize = 1024 * 1024;
 
 pub(crate) struct ParquetPart {
     target: PartTarget,
-    writer: ArrowWriter<BufWriter<File>>,
+    writer: ArrowWriter<crate::dest::PartFile>,
     rows: u64,
 }
 
@@ -61,7 +56,7 @@ fn properties(schema: &Schema) -> Result<WriterProperties, parquet::errors::Parq
         .filter_map(|k| {
             schema
                 .metadata()
-                .get(k)
+                .get(*k)
                 .map(|v| KeyValue::new((*k).to_owned(), v.clone()))
         })
         .collect();
@@ -84,13 +79,7 @@ impl ParquetPart {
     pub(crate) fn create(target: PartTarget) -> Result<Self, SinkError> {
         let file = target.create()?;
         let writer = properties(&target.schema)
-            .and_then(|props| {
-                ArrowWriter::try_new(
-                    BufWriter::with_capacity(WRITE_BUFFER, file),
-                    target.schema.clone(),
-                    Some(props),
-                )
-            })
+            .and_then(|props| ArrowWriter::try_new(file, target.schema.clone(), Some(props)))
             .map_err(|source| SinkError::Parquet {
                 path: target.tmp.clone(),
                 source,
@@ -129,14 +118,11 @@ impl PartWriter for ParquetPart {
             rows,
         } = *self;
         // `into_inner` flushes the last row group and writes the footer (what makes the file
-        // valid); the BufWriter is then flushed by `into_inner` below before the fsync.
-        let buffered = writer.into_inner().map_err(|source| SinkError::Parquet {
+        // valid); the commit flushes what the file still buffers.
+        let file = writer.into_inner().map_err(|source| SinkError::Parquet {
             path: target.tmp.clone(),
             source,
         })?;
-        let file = buffered
-            .into_inner()
-            .map_err(|e| SinkError::io("write", &target.tmp)(e.into_error()))?;
         target.commit(file, rows)
     }
 }

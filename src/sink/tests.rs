@@ -6,6 +6,7 @@ use arrow::record_batch::RecordBatch;
 use serde_json::value::RawValue;
 
 use super::{clean_temp_parts, open_part, Format, PartInfo, Partition, SinkError};
+use crate::dest::Dest;
 use crate::schema::{BatchBuilder, Entity, RowContext};
 
 const CTX: RowContext<'static> = RowContext {
@@ -78,8 +79,14 @@ fn names_in(dir: &Path) -> Vec<String> {
 fn parquet_round_trips_batches_and_types() {
     let out = tempfile::tempdir().expect("tempdir");
     let batch = contacts_batch();
-    let mut part =
-        open_part(out.path(), Format::Parquet, Entity::Contacts, "loc1", 7).expect("open");
+    let mut part = open_part(
+        &Dest::local(out.path()),
+        Format::Parquet,
+        Entity::Contacts,
+        "loc1",
+        7,
+    )
+    .expect("open");
     part.write(&batch).expect("write");
     part.write(&batch.slice(2, 3)).expect("write a slice");
     let info = part.finish().expect("finish");
@@ -112,8 +119,14 @@ fn parquet_round_trips_batches_and_types() {
 #[test]
 fn parquet_metadata_has_utc_millis_zstd_and_v1() {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut part =
-        open_part(out.path(), Format::Parquet, Entity::Contacts, "loc1", 0).expect("open");
+    let mut part = open_part(
+        &Dest::local(out.path()),
+        Format::Parquet,
+        Entity::Contacts,
+        "loc1",
+        0,
+    )
+    .expect("open");
     part.write(&contacts_batch()).expect("write");
     let info = part.finish().expect("finish");
     let file = fs::File::open(out.path().join(&info.path)).expect("part");
@@ -156,7 +169,14 @@ fn parquet_metadata_has_utc_millis_zstd_and_v1() {
 fn csv_cells_follow_the_conventions() {
     let out = tempfile::tempdir().expect("tempdir");
     let batch = contacts_batch();
-    let mut part = open_part(out.path(), Format::Csv, Entity::Contacts, "loc1", 1).expect("open");
+    let mut part = open_part(
+        &Dest::local(out.path()),
+        Format::Csv,
+        Entity::Contacts,
+        "loc1",
+        1,
+    )
+    .expect("open");
     part.write(&batch).expect("write");
     let info = part.finish().expect("finish");
     assert_eq!(info.path, "contacts/location_id=loc1/part-00001.csv");
@@ -246,7 +266,8 @@ fn every_entity_writes_and_reads_in_both_formats() {
         .expect("object");
         let batch = b.finish();
         for format in [Format::Parquet, Format::Csv] {
-            let mut part = open_part(out.path(), format, entity, "L", 0).expect("open");
+            let mut part =
+                open_part(&Dest::local(out.path()), format, entity, "L", 0).expect("open");
             part.write(&batch).expect("write");
             let info = part.finish().expect("finish");
             assert_eq!(
@@ -274,17 +295,29 @@ fn every_entity_writes_and_reads_in_both_formats() {
 #[test]
 fn empty_parts_are_valid_files() {
     let out = tempfile::tempdir().expect("tempdir");
-    let info = open_part(out.path(), Format::Parquet, Entity::Notes, "loc1", 0)
-        .expect("open")
-        .finish()
-        .expect("finish");
+    let info = open_part(
+        &Dest::local(out.path()),
+        Format::Parquet,
+        Entity::Notes,
+        "loc1",
+        0,
+    )
+    .expect("open")
+    .finish()
+    .expect("finish");
     assert_eq!(info.rows, 0);
     let back = read_parquet(&out.path().join(&info.path));
     assert_eq!(back.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
-    let info = open_part(out.path(), Format::Csv, Entity::Notes, "loc1", 0)
-        .expect("open")
-        .finish()
-        .expect("finish");
+    let info = open_part(
+        &Dest::local(out.path()),
+        Format::Csv,
+        Entity::Notes,
+        "loc1",
+        0,
+    )
+    .expect("open")
+    .finish()
+    .expect("finish");
     let text = fs::read_to_string(out.path().join(&info.path)).expect("csv");
     assert_eq!(
         text,
@@ -298,7 +331,14 @@ fn part_is_written_under_temp_name_until_finish() {
     let dir = out.path().join("contacts/location_id=loc1");
     for format in [Format::Parquet, Format::Csv] {
         let ext = format.extension();
-        let mut part = open_part(out.path(), format, Entity::Contacts, "loc1", 3).expect("open");
+        let mut part = open_part(
+            &Dest::local(out.path()),
+            format,
+            Entity::Contacts,
+            "loc1",
+            3,
+        )
+        .expect("open");
         part.write(&contacts_batch()).expect("write");
         assert!(dir.join(format!(".part-00003.{ext}.tmp")).is_file());
         assert!(
@@ -316,28 +356,62 @@ fn cleaning_removes_only_this_partitions_own_temp_parts() {
     let out = tempfile::tempdir().expect("tempdir");
     let loc1 = Partition::location("loc1");
     assert_eq!(
-        clean_temp_parts(&out.path().join("missing"), &loc1).expect("missing dir is clean"),
+        clean_temp_parts(&Dest::local(out.path().join("missing")), &loc1)
+            .expect("missing dir is clean"),
         0
     );
 
-    let done = open_part(out.path(), Format::Csv, Entity::Tasks, "loc1", 0)
-        .expect("open")
-        .finish()
-        .expect("finish");
-    let mut abandoned =
-        open_part(out.path(), Format::Parquet, Entity::Tasks, "loc1", 1).expect("open");
+    let done = open_part(
+        &Dest::local(out.path()),
+        Format::Csv,
+        Entity::Tasks,
+        "loc1",
+        0,
+    )
+    .expect("open")
+    .finish()
+    .expect("finish");
+    let mut abandoned = open_part(
+        &Dest::local(out.path()),
+        Format::Parquet,
+        Entity::Tasks,
+        "loc1",
+        1,
+    )
+    .expect("open");
     abandoned
         .write(&BatchBuilder::new(Entity::Tasks).finish())
         .expect("write");
     drop(abandoned);
-    drop(open_part(out.path(), Format::Csv, Entity::DeletedContacts, "loc1", 2).expect("open"));
+    drop(
+        open_part(
+            &Dest::local(out.path()),
+            Format::Csv,
+            Entity::DeletedContacts,
+            "loc1",
+            2,
+        )
+        .expect("open"),
+    );
     // Another location's export in progress, and files that are not ours.
-    drop(open_part(out.path(), Format::Csv, Entity::Notes, "loc2", 0).expect("open"));
+    drop(
+        open_part(
+            &Dest::local(out.path()),
+            Format::Csv,
+            Entity::Notes,
+            "loc2",
+            0,
+        )
+        .expect("open"),
+    );
     let dir1 = out.path().join("tasks/location_id=loc1");
     fs::write(dir1.join(".part-x.tmp"), b"other tool").expect("foreign temp file");
     fs::write(out.path().join(".part-00001.csv.tmp"), b"other tool").expect("foreign temp file");
 
-    assert_eq!(clean_temp_parts(out.path(), &loc1).expect("clean"), 2);
+    assert_eq!(
+        clean_temp_parts(&Dest::local(out.path()), &loc1).expect("clean"),
+        2
+    );
     assert_eq!(names_in(&dir1), [".part-x.tmp", "part-00000.csv"]);
     assert!(names_in(&out.path().join("deleted_contacts/location_id=loc1")).is_empty());
     assert_eq!(
@@ -347,7 +421,10 @@ fn cleaning_removes_only_this_partitions_own_temp_parts() {
     );
     assert!(out.path().join(&done.path).is_file());
     assert!(out.path().join(".part-00001.csv.tmp").is_file());
-    assert_eq!(clean_temp_parts(out.path(), &loc1).expect("clean"), 0);
+    assert_eq!(
+        clean_temp_parts(&Dest::local(out.path()), &loc1).expect("clean"),
+        0
+    );
 }
 
 #[test]
@@ -358,7 +435,7 @@ fn unsafe_location_ids_are_rejected() {
         "", ".", "..", "../x", "a/b", "a\\b", "a\0b", "/abs", "ü", "a b", "C:x",
     ] {
         for format in [Format::Parquet, Format::Csv] {
-            match open_part(&out, format, Entity::Contacts, bad, 0) {
+            match open_part(&Dest::local(&out), format, Entity::Contacts, bad, 0) {
                 Err(SinkError::UnsafeLocationId { .. }) => {}
                 Err(e) => panic!("{bad:?}: unexpected error {e}"),
                 Ok(_) => panic!("{bad:?}: accepted"),
@@ -368,7 +445,7 @@ fn unsafe_location_ids_are_rejected() {
     assert!(!out.exists(), "nothing written for rejected ids");
     assert!(names_in(root.path()).is_empty());
     open_part(
-        &out,
+        &Dest::local(&out),
         Format::Csv,
         Entity::Contacts,
         "ve9EPM428h8vShlRW1KT",
@@ -382,7 +459,14 @@ fn batch_of_another_entity_is_refused_with_the_file_named() {
     let out = tempfile::tempdir().expect("tempdir");
     let tasks = BatchBuilder::new(Entity::Tasks).finish();
     for format in [Format::Parquet, Format::Csv] {
-        let mut part = open_part(out.path(), format, Entity::Contacts, "loc1", 0).expect("open");
+        let mut part = open_part(
+            &Dest::local(out.path()),
+            format,
+            Entity::Contacts,
+            "loc1",
+            0,
+        )
+        .expect("open");
         let err = part.write(&tasks).expect_err("schema mismatch");
         assert!(matches!(err, SinkError::SchemaMismatch { .. }), "{err}");
         assert!(err.to_string().contains(".part-00000."), "{err}");

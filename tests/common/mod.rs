@@ -2,6 +2,8 @@
 //! exported Parquet and CSV back into comparable rows.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -56,6 +58,26 @@ fn export_command(
     .env_remove("RUST_LOG")
     .kill_on_drop(true);
     cmd
+}
+
+/// A finished command's standard error, for assertion messages.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Every entity's rows of the simulator's (first) location in `out` equal the simulator's,
+/// each exactly once.
+pub fn assert_exactly_the_truth(out: &Path, sim: &TestSim) {
+    let loc = sim.location();
+    let truth = truth(&sim.sim, &loc);
+    for entity in Entity::ALL {
+        let got = keyed(entity, read_parquet(out, entity, &loc));
+        assert_same_rows(
+            entity.name(),
+            &truth.get(&entity).cloned().unwrap_or_default(),
+            &got,
+        );
+    }
 }
 
 /// [`export_cmd`], run to its end.
@@ -226,10 +248,15 @@ pub fn part_files(out: &Path, entity: Entity, location: &str, ext: &str) -> Vec<
 }
 
 pub fn read_parquet(out: &Path, entity: Entity, location: &str) -> Vec<Row> {
+    read_parquet_files(entity, &part_files(out, entity, location, "parquet"))
+}
+
+/// The rows of these Parquet part files of `entity`, file after file.
+pub fn read_parquet_files(entity: Entity, paths: &[PathBuf]) -> Vec<Row> {
     let cols = columns(entity);
     let mut rows = Vec::new();
-    for path in part_files(out, entity, location, "parquet") {
-        let file = std::fs::File::open(&path).unwrap();
+    for path in paths {
+        let file = std::fs::File::open(path).unwrap();
         let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
             .unwrap()
             .build()

@@ -115,6 +115,11 @@ pub struct ExportSection {
     pub verify_sample: Option<Spanned<f64>>,
     /// `--custom-fields`: `ids` (default) or `wide`.
     pub custom_fields: Option<Spanned<String>>,
+    /// `--table`: `delta` commits each run to the entities' Delta tables.
+    pub table: Option<Spanned<String>>,
+    /// `--merge` (with `table = "delta"`): the current-state tables.
+    #[serde(default)]
+    pub merge: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -533,6 +533,20 @@ fn check_export(
     if e.out.get_ref().as_os_str().is_empty() {
         p.push(src.at(&e.out, "out", "the output directory is empty"));
     }
+    // A directory (relative to this file), or a bucket URL; credentials never come from here.
+    let out = match e
+        .out
+        .get_ref()
+        .to_string_lossy()
+        .parse::<crate::dest::Target>()
+    {
+        Ok(crate::dest::Target::Dir(d)) => Some(crate::dest::Target::Dir(resolve(src, &d))),
+        Ok(store) => Some(store),
+        Err(m) => {
+            p.push(src.at(&e.out, "out", m));
+            None
+        }
+    };
     let part_contacts = keep(
         p,
         positive(src, &e.part_contacts, "part_contacts", 250_000, i64::MAX),
@@ -622,6 +636,19 @@ fn check_export(
         )
         .unwrap_or_default(),
     };
+    let table: crate::delta::TableFormat = match &e.table {
+        None => Default::default(),
+        Some(v) => {
+            keep(p, v.get_ref().parse().map_err(|m| src.at(v, "table", m))).unwrap_or_default()
+        }
+    };
+    let table = match (&e.table, e.merge) {
+        (None, true) => {
+            p.push(src.at(&e.out, "merge", "merge = true needs table = \"delta\""));
+            table
+        }
+        (_, merge) => table.with_merge(merge).unwrap_or_default(),
+    };
     let businesses: Vec<String> = e
         .businesses
         .iter()
@@ -632,8 +659,9 @@ fn check_export(
             keep(p, checked)
         })
         .collect();
+    let out = out?;
     (p.len() == before).then(|| ExportSettings {
-        out: resolve(src, e.out.get_ref()),
+        out,
         format,
         include,
         businesses,
@@ -655,6 +683,7 @@ fn check_export(
         children_by,
         verify_sample,
         custom_fields,
+        table,
     })
 }
 
@@ -798,6 +827,42 @@ mod tests {
         );
         let bad = format!("{base}custom_fields = \"names\"\n");
         assert_eq!(problems(&bad), [(7, "custom_fields".to_owned())]);
+    }
+
+    #[test]
+    fn export_pipelines_reach_the_delta_tables_of_export() {
+        let base =
+            "[auth]\ntoken_env = \"HL_TOKEN\"\n[[locations]]\nid = \"L1\"\n[export]\nout = \"o\"\n";
+        let table = |extra: &str| {
+            let text = format!("{base}{extra}");
+            let src = Source {
+                file: Path::new("p.toml"),
+                text: &text,
+            };
+            let (Some((f, true)), _) = parse_all(&src) else {
+                panic!("parses")
+            };
+            let Job::Export(settings) = check(&src, f).unwrap().job else {
+                panic!("an export job")
+            };
+            settings.table
+        };
+        use crate::delta::TableFormat;
+        assert_eq!(table(""), TableFormat::Files);
+        assert_eq!(table("table = \"delta\"\n"), TableFormat::Delta);
+        assert_eq!(
+            table("table = \"delta\"\nmerge = true\n"),
+            TableFormat::DeltaMerge
+        );
+        assert_eq!(
+            problems(&format!("{base}table = \"iceberg\"\n")),
+            [(7, "table".to_owned())]
+        );
+        assert_eq!(
+            problems(&format!("{base}merge = true\n")).len(),
+            1,
+            "merge without table = \"delta\""
+        );
     }
 
     #[test]

@@ -8,16 +8,18 @@
 //! is how the API counts), while one semaphore caps requests in flight across all of them. One
 //! location failing does not stop the others; the pipeline report says which failed and why,
 //! and the exit code says the run was partial. An import pipeline runs its [`ImportJob`]
-//! exactly as `contacts-etl import` does.
+//! exactly as `contacts-etl import` does. With `--shard K/N` a run takes only its share of
+//! the locations ([`shard`]), so N workers cover an agency.
 
 pub mod config;
 mod file;
 mod run;
+pub mod shard;
 
 use std::path::PathBuf;
 
 pub use file::load;
-pub use run::{run_export, PipelineReport};
+pub use run::{run_export, run_export_shard, PipelineReport};
 
 use super::conn::{Connection, TokenRef};
 use super::export::ExportSettings;

@@ -1,5 +1,7 @@
 //! Running an export pipeline: every location under one lock, each with its own client (its
-//! own rate limiter and daily quota), one semaphore capping requests across all of them.
+//! own rate limiter and daily quota), one semaphore capping requests across all of them. A
+//! sharded run ([`super::shard`]) takes only its share of the locations, under its shard's own
+//! lock and report.
 
 use std::sync::Arc;
 
@@ -7,6 +9,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
+use super::shard::{self, Shard};
 use super::{LocationTarget, Pipeline};
 use crate::app::conn::TokenRef;
 use crate::app::export::{execute, plan, ExportSettings, Placement};
@@ -14,12 +17,16 @@ use crate::app::outcome::{auth_outcome, code, Outcome};
 use crate::app::report::{RunReport, Started};
 use crate::export::{Interrupt, Progress};
 
-/// `OUT/_pipeline_report.json`: the outcome of every location.
+/// `OUT/_pipeline_report.json` (`OUT/_pipeline_report.shard-K-of-N.json` for a shard): the
+/// outcome of every location it ran.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PipelineReport {
     pub pipeline: String,
     pub file: String,
+    /// The worker's shard (`--shard K/N`); absent from an unsharded run's report.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<Shard>,
     /// `complete`, `partial` (some locations failed, or completed except listed records),
     /// `stopped` (quota), `interrupted` (SIGTERM or SIGINT: what was complete is committed;
     /// rerun to resume) or `failed`.
@@ -40,11 +47,30 @@ pub async fn run_export(
     job: &ExportSettings,
     interrupt: &Interrupt,
 ) -> (Outcome, Option<PipelineReport>) {
-    let lock_path = job
-        .out
+    run_export_shard(p, job, None, interrupt).await
+}
+
+/// [`run_export`] of one shard's locations (all of them for `None`): the workers of one
+/// pipeline each hold their shard's lock and write their shard's report, so they run side by
+/// side; a location handed to two of them is refused by its own export lock in one.
+pub async fn run_export_shard(
+    p: &Pipeline,
+    job: &ExportSettings,
+    shard: Option<Shard>,
+    interrupt: &Interrupt,
+) -> (Outcome, Option<PipelineReport>) {
+    let dest = match job.open_out() {
+        Ok(d) => d,
+        Err(outcome) => return (outcome, None),
+    };
+    let report_path = dest.root().join(shard::report_file(shard));
+    let lock_path = dest
+        .root()
         .join("_state")
-        .join(format!("pipeline-{}.lock", p.name));
-    let _lock = match crate::durable::lock::RunLock::acquire(&lock_path) {
+        .join(shard::lock_file(&p.name, shard));
+    // In the destination: for a bucket, two workers of one shard on two machines refuse
+    // each other too.
+    let _lock = match dest.lock(&lock_path) {
         Ok(l) => l,
         Err(e @ crate::durable::lock::LockError::Busy { .. }) => {
             return (Outcome::Busy(e.into()), None)
@@ -112,44 +138,52 @@ pub async fn run_export(
             }
         }
     }
+    if let Some(s) = shard {
+        let of = locations.len();
+        locations.retain(|l| s.owns(&l.id));
+        if locations.is_empty() {
+            tracing::info!(pipeline = %p.name, shard = %s, "shard {s} has no location (none of the pipeline's {of} hashes to it): nothing to do");
+        } else {
+            tracing::info!(pipeline = %p.name, shard = %s, "shard {s} runs {} of the pipeline's {of} locations", locations.len());
+        }
+    }
     tracing::info!(pipeline = %p.name, locations = locations.len(), base_url = %conn.base_url, "pipeline started");
 
-    let shared = Shared {
-        conn,
-        job,
-        placement: &placement,
+    let shared = Arc::new(Shared {
+        conn: conn.clone(),
+        job: job.clone(),
+        placement,
+        dest: dest.clone(),
         global,
         provider,
-        interrupt,
-    };
-    let runs = futures::stream::iter(locations)
-        .map(|loc| {
-            let shared = &shared;
-            async move { shared.run_location(&loc).await }
-        })
-        .buffer_unordered(p.parallel_locations);
-    let mut runs: Vec<(Outcome, RunReport)> = runs.collect().await;
+        interrupt: interrupt.clone(),
+    });
+    let mut runs = run_locations(&shared, locations, p.parallel_locations).await;
     runs.sort_by(|a, b| a.1.location_id.cmp(&b.1.location_id));
     let (outcomes, reports): (Vec<Outcome>, Vec<RunReport>) = runs.into_iter().unzip();
 
     let skipped = reports.iter().map(|r| r.skipped.len() as u64).sum();
     let mut outcome = combine(outcomes, skipped);
     if let Outcome::Skipped { report, .. } = &mut outcome {
-        *report = Some(job.out.join("_pipeline_report.json"));
+        *report = Some(report_path.clone());
     }
     let report = PipelineReport {
         pipeline: p.name.clone(),
         file: p.file.display().to_string(),
+        shard,
         status: outcome.status().into(),
         exit_code: outcome.exit_code(),
         started_at: started.at,
         finished_at: crate::timefmt::format_iso_millis(crate::export::now_millis()),
         locations: reports,
     };
-    if let Err(e) = crate::durable::write(
-        &job.out.join("_pipeline_report.json"),
+    let written = crate::durable::write(
+        &report_path,
         &serde_json::to_vec_pretty(&report).unwrap_or_default(),
-    ) {
+    )
+    .map_err(std::io::Error::from)
+    .and_then(|()| dest.publish(&report_path));
+    if let Err(e) = written {
         return (Outcome::from(anyhow::Error::from(e)), Some(report));
     }
     for r in report.locations.iter().filter(|r| r.exit_code != code::OK) {
@@ -207,21 +241,121 @@ fn combine(outcomes: Vec<Outcome>, skipped: u64) -> Outcome {
     Outcome::Complete
 }
 
-/// What the locations of one pipeline run share.
-struct Shared<'a> {
-    conn: &'a crate::app::conn::Connection,
-    job: &'a ExportSettings,
-    placement: &'a Placement,
-    global: Arc<Semaphore>,
-    provider: Option<Arc<crate::auth::OAuthProvider>>,
-    interrupt: &'a Interrupt,
+/// Runs every location, `parallel` at once, each on a thread of its own (a worker takes the
+/// next location when its last one is done) with its own single-threaded runtime; returns
+/// their outcomes and reports in the order they finished.
+///
+/// Why threads: an export does blocking work on its async thread (files created, renamed and
+/// fsynced at every checkpoint, the root certificates read for its client). On one shared
+/// thread, every location waited for every other location's disk: with 200 locations the
+/// start and the location-wide phase (a checkpoint per page) spent most of their time in
+/// fsync, and each location used about 70% of its rate limit instead of 97%
+/// (benches/agency.sh; BENCHMARKS.md, "Agency scale"). Each location still runs on one thread
+/// (no cross-thread wake-ups on its paced requests); what the locations share (the global
+/// semaphore, the OAuth provider, the interrupt) works across runtimes.
+///
+/// A worker's runtime keeps running until every location is done: the shared OAuth client may
+/// hold a connection opened on it that another location is using. A panic in a location is
+/// carried to this thread and resumed here, as it would have been before. Locations that no
+/// worker could take (no thread or runtime could be made) run here, as they did before.
+async fn run_locations(
+    shared: &Arc<Shared>,
+    locations: Vec<LocationTarget>,
+    parallel: usize,
+) -> Vec<(Outcome, RunReport)> {
+    type Ran = std::thread::Result<(Outcome, RunReport)>;
+    let expected = locations.len();
+    let workers = parallel.clamp(1, expected.max(1));
+    let queue = Arc::new(std::sync::Mutex::new(locations.into_iter()));
+    let next = |q: &std::sync::Mutex<std::vec::IntoIter<LocationTarget>>| {
+        q.lock().unwrap_or_else(|e| e.into_inner()).next()
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Ran>();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    for i in 0..workers {
+        let (shared, queue, tx, mut done) =
+            (shared.clone(), queue.clone(), tx.clone(), done_rx.clone());
+        let work = move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return; // the other workers, or the pipeline's own thread, take its share
+            };
+            while let Some(loc) = next(&queue) {
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    // On the heap: a location's export is a large future, and this thread's
+                    // stack is a spawned thread's, not the main one's.
+                    rt.block_on(Box::pin(shared.run_location(&loc)))
+                }));
+                if tx.send(ran).is_err() {
+                    return;
+                }
+            }
+            rt.block_on(async move {
+                let _ = done.wait_for(|d| *d).await;
+            });
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("location-{i}"))
+            // As much stack as the main thread had when the locations ran there (reserved,
+            // not resident until used).
+            .stack_size(8 << 20)
+            .spawn(work)
+        {
+            tracing::debug!(error = %e, "cannot start a location thread; fewer locations run at once");
+        }
+    }
+    drop(tx);
+    let mut runs = Vec::with_capacity(expected);
+    while runs.len() < expected {
+        match rx.recv().await {
+            Some(Ok(run)) => runs.push(run),
+            Some(Err(panic)) => {
+                let _ = done_tx.send(true);
+                std::panic::resume_unwind(panic);
+            }
+            // Every worker has gone: what is left runs here.
+            None => break,
+        }
+    }
+    let _ = done_tx.send(true);
+    let rest: Vec<LocationTarget> = std::iter::from_fn(|| next(&queue)).collect();
+    let mut here: Vec<(Outcome, RunReport)> = futures::stream::iter(rest)
+        .map(|loc| {
+            let shared = &shared;
+            async move { shared.run_location(&loc).await }
+        })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    runs.append(&mut here);
+    runs
 }
 
-impl Shared<'_> {
+/// What the locations of one pipeline run share (each runs on its own thread).
+struct Shared {
+    conn: crate::app::conn::Connection,
+    job: ExportSettings,
+    placement: Placement,
+    dest: crate::dest::Dest,
+    global: Arc<Semaphore>,
+    provider: Option<Arc<crate::auth::OAuthProvider>>,
+    interrupt: Interrupt,
+}
+
+impl Shared {
     async fn run_location(&self, loc: &LocationTarget) -> (Outcome, RunReport) {
         let started = Started::now();
-        let plan = plan(&loc.id, self.job, self.conn, self.placement, self.interrupt);
-        let state_dir = crate::checkpoint::state_dir(&self.job.out, &loc.id);
+        let plan = plan(
+            &loc.id,
+            &self.job,
+            &self.dest,
+            &self.conn,
+            &self.placement,
+            &self.interrupt,
+        );
+        let state_dir = crate::checkpoint::state_dir(self.dest.root(), &loc.id);
         let client = match (&loc.token, &self.provider) {
             (TokenRef::OAuth, Some(provider)) => match provider.for_location(&loc.id) {
                 Ok(source) => self.conn.client_with(
@@ -270,8 +404,29 @@ impl Shared<'_> {
         // A location whose export lock another run holds did nothing: its report file is
         // that run's to write.
         if !matches!(outcome, Outcome::Busy(_)) {
-            let _ = report.write(&state_dir.join("report.json"));
+            let path = state_dir.join("report.json");
+            if report.write(&path).is_ok() {
+                let _ = self.dest.publish(&path);
+            }
         }
         (outcome, report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_whose_only_location_was_refused_busy_exits_busy() {
+        let busy = || Outcome::Busy(anyhow::anyhow!("another run is in progress"));
+        assert_eq!(combine(vec![busy()], 0).exit_code(), code::BUSY);
+        // Beside a location that ran, it is a partial run.
+        assert_eq!(
+            combine(vec![Outcome::Complete, busy()], 0).exit_code(),
+            code::PARTIAL
+        );
+        // A shard with no location has nothing left to do.
+        assert_eq!(combine(vec![], 0).exit_code(), code::OK);
     }
 }
