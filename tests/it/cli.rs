@@ -1,10 +1,9 @@
 //! The binary as a user runs it: help, exit codes, messages, and secrets kept out of output.
 
-mod common;
 
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 

@@ -1,11 +1,10 @@
 //! End-to-end exports against the in-process simulator, read back and compared with the
 //! simulator's own data row by row.
 
-mod common;
 
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::export::{self, ExportPlan, Manifest, Progress};
 use contacts_etl::ratelimit::Quota;
 use contacts_etl::schema::Entity;

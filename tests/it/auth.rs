@@ -3,13 +3,12 @@
 //! concurrent 401s, the newest refresh token on disk, the store's permissions, agency
 //! tokens exchanged for location tokens, and no token in any error or `Debug` output.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestSim;
+use crate::common::TestSim;
 use contacts_etl::api::{ApiError, Client, ClientConfig, ErrorKind, Token, TokenSource};
 use contacts_etl::auth::{
     token_source_from_store, LoginRequest, ManualClock, OAuthApp, OAuthProvider, OAuthSettings,
@@ -444,7 +443,7 @@ async fn export_completes_when_tokens_expire_mid_run() {
     let watcher = {
         let sim = sim.sim.clone();
         tokio::spawn(async move {
-            common::until_requests(&sim, 60, "revoking the tokens mid-export").await;
+            crate::common::until_requests(&sim, 60, "revoking the tokens mid-export").await;
             sim.oauth_expire_access_tokens();
         })
     };
@@ -906,7 +905,7 @@ fn symlinked_token_store_into_a_world_writable_directory_is_refused() {
 #[cfg(unix)]
 async fn export_with_token_file(dir: &Path, mode: u32) -> (String, PathBuf) {
     use std::os::unix::fs::PermissionsExt;
-    let sim = TestSim::start(common::fast_sim(3, 1)).await;
+    let sim = TestSim::start(crate::common::fast_sim(3, 1)).await;
     let token = dir.join("token");
     std::fs::write(&token, "pit-test-token\n").unwrap();
     std::fs::set_permissions(&token, std::fs::Permissions::from_mode(mode)).unwrap();

@@ -1,13 +1,12 @@
 //! Pipeline files: running them against the simulator, many locations at once, and every
 //! way a file can be wrong.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::app::pipeline;
 use contacts_etl::sim::SimConfig;
 

@@ -3,13 +3,12 @@
 //! omitted, bad values are refused before anything is done, and two workers handed one
 //! location do not both run it.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::app::pipeline::shard::shard_of;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;

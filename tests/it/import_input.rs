@@ -3,11 +3,10 @@
 //! characters, ragged rows and other encodings in the rejects file, and the location's country
 //! as the default of national phone numbers.
 
-mod common;
 
 use std::path::Path;
 
-use common::{fast_sim, TestSim};
+use crate::common::{fast_sim, TestSim};
 use contacts_etl::import::{self, ContactImportOptions, OnDuplicate, SourceOptions};
 use serde_json::Value;
 

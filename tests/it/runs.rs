@@ -2,13 +2,12 @@
 //! SIGTERM and SIGINT, a run refused by the lock, and pipeline files that are wrong in
 //! several places or carry a pasted secret.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;
 

@@ -1,5 +1,5 @@
 //! Snapshot tests (insta): what a user reads and what downstream tools parse, pinned as text
-//! in `tests/snapshots/*.snap` so that any change to it shows up as a diff in review.
+//! in `tests/it/snapshots/*.snap` so that any change to it shows up as a diff in review.
 //!
 //! Covered: every command's `--help` (the list comes from clap's command tree, so a new
 //! command is covered without touching this file), the typical error messages with their exit
@@ -10,8 +10,8 @@
 //! A test fails with a diff of the snapshot against the new output. If the change is intended:
 //!
 //! ```text
-//! INSTA_UPDATE=always cargo test --release --locked --test snapshots   # rewrite the .snap files
-//! git diff tests/snapshots/                                             # review, then commit
+//! INSTA_UPDATE=always cargo test --release --locked --test it snapshots::   # rewrite the .snap files
+//! git diff tests/it/snapshots/                                               # review, then commit
 //! ```
 //!
 //! Without `INSTA_UPDATE`, a failing snapshot writes `NAME.snap.new` next to `NAME.snap`
@@ -25,7 +25,6 @@
 //! environment, stdin not a terminal and `COLUMNS=100`; temporary directories are shown as
 //! `[TMP]`, and values that vary between runs as `[…]` placeholders.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -33,14 +32,14 @@ use std::process::{Output, Stdio};
 
 use arrow::datatypes::{DataType, Field, Schema};
 use clap::CommandFactory;
-use common::*;
+use crate::common::*;
 use contacts_etl::cli::Cli;
 use contacts_etl::schema::Entity;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
 
-/// Asserts `text` against `tests/snapshots/<name>.snap`, with `description` in its header.
+/// Asserts `text` against `tests/it/snapshots/<name>.snap`, with `description` in its header.
 fn assert_snap(name: &str, description: &str, text: &str) {
     let mut settings = insta::Settings::clone_current();
     settings.set_prepend_module_to_snapshot(false);

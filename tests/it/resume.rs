@@ -1,12 +1,11 @@
 //! Resumable, exactly-once exports: SIGKILL at random instants, the daily quota, incremental
 //! nightly runs, and the run report.
 
-mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;
 

@@ -2,14 +2,13 @@
 //! rows of per-contact requests, at a third of the requests; a missing scope, a route that
 //! hides rows, and a kill in the location-wide phase still end in the exact output.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::export::Manifest;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::SimConfig;

@@ -1,15 +1,13 @@
 //! `--table delta`: nightly runs into one Delta table per entity, read back through the
 //! `deltalake` crate (the table's latest snapshot, its file list read with the Parquet reader
 //! of `common`), and compared with what the runs' manifests list.
-#![cfg(feature = "delta")]
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::dest::Dest;
 use contacts_etl::schema::Entity;
 use serde_json::Value;
@@ -374,7 +372,7 @@ async fn merge_without_table_delta_is_refused() {
 async fn delta_tables_in_a_bucket_read_back_as_tables() {
     let sim = TestSim::start(fast_sim(600, 147)).await;
     let loc = sim.location();
-    let s3 = common::s3::S3::start().await;
+    let s3 = crate::common::s3::S3::start().await;
     let work = tempfile::tempdir().unwrap();
     let flags = [
         "--incremental",
@@ -389,7 +387,7 @@ async fn delta_tables_in_a_bucket_read_back_as_tables() {
         if night == 2 {
             sim.sim.mutate(&loc, 0.05, 3, 900);
         }
-        let o = common::s3::s3_export(&sim, &s3, "lake", work.path(), &flags)
+        let o = crate::common::s3::s3_export(&sim, &s3, "lake", work.path(), &flags)
             .output()
             .await
             .unwrap();

@@ -3,12 +3,11 @@
 //! `skipped` in the report and the manifest, and every other row is exact — also across
 //! kills, and with a cap on how many refusals a run accepts.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::{Faults, SimConfig};
 use serde_json::Value;

@@ -1,14 +1,13 @@
 //! Bulk import against the in-process simulator: round trip through export, ambiguous
 //! failures with SIGKILLs and resume, a dry run on a messy file, and undo.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{fast_sim, Lcg, TestSim};
+use crate::common::{fast_sim, Lcg, TestSim};
 use contacts_etl::export::{self, ExportPlan, Progress};
 use contacts_etl::import::{
     self, ChildImportOptions, ContactImportOptions, Entity, ImportReport, SourceOptions,
@@ -676,7 +675,7 @@ async fn run_with_kills(
             let mark = sim.sim.stats().requests + 20 + rng.next(200);
             tokio::select! {
                 status = child.wait() => return (status.unwrap().code().unwrap_or(-1), killed),
-                () = common::until_requests(&sim.sim, mark, "a run to kill") => {
+                () = crate::common::until_requests(&sim.sim, mark, "a run to kill") => {
                     child.start_kill().unwrap(); // SIGKILL
                     let _ = child.wait().await;
                     killed += 1;

@@ -1,12 +1,11 @@
 //! Request economy: the search listing, and incremental runs that list only what changed.
 //! (The location-wide children and the quota plan have their own files.)
 
-mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::schema::Entity;
 
 fn report(out: &Path) -> serde_json::Value {

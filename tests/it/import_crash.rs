@@ -6,13 +6,12 @@
 //! The first tests pin the defects one by one (issue 11, items 1 and 2); the last two are the
 //! issue's acceptance runs: 2,000 rows, 5 SIGKILLs at random instants, 10 seeds each.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{fast_sim, Lcg, TestSim};
+use crate::common::{fast_sim, Lcg, TestSim};
 use contacts_etl::sim::{Faults, SimConfig};
 use serde_json::Value;
 
@@ -340,7 +339,7 @@ async fn import_with_kills(sim: &TestSim, args: &[String], kills: usize, rng: &m
         if killed < kills {
             let mark = sim.sim.stats().requests + 20 + rng.next(280);
             let kill_point = async {
-                common::until_requests(&sim.sim, mark, "a run to kill").await;
+                crate::common::until_requests(&sim.sim, mark, "a run to kill").await;
                 while sim.sim.writes_in_flight() == 0 {
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }

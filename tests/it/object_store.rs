@@ -3,16 +3,15 @@
 //! directory): killed and resumed, read back row for row, never a part visible before its
 //! upload completed, two runs of one location refusing each other through the bucket.
 
-mod common;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use contacts_etl::schema::Entity;
 
-use common::s3::*;
+use crate::common::s3::*;
 
 /// Every part file in `dir` (recursively) is a whole Parquet file: its footer reads.
 fn every_visible_part_is_whole(dir: &Path) -> Result<usize, String> {
