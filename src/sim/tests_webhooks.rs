@@ -159,7 +159,8 @@ impl Api {
             .await
             .expect("the simulator answers");
         let status = resp.status().as_u16();
-        let body = resp.json().await.unwrap_or(Value::Null);
+        let bytes = resp.bytes().await.unwrap_or_default();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         (status, body)
     }
 
