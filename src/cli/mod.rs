@@ -526,6 +526,44 @@ pub struct SimArgs {
     /// of that location are edited, DELETE deleted and CREATE created (e.g. 10:5:1:1).
     #[arg(long, value_name = "EVERY:UPDATE:DELETE:CREATE", value_parser = parse_churn)]
     pub churn: Option<crate::sim::Churn>,
+    /// Send a signed webhook for every applied write to URL, as HighLevel does
+    /// (ContactCreate, ContactUpdate, ContactDelete, ContactTagUpdate, Task*, Note*...), with
+    /// X-GHL-Signature (Ed25519, a test key derived from --seed); redelivered until answered
+    /// 2xx.
+    #[arg(long, value_name = "URL", value_parser = parse_webhook_url)]
+    pub webhook_url: Option<String>,
+    /// Write the public key that verifies X-GHL-Signature (PEM) to FILE, for the receiver's
+    /// --public-key. The key depends on --seed only.
+    #[arg(long, value_name = "FILE")]
+    pub webhook_public_key_out: Option<PathBuf>,
+    /// Also send the legacy X-WH-Signature (RSA-SHA256), signed with this private key
+    /// (PKCS#8, DER or PEM, 2048 bits or more).
+    #[arg(long, value_name = "FILE", requires = "webhook_url")]
+    pub webhook_rsa_key: Option<PathBuf>,
+    /// Share of webhook deliveries answered 2xx that are sent again anyway, as after a lost
+    /// acknowledgement (0..1; default 0).
+    #[arg(long, value_name = "R", value_parser = parse_share, requires = "webhook_url")]
+    pub webhook_redelivery_rate: Option<f64>,
+    /// Share of webhook events sent twice at the same time (0..1; default 0).
+    #[arg(long, value_name = "R", value_parser = parse_share, requires = "webhook_url")]
+    pub webhook_duplicate_rate: Option<f64>,
+}
+
+/// An `http://` or `https://` URL with a host.
+fn parse_webhook_url(s: &str) -> Result<String, String> {
+    match url::Url::parse(s) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Ok(s.to_string()),
+        Ok(_) => Err(format!("{s:?} is not an http:// or https:// URL")),
+        Err(e) => Err(format!("{s:?} is not a URL: {e}")),
+    }
+}
+
+/// A share from 0 to 1, e.g. `0.05`.
+fn parse_share(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("{s:?} is not a share from 0 to 1 (e.g. 0.05)")),
+    }
 }
 
 /// `EVERY:UPDATE:DELETE:CREATE`, e.g. `10:5:1:1`.
@@ -888,6 +926,16 @@ pub fn sim_config(args: &SimArgs) -> crate::sim::SimConfig {
             .collect()
     });
     cfg.churn = args.churn;
+    cfg.webhooks = args
+        .webhook_url
+        .as_ref()
+        .map(|url| crate::sim::WebhookConfig {
+            url: url.clone(),
+            // Read from --webhook-rsa-key by `run_sim`: building the config does no I/O.
+            rsa_key_pkcs8: None,
+            redelivery_rate: args.webhook_redelivery_rate.unwrap_or(0.0),
+            duplicate_rate: args.webhook_duplicate_rate.unwrap_or(0.0),
+        });
     cfg
 }
 
@@ -897,9 +945,36 @@ pub async fn run_sim(args: &SimArgs, quiet: bool) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let cfg = sim_config(args);
+    let mut cfg = sim_config(args);
+    if let (Some(hooks), Some(path)) = (cfg.webhooks.as_mut(), &args.webhook_rsa_key) {
+        let file = std::fs::read(path)
+            .with_context(|| format!("cannot read --webhook-rsa-key {}", path.display()))?;
+        let key = crate::sim::rsa_key_pkcs8(&file)
+            .with_context(|| format!("--webhook-rsa-key {}", path.display()))?;
+        hooks.rsa_key_pkcs8 = Some(key);
+    }
     let locations = cfg.locations.join(", ");
+    let webhook_url = cfg.webhooks.as_ref().map(|w| w.url.clone());
     let sim = crate::sim::Sim::new(cfg);
+    if let Some(path) = &args.webhook_public_key_out {
+        crate::durable::write(path, sim.webhook_public_key_pem().as_bytes())
+            .with_context(|| format!("cannot write --webhook-public-key-out {}", path.display()))?;
+        eprintln!(
+            "webhook public key (X-GHL-Signature) written to {}",
+            path.display()
+        );
+    }
+    if let Some(url) = webhook_url {
+        // Shown without credentials or query: a receiver URL may carry a secret.
+        let shown = url::Url::parse(&url)
+            .map(|u| crate::dest::remote::redact(&u))
+            .unwrap_or_default();
+        eprintln!(
+            "sending signed webhooks to {}; X-GHL-Signature verifies with:\n{}",
+            crate::term::escape(&shown),
+            sim.webhook_public_key_pem().trim_end()
+        );
+    }
     eprintln!("simulator listening on http://{addr} (locations: {locations}; any bearer token is accepted; Ctrl-C stops)");
     if !quiet {
         eprintln!("try: HL_TOKEN=demo contacts-etl export --base-url http://{addr} --location {} --out ./sim-out", locations.split(", ").next().unwrap_or_default());
@@ -1162,6 +1237,55 @@ mod tests {
             ["--country", "USA"],
         ] {
             assert!(config(&bad).is_err(), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn webhook_flags_reach_the_sim_config() {
+        let config = |args: &[&str]| {
+            let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+            match Cli::try_parse_from(argv).map(|c| c.command) {
+                Ok(Command::Sim(a)) => Ok(sim_config(&a)),
+                Ok(_) => panic!("not the sim command"),
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        let c = config(&[
+            "--webhook-url",
+            "http://127.0.0.1:9/hooks",
+            "--webhook-redelivery-rate",
+            "0.05",
+            "--webhook-duplicate-rate",
+            "0.01",
+        ])
+        .expect("valid webhook flags");
+        let w = c.webhooks.expect("webhooks are on");
+        assert_eq!(w.url, "http://127.0.0.1:9/hooks");
+        assert_eq!((w.redelivery_rate, w.duplicate_rate), (0.05, 0.01));
+        assert!(
+            w.rsa_key_pkcs8.is_none(),
+            "the key file is read when the sim starts"
+        );
+
+        let plain = config(&["--webhook-url", "https://hooks.example.com/in"]).expect("url only");
+        let w = plain.webhooks.expect("webhooks are on");
+        assert_eq!((w.redelivery_rate, w.duplicate_rate), (0.0, 0.0));
+        assert!(config(&[]).expect("defaults").webhooks.is_none());
+
+        for bad in [
+            &["--webhook-url", "ftp://127.0.0.1/x"][..],
+            &["--webhook-url", "not a url"],
+            &[
+                "--webhook-url",
+                "http://h/",
+                "--webhook-duplicate-rate",
+                "1.5",
+            ],
+            &["--webhook-duplicate-rate", "0.1"],
+            &["--webhook-redelivery-rate", "0.1"],
+            &["--webhook-rsa-key", "k.der"],
+        ] {
+            assert!(config(bad).is_err(), "{bad:?} is refused");
         }
     }
 }

@@ -21,6 +21,8 @@
 //!   `searchAfter` cursor, a `dateUpdated` range filter).
 //! - `wide`: location-wide reads: custom field definitions, task search, calendars and
 //!   their events.
+//! - `webhooks`: signed webhooks for applied writes ([`SimConfig::webhooks`]), delivered with
+//!   redeliveries and duplicates as HighLevel's sender does.
 //!
 //! Memory stays small because base contacts are never stored: a location of N contacts costs
 //! about 12 bytes per contact until it is written to.
@@ -73,11 +75,14 @@ mod rng;
 mod routes;
 mod search;
 mod store;
+mod webhooks;
 mod wide;
 mod write;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_webhooks;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::RangeInclusive;
@@ -89,6 +94,7 @@ use http::Kind;
 pub use limit::LocationTraffic;
 pub use oauth::SimOAuth;
 use store::{read as read_lock, Location, Store};
+pub use webhooks::{rsa_key_pkcs8, EmittedEvent, WebhookConfig, WebhookKeyError, WebhookStats};
 
 /// What the simulator serves and how strictly. Build it with `..SimConfig::default()`: fields
 /// get added.
@@ -129,6 +135,9 @@ pub struct SimConfig {
     pub scopes: Option<Vec<String>>,
     /// Writes while a client pages (see [`Churn`]); `None` (the default): none.
     pub churn: Option<Churn>,
+    /// Signed webhooks for every applied write, to a receiver (see `webhooks`); `None` (the
+    /// default): none are sent.
+    pub webhooks: Option<WebhookConfig>,
 }
 
 /// Writes during a run, so that a client's paging guards meet what they guard against:
@@ -162,6 +171,7 @@ impl Default for SimConfig {
             country: "US".into(),
             scopes: None,
             churn: None,
+            webhooks: None,
         }
     }
 }
@@ -211,6 +221,9 @@ pub struct SimStats {
     /// Per location: requests accepted and the seconds from the first to the last (the
     /// agency bench's share of each location's limit, as the server sees it).
     pub by_location: BTreeMap<String, LocationTraffic>,
+    /// Webhook deliveries, when [`SimConfig::webhooks`] is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<WebhookStats>,
 }
 
 /// The simulator's shared state; serve it with [`serve`].
@@ -231,6 +244,8 @@ pub struct Sim {
     listing_pages: AtomicU64,
     /// Ids touched by churn so far.
     churned: std::sync::Mutex<BTreeSet<String>>,
+    /// The webhook sender, when [`SimConfig::webhooks`] is set.
+    webhooks: Option<webhooks::Webhooks>,
 }
 
 struct Counters {
@@ -309,6 +324,11 @@ impl Sim {
             idle: tokio::sync::Notify::new(),
             listing_pages: AtomicU64::new(0),
             churned: std::sync::Mutex::default(),
+            webhooks: config.webhooks.as_ref().and_then(|w| {
+                webhooks::Webhooks::new(w, config.seed)
+                    .map_err(|e| tracing::error!("webhooks are off: {e}"))
+                    .ok()
+            }),
             config,
         })
     }
@@ -335,7 +355,55 @@ impl Sim {
             writes_in_flight: get(&c.writes_in_flight),
             writes_abandoned: get(&c.writes_abandoned),
             by_location: self.limiter.by_location(),
+            webhooks: self.webhooks.as_ref().map(webhooks::Webhooks::stats),
         }
+    }
+
+    /// The public key that verifies `X-GHL-Signature`, as a SubjectPublicKeyInfo PEM
+    /// (`-----BEGIN PUBLIC KEY-----`). Derived from [`SimConfig::seed`]: the same for every
+    /// simulator with that seed, whether or not it sends webhooks.
+    pub fn webhook_public_key_pem(&self) -> String {
+        webhooks::public_key_pem(self.config.seed)
+    }
+
+    /// Webhook counters (all zero without [`SimConfig::webhooks`]).
+    pub fn webhook_stats(&self) -> WebhookStats {
+        self.webhooks
+            .as_ref()
+            .map(webhooks::Webhooks::stats)
+            .unwrap_or_default()
+    }
+
+    /// Returns once every write accepted so far has been applied ([`Sim::settle`]) and every
+    /// event emitted has been acknowledged, including the redeliveries after lost
+    /// acknowledgements: nothing more will be sent until the next write. Waits for ever while
+    /// the receiver is down. Returns at once without webhooks.
+    pub async fn webhooks_settled(&self) {
+        self.settle().await;
+        if let Some(w) = &self.webhooks {
+            w.settled().await;
+        }
+    }
+
+    /// Returns once at least `n` events have been acknowledged (at once without webhooks):
+    /// a test acts at a point of the webhook stream's own progress, e.g. kills its receiver.
+    pub async fn webhooks_acknowledged(&self, n: u64) {
+        if let Some(w) = &self.webhooks {
+            w.acknowledged(n).await;
+        }
+    }
+
+    /// Test truth: every event emitted so far, in emit order.
+    pub fn emitted_events(&self) -> Vec<EmittedEvent> {
+        self.webhooks
+            .as_ref()
+            .map(webhooks::Webhooks::emitted)
+            .unwrap_or_default()
+    }
+
+    /// The webhook sender, if any: write handlers emit through it.
+    pub(crate) fn hooks(&self) -> Option<&webhooks::Webhooks> {
+        self.webhooks.as_ref()
     }
 
     /// Writes accepted but not applied yet.
@@ -460,7 +528,9 @@ impl Sim {
         seed: u64,
     ) -> (Vec<String>, Vec<String>) {
         match self.store.location(location_id) {
-            Some(lock) => mutate::mutate(&mut store::write(lock), share, deleted, seed),
+            Some(lock) => {
+                mutate::mutate(&mut store::write(lock), share, deleted, seed, self.hooks())
+            }
             None => (Vec::new(), Vec::new()),
         }
     }
@@ -491,6 +561,7 @@ impl Sim {
             churn,
             self.config.seed,
             served / churn.every,
+            self.hooks(),
         );
         self.churned
             .lock()

@@ -1,5 +1,7 @@
 //! Edits and deletions that stand in for a day of CRM activity, for incremental exports
-//! ([`mutate`]), and the writes that happen while a client pages ([`churn`]).
+//! ([`mutate`]), and the writes that happen while a client pages ([`churn`]). Each write
+//! sends its webhook as a write through the API would (`ContactUpdate`, `ContactDelete`,
+//! `ContactCreate`), so an event-driven export sees them.
 
 use std::collections::HashSet;
 
@@ -7,11 +9,19 @@ use super::model::{Ms, Text, F};
 use super::now_ms;
 use super::rng::{hash, Rng};
 use super::store::Location;
+use super::webhooks::{EventType, Webhooks};
 use super::Churn;
 
 /// A real edit of a live contact: `city` and a tag change, `dateUpdated` moves to now
 /// (strictly forward). Email and phone stay, so the duplicate search needs no news of it.
-fn edit(l: &mut Location, slot: u32, city: String, tag: String, now: i64) {
+fn edit(
+    l: &mut Location,
+    slot: u32,
+    city: String,
+    tag: String,
+    now: i64,
+    hooks: Option<&Webhooks>,
+) {
     let c = l.contact_mut(slot);
     c.city = F::Val(Text::Owned(city));
     let mut tags = c.tags.get().cloned().unwrap_or_default();
@@ -19,12 +29,29 @@ fn edit(l: &mut Location, slot: u32, city: String, tag: String, now: i64) {
     tags.dedup();
     c.tags = F::Val(tags);
     c.date_updated = Ms(now.max(c.date_updated.0 + 1));
+    if let Some(h) = hooks {
+        h.emit(EventType::ContactUpdate, &c.location_id, &*c);
+    }
+}
+
+/// Deletes a live contact, with its webhook (the contact as it was).
+fn delete(l: &mut Location, slot: u32, hooks: Option<&Webhooks>) {
+    if let Some(h) = hooks {
+        h.emit(EventType::ContactDelete, l.id(), &*l.contact(slot));
+    }
+    l.delete(slot);
 }
 
 /// One round of churn in a location: edits `update` live contacts, deletes `delete` others
 /// (both drawn at random from the listing, seeded by `seed` and `round`) and creates
 /// `create` new ones (newest, so first in the listing). Returns the ids it touched.
-pub(crate) fn churn(l: &mut Location, churn: Churn, seed: u64, round: u64) -> Vec<String> {
+pub(crate) fn churn(
+    l: &mut Location,
+    churn: Churn,
+    seed: u64,
+    round: u64,
+    hooks: Option<&Webhooks>,
+) -> Vec<String> {
     let mut r = Rng::new(hash(&[seed, 82, u64::from(l.gen.loc), round]));
     let len = l.listing().len();
     let want = (churn.update + churn.delete).min(len);
@@ -46,10 +73,11 @@ pub(crate) fn churn(l: &mut Location, churn: Churn, seed: u64, round: u64) -> Ve
             format!("Churned City {round}"),
             format!("churn-{round}"),
             now,
+            hooks,
         );
     }
     for &s in doomed {
-        l.delete(s);
+        delete(l, s, hooks);
     }
     for i in 0..churn.create {
         let location_id = l.id().to_string();
@@ -62,6 +90,9 @@ pub(crate) fn churn(l: &mut Location, churn: Churn, seed: u64, round: u64) -> Ve
             c.refresh_derived();
             c
         });
+        if let Some(h) = hooks {
+            h.emit(EventType::ContactCreate, &location_id, &*l.contact(slot));
+        }
         touched.push(l.contact_id(slot));
     }
     touched
@@ -75,6 +106,7 @@ pub(crate) fn mutate(
     share: f64,
     deleted: usize,
     seed: u64,
+    hooks: Option<&Webhooks>,
 ) -> (Vec<String>, Vec<String>) {
     let loc = u64::from(l.gen.loc);
     let listing = l.listing().to_vec();
@@ -101,6 +133,7 @@ pub(crate) fn mutate(
             format!("Mutated City {seed}"),
             format!("edited-{seed}"),
             now,
+            hooks,
         );
     }
     let changed_ids = changed.iter().map(|&s| l.contact_id(s)).collect();
@@ -110,7 +143,7 @@ pub(crate) fn mutate(
         .map(|&s| l.contact_id(s))
         .collect();
     for s in doomed {
-        l.delete(s);
+        delete(l, s, hooks);
     }
     (changed_ids, deleted_ids)
 }

@@ -3,7 +3,8 @@
 //! contact's `dateUpdated`. Writes are rare next to reads, so `serde_json::Value` is fine here.
 //!
 //! A handler runs when the write is applied (after the configured write latency; see
-//! `routes`), so `dateAdded` and `dateUpdated` are the apply time. The rule against
+//! `routes`), so `dateAdded` and `dateUpdated` are the apply time, and a handler that applied
+//! its write emits the write's webhook then (see `webhooks` for which type each sends). The rule against
 //! duplicates reads the primary state ([`View::Primary`]): it sees every applied write at
 //! once, unlike the duplicate search. A location that allows duplicates never applies it.
 
@@ -15,6 +16,7 @@ use super::http::{ApiError, Kind, Reply, Req};
 use super::model::{CfValue, Contact, CustomField, Ms, Note, OrJson, Task, Text, F};
 use super::now_ms;
 use super::store::{write, Location, View};
+use super::webhooks::EventType;
 
 const CONTACT_FIELDS: &[&str] = &[
     "firstName",
@@ -43,6 +45,8 @@ const CREATE_ONLY: &[&str] = &["locationId", "gender", "companyName"];
 const UPSERT_ONLY: &[&str] = &["createNewIfDuplicateAllowed"];
 const TASK_FIELDS: &[&str] = &["title", "body", "dueDate", "completed", "assignedTo"];
 const NOTE_FIELDS: &[&str] = &["userId", "body", "title", "color", "pinned"];
+/// An update of only these sends `ContactDndUpdate` instead of `ContactUpdate`.
+const DND_FIELDS: &[&str] = &["dnd", "dndSettings", "inboundDndSettings"];
 
 /// The JSON object body; an empty body counts as `{}`.
 pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -308,6 +312,9 @@ pub(crate) fn create(req: &Req<'_>) -> Result<Reply, ApiError> {
     let mut c = new_contact(l.id());
     apply_contact(&mut c, &map, l.gen.custom_fields())?;
     let contact = insert(&mut l, c, req.sim.config.allow_duplicates)?;
+    if let Some(h) = req.sim.hooks() {
+        h.emit(EventType::ContactCreate, l.id(), &contact);
+    }
     Ok(Reply::new(
         StatusCode::CREATED,
         &json!({"contact": contact, "traceId": req.sim.trace_id()}),
@@ -341,6 +348,9 @@ pub(crate) fn upsert(req: &Req<'_>) -> Result<Reply, ApiError> {
             touch(&mut c);
             let contact = json!(&c);
             l.put_contact(slot, c);
+            if let Some(h) = req.sim.hooks() {
+                h.emit(EventType::ContactUpdate, l.id(), &contact);
+            }
             Ok(Reply::ok(
                 &json!({"new": false, "contact": contact, "traceId": trace_id}),
             ))
@@ -349,6 +359,9 @@ pub(crate) fn upsert(req: &Req<'_>) -> Result<Reply, ApiError> {
             let mut c = new_contact(l.id());
             apply_contact(&mut c, &map, l.gen.custom_fields())?;
             let contact = insert(&mut l, c, allow)?;
+            if let Some(h) = req.sim.hooks() {
+                h.emit(EventType::ContactCreate, l.id(), &contact);
+            }
             Ok(Reply::new(
                 StatusCode::CREATED,
                 &json!({"new": true, "contact": contact, "traceId": trace_id}),
@@ -407,6 +420,15 @@ pub(crate) fn update(req: &Req<'_>) -> Result<Reply, ApiError> {
         touch(&mut c);
         let contact = json!(&c);
         l.put_contact(slot, c);
+        if let Some(h) = req.sim.hooks() {
+            let dnd_only = !map.is_empty() && map.keys().all(|k| DND_FIELDS.contains(&k.as_str()));
+            let ty = if dnd_only {
+                EventType::ContactDndUpdate
+            } else {
+                EventType::ContactUpdate
+            };
+            h.emit(ty, l.id(), &contact);
+        }
         Ok(Reply::ok(
             &json!({"succeded": true, "contact": contact, "traceId": req.sim.trace_id()}),
         ))
@@ -416,6 +438,9 @@ pub(crate) fn update(req: &Req<'_>) -> Result<Reply, ApiError> {
 /// `DELETE /contacts/:id`
 pub(crate) fn delete(req: &Req<'_>) -> Result<Reply, ApiError> {
     with_contact_mut(req, |l, slot| {
+        if let Some(h) = req.sim.hooks() {
+            h.emit(EventType::ContactDelete, l.id(), &*l.contact(slot));
+        }
         l.delete(slot);
         Ok(Reply::ok(
             &json!({"succeded": true, "traceId": req.sim.trace_id()}),
@@ -453,6 +478,9 @@ pub(crate) fn tags(req: &Req<'_>) -> Result<Reply, ApiError> {
         }
         c.tags = F::Val(tags.clone());
         touch(c);
+        if let Some(h) = req.sim.hooks() {
+            h.emit(EventType::ContactTagUpdate, &c.location_id, &*c);
+        }
         let status = if adding {
             StatusCode::CREATED
         } else {
@@ -492,8 +520,15 @@ pub(crate) fn task(req: &Req<'_>) -> Result<Reply, ApiError> {
     let trace_id = req.sim.trace_id();
     let child = req.route.child.clone();
     let new_id = (kind == Kind::CreateTask).then(|| req.sim.new_child_id());
+    let hooks = req.sim.hooks();
     with_contact_mut(req, |l, slot| {
         let contact_id = l.contact_id(slot);
+        let location_id = l.id().to_owned();
+        let emit = |ty: EventType, t: &Task| {
+            if let Some(h) = hooks {
+                h.emit(ty, &location_id, t);
+            }
+        };
         let tasks = &mut l.children_mut(slot).tasks;
         let not_found = || ApiError::BadRequest(format!("Task with id {child} not found"));
         let (status, body) = match kind {
@@ -512,6 +547,7 @@ pub(crate) fn task(req: &Req<'_>) -> Result<Reply, ApiError> {
                     return Err(ApiError::Invalid(errs));
                 }
                 let body = json!({"task": &t, "traceId": trace_id});
+                emit(EventType::TaskCreate, &t);
                 tasks.push(t);
                 (StatusCode::CREATED, body)
             }
@@ -525,15 +561,28 @@ pub(crate) fn task(req: &Req<'_>) -> Result<Reply, ApiError> {
                 if !errs.is_empty() {
                     return Err(ApiError::Invalid(errs));
                 }
+                let was_completed = t.completed;
                 *t = edited;
+                // Completing (or confirming completion on the completion route) is a
+                // TaskComplete; any other edit a TaskUpdate.
+                let completes = t.completed && (kind == Kind::CompleteTask || !was_completed);
+                emit(
+                    if completes {
+                        EventType::TaskComplete
+                    } else {
+                        EventType::TaskUpdate
+                    },
+                    &*t,
+                );
                 (StatusCode::OK, json!({"task": &*t, "traceId": trace_id}))
             }
             _ => {
-                let before = tasks.len();
-                tasks.retain(|t| t.id != child);
-                if tasks.len() == before {
-                    return Err(not_found());
-                }
+                let at = tasks
+                    .iter()
+                    .position(|t| t.id == child)
+                    .ok_or_else(not_found)?;
+                let gone = tasks.remove(at);
+                emit(EventType::TaskDelete, &gone);
                 (
                     StatusCode::OK,
                     json!({"succeded": true, "traceId": trace_id}),
@@ -582,8 +631,15 @@ pub(crate) fn note(req: &Req<'_>) -> Result<Reply, ApiError> {
     let trace_id = req.sim.trace_id();
     let child = req.route.child.clone();
     let new_id = (kind == Kind::CreateNote).then(|| req.sim.new_child_id());
+    let hooks = req.sim.hooks();
     with_contact_mut(req, |l, slot| {
         let contact_id = l.contact_id(slot);
+        let location_id = l.id().to_owned();
+        let emit = |ty: EventType, n: &Note| {
+            if let Some(h) = hooks {
+                h.emit(ty, &location_id, n);
+            }
+        };
         let notes = &mut l.children_mut(slot).notes;
         let not_found = || ApiError::BadRequest(format!("Note with id {child} not found"));
         let (status, body) = match kind {
@@ -603,6 +659,7 @@ pub(crate) fn note(req: &Req<'_>) -> Result<Reply, ApiError> {
                     return Err(ApiError::Invalid(errs));
                 }
                 let body = json!({"note": &n, "traceId": trace_id});
+                emit(EventType::NoteCreate, &n);
                 notes.push(n);
                 (StatusCode::CREATED, body)
             }
@@ -617,14 +674,16 @@ pub(crate) fn note(req: &Req<'_>) -> Result<Reply, ApiError> {
                     return Err(ApiError::Invalid(errs));
                 }
                 *n = edited;
+                emit(EventType::NoteUpdate, &*n);
                 (StatusCode::OK, json!({"note": &*n, "traceId": trace_id}))
             }
             _ => {
-                let before = notes.len();
-                notes.retain(|n| n.id != child);
-                if notes.len() == before {
-                    return Err(not_found());
-                }
+                let at = notes
+                    .iter()
+                    .position(|n| n.id == child)
+                    .ok_or_else(not_found)?;
+                let gone = notes.remove(at);
+                emit(EventType::NoteDelete, &gone);
                 (
                     StatusCode::OK,
                     json!({"succeded": true, "traceId": trace_id}),
