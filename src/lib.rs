@@ -21,6 +21,9 @@
 //! - [`import`]: the bulk import: CSV validated first, journaled writes, resume, undo.
 //! - [`auth`]: OAuth 2.0 for Marketplace apps: login, the 0600 token store, refreshing token
 //!   sources, agency-to-location tokens.
+//! - [`events`]: `contacts-etl listen`, the signed webhook receiver: signature checks, an
+//!   fsynced journal with group commit and duplicate detection, and the `events` table its
+//!   segments roll into (with the reader incremental exports use).
 //! - [`sim`]: an in-process simulator of the API (axum) used by the demo, tests and benches.
 //! - [`app`]: the application layer: each command as a typed job, what it came to
 //!   ([`app::Outcome`]) and its exit code; pipeline files.
@@ -37,6 +40,7 @@ pub mod delta;
 pub mod dest;
 pub mod durable;
 pub mod estimate;
+pub mod events;
 pub mod export;
 pub mod extract;
 pub mod fanout;

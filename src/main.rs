@@ -27,9 +27,12 @@ fn main() -> ExitCode {
     // The client side is I/O-bound and runs on one thread: the CPU work (decoding into
     // columns, compression) has its own writer thread, and a single-threaded runtime avoids
     // the cross-thread wake-ups that dominate CPU time when requests are paced. The simulator
-    // (alone or in the demo) serves many connections and gets the multi-threaded runtime.
+    // (alone or in the demo) and the webhook receiver serve many connections and get the
+    // multi-threaded runtime.
     let mut builder = match cli.command {
-        Command::Sim(_) | Command::Demo(_) => tokio::runtime::Builder::new_multi_thread(),
+        Command::Sim(_) | Command::Demo(_) | Command::Listen(_) => {
+            tokio::runtime::Builder::new_multi_thread()
+        }
         _ => tokio::runtime::Builder::new_current_thread(),
     };
     let outcome = match builder.enable_all().build() {

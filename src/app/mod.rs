@@ -7,6 +7,7 @@
 //! - [`export`]: the one export plan builder, and the run of one location with its report.
 //! - [`pipeline`]: pipeline files, checked into the same typed jobs, and their runs.
 //! - [`import`]: import and undo jobs.
+//! - [`listen`]: the webhook receiver job (`contacts-etl listen`).
 //! - [`auth`]: the OAuth login, the token store, installed locations.
 //! - [`report`]: the run report of an export.
 //! - [`env`]: every environment variable the tool reads.
@@ -18,6 +19,7 @@ pub mod conn;
 pub mod env;
 pub mod export;
 pub mod import;
+pub mod listen;
 pub mod outcome;
 pub mod pipeline;
 pub mod plan;

@@ -123,6 +123,26 @@ pub enum Command {
     ///
     /// Example: JOB_COMPLETION_INDEX=2 contacts-etl run agency.toml --shard /8
     Run(RunArgs),
+    /// Receive HighLevel webhooks: verify each signature, store each event exactly once, and
+    /// roll the events into an events table (OUT/events/part-<n>.<ext>).
+    ///
+    /// Deliveries are POSTed to / or /webhook. Each is checked in turn: rate per source
+    /// address (429), body size (413), the Ed25519 X-GHL-Signature over the raw body (401;
+    /// the legacy RSA X-WH-Signature only with --legacy-rsa-key), a JSON object with type,
+    /// webhookId and timestamp (400), a timestamp within --max-age of now (401). A webhookId
+    /// already stored is answered 200 and not stored again. 200 is answered only once the
+    /// event is fsynced in the journal (--journal), so a crash loses nothing acknowledged.
+    /// Every --roll-every seconds or --roll-events events, and at shutdown, the journal rolls
+    /// into a part file (columns webhookId, type, locationId, timestamp, recordId, contactId,
+    /// receivedAt, receiverStartedAt, raw), for `export --incremental --from-events OUT`.
+    ///
+    /// GET /healthz (the process is up), GET /readyz (accepting deliveries), GET /stats
+    /// (counters as JSON). SIGTERM or SIGINT: stop accepting, finish the requests in flight,
+    /// roll, exit 0. Counters are logged at shutdown and written to JOURNAL/listen-report.json
+    /// at each roll. Plain HTTP: put TLS in front of it (an Ingress, README).
+    ///
+    /// Example: contacts-etl listen --public-key highlevel-webhook.pem --out ./warehouse
+    Listen(ListenArgs),
     /// Check a pipeline file without running it: every problem is reported with its line and
     /// key.
     Validate(ValidateArgs),
@@ -191,6 +211,96 @@ fn resolve_shard(spec: Option<ShardSpec>) -> Result<Option<Shard>, Outcome> {
     spec.resolve(index.as_deref())
         .map(Some)
         .map_err(Outcome::usage)
+}
+
+#[derive(Debug, Args)]
+pub struct ListenArgs {
+    /// Port to listen on (0 picks a free one, printed at start).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+
+    /// Address to listen on: loopback by default; 0.0.0.0 in a container.
+    #[arg(long, default_value = "127.0.0.1", value_name = "ADDR")]
+    pub bind: String,
+
+    /// Where the events table goes (OUT/events/), a directory or a bucket as for export.
+    #[arg(long, value_name = "DIR|URL")]
+    pub out: crate::dest::Target,
+
+    /// Format of the events table's part files.
+    #[arg(long, value_enum, default_value_t = FormatArg::Parquet)]
+    pub format: FormatArg,
+
+    /// The journal directory (local, and kept across restarts: a persistent volume): events
+    /// acknowledged but not yet rolled, recent ids for duplicates, the roll state and the
+    /// report. Default: OUT/_state/events; required when OUT is a bucket.
+    #[arg(long, value_name = "DIR")]
+    pub journal: Option<PathBuf>,
+
+    /// HighLevel's webhook public key (PEM, -----BEGIN PUBLIC KEY-----, Ed25519) that
+    /// X-GHL-Signature is verified with.
+    #[arg(long, value_name = "FILE")]
+    pub public_key: PathBuf,
+
+    /// Also accept deliveries signed only with the legacy X-WH-Signature (RSA-SHA256),
+    /// verified with this PEM public key. Without it that header is ignored.
+    #[arg(long, value_name = "FILE")]
+    pub legacy_rsa_key: Option<PathBuf>,
+
+    /// Refuse (401) a delivery whose timestamp is more than this many seconds before now,
+    /// or after now: a captured delivery cannot be replayed later.
+    #[arg(long, default_value_t = 300, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub max_age: u64,
+
+    /// Largest body accepted (bytes, or with K, M for KiB, MiB); larger ones get 413.
+    #[arg(long, default_value = "1M", value_name = "BYTES", value_parser = parse_bytes)]
+    pub max_body: u64,
+
+    /// Deliveries per second accepted from one source address, in bursts of as many (429
+    /// beyond); 0: no limit. Behind an Ingress every delivery comes from it.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub rate_limit: u32,
+
+    /// Roll the journal into a part at least this often, in seconds (when it holds events).
+    #[arg(long, default_value_t = 60, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub roll_every: u64,
+
+    /// Roll the journal into a part when it holds this many events.
+    #[arg(long, default_value_t = 50_000, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub roll_events: u64,
+}
+
+impl ListenArgs {
+    /// The receiver these flags describe.
+    pub fn job(&self) -> crate::app::listen::ListenJob {
+        let mut job = crate::app::listen::ListenJob::new(self.out.clone(), self.public_key.clone());
+        job.bind = self.bind.clone();
+        job.port = self.port;
+        job.format = self.format.into();
+        job.journal = self.journal.clone();
+        job.legacy_rsa_key = self.legacy_rsa_key.clone();
+        job.max_age = Duration::from_secs(self.max_age);
+        job.max_body = usize::try_from(self.max_body).unwrap_or(usize::MAX);
+        job.rate_limit = std::num::NonZeroU32::new(self.rate_limit);
+        job.roll_every = Duration::from_secs(self.roll_every);
+        job.roll_events = self.roll_events;
+        job
+    }
+}
+
+/// `contacts-etl listen`: prints where it listens, runs until a signal.
+async fn run_listen(args: &ListenArgs, quiet: bool) -> Outcome {
+    args.job()
+        .run(|addr, config| {
+            if !quiet {
+                eprintln!(
+                    "listening on http://{addr} (POST / or /webhook); events table: {}/events; journal: {}",
+                    config.out.describe(),
+                    config.journal.display()
+                );
+            }
+        })
+        .await
 }
 
 #[derive(Debug, Args)]
@@ -727,6 +837,7 @@ pub async fn dispatch(cli: &Cli) -> Outcome {
         Command::Auth(args) => auth::run(args, cli.quiet).await,
         Command::Run(args) => run_pipeline(args, cli.quiet).await,
         Command::Validate(args) => run_validate(args),
+        Command::Listen(args) => run_listen(args, cli.quiet).await,
         Command::Completions(args) => {
             run_completions(args);
             Outcome::Complete

@@ -151,9 +151,9 @@ pub fn commit(file: File, tmp: &Path, path: &Path) -> Result<(), WriteError> {
     sync_dir(parent(path))
 }
 
-/// Makes a rename in `dir` durable (see the module doc for the platforms and filesystems
-/// where it cannot).
-fn sync_dir(dir: &Path) -> Result<(), WriteError> {
+/// Makes a rename in `dir`, or a file created in it, durable (see the module doc for the
+/// platforms and filesystems where it cannot).
+pub fn sync_dir(dir: &Path) -> Result<(), WriteError> {
     #[cfg(unix)]
     {
         match File::open(dir).and_then(|d| d.sync_all()) {

@@ -93,7 +93,7 @@ impl PartWriter for CsvPart {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| SinkError::SchemaMismatch {
                 path: self.target.tmp.clone(),
-                entity: self.target.entity,
+                table: self.target.table,
                 detail: "a column type the CSV writer does not encode".into(),
             })?;
         let csv_err = |source| SinkError::Csv {

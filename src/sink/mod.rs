@@ -85,11 +85,12 @@ pub enum SinkError {
     },
     #[error("cannot write CSV file {}: {source}", path.display())]
     Csv { path: PathBuf, source: ::csv::Error },
-    /// A batch whose columns are not the entity's declared schema (a bug in the caller).
-    #[error("{}: batch does not match the {entity} schema: {detail}", path.display())]
+    /// A batch whose columns are not the table's declared schema (a bug in the caller).
+    #[error("{}: batch does not match the {table} schema: {detail}", path.display())]
     SchemaMismatch {
         path: PathBuf,
-        entity: Entity,
+        /// The table: an entity's name, or `events`.
+        table: &'static str,
         detail: String,
     },
     /// The bucket refused or failed a request.
@@ -209,7 +210,29 @@ pub fn open_part_with(
     n: u32,
     schema: SchemaRef,
 ) -> Result<Box<dyn PartWriter>, SinkError> {
-    let target = PartTarget::new(out, format, entity, partition, n, schema)?;
+    partition.check()?;
+    let rel_dir = partition.rel_dir(entity);
+    let name = format!("part-{n:05}.{}", format.extension());
+    let target = PartTarget::new(out, entity.name(), &rel_dir, &name, schema);
+    open_target(format, target)
+}
+
+/// A part file of a table outside the entities' partitioned layout: `OUT/<rel_dir>/<name>`
+/// (the events table of `contacts-etl listen`, `events/part-<seq:08>.<ext>`), written under the
+/// same rules (a temporary `.<name>.tmp` renamed when complete, or a multipart upload). The
+/// caller builds `rel_dir` and `name` from fixed text and numbers only: nothing from outside.
+pub fn open_table_part(
+    out: &Dest,
+    format: Format,
+    table: &'static str,
+    rel_dir: &str,
+    name: &str,
+    schema: SchemaRef,
+) -> Result<Box<dyn PartWriter>, SinkError> {
+    open_target(format, PartTarget::new(out, table, rel_dir, name, schema))
+}
+
+fn open_target(format: Format, target: PartTarget) -> Result<Box<dyn PartWriter>, SinkError> {
     Ok(match format {
         Format::Parquet => Box::new(parquet::ParquetPart::create(target)?),
         Format::Csv => Box::new(csv::CsvPart::create(target)?),
@@ -303,7 +326,8 @@ fn check_location_id(location_id: &str) -> Result<(), SinkError> {
 /// Where a part is written, and the temp-then-rename steps shared by both formats.
 pub(crate) struct PartTarget {
     dest: Dest,
-    pub(crate) entity: Entity,
+    /// The table's name, for messages.
+    pub(crate) table: &'static str,
     /// The columns of every batch, and of the file.
     pub(crate) schema: SchemaRef,
     /// `.part-<n>.<ext>.tmp`, the file being written.
@@ -315,26 +339,16 @@ pub(crate) struct PartTarget {
 }
 
 impl PartTarget {
-    fn new(
-        out: &Dest,
-        format: Format,
-        entity: Entity,
-        partition: &Partition,
-        n: u32,
-        schema: SchemaRef,
-    ) -> Result<Self, SinkError> {
-        partition.check()?;
-        let rel_dir = partition.rel_dir(entity);
-        let name = format!("part-{n:05}.{}", format.extension());
-        let dir = out.root().join(&rel_dir);
-        Ok(PartTarget {
+    fn new(out: &Dest, table: &'static str, rel_dir: &str, name: &str, schema: SchemaRef) -> Self {
+        let dir = out.root().join(rel_dir);
+        PartTarget {
             dest: out.clone(),
-            entity,
+            table,
             schema,
             tmp: dir.join(format!(".{name}.tmp")),
-            fin: dir.join(&name),
+            fin: dir.join(name),
             rel: format!("{rel_dir}/{name}"),
-        })
+        }
     }
 
     /// Starts the file: the temp file (truncating a leftover one, creating directories), or
@@ -384,7 +398,7 @@ impl PartTarget {
         };
         Err(SinkError::SchemaMismatch {
             path: self.tmp.clone(),
-            entity: self.entity,
+            table: self.table,
             detail,
         })
     }
