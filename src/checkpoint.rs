@@ -169,6 +169,10 @@ pub struct Checkpoint {
     /// listing); `None` before it starts, and in runs with `--children-by contact`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wide: Option<crate::wide::WideProgress>,
+    /// `--from-events`: the events the run covers, fixed when it decided its kind. Absent
+    /// without `--from-events`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<crate::incremental::EventsRange>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -310,6 +314,7 @@ mod tests {
             run_kind: None,
             listing_used: None,
             wide: None,
+            events: None,
         };
         save(&p, &c).unwrap();
         assert_eq!(load(&p).unwrap(), Some(c));

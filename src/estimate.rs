@@ -4,7 +4,8 @@
 //! Requests are the scarce resource (100 per 10 s and 200,000 a day per location), so the
 //! model counts them the way the export sends them:
 //! - the listing: `ceil(listed / page) + 1` (the search has no end mark: an empty page ends
-//!   it; `GET /contacts/` ends on `meta.nextPage: null`, so no extra page);
+//!   it; `GET /contacts/` ends on `meta.nextPage: null`, so no extra page); an events run
+//!   (`--from-events`) lists nothing and fetches each named contact (`GET /contacts/:id`);
 //! - per-contact children: one request per listed contact (changed contact, in an
 //!   incremental run) and entity;
 //! - location-wide tasks: pages of [`TASK_PAGE`](crate::wide::TASK_PAGE) tasks, each starting
@@ -70,12 +71,15 @@ impl Estimate {
         let (listed, with_children) = match c.kind {
             RunKind::Full => (c.contacts, c.contacts),
             RunKind::Walk => (c.contacts, c.changed.unwrap_or(c.contacts)),
-            RunKind::Filtered { .. } => {
+            RunKind::Filtered { .. } | RunKind::Events { .. } => {
                 let changed = c.changed.unwrap_or(c.contacts);
                 (changed, changed)
             }
         };
-        let listing = if c.search {
+        let listing = if matches!(c.kind, RunKind::Events { .. }) {
+            // No listing: `GET /contacts/:id` for each contact the events named.
+            listed
+        } else if c.search {
             listed.div_ceil(u64::from(crate::extract::SEARCH_PAGE_MAX)) + 1
         } else {
             listed.div_ceil(100).max(1)

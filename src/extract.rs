@@ -25,7 +25,7 @@ use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -126,13 +126,15 @@ pub struct Cursor {
 
 /// Where a listing continues: after a cursor (the location listing through `GET
 /// /contacts/`), after the `searchAfter` values of the last contact read (the listing through
-/// `POST /contacts/search`), or at an offset of the `index`-th requested business.
+/// `POST /contacts/search`), at an offset of the `index`-th requested business, or at the
+/// `index`-th of a run's named contacts ([`contacts_by_id`]).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Position {
     After(Cursor),
     Business { index: usize, skip: u64 },
     Search { after: Vec<serde_json::Value> },
+    Ids { index: usize },
 }
 
 /// How the location's contacts are listed: `GET /contacts/` (deprecated, 100 a page),
@@ -716,4 +718,55 @@ pub async fn probe_search(
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// Contacts fetched one by one (`GET /contacts/:id`), from the `from`-th of `ids`, in pages
+/// of `page` ids: the listing of an event-driven run, which knows which contacts changed and
+/// lists nothing else. `concurrency` requests of a page are in flight at once (the rate
+/// limiter paces them like any other). A contact the API no longer knows (deleted since the
+/// event named it) is left out of its page: its `ContactDelete` event deletes it, in this run
+/// or the next. The page's `next` is the index after it, so a resumed run continues there.
+pub fn contacts_by_id(
+    client: Arc<Client>,
+    ids: Arc<[String]>,
+    from: usize,
+    page: usize,
+    concurrency: usize,
+) -> impl Stream<Item = Result<Page, ExtractError>> {
+    let page = page.max(1);
+    let total = ids.len() as u64;
+    let starts: Vec<usize> = (from.min(ids.len())..ids.len()).step_by(page).collect();
+    futures::stream::iter(starts).then(move |start| {
+        let (client, ids) = (client.clone(), ids.clone());
+        async move {
+            let end = (start + page).min(ids.len());
+            let fetched: Vec<Result<Option<Box<RawValue>>, ApiError>> =
+                futures::stream::iter(ids[start..end].iter().cloned())
+                    .map(|id| {
+                        let client = client.clone();
+                        async move {
+                            match client.contact_raw(&id).await {
+                                Ok(c) => Ok(Some(c)),
+                                Err(e) if e.kind() == crate::api::ErrorKind::NotFound => {
+                                    tracing::info!(contact = %crate::term::Escaped(&id), "a contact named by an event is gone (deleted since): left to its delete event");
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        }
+                    })
+                    .buffered(concurrency.max(1))
+                    .collect()
+                    .await;
+            let mut contacts = Vec::with_capacity(end - start);
+            for c in fetched {
+                contacts.extend(c?);
+            }
+            Ok(Page {
+                contacts,
+                next: (end < ids.len()).then_some(Position::Ids { index: end }),
+                total: Some(total),
+            })
+        }
+    })
 }

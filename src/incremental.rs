@@ -20,8 +20,18 @@
 //!   `seen` log is appended to the state (a later line wins), and it reports no deletions.
 //!   Every `--full-walk-every`-th run is a walk again, which also compacts the state.
 //!
+//! - an **events** run (`--from-events`) lists nothing: it fetches, one by one, the contacts
+//!   that webhook events stored by `contacts-etl listen` named since the last run (a
+//!   contact's own events, and its notes', tasks' and appointments'), with their children,
+//!   and writes the contacts of `ContactDelete` events as deletions (see
+//!   `crate::export::events`). Like a filtered run, its `seen` log is appended to the state;
+//!   its deletions are appended as tombstones (`id<TAB>-`), which a later line overrides and
+//!   a walk's state drops. Every `--full-walk-every`-th run walks, and so does the run after
+//!   a gap in the events.
+//!
 //! [`Meta`] (`incremental.json` beside the state) holds what choosing needs: when the last
-//! complete run started, and how many filtered runs followed the last walk.
+//! complete run started, how many filtered or events runs followed the last walk, and where
+//! in the events table the last run stopped.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
@@ -29,6 +39,8 @@ use std::path::{Path, PathBuf};
 
 /// Marks a contact whose `dateUpdated` was absent or unreadable: always treated as changed.
 const UNKNOWN: i64 = i64::MIN;
+/// Marks a contact an events run deleted (`id<TAB>-` in the state file): not in the state.
+const DELETED: i64 = i64::MIN + 1;
 
 /// How often an incremental run walks every contact, by default.
 pub const DEFAULT_FULL_WALK_EVERY: u32 = 7;
@@ -49,6 +61,9 @@ pub enum RunKind {
     /// since the last walk.
     #[serde(rename_all = "camelCase")]
     Filtered { since_ms: i64, nth: u32 },
+    /// Only the contacts named by the events of the checkpoint's [`EventsRange`]. The `nth`
+    /// filtered or events run since the last walk.
+    Events { nth: u32 },
 }
 
 impl RunKind {
@@ -57,7 +72,23 @@ impl RunKind {
             RunKind::Full => "full",
             RunKind::Walk => "walk",
             RunKind::Filtered { .. } => "filtered",
+            RunKind::Events { .. } => "events",
         }
+    }
+
+    /// The `nth` of a filtered or events run (0 for a walk or a full run): how many runs since
+    /// the last walk it makes.
+    pub fn nth(self) -> u32 {
+        match self {
+            RunKind::Filtered { nth, .. } | RunKind::Events { nth, .. } => nth,
+            RunKind::Full | RunKind::Walk => 0,
+        }
+    }
+
+    /// Whether the run lists only some contacts (filtered, events): it cannot see deletions by
+    /// their absence, and its `seen` log is appended to the state rather than replacing it.
+    pub fn partial(self) -> bool {
+        matches!(self, RunKind::Filtered { .. } | RunKind::Events { .. })
     }
 
     /// The kind a listing that cannot filter (`GET /contacts/`) runs instead: a walk.
@@ -114,6 +145,35 @@ pub struct Meta {
     /// the next run walks.
     #[serde(default)]
     pub refetch: bool,
+    /// Where that run stopped reading the events table (`--from-events`): the last part it
+    /// covered, and the last event row in it. Absent when the run read no events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events: Option<EventsMark>,
+}
+
+/// The events an incremental run with `--from-events` covers, fixed when it starts: the parts
+/// after part `after` (all parts when `None`, then only events stamped at or after
+/// `since_ms`) up to `mark.part`. An events run fetches the contacts they name; a walk
+/// fetches them too, whatever their `dateUpdated` says (a note's change does not move it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsRange {
+    pub after: Option<u64>,
+    pub since_ms: i64,
+    /// Where the table stood: the next run reads after it.
+    pub mark: EventsMark,
+}
+
+/// A position in the events table that `contacts-etl listen` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventsMark {
+    /// The last part covered (`None`: the table had no part yet).
+    pub part: Option<u64>,
+    /// The last row of the table up to that part: when it was received, and when the
+    /// receiver that stored it had started (a restart after a long silence is a gap).
+    pub received_ms: Option<i64>,
+    pub receiver_started_ms: Option<i64>,
 }
 
 impl Meta {
@@ -205,6 +265,8 @@ impl PrevState {
             }
             same
         });
+        // A contact whose last line is a tombstone is not in the state.
+        order.retain(|&i| st.ms[i as usize] != DELETED);
         st.order = order;
         Ok(Some(st))
     }
@@ -230,6 +292,15 @@ impl PrevState {
             .ok()
     }
 
+    /// The last known `dateUpdated` of a contact in the state (`Some(None)`: in the state,
+    /// its date unknown; `None`: not in the state).
+    pub fn known(&self, id: &str) -> Option<Option<i64>> {
+        self.rank(id).map(|r| {
+            let ms = self.ms[self.order[r] as usize];
+            (ms != UNKNOWN).then_some(ms)
+        })
+    }
+
     /// Whether a contact is new or changed since the previous run.
     pub fn changed(&self, id: &str, date_updated: Option<i64>) -> bool {
         let prev = self.rank(id).map(|r| self.ms[self.order[r] as usize]);
@@ -242,10 +313,10 @@ impl PrevState {
 
 fn parse_line(line: &str) -> Option<(&str, i64)> {
     let (id, ms) = line.split_once('\t')?;
-    let ms = if ms.is_empty() {
-        UNKNOWN
-    } else {
-        ms.parse().ok()?
+    let ms = match ms {
+        "" => UNKNOWN,
+        "-" => DELETED,
+        ms => ms.parse().ok()?,
     };
     (!id.is_empty()).then_some((id, ms))
 }
@@ -334,9 +405,10 @@ pub fn save_state(path: &Path, seen: &Path) -> Result<(), StateError> {
         .map_err(|e| err(path)(e.into()))
 }
 
-/// Appends a complete `seen` log of a filtered run to the state file, atomically, by
-/// streaming both (a later line wins when the state is loaded). Safe to repeat.
-pub fn append_state(path: &Path, seen: &Path) -> Result<(), StateError> {
+/// Appends a complete `seen` log of a filtered or events run to the state file, then a
+/// tombstone for each of `deleted`, atomically, by streaming (a later line wins when the
+/// state is loaded). Safe to repeat.
+pub fn append_state(path: &Path, seen: &Path, deleted: &[String]) -> Result<(), StateError> {
     let mut from = File::open(seen).map_err(err(seen))?;
     let old = match File::open(path) {
         Ok(f) => Some(f),
@@ -347,7 +419,11 @@ pub fn append_state(path: &Path, seen: &Path) -> Result<(), StateError> {
         if let Some(mut old) = old {
             std::io::copy(&mut old, to)?;
         }
-        std::io::copy(&mut from, to).map(|_| ())
+        std::io::copy(&mut from, to)?;
+        for id in deleted.iter().filter(|id| !id.contains(['\t', '\n', '\r'])) {
+            writeln!(to, "{id}\t-")?;
+        }
+        Ok(())
     })
     .map_err(|e| err(path)(e.into()))
 }
@@ -355,6 +431,43 @@ pub fn append_state(path: &Path, seen: &Path) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_tombstone_removes_a_contact_and_a_later_line_brings_it_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state.tsv");
+        let seen = dir.path().join("seen.tsv");
+        std::fs::write(&state, "a\t1\nb\t2\nc\t3\n").unwrap();
+        std::fs::write(&seen, "b\t5\n").unwrap();
+        append_state(&state, &seen, &["c".into(), "x\ty".into()]).unwrap();
+        let st = PrevState::load(&state).unwrap().unwrap();
+        assert_eq!(
+            st.len(),
+            2,
+            "c is deleted; the id with a tab is not written"
+        );
+        assert_eq!(st.known("a"), Some(Some(1)));
+        assert_eq!(st.known("b"), Some(Some(5)));
+        assert_eq!(st.known("c"), None);
+        assert!(
+            st.changed("c", Some(3)),
+            "a deleted contact that reappears is new"
+        );
+        // A walk that lists no contact finds the two remaining ones deleted, not c again.
+        std::fs::write(&seen, "").unwrap();
+        let gone: Vec<String> = deletions(Some(&st), &seen)
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(gone, ["a", "b"]);
+        std::fs::write(&seen, "c\t9\n").unwrap();
+        append_state(&state, &seen, &[]).unwrap();
+        assert_eq!(
+            PrevState::load(&state).unwrap().unwrap().known("c"),
+            Some(Some(9))
+        );
+    }
 
     #[test]
     fn every_seventh_run_walks_by_default_and_the_others_list_changes_since_the_last_start() {
@@ -368,6 +481,7 @@ mod tests {
             last_started_ms: 1_000_000,
             filtered_since_walk: 0,
             refetch: false,
+            events: None,
         };
         for _ in 0..14 {
             let kind = choose(Some(&meta), true);

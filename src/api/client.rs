@@ -321,6 +321,22 @@ impl Client {
         )
     }
 
+    /// `GET /contacts/:id`, the contact as received (every field kept, for the export's
+    /// decoder).
+    pub async fn contact_raw(&self, contact_id: &str) -> Result<Box<RawValue>, ApiError> {
+        #[derive(Deserialize)]
+        struct RawContactEnv {
+            contact: Box<RawValue>,
+        }
+        let env: RawContactEnv = self
+            .get_json(
+                RequestKind::Contact,
+                path_and_query(&["contacts", contact_id], &[]),
+            )
+            .await?;
+        Ok(env.contact)
+    }
+
     pub async fn get_contact(&self, contact_id: &str) -> Result<Contact, ApiError> {
         let env: ContactEnv = self
             .get_json(

@@ -13,7 +13,9 @@ use super::outcome::{export_outcome, Outcome};
 use super::report::{RunReport, Started};
 use crate::api::Client;
 use crate::dest::{Dest, Target};
-use crate::export::{Budget, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress};
+use crate::export::{
+    Budget, EventsSource, ExportPlan, IncrementalPlan, Interrupt, Manifest, Progress,
+};
 use crate::extract::Listing;
 use crate::fanout::Include;
 use crate::sink::Format;
@@ -42,6 +44,12 @@ pub struct ExportSettings {
     pub overlap: Duration,
     /// With `incremental`: every this many runs, one lists every contact (deletions).
     pub full_walk_every: u32,
+    /// With `incremental`: the `--out` of `contacts-etl listen`; runs between walks fetch
+    /// only the contacts its events named.
+    pub from_events: Option<Target>,
+    /// With `from_events`: a receiver restart after this long without a stored event is a
+    /// gap (the run walks).
+    pub max_gap: Duration,
     /// Where incremental state lives (default `OUT/_state`).
     pub state_dir: Option<PathBuf>,
     /// Write under an `export_date=<day the run started>` partition.
@@ -76,6 +84,8 @@ impl ExportSettings {
             listing: Listing::Auto,
             overlap: crate::export::DEFAULT_OVERLAP,
             full_walk_every: crate::export::DEFAULT_FULL_WALK_EVERY,
+            from_events: None,
+            max_gap: crate::export::DEFAULT_MAX_GAP,
             state_dir: None,
             partition_by_date: false,
             max_skipped: crate::export::DEFAULT_MAX_SKIPPED,
@@ -106,6 +116,11 @@ impl ExportSettings {
                 "--verify-sample {} is not a share between 0 and 1 (0.005 checks half a percent of the contacts)",
                 self.verify_sample
             )));
+        }
+        if self.from_events.is_some() && !self.incremental {
+            return Err(Outcome::usage(
+                "--from-events drives incremental runs: add --incremental",
+            ));
         }
         check_ids("--business", &self.businesses)
     }
@@ -166,6 +181,10 @@ pub fn plan(
             full_refresh: s.full_refresh,
             overlap: s.overlap,
             full_walk_every: s.full_walk_every.max(1),
+            from_events: s.from_events.clone().map(|target| EventsSource {
+                target,
+                max_gap: s.max_gap,
+            }),
         });
     }
     plan.export_date = if s.partition_by_date {

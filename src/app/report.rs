@@ -37,8 +37,9 @@ pub struct RunReport {
     pub resumed: bool,
     pub incremental: bool,
     /// Which contacts the run lists: `full`, `walk` (incremental: every contact listed,
-    /// deletions found) or `filtered` (incremental: only contacts updated since
-    /// `changedSince`); absent when the run stopped before deciding.
+    /// deletions found), `filtered` (incremental: only contacts updated since
+    /// `changedSince`) or `events` (`--from-events`: only the contacts events named); absent
+    /// when the run stopped before deciding.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub run_kind: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -62,6 +63,12 @@ pub struct RunReport {
     /// chose its listing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub estimate: Option<Estimate>,
+    /// An events run (`--from-events`): what a listing-based incremental run would have spent
+    /// on the contacts this run fetched (a filtered search, then their children: tasks through
+    /// the location-wide search unless `--children-by contact`, notes and appointments per
+    /// contact), beside `requests.attempts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listing_estimate: Option<Estimate>,
     /// Share of the rate limit in force that this run used (successful requests / allowed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_share: Option<f64>,
@@ -169,6 +176,7 @@ impl RunReport {
             },
             listing: ck.as_ref().and_then(|c| c.listing_used.clone()),
             estimate: ck.as_ref().and_then(|c| estimate_of_run(plan, c)),
+            listing_estimate: ck.as_ref().and_then(|c| listing_estimate(plan, c)),
             out: plan.dest.describe(),
             manifest: manifest.map(|_| plan.manifest_path().display().to_string()),
             rows,
@@ -203,7 +211,7 @@ fn estimate_of_run(plan: &ExportPlan, ck: &Checkpoint) -> Option<Estimate> {
         contacts: ck.contacts_listed,
         changed: match kind {
             RunKind::Full => None,
-            RunKind::Walk | RunKind::Filtered { .. } => Some(written),
+            RunKind::Walk | RunKind::Filtered { .. } | RunKind::Events { .. } => Some(written),
         },
         kind,
         search: listing == "search",
@@ -214,6 +222,31 @@ fn estimate_of_run(plan: &ExportPlan, ck: &Checkpoint) -> Option<Estimate> {
         calendars: wide("appointments")
             .and_then(|e| e.events_plan.as_ref())
             .map(|p| p.calendars.len() as u64),
+        now_ms: crate::export::now_millis(),
+    }))
+}
+
+/// What a filtered run would have spent on an events run's contacts (see
+/// [`RunReport::listing_estimate`]); `None` for other runs.
+fn listing_estimate(plan: &ExportPlan, ck: &Checkpoint) -> Option<Estimate> {
+    let filtered = match ck.run_kind? {
+        RunKind::Events { nth } => RunKind::Filtered {
+            since_ms: ck.events.map_or(0, |e| e.since_ms),
+            nth,
+        },
+        _ => return None,
+    };
+    let by_location = plan.children_by != crate::wide::ChildrenBy::Contact;
+    Some(Estimate::of(&CostInput {
+        contacts: ck.contacts_listed,
+        changed: Some(ck.contacts_listed),
+        kind: filtered,
+        search: true,
+        include: plan.include,
+        tasks_by_location: by_location && plan.include.tasks,
+        appointments_by_location: false,
+        verify_sample: if by_location { plan.verify_sample } else { 0.0 },
+        calendars: None,
         now_ms: crate::export::now_millis(),
     }))
 }

@@ -394,6 +394,25 @@ pub struct ExportArgs {
     #[arg(long, default_value_t = crate::export::DEFAULT_FULL_WALK_EVERY, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), requires = "incremental")]
     pub full_walk_every: u32,
 
+    /// With --incremental: drive the runs between walks by webhook events: DIR (or a bucket
+    /// URL) is the --out of `contacts-etl listen`. Such a run lists nothing: it fetches the
+    /// contacts that events named since the last run (GET /contacts/:id and their tasks,
+    /// notes and appointments: about 4 requests a changed contact) and writes ContactDelete
+    /// events to deleted_contacts/. Every --full-walk-every-th run, and any run after a gap
+    /// in the events (see --max-gap), walks every contact instead.
+    #[arg(long, value_name = "DIR|URL", requires = "incremental")]
+    pub from_events: Option<crate::dest::Target>,
+
+    /// With --from-events: a receiver that restarted more than SECS after it last stored an
+    /// event may have refused redeliveries as stale meanwhile: the next run walks.
+    #[arg(
+        long,
+        default_value_t = 300,
+        value_name = "SECS",
+        requires = "from_events"
+    )]
+    pub max_gap: u64,
+
     /// With --incremental: export everything and replace the state (run it weekly: a child
     /// changed without its contact's dateUpdated moving is only caught by a full refresh).
     #[arg(long, requires = "incremental")]
@@ -804,6 +823,8 @@ impl ExportArgs {
         settings.listing = self.listing.into();
         settings.overlap = Duration::from_secs(self.overlap);
         settings.full_walk_every = self.full_walk_every;
+        settings.from_events = self.from_events.clone();
+        settings.max_gap = Duration::from_secs(self.max_gap);
         settings.state_dir = self.state_dir.clone();
         settings.max_skipped = self.max_skipped;
         settings.children_by = self.children_by;
@@ -1306,16 +1327,18 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// The simulator's config `contacts-etl sim ARGS` builds, or clap's error.
+    fn config(args: &[&str]) -> Result<crate::sim::SimConfig, String> {
+        let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
+        match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Sim(a)) => Ok(sim_config(&a)),
+            Ok(_) => panic!("not the sim command"),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     #[test]
     fn sim_flags_reach_the_config() {
-        let config = |args: &[&str]| {
-            let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
-            match Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(Command::Sim(a)) => Ok(sim_config(&a)),
-                Ok(_) => panic!("not the sim command"),
-                Err(e) => Err(e.to_string()),
-            }
-        };
         let c = config(&[
             "--write-latency-ms",
             "50-400",
@@ -1353,14 +1376,6 @@ mod tests {
 
     #[test]
     fn webhook_flags_reach_the_sim_config() {
-        let config = |args: &[&str]| {
-            let argv = ["contacts-etl", "sim"].iter().chain(args).copied();
-            match Cli::try_parse_from(argv).map(|c| c.command) {
-                Ok(Command::Sim(a)) => Ok(sim_config(&a)),
-                Ok(_) => panic!("not the sim command"),
-                Err(e) => Err(e.to_string()),
-            }
-        };
         let c = config(&[
             "--webhook-url",
             "http://127.0.0.1:9/hooks",

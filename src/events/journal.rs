@@ -278,7 +278,7 @@ impl Segment {
     }
 
     /// The current length of the file.
-    pub fn len(&self) -> io::Result<u64> {
+    pub fn file_len(&self) -> io::Result<u64> {
         self.file.metadata().map(|m| m.len())
     }
 
@@ -395,7 +395,7 @@ impl Writer {
             }
         }
         if stored > 0 {
-            let before = self.segment.len();
+            let before = self.segment.file_len();
             if let Err(e) = self.segment.append(&framed, stored) {
                 // Answers are dropped with the batch: 503, the sender retries elsewhere or
                 // later. Cut what the failed write may have left, if the disk lets us.
@@ -485,7 +485,7 @@ mod tests {
         record("a", 10).encode(&mut buf);
         record("b", 20).encode(&mut buf);
         seg.append(&buf, 2).unwrap();
-        let whole = seg.len().unwrap();
+        let whole = seg.file_len().unwrap();
         let mut torn = Vec::new();
         record("c", 30).encode(&mut torn);
         seg.append(&torn[..torn.len() - 3], 1).unwrap();
@@ -551,7 +551,11 @@ mod tests {
             .collect();
         use Appended::*;
         assert_eq!(got, [Stored, Stored, Duplicate, Duplicate, Duplicate]);
-        assert_eq!(roll_rx.try_iter().collect::<Vec<_>>(), [5], "sealed for the roller");
+        assert_eq!(
+            roll_rx.try_iter().collect::<Vec<_>>(),
+            [5],
+            "sealed for the roller"
+        );
         let (records, _, _) = read_segment(&segment_path(d, 5)).unwrap();
         let ids: Vec<&str> = records.iter().map(|r| r.webhook_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);

@@ -244,6 +244,8 @@ pub struct EventRow {
     pub contact_id: Option<String>,
     pub received_at_ms: i64,
     pub receiver_started_ms: i64,
+    /// The number of the part the row was read from: a reader's resume mark.
+    pub part: u64,
 }
 
 /// Calls `f` for every row of the parts with seq > `after` (all when `None`), in seq order
@@ -277,8 +279,8 @@ pub fn scan(
             continue;
         };
         match fmt {
-            Format::Parquet => read_parquet(&path, bytes, &mut f)?,
-            Format::Csv => read_csv(&path, &bytes, &mut f)?,
+            Format::Parquet => read_parquet(&path, seq, bytes, &mut f)?,
+            Format::Csv => read_csv(&path, seq, &bytes, &mut f)?,
         }
         last = Some(seq);
     }
@@ -302,6 +304,7 @@ fn parse_part_name(name: &str) -> Option<(u64, Format)> {
 
 fn read_parquet(
     path: &Path,
+    part: u64,
     bytes: Vec<u8>,
     f: &mut impl FnMut(EventRow),
 ) -> Result<(), EventsError> {
@@ -334,6 +337,7 @@ fn read_parquet(
                 contact_id: opt(contacts, i),
                 received_at_ms: received.value(i),
                 receiver_started_ms: started.value(i),
+                part,
             });
         }
     }
@@ -369,7 +373,12 @@ fn time_column<'b>(
         .ok_or_else(|| table_error(path, format!("no timestamp column {name}")))
 }
 
-fn read_csv(path: &Path, bytes: &[u8], f: &mut impl FnMut(EventRow)) -> Result<(), EventsError> {
+fn read_csv(
+    path: &Path,
+    part: u64,
+    bytes: &[u8],
+    f: &mut impl FnMut(EventRow),
+) -> Result<(), EventsError> {
     let bad = |detail: String| table_error(path, detail);
     let mut reader = ::csv::ReaderBuilder::new()
         .has_headers(true)
@@ -407,6 +416,7 @@ fn read_csv(path: &Path, bytes: &[u8], f: &mut impl FnMut(EventRow)) -> Result<(
             received_at_ms: time(recv).ok_or_else(|| bad(format!("line {line}: no receivedAt")))?,
             receiver_started_ms: time(start)
                 .ok_or_else(|| bad(format!("line {line}: no receiverStartedAt")))?,
+            part,
         });
     }
     Ok(())
@@ -545,6 +555,7 @@ mod tests {
                 contact_id: Some("c1".into()),
                 received_at_ms: 2_000,
                 receiver_started_ms: 1_000,
+                part: 2,
             }
         );
         assert_eq!(rows[1].contact_id.as_deref(), Some("c2"));

@@ -249,6 +249,7 @@ mod tests {
             run_kind: None,
             listing_used: None,
             wide: None,
+            events: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! [`ExportPlan::max_skipped`]; beyond that the run fails ([`ExportError::TooManySkipped`]).
 
 mod custom_fields;
+mod events;
 pub mod interrupt;
 mod resources;
 mod wide;
@@ -31,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::wide::WideProgress;
 pub use custom_fields::CustomFieldsMode;
+pub use events::{EventsSource, DEFAULT_MAX_GAP};
 pub use interrupt::{Interrupt, Signal};
 pub use resources::Resources;
 pub use wide::{report as children_report, ChildrenReport, DEFAULT_VERIFY_SAMPLE};
@@ -44,6 +46,10 @@ use crate::fanout::{self, ChangeFilter, Include, Item, SkippedRequest};
 use crate::incremental::{self, PrevState, RunKind, SeenLog, StateError};
 use crate::schema::{BatchBuilder, Entity, RowContext, SCHEMA_VERSION};
 use crate::sink::{self, Format, Partition, SinkError};
+
+/// `GET /contacts/:id` requests of an events run in flight at once (the rate limiter paces
+/// them; the fan-out then fetches their children).
+const EVENTS_CONCURRENCY: usize = 8;
 
 /// Child requests refused for good that a run skips, by default, before it fails.
 pub const DEFAULT_MAX_SKIPPED: u64 = 1000;
@@ -155,6 +161,9 @@ pub struct IncrementalPlan {
     pub overlap: Duration,
     /// Every this many runs, one lists every contact to find deletions (1: every run).
     pub full_walk_every: u32,
+    /// `--from-events`: the runs between walks fetch only the contacts webhook events named
+    /// ([`events`]).
+    pub from_events: Option<EventsSource>,
 }
 
 impl IncrementalPlan {
@@ -284,14 +293,16 @@ pub struct Manifest {
     pub incremental: bool,
     /// Which contacts the run listed: `full` (every contact with its children), `walk`
     /// (incremental: every contact listed, children and rows of new and changed ones,
-    /// deletions found) or `filtered` (incremental: only contacts updated since
-    /// `changedSince`; deletions not looked for).
+    /// deletions found), `filtered` (incremental: only contacts updated since
+    /// `changedSince`; deletions not looked for) or `events` (incremental, `--from-events`:
+    /// only the contacts webhook events named; deletions from `ContactDelete` events).
     #[serde(default)]
     pub run_kind: String,
     /// The filtered run's bound: contacts updated at or after it were listed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub changed_since: Option<String>,
-    /// How the contacts were listed: `search`, `get` or `business`.
+    /// How the contacts were listed: `search`, `get`, `business` or `events` (fetched one by
+    /// one as events named them).
     #[serde(default)]
     pub listing: String,
     pub started_at: String,
@@ -355,6 +366,8 @@ pub enum ExportError {
     Lock(#[from] crate::durable::lock::LockError),
     #[error(transparent)]
     Delta(#[from] crate::delta::DeltaError),
+    #[error("cannot read the events table in {dir}: {message}\nhint: --from-events takes the --out of `contacts-etl listen`; run without --from-events to list changes instead")]
+    Events { dir: String, message: String },
 }
 
 impl ExportError {
@@ -443,11 +456,48 @@ pub async fn run(
     if let (Some(_), None) = (&plan.incremental, &prev) {
         tracing::info!(location = %plan.location_id, "no incremental state (first run or --full-refresh): exporting every contact");
     }
+    let mut ck = ck;
+    decide_events(plan, &mut ck, &ck_path, prev.is_some())?;
+    // An events run fetches a few contacts' children one contact at a time: the
+    // location-wide routes would list every task and appointment of the location.
+    let per_contact;
+    let plan = match ck.run_kind {
+        Some(RunKind::Events { .. }) if plan.children_by != crate::wide::ChildrenBy::Contact => {
+            per_contact = ExportPlan {
+                children_by: crate::wide::ChildrenBy::Contact,
+                ..plan.clone()
+            };
+            &per_contact
+        }
+        _ => plan,
+    };
+    // What the events of the run's range name: the contacts an events run fetches, and those
+    // a walk fetches whatever their `dateUpdated`; the events run's deletions.
+    let named = match (
+        plan.incremental
+            .as_ref()
+            .and_then(|i| i.from_events.as_ref()),
+        &ck.events,
+        ck.run_kind,
+    ) {
+        (Some(source), Some(range), Some(RunKind::Events { .. } | RunKind::Walk)) => {
+            Some(Arc::new(events::named(source, &plan.location_id, range)?))
+        }
+        _ => None,
+    };
     let ck = if ck.listing_done {
         ck
     } else {
         let mut ck = ck;
-        let source = decide(&client, plan, &mut ck, &ck_path, prev.is_some()).await?;
+        let source = decide(
+            &client,
+            plan,
+            &mut ck,
+            &ck_path,
+            prev.is_some(),
+            named.as_deref(),
+        )
+        .await?;
         // The `seen` log is also the list of contacts the location-wide phase keeps rows of.
         let seen = match plan.incremental.is_some() || wide::needs_listed(plan) {
             true => Some(SeenLog::open(&seen_path, ck.seen_bytes)?),
@@ -463,6 +513,7 @@ pub async fn run(
             prev.clone(),
             progress,
             wide,
+            named.clone(),
         )
         .await?
     };
@@ -475,7 +526,16 @@ pub async fn run(
         prev.as_deref(),
     )
     .await?;
-    finish(client, plan, ck, &ck_path, &seen_path, prev.as_deref()).await
+    finish(
+        client,
+        plan,
+        ck,
+        &ck_path,
+        &seen_path,
+        prev.as_deref(),
+        named.as_deref(),
+    )
+    .await
 }
 
 /// Resumes the unfinished checkpoint, or starts afresh.
@@ -597,6 +657,7 @@ fn begin(plan: &ExportPlan, ck_path: &Path, seen_path: &Path) -> Result<Checkpoi
         run_kind: None,
         listing_used: None,
         wide: None,
+        events: None,
     };
     checkpoint::commit(&plan.dest, ck_path, &ck)?;
     Ok(ck)
@@ -615,11 +676,12 @@ async fn stream(
     prev: Option<Arc<PrevState>>,
     progress: Arc<Progress>,
     wide: Option<Arc<crate::schema::WideColumns>>,
+    named: Option<Arc<events::Named>>,
 ) -> Result<Checkpoint, ExportError> {
     // Contacts a page of this listing brings at most.
     let page_len = match &source {
         Source::Search { query, .. } => query.page_limit,
-        Source::Get(_) | Source::Businesses { .. } => plan.page_size,
+        Source::Get(_) | Source::Businesses { .. } | Source::Ids { .. } => plan.page_size,
     }
     .max(1) as usize;
     let pages = listing(client.clone(), plan, source).map({
@@ -637,9 +699,15 @@ async fn stream(
     let mut skipped = ck.skipped.len() as u64;
     let mut too_many = None;
     // A full run (first incremental run, --full-refresh) treats every contact as changed.
+    // An events run fetches every contact the events named, and a walk those too: a note's
+    // event does not move its contact's `dateUpdated`.
     let filter: Option<ChangeFilter> = prev
-        .filter(|_| ck.run_kind != Some(RunKind::Full))
-        .map(|p| -> ChangeFilter { Arc::new(move |id: &str, ms: Option<i64>| p.changed(id, ms)) });
+        .filter(|_| !matches!(ck.run_kind, Some(RunKind::Full | RunKind::Events { .. })))
+        .map(|p| -> ChangeFilter {
+            Arc::new(move |id: &str, ms: Option<i64>| {
+                p.changed(id, ms) || named.as_ref().is_some_and(|n| n.names(id))
+            })
+        });
     let items = fanout::fan_out(
         pages,
         client.clone(),
@@ -777,6 +845,7 @@ async fn join(
 
 /// The finishing steps, each safe to repeat after a crash: deletions (incremental), the new
 /// state, the manifest, and the checkpoint marked complete.
+#[allow(clippy::too_many_arguments)] // the run's parts, each from a different step of `run`
 async fn finish(
     client: Arc<Client>,
     plan: &ExportPlan,
@@ -784,13 +853,25 @@ async fn finish(
     ck_path: &Path,
     seen_path: &Path,
     prev: Option<&PrevState>,
+    named: Option<&events::Named>,
 ) -> Result<Manifest, ExportError> {
     let kind = ck.run_kind.unwrap_or(RunKind::Full);
     if let Some(inc) = &plan.incremental {
+        // An events run's deletions are its `ContactDelete` events (the same on every attempt).
+        let events_deleted: &[String] = match (kind, named) {
+            (RunKind::Events { .. }, Some(n)) => &n.deleted,
+            _ => &[],
+        };
         // A filtered run did not list what it did not change: it cannot see deletions.
         let filtered = matches!(kind, RunKind::Filtered { .. });
         if !ck.deletions_done && !filtered {
-            let deleted = incremental::deletions(prev, seen_path)?;
+            let deleted = match kind {
+                RunKind::Events { .. } => events_deleted
+                    .iter()
+                    .map(|id| (id.clone(), prev.and_then(|p| p.known(id)).flatten()))
+                    .collect(),
+                _ => incremental::deletions(prev, seen_path)?,
+            };
             let partition = plan.partition(&ck);
             let mut part = sink::open_part_at(
                 &plan.dest,
@@ -834,8 +915,8 @@ async fn finish(
             }
         }
         let state = inc.state_file(&plan.location_id);
-        if filtered {
-            incremental::append_state(&state, seen_path)?;
+        if kind.partial() {
+            incremental::append_state(&state, seen_path, events_deleted)?;
         } else {
             incremental::save_state(&state, seen_path)?;
         }
@@ -843,11 +924,9 @@ async fn finish(
         let meta = incremental::Meta {
             last_started_ms: crate::timefmt::parse_iso_millis(&ck.started_at)
                 .unwrap_or_else(now_millis),
-            filtered_since_walk: match kind {
-                RunKind::Filtered { nth, .. } => nth,
-                _ => 0,
-            },
+            filtered_since_walk: kind.nth(),
             refetch: !ck.skipped.is_empty(),
+            events: ck.events.map(|r| r.mark),
         };
         meta.save(&inc.meta_file(&plan.location_id))?;
     }
@@ -926,6 +1005,41 @@ enum Source {
     },
     /// The listed businesses, from the `first`-th at offset `skip`.
     Businesses { first: usize, skip: u64 },
+    /// The contacts an events run fetches, one by one, from the `from`-th.
+    Ids { ids: Arc<[String]>, from: usize },
+}
+
+/// With `--from-events`, decides the kind of a run that has not decided yet (events or
+/// walk, see [`events`]) and records it, with where the events table stood, in the
+/// checkpoint. Without it, or once decided, nothing.
+fn decide_events(
+    plan: &ExportPlan,
+    ck: &mut Checkpoint,
+    ck_path: &Path,
+    has_state: bool,
+) -> Result<(), ExportError> {
+    let Some(inc) = &plan.incremental else {
+        return Ok(());
+    };
+    let Some(source) = &inc.from_events else {
+        return Ok(());
+    };
+    if ck.run_kind.is_some() || ck.position.is_some() || !plan.businesses.is_empty() {
+        return Ok(());
+    }
+    let (kind, range) = events::choose(
+        source,
+        &plan.location_id,
+        inc.full_refresh,
+        has_state,
+        incremental::Meta::load(&inc.meta_file(&plan.location_id)).as_ref(),
+        inc.overlap,
+        inc.full_walk_every.max(1),
+    )?;
+    ck.run_kind = Some(kind);
+    ck.events = Some(range);
+    checkpoint::commit(&plan.dest, ck_path, ck)?;
+    Ok(())
 }
 
 /// Decides, once per run, which contacts it lists ([`RunKind`]) and through which route,
@@ -938,6 +1052,7 @@ async fn decide(
     ck: &mut Checkpoint,
     ck_path: &Path,
     has_state: bool,
+    named: Option<&events::Named>,
 ) -> Result<Source, ExportError> {
     if !plan.businesses.is_empty() {
         let (first, skip) = match &ck.position {
@@ -950,6 +1065,26 @@ async fn decide(
             checkpoint::commit(&plan.dest, ck_path, ck)?;
         }
         return Ok(Source::Businesses { first, skip });
+    }
+    if let (Some(RunKind::Events { .. }), Some(named)) = (ck.run_kind, named) {
+        let from = match ck.position {
+            Some(Position::Ids { index }) => index,
+            _ => 0,
+        };
+        if ck.listing_used.as_deref() != Some("events") {
+            ck.listing_used = Some("events".into());
+            checkpoint::commit(&plan.dest, ck_path, ck)?;
+        }
+        return Ok(Source::Ids {
+            ids: named.changed.clone().into(),
+            from,
+        });
+    }
+    if let Some(RunKind::Events { .. }) = ck.run_kind {
+        return Err(ExportError::Unsupported(format!(
+            "{} is part-way through an events run (--from-events), but no --from-events was given\nhint: rerun with the same --from-events to resume it, or pass --restart",
+            ck_path.display()
+        )));
     }
     let kind = match (ck.run_kind, &plan.incremental) {
         (Some(kind), _) => kind,
@@ -989,6 +1124,13 @@ async fn decide(
                 prefetched: None,
             },
         ),
+        // Only an events run has this position, and it returned above.
+        Some(Position::Ids { .. }) => {
+            return Err(ExportError::Unsupported(format!(
+                "{} holds a position of an events run but no run kind\nhint: pass --restart",
+                ck_path.display()
+            )))
+        }
         Some(Position::Business { .. }) => {
             return Err(ExportError::Unsupported(format!(
                 "{} is part-way through a business listing, but no --business was given\nhint: rerun with the same --business flags to resume it, or pass --restart",
@@ -1022,6 +1164,7 @@ async fn decide(
         Source::Get(_) => "get",
         Source::Search { .. } => "search",
         Source::Businesses { .. } => "business",
+        Source::Ids { .. } => "events",
     };
     if ck.run_kind != Some(kind) || ck.listing_used.as_deref() != Some(used) {
         ck.run_kind = Some(kind);
@@ -1052,6 +1195,13 @@ fn listing(
             after,
             prefetched,
         } => Box::pin(extract::search_contacts(client, query, after, prefetched)),
+        Source::Ids { ids, from } => Box::pin(extract::contacts_by_id(
+            client,
+            ids,
+            from,
+            plan.page_size as usize,
+            EVENTS_CONCURRENCY,
+        )),
         Source::Businesses { first, skip } => {
             let (loc, size) = (plan.location_id.clone(), plan.page_size);
             let businesses: Vec<(usize, String)> = plan

@@ -3,7 +3,6 @@
 //! concurrent 401s, the newest refresh token on disk, the store's permissions, agency
 //! tokens exchanged for location tokens, and no token in any error or `Debug` output.
 
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;

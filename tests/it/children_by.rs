@@ -2,7 +2,6 @@
 //! rows of per-contact requests, at a third of the requests; a missing scope, a route that
 //! hides rows, and a kill in the location-wide phase still end in the exact output.
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;

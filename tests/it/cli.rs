@@ -1,6 +1,5 @@
 //! The binary as a user runs it: help, exit codes, messages, and secrets kept out of output.
 
-
 use std::process::Output;
 
 use crate::common::*;

@@ -2,13 +2,12 @@
 //! `--custom-fields wide` in CSV and Parquet, a token without the scope, `customField.<key>`
 //! import columns, and a resumed run writing the table once.
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::common::*;
 use arrow::array::{Array, AsArray};
 use arrow::datatypes::{DataType, Float64Type};
-use crate::common::*;
 use contacts_etl::schema::{Entity, WIDE_COLUMNS_KEY};
 use contacts_etl::sim::SimConfig;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;

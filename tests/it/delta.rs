@@ -2,7 +2,6 @@
 //! `deltalake` crate (the table's latest snapshot, its file list read with the Parquet reader
 //! of `common`), and compared with what the runs' manifests list.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

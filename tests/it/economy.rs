@@ -1,7 +1,6 @@
 //! Request economy: the search listing, and incremental runs that list only what changed.
 //! (The location-wide children and the quota plan have their own files.)
 
-
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -174,28 +173,6 @@ async fn filtered_incremental_runs_list_only_changed_contacts_and_every_nth_run_
     );
     let deleted: BTreeSet<String> = read_ids(&night(4), "deleted_contacts", &loc);
     assert_eq!(deleted, deleted_since_walk);
-}
-
-/// The `id` column of a table that is not one of the four API tables.
-fn read_ids(out: &Path, entity: &str, loc: &str) -> BTreeSet<String> {
-    use arrow::array::{Array, AsArray};
-    let dir = out.join(entity).join(format!("location_id={loc}"));
-    let mut ids = BTreeSet::new();
-    for f in std::fs::read_dir(dir).unwrap() {
-        let file = std::fs::File::open(f.unwrap().path()).unwrap();
-        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            let batch = batch.unwrap();
-            let col = batch.column_by_name("id").unwrap().as_string::<i32>();
-            for i in 0..col.len() {
-                ids.insert(col.value(i).to_owned());
-            }
-        }
-    }
-    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

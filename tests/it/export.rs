@@ -1,7 +1,6 @@
 //! End-to-end exports against the in-process simulator, read back and compared with the
 //! simulator's own data row by row.
 
-
 use std::sync::Arc;
 
 use crate::common::*;

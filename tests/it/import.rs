@@ -1,7 +1,6 @@
 //! Bulk import against the in-process simulator: round trip through export, ambiguous
 //! failures with SIGKILLs and resume, a dry run on a messy file, and undo.
 
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -6,7 +6,6 @@
 //! The first tests pin the defects one by one (issue 11, items 1 and 2); the last two are the
 //! issue's acceptance runs: 2,000 rows, 5 SIGKILLs at random instants, 10 seeds each.
 
-
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;

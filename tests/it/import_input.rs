@@ -3,7 +3,6 @@
 //! characters, ragged rows and other encodings in the rejects file, and the location's country
 //! as the default of national phone numbers.
 
-
 use std::path::Path;
 
 use crate::common::{fast_sim, TestSim};

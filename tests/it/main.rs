@@ -11,11 +11,13 @@ mod custom_fields;
 #[cfg(feature = "delta")]
 mod delta;
 mod economy;
+mod events_export;
 mod export;
 mod http_hardening;
 mod import;
 mod import_crash;
 mod import_input;
+mod listen;
 mod listing;
 mod object_store;
 mod pipeline;

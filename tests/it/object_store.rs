@@ -3,7 +3,6 @@
 //! directory): killed and resumed, read back row for row, never a part visible before its
 //! upload completed, two runs of one location refusing each other through the bucket.
 
-
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,6 @@
 //! Pipeline files: running them against the simulator, many locations at once, and every
 //! way a file can be wrong.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;

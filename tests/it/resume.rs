@@ -1,7 +1,6 @@
 //! Resumable, exactly-once exports: SIGKILL at random instants, the daily quota, incremental
 //! nightly runs, and the run report.
 
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -284,7 +283,7 @@ async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_on
             &keyed(entity, read_parquet(&night2, entity, &loc)),
         );
     }
-    let deleted_rows = read_parquet_ids(&night2, "deleted_contacts", &loc);
+    let deleted_rows = read_ids(&night2, "deleted_contacts", &loc);
     assert_eq!(
         deleted_rows,
         deleted
@@ -314,32 +313,6 @@ async fn incremental_run_through_get_walks_every_contact_fetches_only_changed_on
     assert_eq!(r["rows"]["contacts"], 0);
     assert_eq!(r["requests"]["tasks"], 0);
     assert_eq!(r["rows"]["deleted_contacts"], 0);
-}
-
-/// The `id` column of an entity that is not one of the four API tables.
-fn read_parquet_ids(out: &Path, entity: &str, loc: &str) -> std::collections::BTreeSet<String> {
-    use arrow::array::{Array, AsArray};
-    let dir = out.join(entity).join(format!("location_id={loc}"));
-    let mut ids = std::collections::BTreeSet::new();
-    for f in std::fs::read_dir(dir).unwrap() {
-        let file = std::fs::File::open(f.unwrap().path()).unwrap();
-        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
-            .unwrap()
-            .build()
-            .unwrap()
-        {
-            let batch = batch.unwrap();
-            let col = batch
-                .column_by_name("id")
-                .unwrap()
-                .as_string::<i32>()
-                .clone();
-            for i in 0..col.len() {
-                ids.insert(col.value(i).to_owned());
-            }
-        }
-    }
-    ids
 }
 
 /// Regression: a budget running out on the listing's last page used to stop the run with a

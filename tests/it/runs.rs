@@ -2,7 +2,6 @@
 //! SIGTERM and SIGINT, a run refused by the lock, and pipeline files that are wrong in
 //! several places or carry a pasted secret.
 
-
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;

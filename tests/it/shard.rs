@@ -3,7 +3,6 @@
 //! omitted, bad values are refused before anything is done, and two workers handed one
 //! location do not both run it.
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Output;

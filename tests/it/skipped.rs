@@ -3,7 +3,6 @@
 //! `skipped` in the report and the manifest, and every other row is exact — also across
 //! kills, and with a cap on how many refusals a run accepts.
 
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 

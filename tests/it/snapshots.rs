@@ -25,14 +25,13 @@
 //! environment, stdin not a terminal and `COLUMNS=100`; temporary directories are shown as
 //! `[TMP]`, and values that vary between runs as `[…]` placeholders.
 
-
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Output, Stdio};
 
+use crate::common::*;
 use arrow::datatypes::{DataType, Field, Schema};
 use clap::CommandFactory;
-use crate::common::*;
 use contacts_etl::cli::Cli;
 use contacts_etl::schema::Entity;
 use serde_json::Value;

@@ -109,6 +109,10 @@ pub struct ExportSection {
     pub overlap_secs: Option<Spanned<i64>>,
     /// `--full-walk-every` (incremental).
     pub full_walk_every: Option<Spanned<i64>>,
+    /// `--from-events` (incremental): the `--out` of `contacts-etl listen`.
+    pub from_events: Option<Spanned<PathBuf>>,
+    /// `--max-gap` in seconds (with `from_events`).
+    pub max_gap_secs: Option<Spanned<i64>>,
     /// `--children-by`: contact, location or auto.
     pub children_by: Option<Spanned<String>>,
     /// `--verify-sample`: a share between 0 and 1.

@@ -604,6 +604,36 @@ fn check_export(
         ),
     )
     .unwrap_or(1);
+    // Like `out`: a directory (relative to this file) or a bucket URL.
+    let from_events = e.from_events.as_ref().and_then(|f| {
+        if !e.incremental {
+            p.push(src.at(
+                f,
+                "from_events",
+                "from_events drives incremental runs: add incremental = true",
+            ));
+            return None;
+        }
+        match f.get_ref().to_string_lossy().parse::<crate::dest::Target>() {
+            Ok(crate::dest::Target::Dir(d)) => Some(crate::dest::Target::Dir(resolve(src, &d))),
+            Ok(store) => Some(store),
+            Err(m) => {
+                p.push(src.at(f, "from_events", m));
+                None
+            }
+        }
+    });
+    let max_gap = keep(
+        p,
+        positive(
+            src,
+            &e.max_gap_secs,
+            "max_gap_secs",
+            crate::export::DEFAULT_MAX_GAP.as_secs() as i64,
+            7 * 86_400,
+        ),
+    )
+    .unwrap_or(300);
     let children_by = match &e.children_by {
         None => crate::wide::ChildrenBy::Auto,
         Some(v) => keep(
@@ -677,6 +707,8 @@ fn check_export(
         listing,
         overlap: Duration::from_secs(overlap as u64),
         full_walk_every: full_walk_every as u32,
+        from_events,
+        max_gap: Duration::from_secs(max_gap as u64),
         state_dir: e.state_dir.as_ref().map(|s| resolve(src, s.get_ref())),
         partition_by_date: e.partition_by_date,
         max_skipped,

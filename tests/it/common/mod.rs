@@ -545,3 +545,26 @@ fn trunc(s: &str) -> String {
         s.to_owned()
     }
 }
+
+/// The `id` column of a table that is not one of the four API tables (`deleted_contacts`)
+/// under `out`, for one location; empty when the run wrote none.
+pub fn read_ids(out: &Path, table: &str, loc: &str) -> std::collections::BTreeSet<String> {
+    let dir = out.join(table).join(format!("location_id={loc}"));
+    let mut ids = std::collections::BTreeSet::new();
+    let Ok(files) = std::fs::read_dir(&dir) else {
+        return ids;
+    };
+    for f in files {
+        let file = std::fs::File::open(f.unwrap().path()).unwrap();
+        for batch in parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let col = batch.column_by_name("id").unwrap().as_string::<i32>();
+            ids.extend(col.iter().flatten().map(str::to_owned));
+        }
+    }
+    ids
+}

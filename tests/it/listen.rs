@@ -6,18 +6,16 @@
 //! The HTTP client here is a few lines over a TCP stream, not a library: the fuzz test sends
 //! header values and bodies a client library would refuse to build.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use arrow::array::{Array, AsArray};
+use crate::common::{Lcg, BIN};
+use arrow::array::AsArray;
 use arrow::datatypes::TimestampMillisecondType;
 use base64::Engine as _;
-use common::{Lcg, BIN};
 use contacts_etl::dest::Dest;
 use contacts_etl::events::table::{schema, EventRow};
 use contacts_etl::timefmt::{format_iso_millis, now_millis};
@@ -343,7 +341,9 @@ async fn forged_altered_truncated_unsigned_stale_and_replayed_deliveries_are_ref
         "x".repeat(5000)
     );
 
-    let cases: Vec<(&str, Vec<u8>, Vec<(&str, String)>, u16, &str)> = vec![
+    // (what, body, headers, expected status, expected counter)
+    type Case<'a> = (&'a str, Vec<u8>, Vec<(&'a str, String)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "forged",
             good.clone().into_bytes(),
@@ -647,8 +647,14 @@ fn hostile_request(rng: &mut Lcg, keys: &Keys, now: i64) -> Vec<u8> {
     };
     let good = event(&format!("fz-{}", rng.next(1_000_000)), now);
     let body: Vec<u8> = match rng.next(6) {
-        0 => random_bytes(rng, rng.next(2048) as usize),
-        1 => printable(rng, rng.next(300) as usize).into_bytes(),
+        0 => {
+            let n = rng.next(2048) as usize;
+            random_bytes(rng, n)
+        }
+        1 => {
+            let n = rng.next(300) as usize;
+            printable(rng, n).into_bytes()
+        }
         2 => {
             // A real delivery with one byte changed after signing.
             let mut b = good.clone().into_bytes();
@@ -662,11 +668,17 @@ fn hostile_request(rng: &mut Lcg, keys: &Keys, now: i64) -> Vec<u8> {
     };
     let sig = match rng.next(6) {
         0 => None,
-        1 => Some(printable(rng, rng.next(120) as usize)),
+        1 => Some({
+            let n = rng.next(120) as usize;
+            printable(rng, n)
+        }),
         2 => Some(b64(&random_bytes(rng, 64))),
         // Signed, but a different body than the one sent.
         3 => Some(keys.sign(good.as_bytes())).filter(|_| body != good.as_bytes()),
-        4 => Some(b64(&random_bytes(rng, rng.next(600) as usize))),
+        4 => Some(b64(&{
+            let n = rng.next(600) as usize;
+            random_bytes(rng, n)
+        })),
         _ => Some(format!("{}=", keys.sign(&body))),
     };
     let mut headers: Vec<(String, String)> = Vec::new();
@@ -684,7 +696,12 @@ fn hostile_request(rng: &mut Lcg, keys: &Keys, now: i64) -> Vec<u8> {
             .collect();
         headers.push((
             format!("x-{name}"),
-            printable(rng, rng.next(200) as usize).trim().into(),
+            {
+                let n = rng.next(200) as usize;
+                printable(rng, n)
+            }
+            .trim()
+            .into(),
         ));
     }
     let (method, path) = match rng.next(10) {
@@ -753,7 +770,12 @@ async fn a_second_receiver_on_one_journal_is_refused_and_a_bad_key_is_a_usage_er
         .output()
         .await
         .unwrap();
-    assert_eq!(second.status.code(), Some(8), "{}", common::stderr(&second));
+    assert_eq!(
+        second.status.code(),
+        Some(8),
+        "{}",
+        crate::common::stderr(&second)
+    );
     assert!(r.stop().await.0.success());
 
     let bad = tokio::process::Command::new(BIN)
@@ -764,10 +786,15 @@ async fn a_second_receiver_on_one_journal_is_refused_and_a_bad_key_is_a_usage_er
         .output()
         .await
         .unwrap();
-    assert_eq!(bad.status.code(), Some(2), "{}", common::stderr(&bad));
-    assert!(
-        common::stderr(&bad).contains("another algorithm"),
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
         "{}",
-        common::stderr(&bad)
+        crate::common::stderr(&bad)
+    );
+    assert!(
+        crate::common::stderr(&bad).contains("another algorithm"),
+        "{}",
+        crate::common::stderr(&bad)
     );
 }
