@@ -174,6 +174,12 @@ pub struct EventsMark {
     /// receiver that stored it had started (a restart after a long silence is a gap).
     pub received_ms: Option<i64>,
     pub receiver_started_ms: Option<i64>,
+    /// The receiver's heartbeat when the run started (`crate::events::table::Heartbeat`):
+    /// which receiver was running, and how many deliveries it had refused by then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat_started_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub beat_refusals: Option<u64>,
 }
 
 impl Meta {

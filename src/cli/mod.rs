@@ -139,7 +139,9 @@ pub enum Command {
     /// GET /healthz (the process is up), GET /readyz (accepting deliveries), GET /stats
     /// (counters as JSON). SIGTERM or SIGINT: stop accepting, finish the requests in flight,
     /// roll, exit 0. Counters are logged at shutdown and written to JOURNAL/listen-report.json
-    /// at each roll. Plain HTTP: put TLS in front of it (an Ingress, README).
+    /// at each roll; OUT/events/_receiver.json is its heartbeat, which tells `export
+    /// --from-events` whether events may be missing. Plain HTTP: put TLS in front of it (an
+    /// Ingress, README).
     ///
     /// Example: contacts-etl listen --public-key highlevel-webhook.pem --out ./warehouse
     Listen(ListenArgs),
@@ -403,11 +405,13 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DIR|URL", requires = "incremental")]
     pub from_events: Option<crate::dest::Target>,
 
-    /// With --from-events: a receiver that restarted more than SECS after it last stored an
-    /// event may have refused redeliveries as stale meanwhile: the next run walks.
+    /// With --from-events: a receiver restart is a gap in the events (the next run walks)
+    /// when it came more than SECS after the receiver last stored an event. 0: every restart
+    /// is, since HighLevel does not send again what it could not deliver (it retries only
+    /// deliveries answered 429).
     #[arg(
         long,
-        default_value_t = 300,
+        default_value_t = 0,
         value_name = "SECS",
         requires = "from_events"
     )]

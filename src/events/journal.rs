@@ -287,7 +287,7 @@ impl Segment {
     }
 }
 
-/// Most records the writer queue holds; a full queue is answered 503 (the sender retries).
+/// Most records the writer queue holds; a full queue is answered 429 (HighLevel retries that).
 pub const QUEUE: usize = 16 * 1024;
 /// Most records, and bytes, one group commit takes.
 const MAX_BATCH: usize = 4096;
@@ -303,7 +303,7 @@ pub enum Appended {
 }
 
 /// A record waiting for the writer, and where its answer goes. A dropped answer means the
-/// journal failed: the request is answered 503.
+/// journal failed: the request is answered 429.
 pub struct Pending {
     pub record: Record,
     pub reply: tokio::sync::oneshot::Sender<Appended>,
@@ -335,7 +335,7 @@ pub struct Writer {
 impl Writer {
     /// Appends until [`Msg::Stop`] (or every sender is gone), sealing segments as they fill
     /// or age. An append that fails ends the writer with the error: the requests waiting are
-    /// answered 503, and the receiver stops (the journal is what a restart recovers from).
+    /// answered 429, and the receiver stops (the journal is what a restart recovers from).
     pub fn run(mut self, rx: std::sync::mpsc::Receiver<Msg>) -> Result<(), EventsError> {
         use std::sync::mpsc::RecvTimeoutError;
         use std::time::Instant;
@@ -397,7 +397,7 @@ impl Writer {
         if stored > 0 {
             let before = self.segment.file_len();
             if let Err(e) = self.segment.append(&framed, stored) {
-                // Answers are dropped with the batch: 503, the sender retries elsewhere or
+                // Answers are dropped with the batch: 429, the sender retries elsewhere or
                 // later. Cut what the failed write may have left, if the disk lets us.
                 if let Ok(len) = before {
                     let _ = self.segment.rewind(len);

@@ -58,6 +58,9 @@ pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 pub const DEFAULT_RATE_LIMIT: u32 = 1000;
 pub const DEFAULT_ROLL_EVERY: Duration = Duration::from_secs(60);
 pub const DEFAULT_ROLL_EVENTS: u64 = 50_000;
+/// The receiver rewrites its heartbeat ([`table::HEARTBEAT`]) at least this often (more
+/// often when `--roll-every` is shorter).
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 
 /// The receiver's journal and report, by default under OUT.
 pub const DEFAULT_JOURNAL_DIR: &str = "_state/events";
@@ -162,7 +165,7 @@ pub struct Stats {
     pub malformed: AtomicU64,
     pub too_large: AtomicU64,
     pub rate_limited: AtomicU64,
-    /// Answered 503: the journal queue was full or the journal failed.
+    /// Answered 429: the journal queue was full or the journal failed.
     pub unavailable: AtomicU64,
     pub parts_written: AtomicU64,
     pub events_rolled: AtomicU64,
@@ -242,7 +245,10 @@ pub async fn run(
             "rolling the journal segments a previous run left unrolled"
         );
     }
-    let segment = journal::Segment::create(&dir, last.max(rolled) + 1)?;
+    // After the parts already in OUT too: a new journal (a lost volume) must not number its
+    // parts below what readers have already read.
+    let highest = table::highest_part(&config.out)?.unwrap_or(0);
+    let segment = journal::Segment::create(&dir, last.max(rolled).max(highest) + 1)?;
 
     let stats = Arc::new(Stats::default());
     let stopping = Arc::new(AtomicBool::new(false));
@@ -297,6 +303,36 @@ pub async fn run(
         started_ms,
     ));
     let ready = app.ready.clone();
+    // The first heartbeat before the first delivery is taken, then one every interval.
+    let every = config.roll_every.min(HEARTBEAT_EVERY);
+    let beat = {
+        let (out, stats) = (config.out.clone(), stats.clone());
+        move |stopped_ms: Option<i64>| {
+            let now = crate::timefmt::now_millis();
+            let beat = table::Heartbeat {
+                started_ms,
+                alive_ms: now,
+                interval_ms: i64::try_from(every.as_millis()).unwrap_or(i64::MAX),
+                lossy_refusals: stats.stale.load(Ordering::Relaxed)
+                    + stats.unavailable.load(Ordering::Relaxed),
+                stopped_ms: stopped_ms.map(|_| now),
+            };
+            table::write_heartbeat(&out, &beat)
+        }
+    };
+    beat(None)?;
+    let last_beat = beat.clone();
+    let heartbeat = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let beat = beat.clone();
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || beat(None)).await {
+                tracing::warn!(error = %e, "cannot write the receiver's heartbeat; retrying at the next interval");
+            }
+        }
+    });
     ready.store(true, Ordering::SeqCst);
     let stop = {
         let ready = ready.clone();
@@ -315,6 +351,8 @@ pub async fn run(
     .with_graceful_shutdown(stop)
     .await;
     ready.store(false, Ordering::SeqCst);
+    // No heartbeat once it stops accepting: a reader then sees it down.
+    heartbeat.abort();
     stopping.store(true, Ordering::SeqCst);
     tracing::info!("stopped accepting; sealing and rolling the journal");
 
@@ -326,6 +364,13 @@ pub async fn run(
     })
     .await;
     let roller_done = tokio::task::spawn_blocking(move || roller.join()).await;
+    // Stopped, after the last roll: a reader knows that what is sent from now on is lost.
+    if let Err(e) = tokio::task::spawn_blocking(move || last_beat(Some(0)))
+        .await
+        .unwrap_or(Err(EventsError::Thread("heartbeat")))
+    {
+        tracing::warn!(error = %e, "cannot write the receiver's last heartbeat");
+    }
     let counters = stats.snapshot();
     tracing::info!(
         accepted = counters.accepted,

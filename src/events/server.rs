@@ -6,7 +6,8 @@
 //! reading, or while reading), the signature over the raw bytes (401), then the body parsed
 //! (400) and its timestamp checked (401, stale). Only then does it reach the journal writer,
 //! and the answer waits for it: 200 `{"status":"stored"}` once fsynced, 200
-//! `{"status":"duplicate"}` for an id stored before, 503 when the journal cannot take it.
+//! `{"status":"duplicate"}` for an id stored before, 429 when the journal cannot take
+//! it (the one status HighLevel retries, about 10 minutes later).
 //! Every refusal is counted by reason ([`super::Stats`]) and logged at debug level with the
 //! peer and reason; bodies are never logged (they hold personal data), and the text of a
 //! delivery that is logged (its id) is escaped ([`crate::term`]).
@@ -128,8 +129,9 @@ impl Refusal {
                 "timestamp outside the accepted window (--max-age)",
                 &s.stats.stale,
             ),
+            // 429, not 503: HighLevel retries a delivery only when it is answered 429.
             Refusal::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
+                StatusCode::TOO_MANY_REQUESTS,
                 "unavailable",
                 "the journal cannot take the delivery now; retry",
                 &s.stats.unavailable,

@@ -76,6 +76,66 @@ pub fn schema() -> SchemaRef {
         .clone()
 }
 
+/// The receiver's status beside the parts (`OUT/events/_receiver.json`), rewritten every
+/// [`Heartbeat::interval_ms`] while it runs: how an export tells a receiver that was up all
+/// along from one that was down or restarted (events sent meanwhile are lost: HighLevel
+/// retries a delivery only when it was answered 429) or that refused signed deliveries.
+pub const HEARTBEAT: &str = "_receiver.json";
+
+/// The content of [`HEARTBEAT`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Heartbeat {
+    /// When this receiver started (the `receiverStartedAt` of the rows it stores).
+    pub started_ms: i64,
+    /// When it last wrote this file.
+    pub alive_ms: i64,
+    /// How often it writes it.
+    pub interval_ms: i64,
+    /// Signed deliveries it refused since it started that may be events lost: stale
+    /// (outside `--max-age`), or answered 429 because the journal could not take them.
+    pub lossy_refusals: u64,
+    /// When it stopped (SIGTERM), after its last roll; absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_ms: Option<i64>,
+}
+
+/// The heartbeat under `dest`, `None` when there is none.
+pub fn read_heartbeat(dest: &Dest) -> Result<Option<Heartbeat>, EventsError> {
+    let path = dest.root().join(TABLE_DIR).join(HEARTBEAT);
+    let Some(bytes) = dest.read(&path).map_err(EventsError::io("read", &path))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|e| table_error(&path, e.to_string()))
+}
+
+/// Writes `beat` under `dest` (atomically; uploaded to a bucket).
+pub fn write_heartbeat(dest: &Dest, beat: &Heartbeat) -> Result<(), EventsError> {
+    let dir = dest.root().join(TABLE_DIR);
+    let path = dir.join(HEARTBEAT);
+    std::fs::create_dir_all(&dir).map_err(EventsError::io("create directory", &dir))?;
+    let bytes = serde_json::to_vec(beat).unwrap_or_default();
+    crate::durable::write(&path, &bytes)?;
+    dest.publish(&path)
+        .map_err(EventsError::io("upload", &path))
+}
+
+/// The highest part number under `dest` (`None`: no part yet). A receiver with a new journal
+/// numbers its parts after it, so a reader's mark (the last part it read) stays valid.
+pub fn highest_part(dest: &Dest) -> Result<Option<u64>, EventsError> {
+    let dir = dest.root().join(TABLE_DIR);
+    let names = dest
+        .list_files(&dir)
+        .map_err(EventsError::io("list", &dir))?;
+    Ok(names
+        .iter()
+        .filter_map(|n| parse_part_name(n))
+        .map(|(seq, _)| seq)
+        .max())
+}
+
 /// `part-<seq:08>.<ext>`.
 pub fn part_name(seq: u64, format: Format) -> String {
     format!("part-{seq:08}.{}", format.extension())

@@ -21,7 +21,8 @@
 //! reads after it.
 //!
 //! Of the events of the location in the range:
-//! - `ContactDelete` names a deleted contact: written to `deleted_contacts`, never fetched;
+//! - a contact whose last event in the range is `ContactDelete` is deleted: written to
+//!   `deleted_contacts` (when the previous state knew it), never fetched;
 //! - every other event names a contact to fetch again with its children: a contact's own
 //!   events (`ContactCreate`, `ContactUpdate`, `ContactTagUpdate`, `ContactDndUpdate`) by
 //!   their `id`, a note's, task's or appointment's by its `contactId` (a child's delete
@@ -32,24 +33,34 @@
 //! children; the run report shows both.
 //!
 //! # When the events cannot be trusted: a walk instead
-//! The receiver refuses deliveries older than its `--max-age`, so while it is down for
-//! longer than that, HighLevel's redeliveries are refused and events are lost. Every row
-//! carries when its receiver started: a row whose receiver started more than `--max-gap`
-//! after the previous row was received follows such a downtime, and the run walks (every
-//! contact listed, deletions found by absence) instead. So does a first events run whose
-//! receiver started after the last run did (the events before it were never received), and
-//! every `--full-walk-every`-th run, as for filtered runs.
+//! HighLevel sends an event once and retries it only when it was answered 429 (about ten
+//! minutes later, at most six times): what it sent while no receiver was up, or what a
+//! receiver refused as stale, is lost. The receiver's heartbeat (`events/_receiver.json`,
+//! rewritten every 30 s at most) says which receiver runs, when it was last alive, and how
+//! many signed deliveries it refused as stale or could not journal. The run walks (every
+//! contact listed, deletions found by absence) instead when:
+//! - there is no heartbeat, or it is older than three of its intervals plus a minute (the
+//!   receiver is down);
+//! - another receiver runs than at the previous run (it restarted), or a row of the range
+//!   was stored by a receiver that started after the previous row (a restart within the
+//!   range): with `--max-gap` 0, the default, every restart; with more, only one that came
+//!   more than that after the last stored event;
+//! - the receiver refused deliveries since the previous run (stale, or its journal full);
+//! - a first events run's receiver started after the previous run began;
+//! - every `--full-walk-every`-th run, as for filtered runs.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use super::ExportError;
 use crate::dest::{Dest, Target};
+use crate::events::table::Heartbeat;
 use crate::incremental::{EventsMark, EventsRange, Meta, RunKind};
 
 /// How much later than the previous stored event a restarted receiver may start before the
-/// events are taken to have a gap, by default: the receiver's default `--max-age`.
-pub const DEFAULT_MAX_GAP: Duration = Duration::from_secs(300);
+/// events are taken to have a gap, by default: none, every restart is a gap (HighLevel does
+/// not send again what it could not deliver).
+pub const DEFAULT_MAX_GAP: Duration = Duration::ZERO;
 
 /// Where an event-driven run reads its events (`--from-events`).
 #[derive(Clone, Debug)]
@@ -109,6 +120,8 @@ fn scan(
         part: after,
         received_ms: None,
         receiver_started_ms: None,
+        beat_started_ms: None,
+        beat_refusals: None,
     });
     mark.part = after;
     let mut gap = None;
@@ -149,6 +162,7 @@ fn scan(
             part: Some(row.part),
             received_ms: Some(row.received_at_ms),
             receiver_started_ms: Some(row.receiver_started_ms),
+            ..mark
         };
         if !counts || row.location_id.as_deref() != Some(location) {
             return;
@@ -157,9 +171,13 @@ fn scan(
         let Some(contact) = row.contact_id.filter(|c| !c.is_empty()) else {
             return;
         };
+        // The contact's last event in the range decides: deleted, or to fetch (a contact
+        // restored or re-created after its delete is fetched).
         if row.kind == "ContactDelete" {
+            changed.remove(&contact);
             deleted.insert(contact);
         } else {
+            deleted.remove(&contact);
             changed.insert(contact);
         }
     })
@@ -187,7 +205,7 @@ fn scan(
             _ => {}
         }
     }
-    let changed = changed.difference(&deleted).cloned().collect();
+    let changed = changed.into_iter().collect();
     Ok(Scanned {
         mark,
         gap,
@@ -227,10 +245,29 @@ pub(super) fn choose(
         meta.and_then(|m| m.events.as_ref()),
         source.max_gap,
     )?;
+    let dest = Dest::open(&source.target).map_err(|e| ExportError::Events {
+        dir: source.target.to_string(),
+        message: e.to_string(),
+    })?;
+    let beat = crate::events::table::read_heartbeat(&dest).map_err(|e| ExportError::Events {
+        dir: source.target.to_string(),
+        message: e.to_string(),
+    })?;
+    let prev = meta.and_then(|m| m.events);
+    let beat_gap = heartbeat_gap(
+        beat.as_ref(),
+        prev.as_ref(),
+        meta.map_or(i64::MIN, |m| m.last_started_ms),
+        crate::timefmt::now_millis(),
+        source.max_gap,
+    );
+    let mut mark = scanned.mark;
+    mark.beat_started_ms = beat.map(|b| b.started_ms);
+    mark.beat_refusals = beat.map(|b| b.lossy_refusals);
     let range = EventsRange {
         after,
         since_ms,
-        mark: scanned.mark,
+        mark,
     };
     let walk = |why: &str| {
         tracing::info!(location = %location, "--from-events: this run walks every contact: {why}");
@@ -250,7 +287,7 @@ pub(super) fn choose(
             "every --full-walk-every {full_walk_every} runs one walks"
         ));
     }
-    if let Some(gap) = &scanned.gap {
+    if let Some(gap) = scanned.gap.as_ref().or(beat_gap.as_ref()) {
         tracing::warn!(location = %location, "--from-events: the events show a gap: {gap}");
         return walk("the events show a gap");
     }
@@ -260,6 +297,70 @@ pub(super) fn choose(
         },
         range,
     ))
+}
+
+/// Why the receiver's heartbeat says events may be missing since the previous run (whose
+/// mark is `prev` and which started at `prev_run_started_ms`), if it does: HighLevel retries a
+/// delivery only when it was answered 429, so whatever it sent while no receiver was up, or
+/// that a receiver refused as stale, is lost.
+fn heartbeat_gap(
+    beat: Option<&Heartbeat>,
+    prev: Option<&EventsMark>,
+    prev_run_started_ms: i64,
+    now_ms: i64,
+    max_gap: Duration,
+) -> Option<String> {
+    let iso = crate::timefmt::format_iso_millis;
+    let Some(b) = beat else {
+        return Some(format!(
+            "the events table has no receiver heartbeat ({}/{}): no receiver is running on it",
+            crate::events::table::TABLE_DIR,
+            crate::events::table::HEARTBEAT
+        ));
+    };
+    if let Some(stopped) = b.stopped_ms {
+        return Some(format!(
+            "the receiver stopped at {}: what HighLevel sent since is lost",
+            iso(stopped)
+        ));
+    }
+    // Three missed beats, and a minute for the clocks of two machines.
+    let late = now_ms.saturating_sub(b.alive_ms);
+    if late > b.interval_ms.saturating_mul(3).saturating_add(60_000) {
+        return Some(format!(
+            "the receiver was last alive at {}, {} s ago: what HighLevel sent since is lost",
+            iso(b.alive_ms),
+            late / 1000
+        ));
+    }
+    let refused_since = match prev.and_then(|p| p.beat_started_ms) {
+        Some(started) if started == b.started_ms => {
+            prev.and_then(|p| p.beat_refusals).unwrap_or(0)
+        }
+        // Another receiver than at the previous run: it restarted in between.
+        Some(_) if max_gap.is_zero() => {
+            return Some(format!(
+                "the receiver restarted at {}, after the previous run (--max-gap 0: any restart may have lost what HighLevel sent while it was down)",
+                iso(b.started_ms)
+            ))
+        }
+        Some(_) => 0,
+        // The first events run: the receiver must have been up since the previous run began.
+        None if b.started_ms > prev_run_started_ms => {
+            return Some(format!(
+                "the receiver started at {}, after the previous run began ({}): changes before it were not received",
+                iso(b.started_ms),
+                iso(prev_run_started_ms)
+            ))
+        }
+        None => 0,
+    };
+    (b.lossy_refusals > refused_since).then(|| {
+        format!(
+            "the receiver refused {} signed deliveries since the previous run, as stale (outside its --max-age) or because its journal could not take them",
+            b.lossy_refusals - refused_since
+        )
+    })
 }
 
 /// The contacts the events of `range` name for `location`: the same on every attempt of a
@@ -290,4 +391,97 @@ pub(super) fn named(
         "--from-events: the contacts the events named"
     );
     Ok(s.named)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn beat(started_ms: i64, alive_ms: i64, lossy_refusals: u64) -> Heartbeat {
+        Heartbeat {
+            started_ms,
+            alive_ms,
+            interval_ms: 30_000,
+            lossy_refusals,
+            stopped_ms: None,
+        }
+    }
+
+    fn mark(beat_started_ms: i64, beat_refusals: u64) -> EventsMark {
+        EventsMark {
+            part: Some(3),
+            received_ms: Some(beat_started_ms + MIN),
+            receiver_started_ms: Some(beat_started_ms),
+            beat_started_ms: Some(beat_started_ms),
+            beat_refusals: Some(beat_refusals),
+        }
+    }
+
+    /// The gap `heartbeat_gap` finds at `now` (default --max-gap 0), the previous run having
+    /// started at minute 100.
+    fn gap(b: Option<Heartbeat>, prev: Option<EventsMark>, now: i64) -> Option<String> {
+        heartbeat_gap(b.as_ref(), prev.as_ref(), 100 * MIN, now, DEFAULT_MAX_GAP)
+    }
+
+    #[test]
+    fn the_same_live_receiver_without_refusals_since_the_last_run_is_no_gap() {
+        let now = 200 * MIN;
+        assert_eq!(
+            gap(
+                Some(beat(10 * MIN, now - MIN, 4)),
+                Some(mark(10 * MIN, 4)),
+                now
+            ),
+            None
+        );
+        // A first events run, its receiver up since before the previous run.
+        assert_eq!(gap(Some(beat(10 * MIN, now, 0)), None, now), None);
+    }
+
+    #[test]
+    fn a_missing_late_or_stopped_receiver_is_a_gap() {
+        let now = 200 * MIN;
+        let prev = Some(mark(10 * MIN, 0));
+        assert!(gap(None, prev, now)
+            .unwrap()
+            .contains("no receiver heartbeat"));
+        // Three intervals (90 s) and a minute: 150 s late is still alive, 151 s is not.
+        assert_eq!(gap(Some(beat(10 * MIN, now - 150_000, 0)), prev, now), None);
+        let late = gap(Some(beat(10 * MIN, now - 151_000, 0)), prev, now).unwrap();
+        assert!(late.contains("last alive"), "{late}");
+        let mut stopped = beat(10 * MIN, now, 0);
+        stopped.stopped_ms = Some(now - 1);
+        assert!(gap(Some(stopped), prev, now).unwrap().contains("stopped"));
+    }
+
+    #[test]
+    fn a_restart_since_the_last_run_is_a_gap_unless_max_gap_allows_it() {
+        let now = 200 * MIN;
+        let restarted = beat(150 * MIN, now, 0);
+        let prev = mark(10 * MIN, 0);
+        let g = gap(Some(restarted), Some(prev), now).unwrap();
+        assert!(g.contains("restarted"), "{g}");
+        let tolerant = heartbeat_gap(
+            Some(&restarted),
+            Some(&prev),
+            100 * MIN,
+            now,
+            Duration::from_secs(300),
+        );
+        assert_eq!(tolerant, None);
+        // A first events run whose receiver started after the previous run began.
+        let g = gap(Some(restarted), None, now).unwrap();
+        assert!(g.contains("after the previous run began"), "{g}");
+    }
+
+    #[test]
+    fn deliveries_refused_since_the_last_run_are_a_gap() {
+        let now = 200 * MIN;
+        let g = gap(Some(beat(10 * MIN, now, 5)), Some(mark(10 * MIN, 4)), now).unwrap();
+        assert!(g.contains("refused 1 signed deliveries"), "{g}");
+        // A first events run: any refusal of the running receiver.
+        assert!(gap(Some(beat(10 * MIN, now, 1)), None, now).is_some());
+    }
 }

@@ -858,9 +858,16 @@ async fn finish(
     let kind = ck.run_kind.unwrap_or(RunKind::Full);
     if let Some(inc) = &plan.incremental {
         // An events run's deletions are its `ContactDelete` events (the same on every attempt).
-        let events_deleted: &[String] = match (kind, named) {
-            (RunKind::Events { .. }, Some(n)) => &n.deleted,
-            _ => &[],
+        // Only contacts the previous state knew: one created and deleted between two runs
+        // was never exported, and one whose delete a run already wrote is gone from it.
+        let events_deleted: Vec<String> = match (kind, named) {
+            (RunKind::Events { .. }, Some(n)) => n
+                .deleted
+                .iter()
+                .filter(|id| prev.is_some_and(|p| p.known(id).is_some()))
+                .cloned()
+                .collect(),
+            _ => Vec::new(),
         };
         // A filtered run did not list what it did not change: it cannot see deletions.
         let filtered = matches!(kind, RunKind::Filtered { .. });
@@ -916,7 +923,7 @@ async fn finish(
         }
         let state = inc.state_file(&plan.location_id);
         if kind.partial() {
-            incremental::append_state(&state, seen_path, events_deleted)?;
+            incremental::append_state(&state, seen_path, &events_deleted)?;
         } else {
             incremental::save_state(&state, seen_path)?;
         }
@@ -926,7 +933,11 @@ async fn finish(
                 .unwrap_or_else(now_millis),
             filtered_since_walk: kind.nth(),
             refetch: !ck.skipped.is_empty(),
-            events: ck.events.map(|r| r.mark),
+            // A run that read no events (no --from-events) keeps the previous mark: the next
+            // events run reads on from there, not from this run's start.
+            events: ck.events.map(|r| r.mark).or_else(|| {
+                incremental::Meta::load(&inc.meta_file(&plan.location_id)).and_then(|m| m.events)
+            }),
         };
         meta.save(&inc.meta_file(&plan.location_id))?;
     }

@@ -11,6 +11,7 @@ use base64::Engine as _;
 use futures::StreamExt as _;
 use reqwest::Method;
 
+use crate::common::s3::{s3_cmd, s3_export, BUCKET, S3};
 use crate::common::*;
 use contacts_etl::schema::Entity;
 use contacts_etl::sim::WebhookConfig;
@@ -41,17 +42,48 @@ async fn sim_with_webhooks(contacts: usize, seed: u64, port: u16) -> TestSim {
 /// `contacts-etl listen` on `port`, verifying with the simulator's key, writing to `events`.
 struct Receiver {
     child: tokio::process::Child,
+    port: u16,
+    /// Events the simulator had seen acknowledged when this receiver started.
+    acked_before: u64,
 }
 
 impl Receiver {
     async fn start(sim: &TestSim, port: u16, events: &Path, extra: &[&str]) -> Receiver {
         let key = events.with_extension("pem");
-        std::fs::write(&key, sim.sim.webhook_public_key_pem()).unwrap();
-        let child = tokio::process::Command::new(BIN)
-            .args(["--quiet", "listen", "--port", &port.to_string(), "--out"])
-            .arg(events)
+        let out = events.to_str().unwrap();
+        Receiver::spawn(
+            tokio::process::Command::new(BIN),
+            sim,
+            port,
+            out,
+            &key,
+            extra,
+        )
+        .await
+    }
+
+    /// `cmd` (the binary, with its environment) as `listen --out OUT`, verifying with the
+    /// simulator's key written to `key`; returns once it is ready.
+    async fn spawn(
+        mut cmd: tokio::process::Command,
+        sim: &TestSim,
+        port: u16,
+        out: &str,
+        key: &Path,
+        extra: &[&str],
+    ) -> Receiver {
+        std::fs::write(key, sim.sim.webhook_public_key_pem()).unwrap();
+        let child = cmd
+            .args([
+                "--quiet",
+                "listen",
+                "--port",
+                &port.to_string(),
+                "--out",
+                out,
+            ])
             .arg("--public-key")
-            .arg(&key)
+            .arg(key)
             .args(extra)
             .env_remove("RUST_LOG")
             .kill_on_drop(true)
@@ -73,7 +105,36 @@ impl Receiver {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Receiver { child }
+        Receiver {
+            child,
+            port,
+            acked_before: sim.sim.webhook_stats().acknowledged_events,
+        }
+    }
+
+    /// Returns once every event the simulator sent since this receiver started is
+    /// acknowledged and rolled into the events table by it (started with a short `--roll-every`), where a run
+    /// reads it; the receiver keeps running.
+    async fn until_rolled(&self, sim: &TestSim) {
+        within("every delivery settled", sim.sim.webhooks_settled()).await;
+        let want = sim.sim.webhook_stats().acknowledged_events - self.acked_before;
+        let url = format!("http://127.0.0.1:{}/stats", self.port);
+        let http = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + PROGRESS_DEADLINE;
+        loop {
+            let stats: serde_json::Value = serde_json::from_slice(
+                &http.get(&url).send().await.unwrap().bytes().await.unwrap(),
+            )
+            .unwrap();
+            if stats["eventsRolled"].as_u64().unwrap() >= want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{want} events acknowledged, not rolled: {stats}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn signal(&self, sig: libc::c_int) {
@@ -267,9 +328,10 @@ async fn an_events_run_after_1_percent_changed_fetches_only_those_and_merges_int
         "--from-events",
         events.to_str().unwrap(),
         "--full-walk-every",
-        "3",
+        "4",
     ];
-    let receiver = Receiver::start(&sim, port, &events, &[]).await;
+    // Up for the whole test, as in production: the runs read what it has rolled.
+    let receiver = Receiver::start(&sim, port, &events, &["--roll-every", "1"]).await;
 
     let o = run_to_end(&sim, &night(1), &flags).await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -278,8 +340,7 @@ async fn an_events_run_after_1_percent_changed_fetches_only_those_and_merges_int
 
     // 1% of 20,000: renamed, a note or a task added, deleted, created.
     let (changed, gone) = write_changes(&sim, 7, (120, 30, 20, 10, 20)).await;
-    sim.sim.webhooks_settled().await;
-    receiver.stop().await;
+    receiver.until_rolled(&sim).await;
 
     let o = run_to_end(&sim, &night(2), &flags).await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -305,9 +366,28 @@ async fn an_events_run_after_1_percent_changed_fetches_only_those_and_merges_int
         listing > 0,
         "the report compares with a listing-based run: {r}"
     );
-
     warehouse = merge(&warehouse, &run, &gone);
     assert_same("merged", &truth(&sim.sim, &loc), &warehouse);
+
+    // No change since: the next events run fetches nothing.
+    let o = run_to_end(&sim, &night(3), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&night(3));
+    assert_eq!(r["runKind"], "events", "{r}");
+    assert_eq!(r["rows"]["contacts"], 0, "{r}");
+
+    // A night read after the previous runs' mark: only the events since.
+    let (changed, gone) = write_changes(&sim, 8, (15, 5, 5, 4, 3)).await;
+    receiver.until_rolled(&sim).await;
+    let o = run_to_end(&sim, &night(4), &flags).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&night(4));
+    assert_eq!(r["runKind"], "events", "{r}");
+    let run = rows_of(&night(4), &loc);
+    let fetched: BTreeSet<String> = run[&Entity::Contacts].keys().cloned().collect();
+    assert_eq!(fetched, changed, "only the contacts named since night 3");
+    assert_eq!(read_ids(&night(4), "deleted_contacts", &loc), gone);
+    warehouse = merge(&warehouse, &run, &gone);
     let fresh = dir.path().join("fresh");
     let o = run_to_end(&sim, &fresh, &[]).await;
     assert!(o.status.success(), "{}", stderr(&o));
@@ -317,28 +397,24 @@ async fn an_events_run_after_1_percent_changed_fetches_only_those_and_merges_int
         &warehouse,
     );
 
-    // No change since: the next events run fetches nothing; the one after walks (every
-    // third run), and a walk finds no deletion the events had not already reported.
-    let o = run_to_end(&sim, &night(3), &flags).await;
+    // Every fourth run walks, and finds no deletion the events had not already reported.
+    let o = run_to_end(&sim, &night(5), &flags).await;
     assert!(o.status.success(), "{}", stderr(&o));
-    let r = report(&night(3));
-    assert_eq!(r["runKind"], "events", "{r}");
-    assert_eq!(r["rows"]["contacts"], 0, "{r}");
-    let o = run_to_end(&sim, &night(4), &flags).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = report(&night(4));
+    let r = report(&night(5));
     assert_eq!(r["runKind"], "walk", "{r}");
     assert_eq!(r["rows"]["contacts"], 0, "{r}");
     assert!(
-        read_ids(&night(4), "deleted_contacts", &loc).is_empty(),
-        "the events run already deleted them"
+        read_ids(&night(5), "deleted_contacts", &loc).is_empty(),
+        "the events runs already deleted them"
     );
+    receiver.stop().await;
 }
 
-/// A receiver that was down longer than `--max-gap` may have refused redeliveries as stale:
-/// the next run walks instead of trusting the events.
+/// HighLevel does not send again what it could not deliver: after a receiver restart
+/// (`--max-gap` 0, the default) and while the receiver is stopped, the next run walks instead
+/// of trusting the events; in between, with the same receiver up, events runs resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receiver_restart_after_a_long_silence_makes_the_next_run_walk() {
+async fn a_restarted_or_stopped_receiver_makes_the_next_run_walk() {
     let port = free_port();
     let sim = sim_with_webhooks(500, 152, port).await;
     let loc = sim.location();
@@ -346,48 +422,56 @@ async fn a_receiver_restart_after_a_long_silence_makes_the_next_run_walk() {
     let events: PathBuf = dir.path().join("events");
     let state = dir.path().join("state");
     let night = |i: u32| dir.path().join(format!("night{i}"));
-    // With --max-gap 0 any restart after the last stored event counts as a gap.
-    let flags = |gap: &'static str| {
-        vec![
-            "--incremental".to_owned(),
-            "--state-dir".into(),
-            state.to_str().unwrap().into(),
-            "--from-events".into(),
-            events.to_str().unwrap().into(),
-            "--max-gap".into(),
-            gap.into(),
-        ]
+    let flags = [
+        "--incremental",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--from-events",
+        events.to_str().unwrap(),
+    ];
+    let roll = ["--roll-every", "1"];
+    let run = |i: u32| {
+        let (sim, out, flags) = (&sim, night(i), &flags);
+        async move {
+            let o = run_to_end(sim, &out, flags).await;
+            assert!(o.status.success(), "{}", stderr(&o));
+            report(&out)
+        }
     };
-    let receiver = Receiver::start(&sim, port, &events, &[]).await;
-    let f = flags("300");
-    let f: Vec<&str> = f.iter().map(String::as_str).collect();
-    let o = run_to_end(&sim, &night(1), &f).await;
-    assert!(o.status.success(), "{}", stderr(&o));
+    let contacts_of = |i: u32| -> BTreeSet<String> {
+        keyed(
+            Entity::Contacts,
+            read_parquet(&night(i), Entity::Contacts, &loc),
+        )
+        .into_keys()
+        .collect()
+    };
 
-    write_changes(&sim, 8, (3, 0, 0, 0, 0)).await;
-    sim.sim.webhooks_settled().await;
+    let receiver = Receiver::start(&sim, port, &events, &roll).await;
+    assert_eq!(run(1).await["runKind"], "full");
+    let (changed, _) = write_changes(&sim, 8, (3, 0, 0, 0, 0)).await;
+    receiver.until_rolled(&sim).await;
+    assert_eq!(run(2).await["runKind"], "events");
+    assert_eq!(contacts_of(2), changed);
+
+    // Restarted: what was sent while it was down is gone, so the next run walks, and the
+    // walk writes exactly the changed contacts (by their dateUpdated).
     receiver.stop().await;
-    // Restarted: the events after the restart follow a silence.
-    let receiver = Receiver::start(&sim, port, &events, &[]).await;
+    let receiver = Receiver::start(&sim, port, &events, &roll).await;
     let (changed, _) = write_changes(&sim, 9, (2, 0, 0, 0, 0)).await;
-    sim.sim.webhooks_settled().await;
-    receiver.stop().await;
-    assert_eq!(changed.len(), 2);
+    receiver.until_rolled(&sim).await;
+    assert_eq!(run(3).await["runKind"], "walk");
+    assert_eq!(contacts_of(3), changed);
 
-    let f = flags("0");
-    let f: Vec<&str> = f.iter().map(String::as_str).collect();
-    let o = run_to_end(&sim, &night(2), &f).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    let r = report(&night(2));
-    assert_eq!(r["runKind"], "walk", "{r}");
-    // The walk still writes exactly the changed contacts (by their dateUpdated).
-    let got: BTreeSet<String> = keyed(
-        Entity::Contacts,
-        read_parquet(&night(2), Entity::Contacts, &loc),
-    )
-    .into_keys()
-    .collect();
-    assert_eq!(got.len(), 5, "{got:?}");
+    // The same receiver since: events again.
+    let (changed, _) = write_changes(&sim, 10, (2, 0, 0, 0, 0)).await;
+    receiver.until_rolled(&sim).await;
+    assert_eq!(run(4).await["runKind"], "events");
+    assert_eq!(contacts_of(4), changed);
+
+    // Stopped: a walk.
+    receiver.stop().await;
+    assert_eq!(run(5).await["runKind"], "walk");
 }
 
 /// The whole loop under the sender's and the operator's worst: 10,000 writes through the
@@ -544,4 +628,117 @@ async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
     tokio::time::timeout(Duration::from_secs(600), f)
         .await
         .unwrap_or_else(|_| panic!("{what}: not done within 600 s"))
+}
+
+/// The loop as a migration meets it, into a bucket: `contacts-etl import` creates and updates
+/// contacts in the simulator, their webhooks reach a receiver whose events table is in S3,
+/// and the next events run (reading its events from the bucket, writing to it) fetches
+/// exactly those contacts; merged into the previous export, it equals a fresh full export.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_reaches_an_events_run_through_a_receiver_writing_to_a_bucket() {
+    let port = free_port();
+    let sim = sim_with_webhooks(300, 154, port).await;
+    let loc = sim.location();
+    let s3 = S3::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (work, journal, state) = (
+        dir.path().join("work"),
+        dir.path().join("journal"),
+        dir.path().join("state"),
+    );
+    std::fs::create_dir(&work).unwrap();
+    let events = format!("s3://{BUCKET}/events");
+    let journal_flag = ["--journal", journal.to_str().unwrap()];
+    let receiver = Receiver::spawn(
+        s3_cmd(&s3, &work),
+        &sim,
+        port,
+        &events,
+        &dir.path().join("hl.pem"),
+        &[journal_flag[0], journal_flag[1], "--roll-every", "1"],
+    )
+    .await;
+    let flags = [
+        "--incremental",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--from-events",
+        &events,
+    ];
+    let o = s3_export(&sim, &s3, "night1", &work, &flags)
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut warehouse = rows_of(&s3.dir("night1"), &loc);
+
+    // 12 new contacts and one existing contact renamed, by email, through the import command.
+    let existing = sim
+        .sim
+        .contacts(&loc)
+        .into_iter()
+        .find(|c| {
+            c["email"]
+                .as_str()
+                .is_some_and(|e| e.is_ascii() && e.contains('@'))
+        })
+        .expect("a contact with an email");
+    let mut csv = String::from("email,firstName\n");
+    for i in 0..12 {
+        csv.push_str(&format!("imported{i}@example.com,Imported {i}\n"));
+    }
+    csv.push_str(&format!(
+        "{},Renamed\n",
+        existing["email"].as_str().unwrap()
+    ));
+    let input = dir.path().join("in.csv");
+    std::fs::write(&input, csv).unwrap();
+    let o = tokio::process::Command::new(BIN)
+        .args(["import", "contacts", "--location", &loc, "--input"])
+        .arg(&input)
+        .arg("--journal")
+        .arg(dir.path().join("import.jsonl"))
+        .args(["--rate-limit", "off"])
+        .env("HL_TOKEN", "test-token")
+        .env("HL_BASE_URL", &sim.base_url)
+        .env_remove("HL_LOCATION_ID")
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    receiver.until_rolled(&sim).await;
+    let imported: BTreeSet<String> = sim
+        .sim
+        .contacts(&loc)
+        .into_iter()
+        .filter(|c| {
+            c["email"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("imported"))
+                || c["id"] == existing["id"]
+        })
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(imported.len(), 13);
+
+    let o = s3_export(&sim, &s3, "night2", &work, &flags)
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let night2 = s3.dir("night2");
+    assert_eq!(report(&night2)["runKind"], "events", "{}", report(&night2));
+    let run = rows_of(&night2, &loc);
+    let fetched: BTreeSet<String> = run[&Entity::Contacts].keys().cloned().collect();
+    assert_eq!(fetched, imported, "exactly the contacts the import wrote");
+    warehouse = merge(&warehouse, &run, &BTreeSet::new());
+    let fresh = dir.path().join("fresh");
+    let o = run_to_end(&sim, &fresh, &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same(
+        "merged against a fresh full export",
+        &rows_of(&fresh, &loc),
+        &warehouse,
+    );
+    receiver.stop().await;
 }

@@ -131,13 +131,28 @@ fn positive(
     default: i64,
     max: i64,
 ) -> Result<i64, ConfigError> {
+    in_range(src, v, key, default, 1..=max)
+}
+
+fn in_range(
+    src: &Source<'_>,
+    v: &Option<toml::Spanned<i64>>,
+    key: &str,
+    default: i64,
+    range: std::ops::RangeInclusive<i64>,
+) -> Result<i64, ConfigError> {
     match v {
         None => Ok(default),
-        Some(s) if (1..=max).contains(s.get_ref()) => Ok(*s.get_ref()),
+        Some(s) if range.contains(s.get_ref()) => Ok(*s.get_ref()),
         Some(s) => Err(src.at(
             s,
             key,
-            format!("{} is out of range: expected 1 to {max}", s.get_ref()),
+            format!(
+                "{} is out of range: expected {} to {}",
+                s.get_ref(),
+                range.start(),
+                range.end()
+            ),
         )),
     }
 }
@@ -625,15 +640,15 @@ fn check_export(
     });
     let max_gap = keep(
         p,
-        positive(
+        in_range(
             src,
             &e.max_gap_secs,
             "max_gap_secs",
             crate::export::DEFAULT_MAX_GAP.as_secs() as i64,
-            7 * 86_400,
+            0..=7 * 86_400,
         ),
     )
-    .unwrap_or(300);
+    .unwrap_or(0);
     let children_by = match &e.children_by {
         None => crate::wide::ChildrenBy::Auto,
         Some(v) => keep(
