@@ -300,6 +300,14 @@ fn merge(prev: &Rows, run: &Rows, deleted: &BTreeSet<String>) -> Rows {
     out
 }
 
+/// A fresh full export into `out` has exactly the rows of `warehouse` (the merged runs).
+async fn assert_equals_a_fresh_full_export(sim: &TestSim, out: &Path, warehouse: &Rows) {
+    let o = run_to_end(sim, out, &[]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let fresh = rows_of(out, &sim.location());
+    assert_same("merged against a fresh full export", &fresh, warehouse);
+}
+
 fn assert_same(what: &str, expected: &Rows, got: &Rows) {
     for entity in Entity::ALL {
         assert_same_rows(
@@ -388,14 +396,7 @@ async fn an_events_run_after_1_percent_changed_fetches_only_those_and_merges_int
     assert_eq!(fetched, changed, "only the contacts named since night 3");
     assert_eq!(read_ids(&night(4), "deleted_contacts", &loc), gone);
     warehouse = merge(&warehouse, &run, &gone);
-    let fresh = dir.path().join("fresh");
-    let o = run_to_end(&sim, &fresh, &[]).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_same(
-        "merged against a fresh full export",
-        &rows_of(&fresh, &loc),
-        &warehouse,
-    );
+    assert_equals_a_fresh_full_export(&sim, &dir.path().join("fresh"), &warehouse).await;
 
     // Every fourth run walks, and finds no deletion the events had not already reported.
     let o = run_to_end(&sim, &night(5), &flags).await;
@@ -693,19 +694,24 @@ async fn an_import_reaches_an_events_run_through_a_receiver_writing_to_a_bucket(
     ));
     let input = dir.path().join("in.csv");
     std::fs::write(&input, csv).unwrap();
-    let o = tokio::process::Command::new(BIN)
-        .args(["import", "contacts", "--location", &loc, "--input"])
-        .arg(&input)
-        .arg("--journal")
-        .arg(dir.path().join("import.jsonl"))
-        .args(["--rate-limit", "off"])
-        .env("HL_TOKEN", "test-token")
-        .env("HL_BASE_URL", &sim.base_url)
-        .env_remove("HL_LOCATION_ID")
-        .output()
-        .await
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+    let journal = dir.path().join("import.jsonl");
+    let (code, out, err) = run_bin(
+        &sim.base_url,
+        &[
+            "import",
+            "contacts",
+            "--location",
+            &loc,
+            "--input",
+            input.to_str().unwrap(),
+            "--journal",
+            journal.to_str().unwrap(),
+            "--rate-limit",
+            "off",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
     receiver.until_rolled(&sim).await;
     let imported: BTreeSet<String> = sim
         .sim
@@ -732,13 +738,6 @@ async fn an_import_reaches_an_events_run_through_a_receiver_writing_to_a_bucket(
     let fetched: BTreeSet<String> = run[&Entity::Contacts].keys().cloned().collect();
     assert_eq!(fetched, imported, "exactly the contacts the import wrote");
     warehouse = merge(&warehouse, &run, &BTreeSet::new());
-    let fresh = dir.path().join("fresh");
-    let o = run_to_end(&sim, &fresh, &[]).await;
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert_same(
-        "merged against a fresh full export",
-        &rows_of(&fresh, &loc),
-        &warehouse,
-    );
+    assert_equals_a_fresh_full_export(&sim, &dir.path().join("fresh"), &warehouse).await;
     receiver.stop().await;
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{fast_sim, Lcg, TestSim};
+use crate::common::{fast_sim, run_bin, Lcg, TestSim};
 use contacts_etl::export::{self, ExportPlan, Progress};
 use contacts_etl::import::{
     self, ChildImportOptions, ContactImportOptions, Entity, ImportReport, SourceOptions,
@@ -293,23 +293,6 @@ async fn round_trip_export_import_export_keeps_contacts_tags_custom_fields_tasks
             diffs[..diffs.len().min(6)].join("\n")
         );
     }
-}
-
-/// Runs the binary; returns its exit code, stdout and stderr.
-async fn run_bin(base_url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("HL_TOKEN", "test-token")
-        .env("HL_BASE_URL", base_url)
-        .env_remove("HL_LOCATION_ID")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 fn write_routes(sim: &TestSim) -> u64 {

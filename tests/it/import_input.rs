@@ -5,29 +5,9 @@
 
 use std::path::Path;
 
-use crate::common::{fast_sim, TestSim};
+use crate::common::{fast_sim, run_bin, TestSim};
 use contacts_etl::import::{self, ContactImportOptions, OnDuplicate, SourceOptions};
 use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_contacts-etl");
-
-/// Runs the binary against `base_url`; returns its exit code, stdout and stderr.
-async fn run_bin(base_url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(BIN)
-        .args(args)
-        .env("HL_TOKEN", "test-token")
-        .env("HL_BASE_URL", base_url)
-        .env_remove("HL_LOCATION_ID")
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// `import contacts --location L --input FILE` plus `extra`, offline dry run unless `extra`
 /// says otherwise.

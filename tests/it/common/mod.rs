@@ -568,3 +568,22 @@ pub fn read_ids(out: &Path, table: &str, loc: &str) -> std::collections::BTreeSe
     }
     ids
 }
+
+/// Runs the binary against the API at `base_url` (token `test-token`); returns its exit
+/// code, stdout and stderr.
+pub async fn run_bin(base_url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(BIN)
+        .args(args)
+        .env("HL_TOKEN", "test-token")
+        .env("HL_BASE_URL", base_url)
+        .env_remove("HL_LOCATION_ID")
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
