@@ -741,3 +741,92 @@ async fn an_import_reaches_an_events_run_through_a_receiver_writing_to_a_bucket(
     assert_equals_a_fresh_full_export(&sim, &dir.path().join("fresh"), &warehouse).await;
     receiver.stop().await;
 }
+
+/// A killed events run resumes where it committed and writes what an uninterrupted one
+/// writes: the same range of events, the same contacts, no part twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_run_killed_three_times_and_resumed_writes_what_a_clean_one_does() {
+    let port = free_port();
+    let sim = sim_with_webhooks(3_000, 155, port).await;
+    let loc = sim.location();
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    let receiver = Receiver::start(&sim, port, &events, &["--roll-every", "1"]).await;
+    // Two states, one for the clean run and one for the killed one, from the same full run.
+    let states = [
+        dir.path().join("state-clean"),
+        dir.path().join("state-killed"),
+    ];
+    let flags = |state: &Path| -> Vec<String> {
+        [
+            "--incremental",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--from-events",
+            events.to_str().unwrap(),
+            "--part-contacts",
+            "100",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    for (i, state) in states.iter().enumerate() {
+        let f = flags(state);
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        let o = run_to_end(&sim, &dir.path().join(format!("full{i}")), &f).await;
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    let (changed, gone) = write_changes(&sim, 11, (500, 50, 50, 12, 10)).await;
+    receiver.until_rolled(&sim).await;
+
+    let clean = dir.path().join("clean");
+    let f = flags(&states[0]);
+    let f: Vec<&str> = f.iter().map(String::as_str).collect();
+    let o = run_to_end(&sim, &clean, &f).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(report(&clean)["runKind"], "events");
+
+    // Killed at seeded marks 700 to 799 requests into each attempt. An events run commits a
+    // page of 100 contacts once their children are in and the next page is fetched, 500 to
+    // 600 requests in, so each attempt commits before its kill; the three together (under
+    // 2,400 requests) cannot finish the 4 requests of each of the 610 changed contacts.
+    let killed = dir.path().join("killed");
+    let f = flags(&states[1]);
+    let f: Vec<&str> = f.iter().map(String::as_str).collect();
+    assert_eq!(changed.len(), 610);
+    let mut rng = Lcg(155);
+    for i in 0..3 {
+        let start = sim.sim.stats().requests;
+        let mark = start + 700 + rng.next(100);
+        let what = format!("attempt {i}'s kill mark");
+        let mut child = export_cmd(&sim, &killed, &f).spawn().unwrap();
+        tokio::select! {
+            status = child.wait() => panic!(
+                "attempt {i} ended ({:?}) before its kill mark, request {mark}",
+                status.unwrap()
+            ),
+            () = until_requests(&sim.sim, mark, &what) => {
+                child.start_kill().unwrap(); // SIGKILL
+                child.wait().await.unwrap();
+            }
+        }
+    }
+    let o = run_to_end(&sim, &killed, &f).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r = report(&killed);
+    assert_eq!(r["runKind"], "events", "{r}");
+    assert_eq!(r["resumed"], true, "{r}");
+    assert_same(
+        "killed and resumed against clean",
+        &rows_of(&clean, &loc),
+        &rows_of(&killed, &loc),
+    );
+    let fetched: BTreeSet<String> = rows_of(&killed, &loc)[&Entity::Contacts]
+        .keys()
+        .cloned()
+        .collect();
+    assert_eq!(fetched, changed);
+    assert_eq!(read_ids(&killed, "deleted_contacts", &loc), gone);
+    assert_eq!(read_ids(&clean, "deleted_contacts", &loc), gone);
+    receiver.stop().await;
+}
