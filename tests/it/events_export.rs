@@ -745,7 +745,7 @@ async fn an_import_reaches_an_events_run_through_a_receiver_writing_to_a_bucket(
 /// A killed events run resumes where it committed and writes what an uninterrupted one
 /// writes: the same range of events, the same contacts, no part twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_events_run_killed_three_times_and_resumed_writes_what_a_clean_one_does() {
+async fn an_events_run_killed_after_commits_and_resumed_writes_what_a_clean_one_does() {
     let port = free_port();
     let sim = sim_with_webhooks(3_000, 155, port).await;
     let loc = sim.location();
@@ -786,31 +786,41 @@ async fn an_events_run_killed_three_times_and_resumed_writes_what_a_clean_one_do
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(report(&clean)["runKind"], "events");
 
-    // Killed at seeded marks 700 to 799 requests into each attempt. An events run commits a
-    // page of 100 contacts once their children are in and the next page is fetched, 500 to
-    // 600 requests in, so each attempt commits before its kill; the three together (under
-    // 2,400 requests) cannot finish the 4 requests of each of the 610 changed contacts.
+    // Each attempt is SIGKILLed as soon as its checkpoint shows one more commit (a page of
+    // 100 contacts with their children): a point of the run's own progress, not a time. Two
+    // attempts commit at most four of the seven pages, so each is still mid-run when killed.
     let killed = dir.path().join("killed");
     let f = flags(&states[1]);
     let f: Vec<&str> = f.iter().map(String::as_str).collect();
     assert_eq!(changed.len(), 610);
-    let mut rng = Lcg(155);
-    for i in 0..3 {
-        let start = sim.sim.stats().requests;
-        let mark = start + 700 + rng.next(100);
-        let what = format!("attempt {i}'s kill mark");
+    let ck = killed.join(format!("_state/location_id={loc}/checkpoint.json"));
+    let committed = || -> u64 {
+        std::fs::read(&ck)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["contactsListed"].as_u64())
+            .unwrap_or(0)
+    };
+    for i in 0..2 {
+        let before = committed();
         let mut child = export_cmd(&sim, &killed, &f).spawn().unwrap();
+        let progress = async {
+            while committed() <= before {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
         tokio::select! {
             status = child.wait() => panic!(
-                "attempt {i} ended ({:?}) before its kill mark, request {mark}",
+                "attempt {i} ended ({:?}) before it committed a page",
                 status.unwrap()
             ),
-            () = until_requests(&sim.sim, mark, &what) => {
+            () = within("a commit of the attempt", progress) => {
                 child.start_kill().unwrap(); // SIGKILL
                 child.wait().await.unwrap();
             }
         }
     }
+    assert!(committed() < 610, "the attempts finished the run");
     let o = run_to_end(&sim, &killed, &f).await;
     assert!(o.status.success(), "{}", stderr(&o));
     let r = report(&killed);
