@@ -277,8 +277,14 @@ enum Pending {
     },
 }
 
+/// Contacts whose child requests are under way at once, per request permit of the client:
+/// enough to keep every permit busy (each contact has up to three requests, and a reply's
+/// decoding overlaps the next request), far fewer than a window that absorbs a slow contact.
+const LIVE_PER_PERMIT: usize = 4;
+
 /// Turns a stream of pages into contacts with their children, in order, with at most
-/// `window` contacts in progress. With a `filter`, unchanged contacts pass through without
+/// `window` contacts in progress, of which at most [`LIVE_PER_PERMIT`] per request permit
+/// have their requests under way. With a `filter`, unchanged contacts pass through without
 /// requests.
 pub fn fan_out<S>(
     pages: S,
@@ -290,6 +296,9 @@ pub fn fan_out<S>(
 where
     S: Stream<Item = Result<Page, ExtractError>>,
 {
+    let live = Arc::new(tokio::sync::Semaphore::new(
+        client.concurrency() * LIVE_PER_PERMIT,
+    ));
     pages
         .map_ok(|page: Page| {
             let end = Pending::PageEnd {
@@ -309,6 +318,7 @@ where
         .map(move |pending| {
             let client = client.clone();
             let filter = filter.clone();
+            let live = live.clone();
             async move {
                 match pending? {
                     Pending::PageEnd {
@@ -329,7 +339,14 @@ where
                             _ => true,
                         };
                         let children = match (&id, changed && include.any()) {
-                            (Some(id), true) => fetch_children(&client, id, include).await?,
+                            (Some(id), true) => {
+                                // A contact's requests take about 14 KB of state once started,
+                                // most of it waiting for the location's pace: only `live`
+                                // contacts start them at once, the rest of the window waits
+                                // here with its JSON alone (the permits go in listing order).
+                                let _live = live.acquire().await;
+                                Box::pin(fetch_children(&client, id, include)).await?
+                            }
                             _ => Children::default(),
                         };
                         Ok(Item::Contact(ContactUnit {

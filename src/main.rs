@@ -8,18 +8,38 @@ use contacts_etl::cli::{self, Cli, Command};
 
 /// jemalloc, because it hands freed memory back to the OS: with glibc's malloc the exporter's
 /// resident memory crept up with the size of the location (freed row-group buffers stayed
-/// mapped); with jemalloc it stays flat (BENCHMARKS.md, "Memory").
+/// mapped); with jemalloc it stays flat (BENCHMARKS.md, "Memory"). Where the platform allows
+/// (not Apple, Android, DragonFly), jemalloc is the C libraries' `malloc` too (Cargo.toml).
 #[cfg(unix)]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// jemalloc's options, read before `main` (tikv-jemalloc-sys's `malloc_conf`, under its symbol
-/// prefix): freed pages go back to the OS after half a second instead of ten, and directly,
-/// not as lazily reclaimed MADV_FREE pages that still count as resident. No measurable CPU
-/// cost here; `_RJEM_MALLOC_CONF` in the environment overrides it.
+/// jemalloc's options, read before `main` (its `malloc_conf`, under the `_rjem_` prefix where
+/// jemalloc is not the system's `malloc`): freed pages go back to the OS after half a second
+/// instead of ten, and directly, not as lazily reclaimed MADV_FREE pages that still count as
+/// resident. Each thread's cache
+/// keeps objects up to 1 KiB, 32 of a size at most (jemalloc's defaults, up to 32 KiB and 200,
+/// held 0.8 MB per location of a 50-location pipeline, two threads each; the same CPU).
+/// `MALLOC_CONF` (`_RJEM_MALLOC_CONF` where prefixed) in the environment overrides it.
 #[cfg(unix)]
-#[export_name = "_rjem_malloc_conf"]
-pub static MALLOC_CONF: Option<&'static u8> = Some(&b"dirty_decay_ms:500,muzzy_decay_ms:0\0"[0]);
+#[cfg_attr(
+    any(
+        target_vendor = "apple",
+        target_os = "android",
+        target_os = "dragonfly"
+    ),
+    export_name = "_rjem_malloc_conf"
+)]
+#[cfg_attr(
+    not(any(
+        target_vendor = "apple",
+        target_os = "android",
+        target_os = "dragonfly"
+    )),
+    export_name = "malloc_conf"
+)]
+pub static MALLOC_CONF: Option<&'static u8> =
+    Some(&b"dirty_decay_ms:500,muzzy_decay_ms:0,tcache_max:1024,tcache_nslots_small_max:32\0"[0]);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

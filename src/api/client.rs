@@ -122,6 +122,8 @@ pub struct Client {
     auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
+    /// What `permits` started with.
+    concurrency: usize,
     global_permits: Option<Arc<Semaphore>>,
     stats: Arc<Stats>,
 }
@@ -243,6 +245,7 @@ impl Client {
             auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),
+            concurrency,
             global_permits: config.global_permits,
             stats: Arc::new(Stats::default()),
         })
@@ -250,6 +253,11 @@ impl Client {
 
     pub fn stats(&self) -> &Arc<Stats> {
         &self.stats
+    }
+
+    /// Most requests this client has in flight at once.
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     pub fn limiter(&self) -> &Arc<RateLimiter> {
@@ -708,6 +716,7 @@ impl Client {
                 version: Some(version),
                 body: body.clone().map(Body::Json),
                 grant_hint: None,
+                close: kind.brings_pages(),
             };
             let result = self
                 .transport

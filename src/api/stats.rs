@@ -21,6 +21,20 @@ pub enum RequestKind {
     LocationEvents,
 }
 
+impl RequestKind {
+    /// Whether the reply is a listing page (up to 500 objects, hundreds of KB).
+    pub(crate) fn brings_pages(self) -> bool {
+        matches!(
+            self,
+            RequestKind::List
+                | RequestKind::Business
+                | RequestKind::Search
+                | RequestKind::LocationTasks
+                | RequestKind::LocationEvents
+        )
+    }
+}
+
 /// How many kinds [`RequestKind`] has.
 const KINDS: usize = 11;
 

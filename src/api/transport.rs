@@ -24,7 +24,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{HeaderValue, ACCEPT, AUTHORIZATION, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
@@ -76,6 +76,12 @@ pub(crate) struct Outgoing<'a> {
     /// The grant endpoint's advice when it refuses the grant (400 or 401): set for
     /// `/oauth/token`, whose 400 `invalid_grant` means the same as a 401 (log in again).
     pub grant_hint: Option<&'a str>,
+    /// Ask for the connection to close after the reply (`Connection: close`): set for
+    /// listing pages. The HTTP client grows a connection's read buffer to fit the largest
+    /// reply it carried and keeps it for the connection's life: a page of 500 contacts left
+    /// up to 400 KB per pooled connection, for every running location (BENCHMARKS.md,
+    /// "Agency scale"). A new connection per page is a few pages per thousand contacts.
+    pub close: bool,
 }
 
 /// Who watches each attempt: the API client's counters and its location's rate limiter
@@ -271,6 +277,9 @@ impl Transport {
         }
         if let Some(v) = out.version {
             req = req.header("Version", v);
+        }
+        if out.close {
+            req = req.header(CONNECTION, "close");
         }
         match &out.body {
             Some(Body::Json(b)) => {

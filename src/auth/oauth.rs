@@ -421,6 +421,7 @@ impl Endpoints {
             version: bearer.is_some().then_some(crate::api::API_VERSION),
             body: form.map(Body::Form),
             grant_hint,
+            close: false,
         };
         self.transport
             .request(

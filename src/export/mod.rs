@@ -678,12 +678,12 @@ async fn stream(
     wide: Option<Arc<crate::schema::WideColumns>>,
     named: Option<Arc<events::Named>>,
 ) -> Result<Checkpoint, ExportError> {
-    // Contacts a page of this listing brings at most.
+    // Contacts a page of this listing brings at most (a search page comes in runs).
     let page_len = match &source {
-        Source::Search { query, .. } => query.page_limit,
-        Source::Get(_) | Source::Businesses { .. } | Source::Ids { .. } => plan.page_size,
+        Source::Search { query, .. } => (query.page_limit as usize).min(extract::SEARCH_RUN),
+        Source::Get(_) | Source::Businesses { .. } | Source::Ids { .. } => plan.page_size as usize,
     }
-    .max(1) as usize;
+    .max(1);
     let pages = listing(client.clone(), plan, source).map({
         let progress = progress.clone();
         move |page| {
@@ -730,9 +730,9 @@ async fn stream(
             wide,
         },
         ck,
-        // In pages of this listing: as many as the fan-out window holds, and one more (with
-        // search pages of 500 that is two, not the six of GET's 100: a writer slower than
-        // the listing holds two pages, not 3,000 contacts, in memory).
+        // In pages of this listing: as many as the fan-out window holds, and one more (a
+        // writer slower than the listing holds about a window of contacts, not pages of
+        // thousands, in memory).
         plan.window / page_len + 1,
     );
 
@@ -898,7 +898,7 @@ async fn finish(
                 if let Err(e) = builder.append(&raw, &ctx) {
                     tracing::warn!(error = %e, "cannot record a deleted contact");
                 }
-                if builder.len() >= plan.batch_rows.max(1) {
+                if builder.is_full(plan.batch_rows) {
                     part.write(&builder.finish())?;
                 }
             }
@@ -1205,7 +1205,10 @@ fn listing(
             query,
             after,
             prefetched,
-        } => Box::pin(extract::search_contacts(client, query, after, prefetched)),
+        } => Box::pin(extract::search_runs(
+            extract::search_contacts(client, query, after, prefetched),
+            extract::SEARCH_RUN,
+        )),
         Source::Ids { ids, from } => Box::pin(extract::contacts_by_id(
             client,
             ids,

@@ -737,7 +737,7 @@ impl<'a> PartSink<'a> {
             return Ok(());
         }
         self.rows += 1;
-        if self.builder.len() >= self.plan.batch_rows.max(1) {
+        if self.builder.is_full(self.plan.batch_rows) {
             self.flush(Self::number(ck, self.entity))?;
         }
         Ok(())

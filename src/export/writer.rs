@@ -222,7 +222,7 @@ impl Writer {
             tracing::warn!(error = %e, "skipping an object that cannot be written");
             return Ok(());
         }
-        if slot.builder.len() >= self.cfg.batch_rows {
+        if slot.builder.is_full(self.cfg.batch_rows) {
             self.flush(i)?;
         }
         Ok(())

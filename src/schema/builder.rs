@@ -19,6 +19,13 @@ use serde_json::value::RawValue;
 use super::decode::{self, FieldScratch, Key, Shape, StrScratch};
 use super::{Column, DecodeError, Entity, Kind, Role, RowContext};
 
+/// The most JSON a batch takes in before it is handed on, whatever its row count. The
+/// builders hold about that much until then, for each entity of each running export: rows
+/// of 1,024 contacts held 2 MB per entity, most of a pipeline's memory with many locations
+/// at once (BENCHMARKS.md, "Agency scale"). Batches of a few dozen rows cost the sinks
+/// nothing measurable: Parquet gathers them into its row groups, CSV writes them through.
+pub const BATCH_JSON_BYTES: usize = 128 * 1024;
+
 /// Column builders for one entity.
 pub struct BatchBuilder {
     entity: Entity,
@@ -27,6 +34,9 @@ pub struct BatchBuilder {
     builders: Vec<ColumnBuilder>,
     lookup: &'static KeyIndex,
     rows: usize,
+    /// JSON bytes of the rows appended since the last `finish`: about what the column
+    /// builders hold.
+    json_bytes: usize,
     /// `_extra` of the row being appended, `{` included once something went in.
     extra: String,
     strs: StrScratch,
@@ -67,6 +77,7 @@ impl BatchBuilder {
             builders: columns.iter().map(|c| ColumnBuilder::new(c.kind)).collect(),
             lookup: KeyIndex::of(entity),
             rows: 0,
+            json_bytes: 0,
             extra: String::new(),
             strs: StrScratch::default(),
             fields: FieldScratch::default(),
@@ -89,6 +100,7 @@ impl BatchBuilder {
                 found: super::truncate_for_message(text, 80),
             });
         }
+        self.json_bytes += text.len();
         self.extra.clear();
         let mut filled: u64 = 0;
         let walked =
@@ -114,6 +126,12 @@ impl BatchBuilder {
         self.rows == 0
     }
 
+    /// Whether the rows appended since the last [`finish`](Self::finish) make a batch: `rows`
+    /// of them, or [`BATCH_JSON_BYTES`] of JSON, whichever comes first.
+    pub fn is_full(&self, rows: usize) -> bool {
+        self.rows >= rows.max(1) || self.json_bytes >= BATCH_JSON_BYTES
+    }
+
     /// Takes the rows appended so far as a batch and resets the builder.
     pub fn finish(&mut self) -> RecordBatch {
         let arrays: Vec<ArrayRef> = self
@@ -122,6 +140,7 @@ impl BatchBuilder {
             .map(ColumnBuilder::finish)
             .collect();
         self.rows = 0;
+        self.json_bytes = 0;
         RecordBatch::try_new(self.schema.clone(), arrays)
             .expect("column builders are made from the same column list as the schema, one value per row each")
     }

@@ -7,10 +7,12 @@
 //!   column statistics and scans to pay off (about 1 MB of compressed contacts, and engines
 //!   read row groups in parallel), small enough that the group the writer holds in memory
 //!   fills within the first 10k contacts of every entity, so memory reaches its plateau early
-//!   and stays there (BENCHMARKS.md has the figures). The caller hands in 1k-row batches; the
-//!   writer accumulates them.
-//! - **Dictionary encoding** (the default, kept on) for strings: ids, tags, types, sources and
-//!   owner ids repeat a lot.
+//!   and stays there (BENCHMARKS.md has the figures). Many parts open at once (a pipeline of
+//!   many locations) share a budget and close smaller groups ([`BUFFER_BUDGET`]). The caller
+//!   hands in batches of up to 1k rows or 128 KiB of JSON; the writer accumulates them.
+//! - **Dictionary encoding** (the default, kept on) for strings: tags, types, sources, owner
+//!   and contact ids repeat a lot. Off for the columns whose values are unique (an entity's
+//!   own `id`, timestamps, emails, note bodies: [`UNIQUE_COLUMNS`]).
 //! - **Page-level statistics** (the default) so engines can skip pages on `dateAdded` etc.
 //! - **Writer version `PARQUET_1_0`**: v1 data pages are read by every engine and version
 //!   (older Spark and Hive, Athena, BigQuery loads, pandas through either engine), while v2
@@ -20,12 +22,16 @@
 //! - **The Arrow schema is embedded** (arrow-rs does it by default), so readers using Arrow get
 //!   back `Timestamp(Millisecond, "UTC")` and the schema-version metadata unchanged.
 
-use arrow::datatypes::Schema;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::Relaxed;
+
+use arrow::datatypes::{DataType, Schema};
 use arrow::record_batch::RecordBatch;
 use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties, WriterVersion};
+use parquet::schema::types::ColumnPath;
 
 use super::{PartInfo, PartTarget, PartWriter, SinkError};
 
@@ -35,6 +41,39 @@ const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
 /// grew with the location up to the row limit. Closing the group once its buffered size passes
 /// this keeps memory flat, and still gives analytics-sized groups (thousands of contacts).
 const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
+/// What the row groups of all the parts open in the process may buffer together: a pipeline
+/// running 200 locations has 800 parts open, and 24 MiB each (or a whole small location
+/// each) is gigabytes. Each part closes its group at its share of this, between
+/// [`MIN_BUFFERED_BYTES`] and [`MAX_BUFFERED_BYTES`]: one export keeps its large groups, many
+/// at once write smaller ones (every reader takes them; what they cost is a little metadata).
+const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+const MIN_BUFFERED_BYTES: usize = 128 * 1024;
+
+/// Parquet parts open in this process now.
+static OPEN_PARTS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a part as open for as long as it lives.
+struct Open;
+
+impl Open {
+    fn new() -> Open {
+        OPEN_PARTS.fetch_add(1, Relaxed);
+        Open
+    }
+
+    /// The most this part's row group may buffer now.
+    fn limit() -> usize {
+        (BUFFER_BUDGET / OPEN_PARTS.load(Relaxed).max(1))
+            .clamp(MIN_BUFFERED_BYTES, MAX_BUFFERED_BYTES)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN_PARTS.fetch_sub(1, Relaxed);
+    }
+}
+
 const ZSTD_LEVEL: i32 = 3;
 const PAGE_BYTES: usize = 256 * 1024;
 
@@ -42,6 +81,7 @@ pub(crate) struct ParquetPart {
     target: PartTarget,
     writer: ArrowWriter<crate::dest::PartFile>,
     rows: u64,
+    _open: Open,
 }
 
 /// Schema metadata also written as the file's own key-value metadata (beside the embedded
@@ -49,6 +89,22 @@ pub(crate) struct ParquetPart {
 /// (DuckDB's `parquet_kv_metadata`, `pyarrow.parquet.ParquetFile(...).metadata.metadata`) find it
 /// there.
 const FILE_METADATA_KEYS: &[&str] = &[crate::schema::WIDE_COLUMNS_KEY];
+
+/// Columns whose values hardly ever repeat within a part (besides the timestamps): a
+/// dictionary would only cost its hash table (tens of KB per column and part, allocated again
+/// at every row group) and the encoding time before the writer falls back to plain values.
+const UNIQUE_COLUMNS: &[&str] = &[
+    "id",
+    "_extra",
+    "email",
+    "emailLowerCase",
+    "phone",
+    "contactName",
+    "name",
+    "fullNameLowerCase",
+    "address1",
+    "body",
+];
 
 fn properties(schema: &Schema) -> Result<WriterProperties, parquet::errors::ParquetError> {
     let file_metadata: Vec<KeyValue> = FILE_METADATA_KEYS
@@ -60,7 +116,16 @@ fn properties(schema: &Schema) -> Result<WriterProperties, parquet::errors::Parq
                 .map(|v| KeyValue::new((*k).to_owned(), v.clone()))
         })
         .collect();
-    Ok(WriterProperties::builder()
+    let mut props = WriterProperties::builder();
+    for field in schema.fields() {
+        let unique = matches!(field.data_type(), DataType::Timestamp(..))
+            || UNIQUE_COLUMNS.contains(&field.name().as_str());
+        if unique {
+            props =
+                props.set_column_dictionary_enabled(ColumnPath::from(field.name().as_str()), false);
+        }
+    }
+    Ok(props
         .set_key_value_metadata((!file_metadata.is_empty()).then_some(file_metadata))
         .set_writer_version(WriterVersion::PARQUET_1_0)
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(ZSTD_LEVEL)?))
@@ -88,6 +153,7 @@ impl ParquetPart {
             target,
             writer,
             rows: 0,
+            _open: Open::new(),
         })
     }
 }
@@ -102,7 +168,9 @@ impl PartWriter for ParquetPart {
                 source,
             })?;
         self.rows += batch.num_rows() as u64;
-        if self.writer.in_progress_size() > MAX_BUFFERED_BYTES {
+        // The writer's memory, not the group's encoded size: the dictionaries being built
+        // count too (with many parts open, most of it).
+        if self.writer.memory_size() > Open::limit() {
             self.writer.flush().map_err(|source| SinkError::Parquet {
                 path: self.target.tmp.clone(),
                 source,
@@ -116,6 +184,7 @@ impl PartWriter for ParquetPart {
             target,
             writer,
             rows,
+            _open,
         } = *self;
         // `into_inner` flushes the last row group and writes the footer (what makes the file
         // valid); the commit flushes what the file still buffers.

@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use super::shard::{self, Shard};
 use super::{LocationTarget, Pipeline};
 use crate::app::conn::TokenRef;
-use crate::app::export::{execute, plan, ExportSettings, Placement};
+use crate::app::export::{execute, plan, search_page_for, ExportSettings, Placement};
 use crate::app::outcome::{auth_outcome, code, Outcome};
 use crate::app::report::{RunReport, Started};
 use crate::export::{Interrupt, Progress};
@@ -149,9 +149,11 @@ pub async fn run_export_shard(
     }
     tracing::info!(pipeline = %p.name, locations = locations.len(), base_url = %conn.base_url, "pipeline started");
 
+    let running = p.parallel_locations.clamp(1, locations.len().max(1));
     let shared = Arc::new(Shared {
         conn: conn.clone(),
         job: job.clone(),
+        search_page: search_page_for(running),
         placement,
         dest: dest.clone(),
         global,
@@ -337,6 +339,8 @@ async fn run_locations(
 struct Shared {
     conn: crate::app::conn::Connection,
     job: ExportSettings,
+    /// Contacts per search page: fewer than the API's 500 when many locations run at once.
+    search_page: u32,
     placement: Placement,
     dest: crate::dest::Dest,
     global: Arc<Semaphore>,
@@ -347,7 +351,7 @@ struct Shared {
 impl Shared {
     async fn run_location(&self, loc: &LocationTarget) -> (Outcome, RunReport) {
         let started = Started::now();
-        let plan = plan(
+        let mut plan = plan(
             &loc.id,
             &self.job,
             &self.dest,
@@ -355,6 +359,7 @@ impl Shared {
             &self.placement,
             &self.interrupt,
         );
+        plan.search_page = self.search_page;
         let state_dir = crate::checkpoint::state_dir(self.dest.root(), &loc.id);
         let client = match (&loc.token, &self.provider) {
             (TokenRef::OAuth, Some(provider)) => match provider.for_location(&loc.id) {
