@@ -107,6 +107,7 @@ struct Scanned {
 #[allow(clippy::too_many_arguments)] // a range, a bound, and what the previous run left
 fn scan(
     source: &EventsSource,
+    dest: &Dest,
     location: &str,
     after: Option<u64>,
     through: Option<u64>,
@@ -130,12 +131,7 @@ fn scan(
     let mut any_counted = false;
     let (mut changed, mut deleted) = (BTreeSet::new(), BTreeSet::new());
     let mut rows = 0;
-    let fail = |message: String| ExportError::Events {
-        dir: source.target.to_string(),
-        message,
-    };
-    let dest = Dest::open(&source.target).map_err(|e| fail(e.to_string()))?;
-    let last = crate::events::table::scan(&dest, None, after, |row| {
+    let last = crate::events::table::scan(dest, None, after, |row| {
         if through.is_some_and(|t| row.part > t) {
             return;
         }
@@ -181,7 +177,7 @@ fn scan(
             changed.insert(contact);
         }
     })
-    .map_err(|e| fail(e.to_string()))?;
+    .map_err(|e| failed(source, e.to_string()))?;
     // The newest part, even when its rows were all before `since_ms` or it was empty.
     mark.part = match (last, through) {
         (Some(l), Some(t)) => Some(l.min(t)),
@@ -217,6 +213,19 @@ fn scan(
     })
 }
 
+/// The events table's destination, opened once per decision (for a bucket, a client).
+fn open(source: &EventsSource) -> Result<Dest, ExportError> {
+    Dest::open(&source.target).map_err(|e| failed(source, e.to_string()))
+}
+
+/// An error reading the events table of `source`.
+fn failed(source: &EventsSource, message: String) -> ExportError {
+    ExportError::Events {
+        dir: source.target.to_string(),
+        message,
+    }
+}
+
 /// Chooses the kind of an incremental run with `--from-events` (the run's own decision,
 /// made once and kept in its checkpoint with the range it returns): an events run, or a
 /// walk on the schedule, after a gap, or when the previous run left contacts to fetch again.
@@ -235,8 +244,10 @@ pub(super) fn choose(
         m.last_started_ms
             .saturating_sub(i64::try_from(overlap.as_millis()).unwrap_or(i64::MAX))
     });
+    let dest = open(source)?;
     let scanned = scan(
         source,
+        &dest,
         location,
         after,
         None,
@@ -245,14 +256,8 @@ pub(super) fn choose(
         meta.and_then(|m| m.events.as_ref()),
         source.max_gap,
     )?;
-    let dest = Dest::open(&source.target).map_err(|e| ExportError::Events {
-        dir: source.target.to_string(),
-        message: e.to_string(),
-    })?;
-    let beat = crate::events::table::read_heartbeat(&dest).map_err(|e| ExportError::Events {
-        dir: source.target.to_string(),
-        message: e.to_string(),
-    })?;
+    let beat =
+        crate::events::table::read_heartbeat(&dest).map_err(|e| failed(source, e.to_string()))?;
     let prev = meta.and_then(|m| m.events);
     let beat_gap = heartbeat_gap(
         beat.as_ref(),
@@ -375,6 +380,7 @@ pub(super) fn named(
     }
     let s = scan(
         source,
+        &open(source)?,
         location,
         range.after,
         range.mark.part,
