@@ -503,15 +503,31 @@ impl EventsPlan {
     }
 }
 
+/// Windows asked for beyond the one being read. The windows are independent requests: asked
+/// one round trip at a time, a location's appointments went at the speed of its replies
+/// (below its pace over any real network, and the tail of every export); one ahead keeps
+/// them at the pace while at most two replies (about 5,000 events each at most on average)
+/// wait at once.
+const EVENTS_AHEAD: usize = 1;
+
+/// One window's reply, with where it was asked.
+struct WindowReply {
+    calendar: usize,
+    window: u32,
+    start: i64,
+    end: i64,
+    reply: Result<crate::api::LooseRows, crate::api::ApiError>,
+}
+
 struct EventState {
-    client: Arc<Client>,
+    replies: futures::stream::BoxStream<'static, WindowReply>,
     location: String,
     plan: Arc<EventsPlan>,
-    pos: Option<(usize, u32)>,
     guard: RepeatGuard,
 }
 
-/// Streams the events of every window of every calendar of `plan`, from `from` on.
+/// Streams the events of every window of every calendar of `plan`, from `from` on, in
+/// window order (the replies are read in order whatever order they arrive in).
 pub fn location_events(
     client: Arc<Client>,
     location_id: String,
@@ -519,28 +535,55 @@ pub fn location_events(
     from: Option<WidePos>,
     guard: RepeatGuard,
 ) -> impl Stream<Item = Result<WidePage, ExtractError>> {
-    let pos = match from {
+    use futures::StreamExt;
+
+    let first = match from {
         Some(WidePos::Events { calendar, window }) => Some((calendar, window)),
         _ => Some((0, 0)),
     }
     .filter(|(c, w)| *c < plan.calendars.len() && *w < plan.windows);
+    let plan = Arc::new(plan);
+    let positions = {
+        let plan = plan.clone();
+        std::iter::successors(first, move |&(c, w)| match plan.after(c, w) {
+            Some(WidePos::Events { calendar, window }) => Some((calendar, window)),
+            _ => None,
+        })
+    };
+    let replies = {
+        let (plan, location) = (plan.clone(), location_id.clone());
+        futures::stream::iter(positions)
+            .map(move |(calendar, window)| {
+                let (client, plan, location) = (client.clone(), plan.clone(), location.clone());
+                async move {
+                    let (start, end) = plan.window(window);
+                    let reply = client
+                        .calendar_events(&location, &plan.calendars[calendar], start, end)
+                        .await;
+                    WindowReply {
+                        calendar,
+                        window,
+                        start,
+                        end,
+                        reply,
+                    }
+                }
+            })
+            .buffered(EVENTS_AHEAD + 1)
+            .boxed()
+    };
     let state = EventState {
-        client,
+        replies,
         location: location_id,
-        plan: Arc::new(plan),
-        pos,
+        plan,
         guard,
     };
     futures::stream::try_unfold(state, |mut st| async move {
-        let Some((c, w)) = st.pos else {
+        let Some(got) = st.replies.next().await else {
             return Ok(None);
         };
-        let (start, end) = st.plan.window(w);
-        let calendar = &st.plan.calendars[c];
-        let reply = st
-            .client
-            .calendar_events(&st.location, calendar, start, end)
-            .await?;
+        let reply = got.reply?;
+        let calendar = &st.plan.calendars[got.calendar];
         // Windows do not overlap: only a repeat inside a window, or an event that moved
         // between windows while they were read, is a repeat. Each window is one request, so
         // two equal windows in a row (both empty, or the server ignoring the times) are
@@ -548,14 +591,11 @@ pub fn location_events(
         st.guard.new_sequence();
         let (rows, repeats) =
             wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
-                request: Client::calendar_events_label(&st.location, calendar, start, end).0,
+                request: Client::calendar_events_label(&st.location, calendar, got.start, got.end)
+                    .0,
                 reason,
             })?;
-        let next = st.plan.after(c, w);
-        st.pos = match &next {
-            Some(WidePos::Events { calendar, window }) => Some((*calendar, *window)),
-            _ => None,
-        };
+        let next = st.plan.after(got.calendar, got.window);
         Ok(Some((
             WidePage {
                 rows,

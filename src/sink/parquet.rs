@@ -9,7 +9,10 @@
 //!   fills within the first 10k contacts of every entity, so memory reaches its plateau early
 //!   and stays there (BENCHMARKS.md has the figures). Many parts open at once (a pipeline of
 //!   many locations) share a budget and close smaller groups ([`BUFFER_BUDGET`]). The caller
-//!   hands in batches of up to 1k rows or 128 KiB of JSON; the writer accumulates them.
+//!   hands in batches of up to 1k rows or 128 KiB of JSON; a part keeps a group's first
+//!   megabyte as those batches and only then encodes it, so with many parts open (each with a
+//!   share below that) no column writer, each with its own zstd contexts, lives between
+//!   groups ([`ENCODE_AT`]).
 //! - **Dictionary encoding** (the default, kept on) for strings: tags, types, sources, owner
 //!   and contact ids repeat a lot. Off for the columns whose values are unique (an entity's
 //!   own `id`, timestamps, emails, note bodies: [`UNIQUE_COLUMNS`]).
@@ -37,9 +40,10 @@ use super::{PartInfo, PartTarget, PartWriter, SinkError};
 
 const MAX_ROW_GROUP_ROWS: usize = 8 * 1024;
 const MAX_ROW_GROUP_BYTES: usize = 128 * 1024 * 1024;
-/// The writer holds a whole row group in memory until it closes; with wide contact rows that
-/// grew with the location up to the row limit. Closing the group once its buffered size passes
-/// this keeps memory flat, and still gives analytics-sized groups (thousands of contacts).
+/// A part holds a whole row group in memory (its batches, in Arrow's memory) until it
+/// writes it; with wide contact rows that grew with the location up to the row limit. Writing
+/// the group once its batches pass this keeps memory flat, and still gives analytics-sized
+/// groups (thousands of contacts).
 const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
 /// What the row groups of all the parts open in the process may buffer together: a pipeline
 /// running 200 locations has 800 parts open, and 24 MiB each (or a whole small location
@@ -48,6 +52,9 @@ const MAX_BUFFERED_BYTES: usize = 24 * 1024 * 1024;
 /// at once write smaller ones (every reader takes them; what they cost is a little metadata).
 const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
 const MIN_BUFFERED_BYTES: usize = 128 * 1024;
+/// Up to this much of a row group waits as the caller's Arrow batches before it is encoded:
+/// see `ParquetPart`'s `write`.
+const ENCODE_AT: usize = 1024 * 1024;
 
 /// Parquet parts open in this process now.
 static OPEN_PARTS: AtomicUsize = AtomicUsize::new(0);
@@ -80,6 +87,10 @@ const PAGE_BYTES: usize = 256 * 1024;
 pub(crate) struct ParquetPart {
     target: PartTarget,
     writer: ArrowWriter<crate::dest::PartFile>,
+    /// The start of the row group, kept back as the caller's batches (see `write`).
+    pending: Vec<RecordBatch>,
+    pending_bytes: usize,
+    pending_rows: usize,
     rows: u64,
     _open: Open,
 }
@@ -152,42 +163,76 @@ impl ParquetPart {
         Ok(ParquetPart {
             target,
             writer,
+            pending: Vec::new(),
+            pending_bytes: 0,
+            pending_rows: 0,
             rows: 0,
             _open: Open::new(),
         })
     }
 }
 
-impl PartWriter for ParquetPart {
-    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
-        self.target.check_schema(batch)?;
-        self.writer
-            .write(batch)
-            .map_err(|source| SinkError::Parquet {
-                path: self.target.tmp.clone(),
-                source,
-            })?;
-        self.rows += batch.num_rows() as u64;
-        // The writer's memory, not the group's encoded size: the dictionaries being built
-        // count too (with many parts open, most of it).
-        if self.writer.memory_size() > Open::limit() {
-            self.writer.flush().map_err(|source| SinkError::Parquet {
-                path: self.target.tmp.clone(),
-                source,
-            })?;
+impl ParquetPart {
+    /// Hands the batches kept back to the `ArrowWriter`, which encodes them into its row group.
+    fn encode_pending(&mut self) -> Result<(), parquet::errors::ParquetError> {
+        for batch in self.pending.drain(..) {
+            self.writer.write(&batch)?;
         }
+        self.pending_bytes = 0;
+        self.pending_rows = 0;
         Ok(())
     }
+}
 
-    fn finish(self: Box<Self>) -> Result<PartInfo, SinkError> {
+impl PartWriter for ParquetPart {
+    /// A row group's first [`ENCODE_AT`] bytes wait as the caller's batches, and are encoded
+    /// only when the group closes or outgrows that. A row group in progress in the
+    /// `ArrowWriter` holds a column writer per column, each with its own zstd compressor and
+    /// decompressor, encoders and statistics: with 800 parts open (a pipeline of 200
+    /// locations, each part's share of the budget far below `ENCODE_AT`) they were most of the
+    /// process's memory while holding no more rows than these batches do, and now live only
+    /// while a group is written. One export (shares of megabytes) encodes as it goes, as
+    /// before: encoded columns are more compact than Arrow's.
+    fn write(&mut self, batch: &RecordBatch) -> Result<(), SinkError> {
+        self.target.check_schema(batch)?;
+        self.rows += batch.num_rows() as u64;
+        // Arrow's memory of the batch: its buffers' capacity, which is what it holds.
+        self.pending_bytes += batch.get_array_memory_size();
+        self.pending_rows += batch.num_rows();
+        self.pending.push(batch.clone());
+        let limit = Open::limit();
+        let encoded = self.writer.memory_size();
+        let result = if encoded + self.pending_bytes > limit {
+            self.encode_pending().and_then(|()| self.writer.flush())
+        } else if encoded > 0
+            || self.pending_bytes >= ENCODE_AT
+            // The writer closes a group at exactly this many rows.
+            || self.pending_rows >= MAX_ROW_GROUP_ROWS
+        {
+            self.encode_pending()
+        } else {
+            Ok(())
+        };
+        result.map_err(|source| SinkError::Parquet {
+            path: self.target.tmp.clone(),
+            source,
+        })
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<PartInfo, SinkError> {
+        self.encode_pending().map_err(|source| SinkError::Parquet {
+            path: self.target.tmp.clone(),
+            source,
+        })?;
         let ParquetPart {
             target,
             writer,
             rows,
             _open,
+            ..
         } = *self;
-        // `into_inner` flushes the last row group and writes the footer (what makes the file
-        // valid); the commit flushes what the file still buffers.
+        // `into_inner` writes the footer (what makes the file valid); the commit flushes what
+        // the file still buffers.
         let file = writer.into_inner().map_err(|source| SinkError::Parquet {
             path: target.tmp.clone(),
             source,

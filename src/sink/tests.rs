@@ -116,6 +116,70 @@ fn parquet_round_trips_batches_and_types() {
     assert_eq!(back, want);
 }
 
+/// The caller hands in small batches (a page's worth); a part gathers them into row groups of
+/// up to 8Ki rows or its share of the memory budget, and writes every row once, in order.
+#[test]
+fn parquet_gathers_small_batches_into_row_groups() {
+    let out = tempfile::tempdir().expect("tempdir");
+    let mut part = open_part(
+        &Dest::local(out.path()),
+        Format::Parquet,
+        Entity::Contacts,
+        "loc1",
+        0,
+    )
+    .expect("open");
+    let (batches, per_batch) = (400_usize, 50_usize);
+    let mut want = Vec::new();
+    for b in 0..batches {
+        let mut builder = BatchBuilder::new(Entity::Contacts);
+        for r in 0..per_batch {
+            let id = format!("c{b:04}-{r:02}");
+            let o = format!(
+                r#"{{"id":"{id}","firstName":"n{r}","tags":["t{}"]}}"#,
+                r % 3
+            );
+            builder
+                .append(&RawValue::from_string(o).expect("valid JSON"), &CTX)
+                .expect("object");
+            want.push(id);
+        }
+        part.write(&builder.finish()).expect("write");
+    }
+    let info = part.finish().expect("finish");
+    assert_eq!(info.rows, (batches * per_batch) as u64);
+
+    let path = out.path().join(&info.path);
+    let file = fs::File::open(&path).expect("part");
+    let meta = ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("valid parquet")
+        .metadata()
+        .clone();
+    let groups: Vec<i64> = meta.row_groups().iter().map(|g| g.num_rows()).collect();
+    assert!(
+        groups.len() >= (batches * per_batch).div_ceil(8 * 1024),
+        "no group over 8Ki rows: {groups:?}"
+    );
+    assert!(groups.iter().all(|&n| n <= 8 * 1024), "{groups:?}");
+    // Gathered: a group holds many batches, whatever other parts the test run has open.
+    assert!(groups.len() * 4 <= batches, "{} groups", groups.len());
+
+    let ids: Vec<String> = read_parquet(&path)
+        .iter()
+        .flat_map(|b| {
+            let col = b
+                .column_by_name("id")
+                .expect("id column")
+                .as_any()
+                .downcast_ref::<arrow::array::StringArray>()
+                .expect("id is text")
+                .clone();
+            (0..arrow::array::Array::len(&col)).map(move |i| col.value(i).to_owned())
+        })
+        .collect();
+    assert_eq!(ids, want, "every row once, in the order written");
+}
+
 #[test]
 fn parquet_metadata_has_utc_millis_zstd_and_v1() {
     let out = tempfile::tempdir().expect("tempdir");
