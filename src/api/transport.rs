@@ -320,6 +320,9 @@ impl Transport {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_builder() => return Err(unbuildable(label, out.url, &e)),
+            Err(e) if untrusted_server(&e).is_some() => {
+                return Err(untrusted(label, out.url, &e));
+            }
             Err(e) => {
                 if let Some(s) = watch.stats {
                     s.network_error();
@@ -604,6 +607,50 @@ fn unbuildable(label: &RequestLabel, url: &reqwest::Url, e: &reqwest::Error) -> 
         status: None,
         reason,
         hint: "an id or value in the request is malformed or far too long: check the ids and values given on the command line, in the pipeline file or in the input".into(),
+    }
+}
+
+/// The TLS failure in `e` that no retry can mend: the server's certificate refused (an
+/// unknown issuer, another host's name, expired), or no protocol both sides speak. A network
+/// that drops the handshake is an I/O error instead, and stays transient.
+fn untrusted_server(e: &reqwest::Error) -> Option<&rustls::Error> {
+    // hyper-rustls hands rustls's error on inside `io::Error`s (two deep), whose `source`
+    // skips the error they carry.
+    fn carried<'a>(mut err: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+        loop {
+            if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+                return Some(tls);
+            }
+            err = err.downcast_ref::<std::io::Error>()?.get_ref()?;
+        }
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(
+            tls @ (rustls::Error::InvalidCertificate(_)
+            | rustls::Error::NoCertificatesPresented
+            | rustls::Error::PeerIncompatible(_)
+            | rustls::Error::UnsupportedNameType),
+        ) = carried(s)
+        {
+            return Some(tls);
+        }
+        src = s.source();
+    }
+    None
+}
+
+/// A request refused for the server's TLS certificate (see [`untrusted_server`]).
+fn untrusted(label: &RequestLabel, url: &reqwest::Url, e: &reqwest::Error) -> ApiError {
+    let why = untrusted_server(e).map_or_else(|| describe_reqwest(e), |tls| tls.to_string());
+    ApiError::Refused {
+        request: label.clone(),
+        status: None,
+        reason: format!(
+            "the TLS certificate of {} was refused: {why}",
+            url.host_str().unwrap_or("the server")
+        ),
+        hint: "check that --base-url (or HL_BASE_URL) names the API (https://services.leadconnectorhq.com); behind a proxy that inspects TLS, add its CA certificate to this machine's trusted certificates. Running again will not help".into(),
     }
 }
 

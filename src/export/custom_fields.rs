@@ -23,7 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::{ExportError, ExportPlan};
-use crate::api::{Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
+use crate::api::{ApiError, Client, ErrorKind, CUSTOM_FIELDS_SCOPE};
 use crate::checkpoint::{self, Checkpoint, EntityReport};
 use crate::extract::ExtractError;
 use crate::schema::{BatchBuilder, Entity, RowContext, WideColumns};
@@ -162,8 +162,11 @@ async fn fetch(client: &Client, plan: &ExportPlan) -> Result<Fetched, ExportErro
             warn_no_scope(plan);
             Ok(Fetched::NoScope)
         }
+        // Refused before any reply (the server's certificate, a request that cannot be
+        // built): every request of the run would be, so it stops here.
         Err(e)
             if e.kind() == ErrorKind::QuotaExhausted
+                || matches!(e, ApiError::Refused { status: None, .. })
                 || plan.custom_fields == CustomFieldsMode::Wide =>
         {
             Err(ExportError::Extract(ExtractError::Api(e)))

@@ -615,3 +615,54 @@ async fn a_create_answered_201_with_a_reply_over_the_cap_was_taken_as_refused() 
         "a 2xx create whose reply could not be read is ambiguous: {err}"
     );
 }
+
+/// A server whose certificate this machine does not trust (a wrong `--base-url`, a proxy that
+/// inspects TLS): the run stops at the first handshake with the host named and what to do,
+/// instead of retrying for tens of seconds and suggesting to run again.
+#[tokio::test]
+async fn an_untrusted_certificate_is_refused_at_once_with_what_to_do() {
+    use std::io::Read;
+
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let cert = std::fs::read(data.join("tls-untrusted-localhost.cert.der")).unwrap();
+    let key = std::fs::read(data.join("tls-untrusted-localhost.pk8.der")).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(cert)],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()),
+        )
+        .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    std::thread::spawn(move || {
+        for mut tcp in listener.incoming().map_while(Result::ok) {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut tls = rustls::ServerConnection::new(config.clone()).unwrap();
+            // The client refuses the certificate and closes: the handshake ends in an error.
+            let _ = rustls::Stream::new(&mut tls, &mut tcp).read(&mut [0; 1]);
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("https://localhost:{port}");
+    let o = export(&base, dir.path(), &[]).await;
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("the TLS certificate of localhost was refused"),
+        "{err}"
+    );
+    assert!(err.contains("--base-url"), "says what to check: {err}");
+    assert!(!err.contains("run again later"), "{err}");
+    assert_eq!(handshakes.load(Ordering::SeqCst), 1, "not retried: {err}");
+    assert!(!dir.path().join("_manifest.json").exists());
+}
