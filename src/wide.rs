@@ -514,8 +514,6 @@ const EVENTS_AHEAD: usize = 1;
 struct WindowReply {
     calendar: usize,
     window: u32,
-    start: i64,
-    end: i64,
     reply: Result<crate::api::LooseRows, crate::api::ApiError>,
 }
 
@@ -563,8 +561,6 @@ pub fn location_events(
                     WindowReply {
                         calendar,
                         window,
-                        start,
-                        end,
                         reply,
                     }
                 }
@@ -589,12 +585,13 @@ pub fn location_events(
         // two equal windows in a row (both empty, or the server ignoring the times) are
         // normal: only repeated ids count.
         st.guard.new_sequence();
-        let (rows, repeats) =
-            wide_rows(reply.rows, &mut st.guard).map_err(|reason| ExtractError::PageLoop {
-                request: Client::calendar_events_label(&st.location, calendar, got.start, got.end)
-                    .0,
+        let (rows, repeats) = wide_rows(reply.rows, &mut st.guard).map_err(|reason| {
+            let (start, end) = st.plan.window(got.window);
+            ExtractError::PageLoop {
+                request: Client::calendar_events_label(&st.location, calendar, start, end).0,
                 reason,
-            })?;
+            }
+        })?;
         let next = st.plan.after(got.calendar, got.window);
         Ok(Some((
             WidePage {

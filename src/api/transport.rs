@@ -320,10 +320,10 @@ impl Transport {
         let mut resp = match req.send().await {
             Ok(r) => r,
             Err(e) if e.is_builder() => return Err(unbuildable(label, out.url, &e)),
-            Err(e) if untrusted_server(&e).is_some() => {
-                return Err(untrusted(label, out.url, &e));
-            }
             Err(e) => {
+                if let Some(tls) = untrusted_server(&e) {
+                    return Err(untrusted(label, out.url, tls));
+                }
                 if let Some(s) = watch.stats {
                     s.network_error();
                 }
@@ -641,8 +641,7 @@ fn untrusted_server(e: &reqwest::Error) -> Option<&rustls::Error> {
 }
 
 /// A request refused for the server's TLS certificate (see [`untrusted_server`]).
-fn untrusted(label: &RequestLabel, url: &reqwest::Url, e: &reqwest::Error) -> ApiError {
-    let why = untrusted_server(e).map_or_else(|| describe_reqwest(e), |tls| tls.to_string());
+fn untrusted(label: &RequestLabel, url: &reqwest::Url, why: &rustls::Error) -> ApiError {
     ApiError::Refused {
         request: label.clone(),
         status: None,

@@ -5,7 +5,7 @@ use ::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use arrow::record_batch::RecordBatch;
 use serde_json::value::RawValue;
 
-use super::{clean_temp_parts, open_part, Format, PartInfo, Partition, SinkError};
+use super::{clean_temp_parts, open_part, Format, PartInfo, PartWriter, Partition, SinkError};
 use crate::dest::Dest;
 use crate::schema::{BatchBuilder, Entity, RowContext};
 
@@ -57,6 +57,11 @@ fn contacts_batch() -> RecordBatch {
     b.finish()
 }
 
+/// A part of location `loc1` in `out`.
+fn open_loc1(out: &Path, format: Format, entity: Entity, n: u32) -> Box<dyn PartWriter> {
+    open_part(&Dest::local(out), format, entity, "loc1", n).expect("open")
+}
+
 fn read_parquet(path: &Path) -> Vec<RecordBatch> {
     let file = fs::File::open(path).expect("part exists");
     let reader = ParquetRecordBatchReaderBuilder::try_new(file)
@@ -79,14 +84,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 fn parquet_round_trips_batches_and_types() {
     let out = tempfile::tempdir().expect("tempdir");
     let batch = contacts_batch();
-    let mut part = open_part(
-        &Dest::local(out.path()),
-        Format::Parquet,
-        Entity::Contacts,
-        "loc1",
-        7,
-    )
-    .expect("open");
+    let mut part = open_loc1(out.path(), Format::Parquet, Entity::Contacts, 7);
     part.write(&batch).expect("write");
     part.write(&batch.slice(2, 3)).expect("write a slice");
     let info = part.finish().expect("finish");
@@ -121,14 +119,7 @@ fn parquet_round_trips_batches_and_types() {
 #[test]
 fn parquet_gathers_small_batches_into_row_groups() {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut part = open_part(
-        &Dest::local(out.path()),
-        Format::Parquet,
-        Entity::Contacts,
-        "loc1",
-        0,
-    )
-    .expect("open");
+    let mut part = open_loc1(out.path(), Format::Parquet, Entity::Contacts, 0);
     let (batches, per_batch) = (400_usize, 50_usize);
     let mut want = Vec::new();
     for b in 0..batches {
@@ -183,14 +174,7 @@ fn parquet_gathers_small_batches_into_row_groups() {
 #[test]
 fn parquet_metadata_has_utc_millis_zstd_and_v1() {
     let out = tempfile::tempdir().expect("tempdir");
-    let mut part = open_part(
-        &Dest::local(out.path()),
-        Format::Parquet,
-        Entity::Contacts,
-        "loc1",
-        0,
-    )
-    .expect("open");
+    let mut part = open_loc1(out.path(), Format::Parquet, Entity::Contacts, 0);
     part.write(&contacts_batch()).expect("write");
     let info = part.finish().expect("finish");
     let file = fs::File::open(out.path().join(&info.path)).expect("part");
@@ -233,14 +217,7 @@ fn parquet_metadata_has_utc_millis_zstd_and_v1() {
 fn csv_cells_follow_the_conventions() {
     let out = tempfile::tempdir().expect("tempdir");
     let batch = contacts_batch();
-    let mut part = open_part(
-        &Dest::local(out.path()),
-        Format::Csv,
-        Entity::Contacts,
-        "loc1",
-        1,
-    )
-    .expect("open");
+    let mut part = open_loc1(out.path(), Format::Csv, Entity::Contacts, 1);
     part.write(&batch).expect("write");
     let info = part.finish().expect("finish");
     assert_eq!(info.path, "contacts/location_id=loc1/part-00001.csv");
@@ -359,29 +336,15 @@ fn every_entity_writes_and_reads_in_both_formats() {
 #[test]
 fn empty_parts_are_valid_files() {
     let out = tempfile::tempdir().expect("tempdir");
-    let info = open_part(
-        &Dest::local(out.path()),
-        Format::Parquet,
-        Entity::Notes,
-        "loc1",
-        0,
-    )
-    .expect("open")
-    .finish()
-    .expect("finish");
+    let info = open_loc1(out.path(), Format::Parquet, Entity::Notes, 0)
+        .finish()
+        .expect("finish");
     assert_eq!(info.rows, 0);
     let back = read_parquet(&out.path().join(&info.path));
     assert_eq!(back.iter().map(RecordBatch::num_rows).sum::<usize>(), 0);
-    let info = open_part(
-        &Dest::local(out.path()),
-        Format::Csv,
-        Entity::Notes,
-        "loc1",
-        0,
-    )
-    .expect("open")
-    .finish()
-    .expect("finish");
+    let info = open_loc1(out.path(), Format::Csv, Entity::Notes, 0)
+        .finish()
+        .expect("finish");
     let text = fs::read_to_string(out.path().join(&info.path)).expect("csv");
     assert_eq!(
         text,
@@ -425,38 +388,20 @@ fn cleaning_removes_only_this_partitions_own_temp_parts() {
         0
     );
 
-    let done = open_part(
-        &Dest::local(out.path()),
-        Format::Csv,
-        Entity::Tasks,
-        "loc1",
-        0,
-    )
-    .expect("open")
-    .finish()
-    .expect("finish");
-    let mut abandoned = open_part(
-        &Dest::local(out.path()),
-        Format::Parquet,
-        Entity::Tasks,
-        "loc1",
-        1,
-    )
-    .expect("open");
+    let done = open_loc1(out.path(), Format::Csv, Entity::Tasks, 0)
+        .finish()
+        .expect("finish");
+    let mut abandoned = open_loc1(out.path(), Format::Parquet, Entity::Tasks, 1);
     abandoned
         .write(&BatchBuilder::new(Entity::Tasks).finish())
         .expect("write");
     drop(abandoned);
-    drop(
-        open_part(
-            &Dest::local(out.path()),
-            Format::Csv,
-            Entity::DeletedContacts,
-            "loc1",
-            2,
-        )
-        .expect("open"),
-    );
+    drop(open_loc1(
+        out.path(),
+        Format::Csv,
+        Entity::DeletedContacts,
+        2,
+    ));
     // Another location's export in progress, and files that are not ours.
     drop(
         open_part(
