@@ -8,6 +8,8 @@
 # Usage: benches/agency.sh [LOCATIONS] [CONTACTS_PER_LOCATION] [FORMAT]
 #        (defaults 200, 1000, parquet; about 2 minutes of run plus the build)
 #        KEEP=1 benches/agency.sh ...   keeps the work directory (reports, samples, logs)
+#        SIM_EXTRA='--slow-rate 1 --slow-ms 150' benches/agency.sh ...   every reply 150 ms late,
+#        as over a real network (any `contacts-etl sim` options)
 #        RUN_PREFIX='perf record -g -o /tmp/agency.perf' benches/agency.sh ...   profiles the exporter
 #        (the figures then include the profiler's cost)
 #
@@ -43,6 +45,8 @@ LOCS=()
 for i in $(seq 0 $((L - 1))); do LOCS+=("$(printf 'agencyLocation%06d' "$i")"); done
 SIM_ARGS=()
 for l in "${LOCS[@]}"; do SIM_ARGS+=(--location "$l"); done
+# shellcheck disable=SC2206 # SIM_EXTRA is a list of options to split
+SIM_ARGS+=(${SIM_EXTRA:-})
 
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 "$BIN" --quiet sim --host 127.0.0.1 --port "$PORT" --contacts "$N" "${SIM_ARGS[@]}" \

@@ -3,7 +3,8 @@
 //!
 //! The listing (with `--children-by location|auto`) fetches notes per contact and records
 //! every listed contact in the `seen` log (committed with its pages). This phase then, for
-//! tasks and then appointments:
+//! tasks and for appointments side by side ([`run`] says why and how they share the
+//! checkpoint):
 //! 1. streams the location's rows, keeping only those whose `contactId` was listed in this run
 //!    (a [`ContactSet`] of 8-byte hashes), so the rows are exactly what per-contact requests
 //!    would have given; repeats are dropped by id;
@@ -23,6 +24,7 @@
 //! one (at most `--commit-interval`): the resumed run deletes the uncommitted part, truncates
 //! the log and asks again from the committed position.
 
+use std::cell::{OnceCell, RefCell, RefMut};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -39,7 +41,7 @@ use super::{io_err, now_millis, ExportError, ExportPlan};
 use crate::api::{ApiError, Client};
 use crate::checkpoint::{self, Checkpoint};
 use crate::extract::ExtractError;
-use crate::fanout::{self, Include};
+use crate::fanout::{self, Include, SkippedRequest};
 use crate::incremental::PrevState;
 use crate::schema::{BatchBuilder, Entity, RowContext};
 use crate::sink::{self, PartWriter, Partition};
@@ -139,10 +141,19 @@ fn unavailable(e: &ApiError) -> Option<(&'static str, String)> {
 }
 
 /// Runs the phase for every included entity (nothing with `--children-by contact`).
+///
+/// Tasks and appointments run side by side: each entity's listing is one request at a time
+/// (task pages follow each other's offsets) or two (appointment windows), a round trip each,
+/// so one entity alone leaves most of the location's pace unused at the end of every export.
+/// Both commit into the one checkpoint; each keeps what it has not committed (its open part,
+/// its position, the objects it skipped) to itself, so either entity's commit saves only the
+/// other's committed state, and a kill resumes both from there. When one entity fails, the
+/// other still runs to its end or its own stop (a signal, the budget) and commits it; the
+/// first entity's error is the phase's.
 pub(super) async fn run(
     client: Arc<Client>,
     plan: &ExportPlan,
-    mut ck: Checkpoint,
+    ck: Checkpoint,
     ck_path: &Path,
     seen_path: &Path,
     prev: Option<&PrevState>,
@@ -150,35 +161,45 @@ pub(super) async fn run(
     if !needs_listed(plan) {
         return Ok(ck);
     }
-    let mut phase = Phase {
+    let phase = Phase {
         client,
         plan,
+        ck: RefCell::new(ck),
         ck_path,
         seen_path,
         prev,
         state_dir: checkpoint::state_dir(plan.out(), &plan.location_id),
-        listed: None,
+        listed: OnceCell::new(),
     };
-    for (on, entity) in [
-        (plan.include.tasks, Entity::Tasks),
-        (plan.include.appointments, Entity::Appointments),
-    ] {
-        if on {
-            phase.entity(&mut ck, entity).await?;
+    let run = |on: bool, entity: Entity| {
+        let phase = &phase;
+        async move {
+            match on {
+                true => phase.entity(entity).await,
+                false => Ok(()),
+            }
         }
-    }
-    Ok(ck)
+    };
+    let (tasks, appointments) = futures::join!(
+        run(plan.include.tasks, Entity::Tasks),
+        run(plan.include.appointments, Entity::Appointments)
+    );
+    tasks.and(appointments)?;
+    Ok(phase.ck.into_inner())
 }
 
+/// The phase of one location. Its methods run on the location's one thread, interleaved at
+/// their awaits: a borrow of the checkpoint never spans an await.
 struct Phase<'a> {
     client: Arc<Client>,
     plan: &'a ExportPlan,
+    ck: RefCell<Checkpoint>,
     ck_path: &'a Path,
     seen_path: &'a Path,
     prev: Option<&'a PrevState>,
     state_dir: PathBuf,
     /// The listed contacts (changed ones, in an incremental run), loaded once.
-    listed: Option<(ContactSet, u64)>,
+    listed: OnceCell<(ContactSet, u64)>,
 }
 
 /// The listed contacts of the committed `seen` log, in listing order (an incremental run's
@@ -205,15 +226,29 @@ fn listed_ids<'p>(
 }
 
 impl Phase<'_> {
-    fn listed(&mut self, ck: &Checkpoint) -> Result<&(ContactSet, u64), ExportError> {
-        if self.listed.is_none() {
-            let ids: Vec<String> =
-                listed_ids(self.seen_path, ck.seen_bytes, self.prev)?.collect::<Result<_, _>>()?;
-            let n = ids.len() as u64;
-            let set: ContactSet = ids.iter().map(String::as_str).collect();
-            self.listed = Some((set, n));
+    /// The checkpoint, for a step without awaits.
+    fn ck(&self) -> RefMut<'_, Checkpoint> {
+        self.ck.borrow_mut()
+    }
+
+    fn listed(&self) -> Result<&(ContactSet, u64), ExportError> {
+        if let Some(l) = self.listed.get() {
+            return Ok(l);
         }
-        Ok(self.listed.as_ref().expect("loaded above"))
+        let seen_bytes = self.ck().seen_bytes;
+        let ids: Vec<String> =
+            listed_ids(self.seen_path, seen_bytes, self.prev)?.collect::<Result<_, _>>()?;
+        let n = ids.len() as u64;
+        let set: ContactSet = ids.iter().map(String::as_str).collect();
+        Ok(self.listed.get_or_init(|| (set, n)))
+    }
+
+    /// The listed contacts' ids, read again from the `seen` log.
+    fn listed_ids(
+        &self,
+    ) -> Result<impl Iterator<Item = Result<String, ExportError>> + '_, ExportError> {
+        let seen_bytes = self.ck().seen_bytes;
+        listed_ids(self.seen_path, seen_bytes, self.prev)
     }
 
     fn ids_log(&self, entity: Entity) -> PathBuf {
@@ -221,9 +256,10 @@ impl Phase<'_> {
     }
 
     /// Brings one entity to `Done`, from wherever the checkpoint left it.
-    async fn entity(&mut self, ck: &mut Checkpoint, entity: Entity) -> Result<(), ExportError> {
+    async fn entity(&self, entity: Entity) -> Result<(), ExportError> {
         let name = entity.name().to_owned();
-        let mut prog = ck
+        let mut prog = self
+            .ck()
             .wide
             .get_or_insert_with(WideProgress::default)
             .entities
@@ -251,9 +287,9 @@ impl Phase<'_> {
         }
         loop {
             match prog.stage.clone() {
-                Stage::Listing { pos } => self.listing(ck, entity, &mut prog, pos).await?,
-                Stage::Verify => self.verify(ck, entity, &mut prog).await?,
-                Stage::PerContact { next } => self.per_contact(ck, entity, &mut prog, next).await?,
+                Stage::Listing { pos } => self.listing(entity, &mut prog, pos).await?,
+                Stage::Verify => self.verify(entity, &mut prog).await?,
+                Stage::PerContact { next } => self.per_contact(entity, &mut prog, next).await?,
                 Stage::Done { .. } => return Ok(()),
             }
         }
@@ -275,37 +311,35 @@ impl Phase<'_> {
     }
 
     /// Why the run must stop now (a signal, the budget), after committing.
-    fn stop(&self, ck: &Checkpoint) -> Option<ExportError> {
+    fn stop(&self) -> Option<ExportError> {
+        let contacts = self.ck().contacts_listed;
         if let Some(signal) = self.plan.interrupt.signal() {
-            return Some(ExportError::Interrupted {
-                signal,
-                contacts: ck.contacts_listed,
-            });
+            return Some(ExportError::Interrupted { signal, contacts });
         }
         self.plan
             .budget
             .exhausted(&self.client)
-            .map(|reason| ExportError::QuotaStop {
-                reason,
-                contacts: ck.contacts_listed,
-            })
+            .map(|reason| ExportError::QuotaStop { reason, contacts })
     }
 
     /// Switches `entity` to per contact for the run, committing that decision.
     fn to_per_contact(
         &self,
-        ck: &mut Checkpoint,
         entity: Entity,
         prog: &mut EntityProgress,
         reason: String,
     ) -> Result<(), ExportError> {
         // The location-wide parts leave the checkpoint first; a kill before they are deleted
         // leaves files the resumed run deletes as uncommitted.
-        let dropped = ck.entities.remove(entity.name()).unwrap_or_default();
-        prog.per_contact_reason = Some(reason);
-        prog.stage = Stage::PerContact { next: 0 };
-        prog.sample.clear();
-        self.save(ck, entity, prog)?;
+        let dropped = {
+            let mut ck = self.ck();
+            let dropped = ck.entities.remove(entity.name()).unwrap_or_default();
+            prog.per_contact_reason = Some(reason);
+            prog.stage = Stage::PerContact { next: 0 };
+            prog.sample.clear();
+            self.save(&mut ck, entity, prog)?;
+            dropped
+        };
         for f in dropped.files {
             let p = self.plan.out().join(&f.path);
             self.plan.dest.remove(&p).map_err(io_err(&p))?;
@@ -318,18 +352,18 @@ impl Phase<'_> {
     }
 
     async fn listing(
-        &mut self,
-        ck: &mut Checkpoint,
+        &self,
         entity: Entity,
         prog: &mut EntityProgress,
         pos: Option<WidePos>,
     ) -> Result<(), ExportError> {
         let client = self.client.clone();
         let plan = self.plan;
-        let (set, contacts) = self.listed(ck)?.clone();
+        let (set, contacts) = self.listed()?;
+        let contacts = *contacts;
         if contacts == 0 {
             // Nothing listed (an incremental night without changes): nothing to ask.
-            return self.done(ck, entity, prog, true);
+            return self.done(entity, prog, true);
         }
         let fresh_start = pos.is_none() && prog.ids_bytes == 0;
         let (mut log, seen) = IdLog::open(&self.ids_log(entity), prog.ids_bytes)?;
@@ -353,10 +387,7 @@ impl Phase<'_> {
                         _ => false,
                     };
                     let batches = match few || !plan.businesses.is_empty() {
-                        true => Some(
-                            listed_ids(self.seen_path, ck.seen_bytes, self.prev)?
-                                .collect::<Result<Vec<_>, _>>()?,
-                        ),
+                        true => Some(self.listed_ids()?.collect::<Result<Vec<_>, _>>()?),
                         false => None,
                     };
                     Box::pin(engine::location_tasks(
@@ -382,20 +413,18 @@ impl Phase<'_> {
                                     // request per contact is fewer than the windows.
                                     tracing::info!(contacts, windows = p.requests(), "appointments per contact: fewer requests than the calendar windows");
                                     return self.to_per_contact(
-                                        ck,
                                         entity,
                                         prog,
                                         format!("{contacts} contacts cost fewer requests per contact than {} calendar windows", p.requests()),
                                     );
                                 }
                                 prog.events_plan = Some(p.clone());
-                                self.save(ck, entity, prog)?;
+                                self.save(&mut self.ck(), entity, prog)?;
                                 p
                             }
                             Err(e) => {
                                 let e = ExtractError::Api(e);
                                 return self.first_failed(
-                                    ck,
                                     entity,
                                     prog,
                                     first_request_failed(&e, scope_of(entity, false)),
@@ -413,7 +442,7 @@ impl Phase<'_> {
                     ))
                 }
             };
-        let mut sink = PartSink::new(plan, ck, entity);
+        let mut sink = PartSink::new(plan, &self.ck(), entity);
         let mut first = fresh_start;
         let mut at = pos;
         loop {
@@ -424,16 +453,16 @@ impl Phase<'_> {
                 Some(Err(e)) => {
                     if first {
                         let why = first_request_failed(&e, scope_of(entity, true));
-                        return self.first_failed(ck, entity, prog, why, e);
+                        return self.first_failed(entity, prog, why, e);
                     }
                     // What is complete is committed; the run reports the error.
-                    self.commit_listing(ck, entity, prog, &mut sink, &mut log, at)?;
+                    self.commit_listing(entity, prog, &mut sink, &mut log, at)?;
                     return Err(e.into());
                 }
             };
             first = false;
             prog.repeats += page.repeats;
-            ck.skipped_objects += page.non_objects;
+            sink.skipped_objects += page.non_objects;
             for row in page.rows {
                 if let Some(k) = row.id_key {
                     log.push(k)?;
@@ -446,31 +475,31 @@ impl Phase<'_> {
                     prog.sample
                         .push([engine::key(&contact), engine::key(row.raw.get())]);
                 }
-                sink.append(ck, &row.raw, &contact)?;
+                sink.append(&self.ck(), &row.raw, &contact)?;
             }
             at = page.next;
             if at.is_none() {
                 break;
             }
             if sink.due() {
-                self.commit_listing(ck, entity, prog, &mut sink, &mut log, at.clone())?;
+                self.commit_listing(entity, prog, &mut sink, &mut log, at.clone())?;
             }
-            if let Some(stop) = self.stop(ck) {
-                self.commit_listing(ck, entity, prog, &mut sink, &mut log, at)?;
+            if let Some(stop) = self.stop() {
+                self.commit_listing(entity, prog, &mut sink, &mut log, at)?;
                 return Err(stop);
             }
         }
-        sink.close(ck, false)?;
+        let mut ck = self.ck();
+        sink.close(&mut ck, false)?;
         prog.ids_bytes = log.sync()?;
         prog.stage = Stage::Verify;
-        self.save(ck, entity, prog)
+        self.save(&mut ck, entity, prog)
     }
 
     /// The first location-wide request of `entity` failed: per contact for the run if the
     /// route is not available to this token and `--children-by auto`, else the error.
     fn first_failed(
         &self,
-        ck: &mut Checkpoint,
         entity: Entity,
         prog: &mut EntityProgress,
         unavailable: Option<String>,
@@ -479,7 +508,7 @@ impl Phase<'_> {
         match (unavailable, self.plan.children_by) {
             (Some(why), ChildrenBy::Auto) => {
                 tracing::warn!(entity = entity.name(), "{why}: {entity} are fetched per contact (one request per contact)");
-                self.to_per_contact(ck, entity, prog, why)
+                self.to_per_contact(entity, prog, why)
             }
             (Some(why), _) => Err(ExportError::Unsupported(format!(
                 "--children-by location: {why}\nhint: grant the token that scope, or run with --children-by auto (per contact where a scope is missing)"
@@ -490,28 +519,24 @@ impl Phase<'_> {
 
     fn commit_listing(
         &self,
-        ck: &mut Checkpoint,
         entity: Entity,
         prog: &mut EntityProgress,
         sink: &mut PartSink<'_>,
         log: &mut IdLog,
         pos: Option<WidePos>,
     ) -> Result<(), ExportError> {
-        sink.close(ck, false)?;
+        let mut ck = self.ck();
+        sink.close(&mut ck, false)?;
         prog.ids_bytes = log.sync()?;
         prog.stage = Stage::Listing { pos };
-        self.save(ck, entity, prog)
+        self.save(&mut ck, entity, prog)
     }
 
     /// Fetches the sampled contacts per contact and compares.
-    async fn verify(
-        &mut self,
-        ck: &mut Checkpoint,
-        entity: Entity,
-        prog: &mut EntityProgress,
-    ) -> Result<(), ExportError> {
+    async fn verify(&self, entity: Entity, prog: &mut EntityProgress) -> Result<(), ExportError> {
         let share = prog.verify_sample;
-        let sampled: Vec<String> = listed_ids(self.seen_path, ck.seen_bytes, self.prev)?
+        let sampled: Vec<String> = self
+            .listed_ids()?
             .filter(|id| match id {
                 Ok(id) => engine::in_sample(id, share),
                 Err(_) => true,
@@ -569,7 +594,6 @@ impl Phase<'_> {
                 tracing::warn!("{diff}: {entity} are fetched per contact for this run");
                 prog.difference = Some(diff);
                 self.to_per_contact(
-                    ck,
                     entity,
                     prog,
                     "the verification sample found a difference".into(),
@@ -581,54 +605,53 @@ impl Phase<'_> {
                     sampled = checked,
                     "location-wide rows verified against a per-contact sample"
                 );
-                self.done(ck, entity, prog, true)
+                self.done(entity, prog, true)
             }
         }
     }
 
     fn done(
         &self,
-        ck: &mut Checkpoint,
         entity: Entity,
         prog: &mut EntityProgress,
         location_wide: bool,
     ) -> Result<(), ExportError> {
+        let mut ck = self.ck();
         if ck
             .entities
             .get(entity.name())
             .is_none_or(|r| r.files.is_empty())
         {
             // An empty part, so readers find the schema and a glob is never empty.
-            PartSink::new(self.plan, ck, entity).close(ck, true)?;
+            PartSink::new(self.plan, &ck, entity).close(&mut ck, true)?;
         }
         prog.stage = Stage::Done { location_wide };
-        self.save(ck, entity, prog)
+        self.save(&mut ck, entity, prog)
     }
 
     fn commit_per_contact(
         &self,
-        ck: &mut Checkpoint,
         entity: Entity,
         prog: &mut EntityProgress,
         sink: &mut PartSink<'_>,
         next: u64,
     ) -> Result<(), ExportError> {
-        sink.close(ck, false)?;
+        let mut ck = self.ck();
+        sink.close(&mut ck, false)?;
         prog.stage = Stage::PerContact { next };
-        self.save(ck, entity, prog)
+        self.save(&mut ck, entity, prog)
     }
 
     /// Per contact, for every listed contact from the `next`-th on.
     async fn per_contact(
-        &mut self,
-        ck: &mut Checkpoint,
+        &self,
         entity: Entity,
         prog: &mut EntityProgress,
         next: u64,
     ) -> Result<(), ExportError> {
         let only = only(entity);
         let client = self.client.clone();
-        let ids = listed_ids(self.seen_path, ck.seen_bytes, self.prev)?.skip(next as usize);
+        let ids = self.listed_ids()?.skip(next as usize);
         let mut fetched = futures::stream::iter(ids)
             .map(|id| {
                 let client = client.clone();
@@ -641,42 +664,43 @@ impl Phase<'_> {
                 }
             })
             .buffered(self.plan.window.max(1));
-        let mut sink = PartSink::new(self.plan, ck, entity);
+        let mut sink = PartSink::new(self.plan, &self.ck(), entity);
         let mut at = next;
         while let Some(r) = fetched.next().await {
             let (id, children) = match r {
                 Ok(x) => x,
                 Err(e) => {
-                    self.commit_per_contact(ck, entity, prog, &mut sink, at)?;
+                    self.commit_per_contact(entity, prog, &mut sink, at)?;
                     return Err(e);
                 }
             };
             for raw in rows_of(&children, entity) {
-                sink.append(ck, raw, &id)?;
+                sink.append(&self.ck(), raw, &id)?;
             }
             if let Some(last) = children.skipped.last() {
-                ck.skipped.extend(children.skipped.iter().cloned());
-                if ck.skipped.len() as u64 > self.plan.max_skipped {
+                sink.skipped.extend(children.skipped.iter().cloned());
+                let count = (self.ck().skipped.len() + sink.skipped.len()) as u64;
+                if count > self.plan.max_skipped {
                     // Stops like the listing does: this contact is not committed.
                     return Err(ExportError::TooManySkipped {
-                        count: ck.skipped.len() as u64,
+                        count,
                         max: self.plan.max_skipped,
                         entity: last.entity.clone(),
                         last: Box::new(last.clone()),
-                        contacts: ck.contacts_listed,
+                        contacts: self.ck().contacts_listed,
                     });
                 }
             }
             at += 1;
             if sink.due() {
-                self.commit_per_contact(ck, entity, prog, &mut sink, at)?;
-                if let Some(stop) = self.stop(ck) {
+                self.commit_per_contact(entity, prog, &mut sink, at)?;
+                if let Some(stop) = self.stop() {
                     return Err(stop);
                 }
             }
         }
-        sink.close(ck, false)?;
-        self.done(ck, entity, prog, false)
+        sink.close(&mut self.ck(), false)?;
+        self.done(entity, prog, false)
     }
 }
 
@@ -706,6 +730,11 @@ struct PartSink<'a> {
     part: Option<Box<dyn PartWriter>>,
     rows: u64,
     since: Instant,
+    /// Objects skipped since the last commit (not JSON objects, or not writable), and the
+    /// per-contact requests refused for good: they join the checkpoint with the part, so the
+    /// other entity's commits never save them ahead of the rows they go with.
+    skipped_objects: u64,
+    skipped: Vec<SkippedRequest>,
 }
 
 impl<'a> PartSink<'a> {
@@ -718,12 +747,14 @@ impl<'a> PartSink<'a> {
             part: None,
             rows: 0,
             since: Instant::now(),
+            skipped_objects: 0,
+            skipped: Vec::new(),
         }
     }
 
     fn append(
         &mut self,
-        ck: &mut Checkpoint,
+        ck: &Checkpoint,
         raw: &RawValue,
         contact_id: &str,
     ) -> Result<(), ExportError> {
@@ -732,7 +763,7 @@ impl<'a> PartSink<'a> {
             contact_id: Some(contact_id),
         };
         if let Err(e) = self.builder.append(raw, &ctx) {
-            ck.skipped_objects += 1;
+            self.skipped_objects += 1;
             tracing::warn!(error = %e, "skipping an object that cannot be written");
             return Ok(());
         }
@@ -778,8 +809,8 @@ impl<'a> PartSink<'a> {
             || self.rows >= self.plan.part_contacts.max(1)
     }
 
-    /// Completes the open part (an empty one with `empty`, if none is open) and records it
-    /// in `ck`, which the caller then saves.
+    /// Completes the open part (an empty one with `empty`, if none is open) and records it,
+    /// with what was skipped since the last commit, in `ck`, which the caller then saves.
     fn close(&mut self, ck: &mut Checkpoint, empty: bool) -> Result<(), ExportError> {
         let n = Self::number(ck, self.entity);
         self.flush(n)?;
@@ -803,6 +834,8 @@ impl<'a> PartSink<'a> {
             report.rows += info.rows;
             report.files.push(info);
         }
+        ck.skipped_objects += std::mem::take(&mut self.skipped_objects);
+        ck.skipped.append(&mut self.skipped);
         self.rows = 0;
         self.since = Instant::now();
         Ok(())

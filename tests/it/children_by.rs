@@ -248,7 +248,8 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
         "200",
     ];
     let start = sim.sim.stats().requests;
-    // The listing (n / 100 pages) and the notes (one per contact), then ten task pages.
+    // The listing (n / 100 pages) and the notes (one per contact), then ten requests of the
+    // location-wide phase (task pages, the calendars, appointment windows).
     let mark = start + n / 100 + 1 + n + 10;
     let mut child = export_cmd(&sim, &killed, &flags).spawn().unwrap();
     tokio::select! {
@@ -272,6 +273,12 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
     assert_eq!(
         ck["wide"]["entities"]["tasks"]["stage"], "listing",
         "killed while the task search was paged, with pages committed: {ck}"
+    );
+    // The appointment windows are asked beside the task pages, not after them: the kill found
+    // both entities under way in the one checkpoint.
+    assert_eq!(
+        ck["wide"]["entities"]["appointments"]["stage"], "listing",
+        "killed while the appointment windows were asked too: {ck}"
     );
     sim.sim.set_faults(Default::default());
     let o = run_to_end(&sim, &killed, &flags).await;
