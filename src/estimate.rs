@@ -38,8 +38,11 @@ pub struct CostInput {
     /// children a walk fetches. `None` outside incremental runs.
     pub changed: Option<u64>,
     pub kind: RunKind,
-    /// The search listing (500 a page) or `GET /contacts/` (100 a page).
+    /// The search listing (`search_page` a page) or `GET /contacts/` (100 a page).
     pub search: bool,
+    /// The search's page: the API's 500, smaller in a pipeline of many locations
+    /// (`app::export::search_page_for`).
+    pub search_page: u32,
     pub include: Include,
     /// Tasks and appointments through the location-wide routes.
     pub tasks_by_location: bool,
@@ -80,7 +83,7 @@ impl Estimate {
             // No listing: `GET /contacts/:id` for each contact the events named.
             listed
         } else if c.search {
-            listed.div_ceil(u64::from(crate::extract::SEARCH_PAGE_MAX)) + 1
+            listed.div_ceil(u64::from(c.search_page.max(1))) + 1
         } else {
             listed.div_ceil(100).max(1)
         };
@@ -158,6 +161,7 @@ mod tests {
             changed: None,
             kind: RunKind::Full,
             search: true,
+            search_page: crate::extract::SEARCH_PAGE_MAX,
             include: Include::ALL,
             tasks_by_location: false,
             appointments_by_location: false,
@@ -181,6 +185,23 @@ mod tests {
             ..input()
         });
         assert_eq!(get.listing, 1_000);
+    }
+
+    /// A pipeline of many locations searches in smaller pages; the estimate counts those
+    /// (200 locations of 1,000 contacts: 11 searches each, as the agency bench sees them).
+    #[test]
+    fn smaller_search_pages_cost_more_listing_requests() {
+        let e = Estimate::of(&CostInput {
+            contacts: 1_000,
+            search_page: 100,
+            ..input()
+        });
+        assert_eq!(e.listing, 11);
+        let full_pages = Estimate::of(&CostInput {
+            contacts: 1_000,
+            ..input()
+        });
+        assert_eq!(full_pages.listing, 3);
     }
 
     #[test]

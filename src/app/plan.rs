@@ -190,6 +190,7 @@ pub async fn run(job: &ExportJob) -> Result<QuotaPlan, Outcome> {
         changed,
         kind: if search { kind } else { kind.unfiltered() },
         search,
+        search_page: plan.search_page,
         include: plan.include,
         tasks_by_location: tasks,
         appointments_by_location: appointments,
