@@ -453,17 +453,23 @@ mod tests {
         assert!(rate >= 9.7, "sustained {rate:.2} req/s of 10");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn late_wakeups_do_not_bunch_requests_into_one_window() {
+    /// Release times of `n` requests at the API's limit, each asked as if every reserved slot
+    /// had been missed by a late wake-up: spacing alone would release everything at once, so
+    /// the window guard alone decides when each one goes.
+    async fn released_with_every_slot_missed(n: usize) -> Vec<Instant> {
         let lim = RateLimiter::new(Some(Quota::API_DEFAULT));
-        let mut times = Vec::new();
-        for _ in 0..300 {
-            // As if every reserved slot had been missed by a late wake-up: spacing alone would
-            // now release everything at once.
+        let mut times = Vec::with_capacity(n);
+        for _ in 0..n {
             lim.lock().next = Instant::now() - Duration::from_secs(5);
             lim.acquire().await;
             times.push(Instant::now());
         }
+        times
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn late_wakeups_do_not_bunch_requests_into_one_window() {
+        let times = released_with_every_slot_missed(300).await;
         assert!(
             max_in_window(&times, Duration::from_secs(10)) <= 99,
             "{}",
@@ -477,15 +483,12 @@ mod tests {
     /// still keep every window below the limit while the guard is what paces them.
     #[tokio::test(start_paused = true)]
     async fn requests_that_arrive_late_still_fit_every_window() {
-        let lim = RateLimiter::new(Some(Quota::API_DEFAULT));
-        let mut arrivals = Vec::new();
-        for i in 0..300 {
-            // Every slot missed, as above, so the guard alone decides when each one goes.
-            lim.lock().next = Instant::now() - Duration::from_secs(5);
-            lim.acquire().await;
-            let on_the_way = Duration::from_millis(if i % 2 == 0 { 40 } else { 0 });
-            arrivals.push(Instant::now() + on_the_way);
-        }
+        let mut arrivals: Vec<Instant> = released_with_every_slot_missed(300)
+            .await
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| t + Duration::from_millis(if i % 2 == 0 { 40 } else { 0 }))
+            .collect();
         arrivals.sort();
         let busiest = max_in_window(&arrivals, Duration::from_secs(10));
         assert!(busiest <= 99, "{busiest} arrivals in one 10 s window");

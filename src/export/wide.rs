@@ -235,9 +235,7 @@ impl Phase<'_> {
         if let Some(l) = self.listed.get() {
             return Ok(l);
         }
-        let seen_bytes = self.ck().seen_bytes;
-        let ids: Vec<String> =
-            listed_ids(self.seen_path, seen_bytes, self.prev)?.collect::<Result<_, _>>()?;
+        let ids: Vec<String> = self.listed_ids()?.collect::<Result<_, _>>()?;
         let n = ids.len() as u64;
         let set: ContactSet = ids.iter().map(String::as_str).collect();
         Ok(self.listed.get_or_init(|| (set, n)))
