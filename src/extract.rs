@@ -197,6 +197,14 @@ pub enum ExtractError {
     /// seen, or far more rows than announced.
     #[error("{request}: the listing is not advancing: {reason}; stopping rather than looping\nhint: retry later; if it persists, report it to HighLevel support (with the request above)")]
     PageLoop { request: String, reason: String },
+    /// A location-wide listing fetched ahead of its phase (`export::ahead`) could not be kept
+    /// in its temporary file, or read back.
+    #[error("the location-wide {entity} fetched ahead of their phase could not be kept in a temporary file in {dir}: {error}\nhint: check the free space and permissions there; the next run asks for them again")]
+    Spool {
+        entity: &'static str,
+        dir: String,
+        error: String,
+    },
 }
 
 /// The few fields of a contact the pipeline itself needs, read leniently: a field of an

@@ -208,7 +208,7 @@ impl RepeatGuard {
 }
 
 /// A row of a location-wide listing, new in this run.
-#[derive(Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WideRow {
     pub raw: Box<RawValue>,
     /// Hash of the row's id (`id` or `_id`), if it has one.
@@ -227,8 +227,9 @@ pub enum WidePos {
     Events { calendar: usize, window: u32 },
 }
 
-/// One reply of a location-wide listing.
-#[derive(Debug)]
+/// One reply of a location-wide listing (serialized only into the spool of a listing
+/// fetched ahead, `export::ahead`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct WidePage {
     /// Rows not read before, in the server's order.
     pub rows: Vec<WideRow>,
@@ -483,6 +484,11 @@ impl EventsPlan {
     /// Requests the plan costs (the calendars listing not included).
     pub fn requests(&self) -> u64 {
         self.calendars.len() as u64 * u64::from(self.windows)
+    }
+
+    /// Whether the windows cost fewer requests than one per contact for `contacts`.
+    pub fn cheaper_than_per_contact(&self, contacts: u64) -> bool {
+        self.requests() < contacts
     }
 
     /// The position after `pos`, or `None` after the last window of the last calendar.

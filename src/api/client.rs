@@ -122,6 +122,9 @@ pub struct Client {
     auth: Arc<dyn TokenSource>,
     limiter: Arc<RateLimiter>,
     permits: Semaphore,
+    /// Turns for per-contact requests to queue for `permits`, as many as it has (see
+    /// [`Client::gate`]).
+    turns: Semaphore,
     /// What `permits` started with.
     concurrency: usize,
     global_permits: Option<Arc<Semaphore>>,
@@ -245,6 +248,7 @@ impl Client {
             auth: config.token,
             limiter,
             permits: Semaphore::new(concurrency),
+            turns: Semaphore::new(concurrency),
             concurrency,
             global_permits: config.global_permits,
             stats: Arc::new(Stats::default()),
@@ -724,7 +728,7 @@ impl Client {
                     &out,
                     idem,
                     watch,
-                    || self.gate(&label, before_send),
+                    || self.gate(kind, &label, before_send),
                     |err, delay| {
                         self.stats.retry();
                         tracing::debug!(error = %err, delay_ms = delay.as_millis() as u64, "retrying");
@@ -750,15 +754,35 @@ impl Client {
     /// What each attempt waits for, and holds while on the wire: a concurrency permit, the
     /// location's pace, the permit shared across locations, then the caller's
     /// [`BeforeSend`].
+    ///
+    /// Listing pages go ahead of the other requests waiting for a permit. Each page is one
+    /// link of a chain (the next page's request waits for its reply), while the per-contact
+    /// requests are many and independent: queued behind a fan-out's window of them, every link
+    /// waited about a window's worth of the pace, and a location-wide listing of 16 pages
+    /// took 25 s beside the notes of the listing's last pages. Other requests first take a
+    /// turn (as many turns as permits, held with the permit), so at most the permits' number
+    /// of them ever wait for a permit, and a page waits behind no more than those.
+    #[allow(clippy::type_complexity)] // the permits an attempt holds, each from its own gate
     async fn gate(
         &self,
+        kind: RequestKind,
         label: &RequestLabel,
         before_send: Option<BeforeSend<'_>>,
-    ) -> Result<(SemaphorePermit<'_>, Option<SemaphorePermit<'_>>), ApiError> {
-        // The semaphore is never closed, so acquire cannot fail.
-        let permit = self.permits.acquire().await.map_err(|_| {
-            transport::transient(label, "client shut down".into(), None, false, None)
-        })?;
+    ) -> Result<
+        (
+            Option<SemaphorePermit<'_>>,
+            SemaphorePermit<'_>,
+            Option<SemaphorePermit<'_>>,
+        ),
+        ApiError,
+    > {
+        // The semaphores are never closed, so acquire cannot fail.
+        let shut = |_| transport::transient(label, "client shut down".into(), None, false, None);
+        let turn = match kind.brings_pages() {
+            true => None,
+            false => Some(self.turns.acquire().await.map_err(shut)?),
+        };
+        let permit = self.permits.acquire().await.map_err(shut)?;
         // The shared permit is taken after this location's pacing wait: a request waiting
         // for its turn here must not hold a slot another location could send with now.
         let (waited, global) = self
@@ -775,7 +799,7 @@ impl Client {
         if let Some(hook) = before_send {
             hook().await?;
         }
-        Ok((permit, global))
+        Ok((turn, permit, global))
     }
 }
 
@@ -801,6 +825,42 @@ mod tests {
             Client::new(ClientConfig::new("ftp://x", Token::new("t").unwrap())),
             Err(ClientBuildError::BadUrl(..))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_listing_page_takes_the_next_permit_ahead_of_waiting_per_contact_requests() {
+        let client = Client::new(ClientConfig {
+            rate_limit: None,
+            concurrency: 2,
+            ..ClientConfig::new("http://127.0.0.1:9", Token::new("t").unwrap())
+        })
+        .unwrap();
+        let label = RequestLabel("GET /x".into());
+        let gate = |kind| client.gate(kind, &label, None);
+        // Two notes requests on the wire, two more waiting.
+        let (first, second) = (
+            gate(RequestKind::Notes).await,
+            gate(RequestKind::Notes).await,
+        );
+        let mut waiting = std::pin::pin!(futures::future::join(
+            gate(RequestKind::Notes),
+            gate(RequestKind::Notes)
+        ));
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // A task search page comes after them, and a permit is freed.
+        let mut page = std::pin::pin!(gate(RequestKind::LocationTasks));
+        assert!(
+            futures::poll!(page.as_mut()).is_pending(),
+            "every permit is taken"
+        );
+        drop(first);
+        let std::task::Poll::Ready(sent) = futures::poll!(page.as_mut()) else {
+            panic!("the page waited behind the notes requests queued before it");
+        };
+        assert!(futures::poll!(waiting.as_mut()).is_pending());
+        // Per-contact requests still go in their own order once pages leave permits free.
+        drop((sent, second));
+        assert!(futures::poll!(waiting.as_mut()).is_ready());
     }
 
     #[test]

@@ -14,6 +14,7 @@
 //! page as a [`SkippedRequest`] and listed under `skipped` in the manifest, up to
 //! [`ExportPlan::max_skipped`]; beyond that the run fails ([`ExportError::TooManySkipped`]).
 
+mod ahead;
 mod custom_fields;
 mod events;
 pub mod interrupt;
@@ -485,6 +486,12 @@ pub async fn run(
         }
         _ => None,
     };
+    // The location-wide listings, started near the listing's end where the phase's requests
+    // do not depend on what the listing finds (see `ahead`).
+    let mut ahead = match wide::needs_listed(plan) && prev.is_none() && plan.businesses.is_empty() {
+        true => ahead::Ahead::new(&client, plan, &state_dir),
+        false => ahead::Ahead::none(),
+    };
     let ck = if ck.listing_done {
         ck
     } else {
@@ -514,6 +521,7 @@ pub async fn run(
             progress,
             wide,
             named.clone(),
+            &mut ahead,
         )
         .await?
     };
@@ -524,6 +532,7 @@ pub async fn run(
         &ck_path,
         &seen_path,
         prev.as_deref(),
+        ahead.take(),
     )
     .await?;
     finish(
@@ -677,6 +686,7 @@ async fn stream(
     progress: Arc<Progress>,
     wide: Option<Arc<crate::schema::WideColumns>>,
     named: Option<Arc<events::Named>>,
+    ahead: &mut ahead::Ahead,
 ) -> Result<Checkpoint, ExportError> {
     // Contacts a page of this listing brings at most (a search page comes in runs).
     let page_len = match &source {
@@ -787,6 +797,10 @@ async fn stream(
                 {
                     break; // the writer failed; its error is collected below
                 }
+                ahead.at(
+                    progress.resumed_from.load(Relaxed) + progress.contacts.load(Relaxed),
+                    progress.total.load(Relaxed),
+                );
                 if !last_page {
                     if let Some(reason) = plan.budget.exhausted(&client) {
                         failure = Some(reason);

@@ -16,6 +16,10 @@
 //!    location-wide request of an entity means per contact too, with one warning naming the
 //!    scope; with `location` it fails the run.
 //!
+//! In a full export the listings of step 1 start before the contact listing ends, beside
+//! its last notes requests, and wait in a spool for this phase ([`super::ahead`]): the phase
+//! reads the same pages, only earlier fetched.
+//!
 //! # Resuming
 //! Each stage commits like the writer does: finish the part (temp, fsync, rename), sync the
 //! log of row-id hashes read so far (`wide-<entity>.ids` in the state directory, for the
@@ -37,6 +41,7 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use super::ahead::Fetched;
 use super::{io_err, now_millis, ExportError, ExportPlan};
 use crate::api::{ApiError, Client};
 use crate::checkpoint::{self, Checkpoint};
@@ -157,6 +162,7 @@ pub(super) async fn run(
     ck_path: &Path,
     seen_path: &Path,
     prev: Option<&PrevState>,
+    ahead: Fetched,
 ) -> Result<Checkpoint, ExportError> {
     if !needs_listed(plan) {
         return Ok(ck);
@@ -170,6 +176,7 @@ pub(super) async fn run(
         prev,
         state_dir: checkpoint::state_dir(plan.out(), &plan.location_id),
         listed: OnceCell::new(),
+        ahead: RefCell::new(ahead),
     };
     let run = |on: bool, entity: Entity| {
         let phase = &phase;
@@ -200,6 +207,8 @@ struct Phase<'a> {
     state_dir: PathBuf,
     /// The listed contacts (changed ones, in an incremental run), loaded once.
     listed: OnceCell<(ContactSet, u64)>,
+    /// The entities' listings fetched ahead, if the listing started them.
+    ahead: RefCell<Fetched>,
 }
 
 /// The listed contacts of the committed `seen` log, in listing order (an incremental run's
@@ -388,56 +397,83 @@ impl Phase<'_> {
                         true => Some(self.listed_ids()?.collect::<Result<Vec<_>, _>>()?),
                         false => None,
                     };
-                    Box::pin(engine::location_tasks(
-                        client.clone(),
-                        plan.location_id.clone(),
-                        batches,
-                        pos.clone(),
-                        guard,
-                    ))
+                    // Fetched ahead: the pages a fresh start without batches would ask for.
+                    let ahead = fresh_start.then(|| self.ahead.borrow_mut().tasks.take());
+                    match (ahead.flatten(), batches) {
+                        (Some(spooled), None) => Box::pin(spooled.pages()),
+                        (_, batches) => Box::pin(engine::location_tasks(
+                            client.clone(),
+                            plan.location_id.clone(),
+                            batches,
+                            pos.clone(),
+                            guard,
+                        )),
+                    }
                 }
                 _ => {
+                    // Fetched ahead: the windows of the plan made for the listing's
+                    // announced total, which a fresh start adopts.
+                    let ahead = (fresh_start && prog.events_plan.is_none())
+                        .then(|| self.ahead.borrow_mut().appointments.take())
+                        .flatten();
+                    let (planned, spooled) = match ahead {
+                        Some(a) => match a.plan().await {
+                            Some((plan, spooled)) => (Some(plan), spooled),
+                            None => (None, None),
+                        },
+                        None => (None, None),
+                    };
                     let events = match &prog.events_plan {
                         Some(p) => p.clone(),
-                        None => match client.calendars(&plan.location_id).await {
-                            Ok(cals) => {
-                                let p = EventsPlan::new(
-                                    cals.into_iter().map(|c| c.id).collect(),
-                                    contacts,
-                                    now_millis(),
-                                );
-                                if p.requests() >= contacts {
-                                    // A small run (an incremental one, most nights): one
-                                    // request per contact is fewer than the windows.
-                                    tracing::info!(contacts, windows = p.requests(), "appointments per contact: fewer requests than the calendar windows");
-                                    return self.to_per_contact(
+                        None => {
+                            let planned = match planned {
+                                Some(p) => p,
+                                None => client.calendars(&plan.location_id).await.map(|cals| {
+                                    EventsPlan::new(
+                                        cals.into_iter().map(|c| c.id).collect(),
+                                        contacts,
+                                        now_millis(),
+                                    )
+                                }),
+                            };
+                            match planned {
+                                Ok(p) => {
+                                    if !p.cheaper_than_per_contact(contacts) {
+                                        // A small run (an incremental one, most nights): one
+                                        // request per contact is fewer than the windows.
+                                        tracing::info!(contacts, windows = p.requests(), "appointments per contact: fewer requests than the calendar windows");
+                                        return self.to_per_contact(
                                         entity,
                                         prog,
                                         format!("{contacts} contacts cost fewer requests per contact than {} calendar windows", p.requests()),
                                     );
+                                    }
+                                    prog.events_plan = Some(p.clone());
+                                    self.save(&mut self.ck(), entity, prog)?;
+                                    p
                                 }
-                                prog.events_plan = Some(p.clone());
-                                self.save(&mut self.ck(), entity, prog)?;
-                                p
+                                Err(e) => {
+                                    let e = ExtractError::Api(e);
+                                    return self.first_failed(
+                                        entity,
+                                        prog,
+                                        first_request_failed(&e, scope_of(entity, false)),
+                                        e,
+                                    );
+                                }
                             }
-                            Err(e) => {
-                                let e = ExtractError::Api(e);
-                                return self.first_failed(
-                                    entity,
-                                    prog,
-                                    first_request_failed(&e, scope_of(entity, false)),
-                                    e,
-                                );
-                            }
-                        },
+                        }
                     };
-                    Box::pin(engine::location_events(
-                        client.clone(),
-                        plan.location_id.clone(),
-                        events,
-                        pos.clone(),
-                        guard,
-                    ))
+                    match spooled {
+                        Some(spooled) => Box::pin(spooled.pages()),
+                        None => Box::pin(engine::location_events(
+                            client.clone(),
+                            plan.location_id.clone(),
+                            events,
+                            pos.clone(),
+                            guard,
+                        )),
+                    }
                 }
             };
         let mut sink = PartSink::new(plan, &self.ck(), entity);

@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::common::*;
 use contacts_etl::export::Manifest;
 use contacts_etl::schema::Entity;
-use contacts_etl::sim::SimConfig;
+use contacts_etl::sim::{Sim, SimConfig};
 use serde_json::Value;
 
 fn manifest(out: &Path) -> Manifest {
@@ -40,6 +40,52 @@ fn assert_same_output(expected: &Path, actual: &Path, location: &str) {
 async fn per_contact(sim: &TestSim, out: &Path) {
     let o = run_to_end(sim, out, &["--format", "csv", "--children-by", "contact"]).await;
     assert!(o.status.success(), "{}", stderr(&o));
+}
+
+const NOTES_ROUTE: &str = "GET /contacts/:id/notes";
+const TASK_SEARCH_ROUTE: &str = "POST /locations/:locationId/tasks/search";
+
+fn route_count(sim: &Sim, route: &str) -> u64 {
+    sim.stats().by_route.get(route).copied().unwrap_or(0)
+}
+
+/// Returns once `state` gives `Ok`: a point of the run's own progress (see
+/// [`until_requests`]); panics with the last `Err` after [`PROGRESS_DEADLINE`].
+async fn until(state: impl Fn() -> Result<(), String>) {
+    let deadline = tokio::time::Instant::now() + PROGRESS_DEADLINE;
+    while let Err(why) = state() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{why} within {PROGRESS_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Until the simulator has served `route` `n` times in all.
+async fn until_route(sim: &Sim, route: &str, n: u64, what: &str) {
+    until(|| match route_count(sim, route) {
+        got if got >= n => Ok(()),
+        got => Err(format!("{what}: {route} served {got} of {n} times")),
+    })
+    .await
+}
+
+/// Until the checkpoint at `path` satisfies `pred`.
+async fn until_checkpoint(path: &Path, pred: impl Fn(&Value) -> bool) {
+    until(|| {
+        let ck = std::fs::read(path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+        match ck.as_ref().is_some_and(&pred) {
+            true => Ok(()),
+            false => Err(format!(
+                "{} is not in the awaited state: {ck:?}",
+                path.display()
+            )),
+        }
+    })
+    .await
 }
 
 fn strategy(m: &Manifest, entity: &str) -> String {
@@ -134,6 +180,46 @@ async fn a_token_without_the_task_scope_exports_tasks_per_contact_with_one_warni
     assert_eq!(strategy(&m, "appointments"), "location");
     assert_eq!(m.requests.tasks, n as u64, "tasks came per contact");
     assert_eq!(m.requests.location_tasks, 0, "the 401 is not a success");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_location_wide_listings_are_asked_beside_the_listings_last_notes_not_after_them() {
+    let n = 3_000u64;
+    let sim = TestSim::start(fast_sim(n as usize, 137)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (by_contact, by_location) = (dir.path().join("contact"), dir.path().join("location"));
+    per_contact(&sim, &by_contact).await;
+    let (notes0, tasks0) = (
+        route_count(&sim.sim, NOTES_ROUTE),
+        route_count(&sim.sim, TASK_SEARCH_ROUTE),
+    );
+    let flags = ["--format", "csv", "--children-by", "location"];
+    let mut child = export_cmd(&sim, &by_location, &flags)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // With the last 50 contacts' notes still to ask, the task search is under way.
+    tokio::select! {
+        status = child.wait() => panic!("the export ended ({:?}) before its last notes", status.unwrap()),
+        () = until_route(&sim.sim, NOTES_ROUTE, notes0 + n - 50, "the listing's last notes") => {}
+    }
+    let early = route_count(&sim.sim, TASK_SEARCH_ROUTE) - tasks0;
+    let o = child.wait_with_output().await.unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        early > 0,
+        "no task search before the listing's last 50 contacts' notes"
+    );
+    // Fetched early, the rows are still exactly those of the contacts listed, each once.
+    assert_same_output(&by_contact, &by_location, &sim.location());
+    let m = manifest(&by_location);
+    assert_eq!(strategy(&m, "tasks"), "location");
+    assert_eq!(strategy(&m, "appointments"), "location");
+    assert_eq!(
+        m.requests.location_tasks,
+        route_count(&sim.sim, TASK_SEARCH_ROUTE) - tasks0,
+        "every task search the server answered is one the run counts"
+    );
 }
 
 /// A proxy in front of the simulator that hides every fifth task (by id) from the
@@ -247,38 +333,46 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
         "--part-contacts",
         "200",
     ];
-    let start = sim.sim.stats().requests;
-    // The listing (n / 100 pages) and the notes (one per contact), then ten requests of the
-    // location-wide phase (task pages, the calendars, appointment windows).
-    let mark = start + n / 100 + 1 + n + 10;
+    let ck_path = killed
+        .join("_state")
+        .join(format!("location_id={}", sim.location()))
+        .join("checkpoint.json");
     let mut child = export_cmd(&sim, &killed, &flags).spawn().unwrap();
+    // The task pages fetched ahead of the phase (beside the listing's last notes) wait in
+    // their spool; the phase reads the rest as they come. Once every notes request is asked,
+    // each reply takes 50 ms more, and the kill lands when the phase has committed task pages
+    // with the listing still to page on.
+    let notes = route_count(&sim.sim, NOTES_ROUTE) + n;
     tokio::select! {
         status = child.wait() => panic!("the export ended ({:?}) before its kill mark", status.unwrap()),
-        () = until_requests(&sim.sim, mark, "the kill mark in the task search") => {
+        () = until_route(&sim.sim, NOTES_ROUTE, notes, "every contact's notes asked") => {}
+    }
+    // From here each task page takes 50 ms: the phase pages on while the kill lands.
+    sim.sim.set_faults(contacts_etl::sim::Faults {
+        slow_rate: 1.0,
+        slow_delay: Duration::from_millis(50),
+        ..Default::default()
+    });
+    // Both entities in the one checkpoint: the appointments run beside the tasks.
+    let paging = |ck: &Value| {
+        let (tasks, appointments) = (
+            &ck["wide"]["entities"]["tasks"],
+            &ck["wide"]["entities"]["appointments"],
+        );
+        tasks["stage"] == "listing" && tasks["pos"].is_object() && appointments["stage"].is_string()
+    };
+    tokio::select! {
+        status = child.wait() => panic!("the export ended ({:?}) before its kill mark", status.unwrap()),
+        _ = until_checkpoint(&ck_path, paging) => {
             child.start_kill().unwrap(); // SIGKILL
             child.wait().await.unwrap();
         }
     }
-    let ck: Value = serde_json::from_slice(
-        &std::fs::read(
-            killed
-                .join("_state")
-                .join(format!("location_id={}", sim.location()))
-                .join("checkpoint.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    let ck: Value = serde_json::from_slice(&std::fs::read(&ck_path).unwrap()).unwrap();
     assert_eq!(ck["complete"], false);
-    assert_eq!(
-        ck["wide"]["entities"]["tasks"]["stage"], "listing",
-        "killed while the task search was paged, with pages committed: {ck}"
-    );
-    // The appointment windows are asked beside the task pages, not after them: the kill found
-    // both entities under way in the one checkpoint.
-    assert_eq!(
-        ck["wide"]["entities"]["appointments"]["stage"], "listing",
-        "killed while the appointment windows were asked too: {ck}"
+    assert!(
+        paging(&ck),
+        "killed while the task search was paged, the appointments under way: {ck}"
     );
     sim.sim.set_faults(Default::default());
     let o = run_to_end(&sim, &killed, &flags).await;
