@@ -199,7 +199,7 @@ pub enum ExtractError {
     PageLoop { request: String, reason: String },
     /// A location-wide listing fetched ahead of its phase (`export::ahead`) could not be kept
     /// in its temporary file, or read back.
-    #[error("the location-wide {entity} fetched ahead of their phase could not be kept in a temporary file in {dir}: {error}\nhint: check the free space and permissions there; the next run asks for them again")]
+    #[error("the location-wide {entity} fetched ahead of their phase were lost ({error}; spooled in a temporary file in {dir})\nhint: if that disk is full or read-only, make room there; the next run asks for them again")]
     Spool {
         entity: &'static str,
         dir: String,

@@ -13,15 +13,18 @@
 //! phase reads them, in order, as it would have read the server's replies. The phase keeps
 //! all its logic (the filter by listed contacts, repeats, commits, the verification sample);
 //! only where its pages come from changes. The requests are the ones the phase would have
-//! sent, a few seconds earlier: no more of them.
+//! sent, earlier (seconds for a small location, minutes for one of 50,000 contacts); only a
+//! run stopped before its phase committed them asks for them again.
 //!
 //! - **On disk, not in memory**: a location's tasks and appointments are about 1.5 MB per
 //!   1,000 contacts, hundreds of MB for 200 locations at once. The spool is an anonymous
 //!   temporary file in the state directory (`tempfile::tempfile_in`: the OS deletes it when it
 //!   is closed, also after a kill -9); memory holds each page's place in it.
-//! - **Not durable**: a run stopped before its phase committed the pages asks for them again
-//!   (at most the phase's own requests, a few per hundred contacts). Dropping [`Fetched`]
-//!   stops the fetching.
+//! - **Not durable**: a run stopped before its phase committed the pages (a signal, the
+//!   budget, a failed request, a spool that cannot be written) asks for them again: at most
+//!   the phase's own requests, a few per hundred contacts. Dropping [`Fetched`] stops the
+//!   fetching. The same holds for the windows when the listing ends with so few contacts
+//!   that the phase goes per contact after all.
 //! - **Only where the phase's requests do not depend on what the listing finds**: no
 //!   incremental state (its changed contacts decide the task batches), no `--business`. The
 //!   appointment windows' plan depends on the number of contacts: it is made for the

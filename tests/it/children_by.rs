@@ -339,15 +339,15 @@ async fn kill_9_in_the_location_wide_phase_then_resume_gives_the_exact_output() 
         .join("checkpoint.json");
     let mut child = export_cmd(&sim, &killed, &flags).spawn().unwrap();
     // The task pages fetched ahead of the phase (beside the listing's last notes) wait in
-    // their spool; the phase reads the rest as they come. Once every notes request is asked,
-    // each reply takes 50 ms more, and the kill lands when the phase has committed task pages
-    // with the listing still to page on.
-    let notes = route_count(&sim.sim, NOTES_ROUTE) + n;
+    // their spool; the phase reads the rest as they come. From the first task search on,
+    // every reply takes 50 ms: the task pages, one after another, then outlast the last
+    // notes (asked many at once), and the kill lands when the phase has committed task
+    // pages with the listing still to page on.
+    let tasks = route_count(&sim.sim, TASK_SEARCH_ROUTE) + 1;
     tokio::select! {
         status = child.wait() => panic!("the export ended ({:?}) before its kill mark", status.unwrap()),
-        () = until_route(&sim.sim, NOTES_ROUTE, notes, "every contact's notes asked") => {}
+        () = until_route(&sim.sim, TASK_SEARCH_ROUTE, tasks, "the first task search") => {}
     }
-    // From here each task page takes 50 ms: the phase pages on while the kill lands.
     sim.sim.set_faults(contacts_etl::sim::Faults {
         slow_rate: 1.0,
         slow_delay: Duration::from_millis(50),
