@@ -472,6 +472,21 @@ impl EventsPlan {
         }
     }
 
+    /// The plan for a location of `contacts` contacts, from its calendars as listed now (one
+    /// request).
+    pub async fn ask(
+        client: &Client,
+        location_id: &str,
+        contacts: u64,
+    ) -> Result<EventsPlan, crate::api::ApiError> {
+        let calendars = client.calendars(location_id).await?;
+        Ok(EventsPlan::new(
+            calendars.into_iter().map(|c| c.id).collect(),
+            contacts,
+            crate::timefmt::now_millis(),
+        ))
+    }
+
     /// The `i`-th window, both ends included; consecutive windows neither overlap nor leave
     /// a gap, and together they cover `[start_ms, end_ms]`.
     pub fn window(&self, i: u32) -> (i64, i64) {

@@ -40,7 +40,7 @@ use std::sync::{Arc, Mutex};
 use futures::{Stream, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{now_millis, ExportPlan};
+use super::ExportPlan;
 use crate::api::{ApiError, Client};
 use crate::extract::ExtractError;
 use crate::schema::Entity;
@@ -126,18 +126,13 @@ impl Ahead {
             let (tx, plan) = oneshot::channel();
             let (client, location) = (w.client.clone(), w.location_id.clone());
             let pages = Spooled::start(&w.dir, Entity::Appointments, |pages| async move {
-                let cals = match client.calendars(&location).await {
-                    Ok(c) => c,
+                let p = match EventsPlan::ask(&client, &location, total).await {
+                    Ok(p) => p,
                     Err(e) => {
                         let _ = tx.send((Err(e), false));
                         return;
                     }
                 };
-                let p = EventsPlan::new(
-                    cals.into_iter().map(|c| c.id).collect(),
-                    total,
-                    now_millis(),
-                );
                 let worth = p.cheaper_than_per_contact(total);
                 let _ = tx.send((Ok(p.clone()), worth));
                 if worth {
@@ -191,7 +186,7 @@ pub(super) struct Spooled {
     dir: PathBuf,
     file: Arc<Mutex<File>>,
     rx: mpsc::UnboundedReceiver<Msg>,
-    _fetch: AbortOnDrop,
+    _fetch: Task<()>,
 }
 
 /// Where the fetching task writes its pages.
@@ -203,9 +198,22 @@ struct SpoolWriter {
     end: u64,
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A task of the location's run, stopped when its owner is dropped (the run ended, failed or
+/// went on without it): nothing it does outlives the run that asked for it.
+pub(super) struct Task<T>(tokio::task::JoinHandle<T>);
 
-impl Drop for AbortOnDrop {
+impl<T: Send + 'static> Task<T> {
+    pub fn spawn(f: impl std::future::Future<Output = T> + Send + 'static) -> Task<T> {
+        Task(tokio::spawn(f))
+    }
+
+    /// What the task gave; `None` if it panicked.
+    pub async fn join(mut self) -> Option<T> {
+        (&mut self.0).await.ok()
+    }
+}
+
+impl<T> Drop for Task<T> {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -247,7 +255,7 @@ impl Spooled {
             dir: dir.to_path_buf(),
             file,
             rx,
-            _fetch: AbortOnDrop(tokio::spawn(fetch(writer))),
+            _fetch: Task::spawn(fetch(writer)),
         })
     }
 
@@ -255,6 +263,9 @@ impl Spooled {
     pub fn pages(self) -> impl Stream<Item = Result<WidePage, ExtractError>> + Send {
         futures::stream::unfold(Some(self), |s| async move {
             let mut s = s?;
+            // A spooled page is ready at once: between two, the location's other tasks (the
+            // other entity, the verification sample's requests) get their turn on its thread.
+            tokio::task::yield_now().await;
             let item = match s.rx.recv().await {
                 Some(Msg::Page { at, len }) => s.read(at, len),
                 Some(Msg::Failed(e)) => Err(e),

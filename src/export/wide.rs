@@ -18,7 +18,8 @@
 //!
 //! In a full export the listings of step 1 start before the contact listing ends, beside
 //! its last notes requests, and wait in a spool for this phase ([`super::ahead`]): the phase
-//! reads the same pages, only earlier fetched.
+//! reads the same pages, only earlier fetched. Read from the spool, step 1 costs CPU only,
+//! so step 2's requests start with it and are compared when it ends.
 //!
 //! # Resuming
 //! Each stage commits like the writer does: finish the part (temp, fsync, rename), sync the
@@ -41,8 +42,8 @@ use futures::{Stream, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use super::ahead::Fetched;
-use super::{io_err, now_millis, ExportError, ExportPlan};
+use super::ahead::{Fetched, Task};
+use super::{io_err, ExportError, ExportPlan};
 use crate::api::{ApiError, Client};
 use crate::checkpoint::{self, Checkpoint};
 use crate::extract::ExtractError;
@@ -177,6 +178,7 @@ pub(super) async fn run(
         state_dir: checkpoint::state_dir(plan.out(), &plan.location_id),
         listed: OnceCell::new(),
         ahead: RefCell::new(ahead),
+        samples: RefCell::new(Vec::new()),
     };
     let run = |on: bool, entity: Entity| {
         let phase = &phase;
@@ -209,6 +211,8 @@ struct Phase<'a> {
     listed: OnceCell<(ContactSet, u64)>,
     /// The entities' listings fetched ahead, if the listing started them.
     ahead: RefCell<Fetched>,
+    /// Verification samples asked while their entity's listing is read from the spool.
+    samples: RefCell<Vec<(Entity, Task<SampleReply>)>>,
 }
 
 /// The listed contacts of the committed `seen` log, in listing order (an incremental run's
@@ -347,6 +351,9 @@ impl Phase<'_> {
             self.save(&mut ck, entity, prog)?;
             dropped
         };
+        // Every contact comes per contact now: a sample asked ahead is of no use (dropping
+        // its task stops it).
+        self.samples.borrow_mut().retain(|(e, _)| *e != entity);
         for f in dropped.files {
             let p = self.plan.out().join(&f.path);
             self.plan.dest.remove(&p).map_err(io_err(&p))?;
@@ -382,6 +389,7 @@ impl Phase<'_> {
             let (why, answer) = unavailable(api)?;
             Some(format!("{why} {scope} ({answer})"))
         };
+        let mut from_spool = false;
         let mut pages: Pin<Box<dyn Stream<Item = Result<engine::WidePage, ExtractError>> + Send>> =
             match entity {
                 Entity::Tasks => {
@@ -400,7 +408,10 @@ impl Phase<'_> {
                     // Fetched ahead: the pages a fresh start without batches would ask for.
                     let ahead = fresh_start.then(|| self.ahead.borrow_mut().tasks.take());
                     match (ahead.flatten(), batches) {
-                        (Some(spooled), None) => Box::pin(spooled.pages()),
+                        (Some(spooled), None) => {
+                            from_spool = true;
+                            Box::pin(spooled.pages())
+                        }
                         (_, batches) => Box::pin(engine::location_tasks(
                             client.clone(),
                             plan.location_id.clone(),
@@ -428,13 +439,7 @@ impl Phase<'_> {
                         None => {
                             let planned = match planned {
                                 Some(p) => p,
-                                None => client.calendars(&plan.location_id).await.map(|cals| {
-                                    EventsPlan::new(
-                                        cals.into_iter().map(|c| c.id).collect(),
-                                        contacts,
-                                        now_millis(),
-                                    )
-                                }),
+                                None => EventsPlan::ask(&client, &plan.location_id, contacts).await,
                             };
                             match planned {
                                 Ok(p) => {
@@ -465,7 +470,10 @@ impl Phase<'_> {
                         }
                     };
                     match spooled {
-                        Some(spooled) => Box::pin(spooled.pages()),
+                        Some(spooled) => {
+                            from_spool = true;
+                            Box::pin(spooled.pages())
+                        }
                         None => Box::pin(engine::location_events(
                             client.clone(),
                             plan.location_id.clone(),
@@ -476,6 +484,13 @@ impl Phase<'_> {
                     }
                 }
             };
+        // Read from the spool, the listing asks nothing more and its pages cost only CPU: the
+        // verification sample is asked meanwhile (it is compared when the listing is done).
+        if from_spool {
+            let ids = self.sampled_ids(prog.verify_sample)?;
+            let task = Task::spawn(fetch_sample(client.clone(), ids, entity, plan.window));
+            self.samples.borrow_mut().push((entity, task));
+        }
         let mut sink = PartSink::new(plan, &self.ck(), entity);
         let mut first = fresh_start;
         let mut at = pos;
@@ -566,45 +581,50 @@ impl Phase<'_> {
         self.save(&mut ck, entity, prog)
     }
 
-    /// Fetches the sampled contacts per contact and compares.
-    async fn verify(&self, entity: Entity, prog: &mut EntityProgress) -> Result<(), ExportError> {
-        let share = prog.verify_sample;
-        let sampled: Vec<String> = self
-            .listed_ids()?
+    /// The listed contacts in the verification sample (`share` of them, by hash of the id).
+    fn sampled_ids(&self, share: f64) -> Result<Vec<String>, ExportError> {
+        self.listed_ids()?
             .filter(|id| match id {
                 Ok(id) => engine::in_sample(id, share),
                 Err(_) => true,
             })
-            .collect::<Result<_, _>>()?;
+            .collect()
+    }
+
+    /// Fetches the sampled contacts per contact (or takes what was asked during the
+    /// listing) and compares.
+    async fn verify(&self, entity: Entity, prog: &mut EntityProgress) -> Result<(), ExportError> {
+        let asked = {
+            let mut samples = self.samples.borrow_mut();
+            let at = samples.iter().position(|(e, _)| *e == entity);
+            at.map(|i| samples.swap_remove(i).1)
+        };
+        let asked = match asked {
+            Some(task) => task.join().await,
+            None => None,
+        };
+        let fetched = match asked {
+            Some(reply) => reply,
+            None => {
+                let ids = self.sampled_ids(prog.verify_sample)?;
+                fetch_sample(self.client.clone(), ids, entity, self.plan.window).await
+            }
+        }
+        .map_err(|e| ExportError::Extract(e.into()))?;
         let mut wide: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
         for [c, d] in &prog.sample {
             wide.entry(*c).or_default().push(*d);
         }
-        let only = only(entity);
-        let client = self.client.clone();
-        let mut fetched = futures::stream::iter(sampled)
-            .map(|id| {
-                let client = client.clone();
-                async move {
-                    let r = fanout::fetch_children(&client, &id, only).await;
-                    (id, r)
-                }
-            })
-            .buffered(self.plan.window.max(1));
         let mut differing = 0u64;
         let mut first_diff = None;
         let mut checked = 0u64;
-        while let Some((id, r)) = fetched.next().await {
-            let children = r.map_err(|e| ExportError::Extract(e.into()))?;
-            if !children.skipped.is_empty() || children.vanished {
-                // Refused for good per contact, or deleted since the location-wide rows were
-                // read: nothing to compare this contact with.
+        for Sampled { id, keys } in fetched {
+            // Refused for good per contact, or deleted since the location-wide rows were
+            // read: nothing to compare this contact with.
+            let Some(per_contact) = keys else {
                 continue;
-            }
+            };
             checked += 1;
-            let rows = rows_of(&children, entity);
-            let mut per_contact: Vec<u64> = rows.iter().map(|r| engine::key(r.get())).collect();
-            per_contact.sort_unstable();
             let mut location = wide.remove(&engine::key(&id)).unwrap_or_default();
             location.sort_unstable();
             if per_contact != location {
@@ -613,7 +633,7 @@ impl Phase<'_> {
                     format!(
                         "contact {}: {} per contact, {} location-wide",
                         crate::term::Escaped(&id),
-                        rows.len(),
+                        per_contact.len(),
                         location.len()
                     )
                 });
@@ -745,6 +765,49 @@ fn only(entity: Entity) -> Include {
         notes: entity == Entity::Notes,
         appointments: entity == Entity::Appointments,
     }
+}
+
+/// One sampled contact as fetched per contact: its rows' keys, sorted, or `None` when there
+/// is nothing to compare (refused for good per contact, or deleted meanwhile).
+struct Sampled {
+    id: String,
+    keys: Option<Vec<u64>>,
+}
+
+type SampleReply = Result<Vec<Sampled>, ApiError>;
+
+/// Fetches `ids`' rows of `entity` per contact, `window` at a time, in order; stops at the
+/// first error.
+async fn fetch_sample(
+    client: Arc<Client>,
+    ids: Vec<String>,
+    entity: Entity,
+    window: usize,
+) -> SampleReply {
+    let only = only(entity);
+    let mut fetched = futures::stream::iter(ids)
+        .map(|id| {
+            let client = client.clone();
+            async move {
+                let r = fanout::fetch_children(&client, &id, only).await;
+                (id, r)
+            }
+        })
+        .buffered(window.max(1));
+    let mut out = Vec::new();
+    while let Some((id, r)) = fetched.next().await {
+        let children = r?;
+        let keys = (children.skipped.is_empty() && !children.vanished).then(|| {
+            let mut keys: Vec<u64> = rows_of(&children, entity)
+                .iter()
+                .map(|r| engine::key(r.get()))
+                .collect();
+            keys.sort_unstable();
+            keys
+        });
+        out.push(Sampled { id, keys });
+    }
+    Ok(out)
 }
 
 fn rows_of(children: &fanout::Children, entity: Entity) -> &[Box<RawValue>] {
