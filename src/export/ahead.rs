@@ -207,9 +207,14 @@ impl<T: Send + 'static> Task<T> {
         Task(tokio::spawn(f))
     }
 
-    /// What the task gave; `None` if it panicked.
+    /// What the task gave; `None` if it was cancelled (the runtime shutting down). A panic
+    /// in it goes on here, in its owner.
     pub async fn join(mut self) -> Option<T> {
-        (&mut self.0).await.ok()
+        match (&mut self.0).await {
+            Ok(v) => Some(v),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        }
     }
 }
 

@@ -18,8 +18,9 @@
 //!
 //! In a full export the listings of step 1 start before the contact listing ends, beside
 //! its last notes requests, and wait in a spool for this phase ([`super::ahead`]): the phase
-//! reads the same pages, only earlier fetched. Read from the spool, step 1 costs CPU only,
-//! so step 2's requests start with it and are compared when it ends.
+//! reads the same pages, only earlier fetched. Read from the spool, step 1 waits on the
+//! server little or not at all, so step 2's requests start beside it (from its first page)
+//! and are compared when it ends.
 //!
 //! # Resuming
 //! Each stage commits like the writer does: finish the part (temp, fsync, rename), sync the
@@ -211,7 +212,8 @@ struct Phase<'a> {
     listed: OnceCell<(ContactSet, u64)>,
     /// The entities' listings fetched ahead, if the listing started them.
     ahead: RefCell<Fetched>,
-    /// Verification samples asked while their entity's listing is read from the spool.
+    /// Verification samples asked while their entity's listing was read from the spool, from
+    /// the listing's end until `verify` takes them.
     samples: RefCell<Vec<(Entity, Task<SampleReply>)>>,
 }
 
@@ -351,9 +353,6 @@ impl Phase<'_> {
             self.save(&mut ck, entity, prog)?;
             dropped
         };
-        // Every contact comes per contact now: a sample asked ahead is of no use (dropping
-        // its task stops it).
-        self.samples.borrow_mut().retain(|(e, _)| *e != entity);
         for f in dropped.files {
             let p = self.plan.out().join(&f.path);
             self.plan.dest.remove(&p).map_err(io_err(&p))?;
@@ -484,13 +483,12 @@ impl Phase<'_> {
                     }
                 }
             };
-        // Read from the spool, the listing asks nothing more and its pages cost only CPU: the
-        // verification sample is asked meanwhile (it is compared when the listing is done).
-        if from_spool {
-            let ids = self.sampled_ids(prog.verify_sample)?;
-            let task = Task::spawn(fetch_sample(client.clone(), ids, entity, plan.window));
-            self.samples.borrow_mut().push((entity, task));
-        }
+        // Read from the spool, the listing's pages are (mostly) in already and cost CPU: the
+        // verification sample is asked meanwhile, from the first page on (a listing refused
+        // at its first request goes per contact and needs no sample), and compared once the
+        // listing is done. Until then the task is the listing's: any other way out of it
+        // (an error, a stop) drops it, which stops it.
+        let mut sample: Option<Task<SampleReply>> = None;
         let mut sink = PartSink::new(plan, &self.ck(), entity);
         let mut first = fresh_start;
         let mut at = pos;
@@ -510,6 +508,11 @@ impl Phase<'_> {
                 }
             };
             first = false;
+            if from_spool && sample.is_none() {
+                let ids = self.sampled_ids(prog.verify_sample)?;
+                let fetch = fetch_sample(client.clone(), ids, entity, plan.window);
+                sample = Some(Task::spawn(fetch));
+            }
             prog.repeats += page.repeats;
             sink.skipped_objects += page.non_objects;
             for row in page.rows {
@@ -542,7 +545,11 @@ impl Phase<'_> {
         sink.close(&mut ck, false)?;
         prog.ids_bytes = log.sync()?;
         prog.stage = Stage::Verify;
-        self.save(&mut ck, entity, prog)
+        self.save(&mut ck, entity, prog)?;
+        if let Some(task) = sample {
+            self.samples.borrow_mut().push((entity, task));
+        }
+        Ok(())
     }
 
     /// The first location-wide request of `entity` failed: per contact for the run if the
@@ -619,8 +626,8 @@ impl Phase<'_> {
         let mut first_diff = None;
         let mut checked = 0u64;
         for Sampled { id, keys } in fetched {
-            // Refused for good per contact, or deleted since the location-wide rows were
-            // read: nothing to compare this contact with.
+            // Refused for good per contact, or deleted around the time the location-wide
+            // rows were read: nothing to compare this contact with.
             let Some(per_contact) = keys else {
                 continue;
             };
@@ -768,7 +775,8 @@ fn only(entity: Entity) -> Include {
 }
 
 /// One sampled contact as fetched per contact: its rows' keys, sorted, or `None` when there
-/// is nothing to compare (refused for good per contact, or deleted meanwhile).
+/// is nothing to compare (refused for good per contact, or deleted before or while the
+/// location-wide rows were read).
 struct Sampled {
     id: String,
     keys: Option<Vec<u64>>,

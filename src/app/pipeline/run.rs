@@ -261,7 +261,7 @@ fn combine(outcomes: Vec<Outcome>, skipped: u64) -> Outcome {
 /// the same instant stay in step to the end, and 200 of them closed their parts and ran
 /// their location-wide phases in the same few seconds on a 2-core machine, each waiting for
 /// the others' CPU with its rate limit unused (the lowest location at 94.8% of its limit;
-/// 97.2 to 98.4% with starts 20 ms apart, BENCHMARKS.md "Share, sixth pass").
+/// 97.1 to 98.4% with starts 20 ms apart, BENCHMARKS.md "Share, sixth pass").
 ///
 /// A worker's runtime keeps running until every location is done: the shared OAuth client may
 /// hold a connection opened on it that another location is using. A panic in a location is
@@ -359,8 +359,9 @@ const START_STEP: Duration = Duration::from_millis(20);
 /// The whole spread of the first starts, at most: more workers start closer together.
 const START_SPREAD: Duration = Duration::from_secs(5);
 
-/// When worker `i` of `workers` takes its first location, after the first worker took its
-/// own. Later locations start when a worker is free, already apart.
+/// How long worker `i` of `workers` waits before its first location (the workers' threads
+/// start within a few milliseconds of each other). Later locations start when a worker is
+/// free, already apart.
 fn start_delay(i: usize, workers: usize) -> Duration {
     let gaps = u32::try_from(workers.saturating_sub(1)).unwrap_or(u32::MAX);
     if gaps == 0 {
