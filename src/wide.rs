@@ -208,7 +208,7 @@ impl RepeatGuard {
 }
 
 /// A row of a location-wide listing, new in this run.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct WideRow {
     pub raw: Box<RawValue>,
     /// Hash of the row's id (`id` or `_id`), if it has one.
@@ -229,7 +229,7 @@ pub enum WidePos {
 
 /// One reply of a location-wide listing (serialized only into the spool of a listing
 /// fetched ahead, `export::ahead`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct WidePage {
     /// Rows not read before, in the server's order.
     pub rows: Vec<WideRow>,

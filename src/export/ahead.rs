@@ -376,16 +376,16 @@ mod tests {
     #[tokio::test]
     async fn the_phase_reads_every_page_as_fetched_then_the_end() {
         let dir = tempfile::tempdir().unwrap();
-        let pages: Vec<_> = (0..5).map(|i| page(i, i == 4)).collect();
-        let source = pages.clone();
+        let pages = || (0..5).map(|i| page(i, i == 4));
+        let source: Vec<_> = pages().collect();
         let s = Spooled::start(dir.path(), Entity::Tasks, |w| {
             spool(futures::stream::iter(source.into_iter().map(Ok)), w)
         })
         .unwrap();
         let got = collect(s).await;
-        assert_eq!(got.len(), pages.len());
-        for (g, p) in got.iter().zip(&pages) {
-            same(g.as_ref().unwrap(), p);
+        assert_eq!(got.len(), pages().count());
+        for (g, p) in got.iter().zip(pages()) {
+            same(g.as_ref().unwrap(), &p);
         }
         assert_eq!(
             std::fs::read_dir(dir.path()).unwrap().count(),

@@ -49,19 +49,6 @@ fn route_count(sim: &Sim, route: &str) -> u64 {
     sim.stats().by_route.get(route).copied().unwrap_or(0)
 }
 
-/// Returns once `state` gives `Ok`: a point of the run's own progress (see
-/// [`until_requests`]); panics with the last `Err` after [`PROGRESS_DEADLINE`].
-async fn until(state: impl Fn() -> Result<(), String>) {
-    let deadline = tokio::time::Instant::now() + PROGRESS_DEADLINE;
-    while let Err(why) = state() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{why} within {PROGRESS_DEADLINE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-}
-
 /// Until the simulator has served `route` `n` times in all.
 async fn until_route(sim: &Sim, route: &str, n: u64, what: &str) {
     until(|| match route_count(sim, route) {

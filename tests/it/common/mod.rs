@@ -154,27 +154,34 @@ pub fn fast_sim(contacts: usize, seed: u64) -> SimConfig {
     }
 }
 
-/// How long [`until_requests`] waits before failing: a bound so a broken run fails with a
-/// message instead of hanging, never a measure of speed (a run reaches its mark in well under
-/// a second here).
+/// How long [`until`] waits before failing: a bound so a broken run fails with a message
+/// instead of hanging, never a measure of speed (a run reaches its mark in well under a
+/// second here).
 pub const PROGRESS_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// Returns once the simulator has received at least `n` API requests, so a test acts at a
-/// point of the run's own progress rather than after a guessed delay. Panics naming `what`
-/// if that takes longer than [`PROGRESS_DEADLINE`].
-pub async fn until_requests(sim: &Sim, n: u64, what: &str) {
+/// Returns once `state` gives `Ok`: a point of the run's own progress, so a test acts there
+/// rather than after a guessed delay. Panics with the last `Err` if that takes longer than
+/// [`PROGRESS_DEADLINE`].
+pub async fn until(state: impl Fn() -> Result<(), String>) {
     let deadline = tokio::time::Instant::now() + PROGRESS_DEADLINE;
-    loop {
-        let served = sim.stats().requests;
-        if served >= n {
-            return;
-        }
+    while let Err(why) = state() {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{what}: the simulator received {served} of {n} requests within {PROGRESS_DEADLINE:?}"
+            "{why} within {PROGRESS_DEADLINE:?}"
         );
         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
     }
+}
+
+/// [`until`] the simulator has received at least `n` API requests; `what` names the mark.
+pub async fn until_requests(sim: &Sim, n: u64, what: &str) {
+    until(|| match sim.stats().requests {
+        served if served >= n => Ok(()),
+        served => Err(format!(
+            "{what}: the simulator received {served} of {n} requests"
+        )),
+    })
+    .await
 }
 
 /// Columns holding JSON text (Utf8 in the schema, compared as parsed JSON).
