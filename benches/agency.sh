@@ -12,6 +12,11 @@
 #        as over a real network (any `contacts-etl sim` options)
 #        RUN_PREFIX='perf record -g -o /tmp/agency.perf' benches/agency.sh ...   profiles the exporter
 #        (the figures then include the profiler's cost)
+#        STEAL=50/500 benches/agency.sh ...   a busy host, reproducibly: the exporter is stopped
+#        (SIGSTOP) for 50 ms about every 500 ms (375 to 625), as a virtual machine whose CPU the
+#        host gives to others (steal time); the simulator, the server, runs undisturbed. The
+#        figures also give the host's own steal time during the run (/proc/stat), which
+#        lowers the shares as well: compare runs with little of it.
 #
 # The simulator is a separate process (`contacts-etl sim`) serving every location with its own
 # rate limit and daily quota; each location has its own token (HL_TOKEN_<n>, from the
@@ -36,6 +41,7 @@ SAMPLER=""
 cleanup() {
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
   [ -n "$SIM" ] && kill "$SIM" 2>/dev/null
+  [ -n "${RUN:-}" ] && kill -CONT "$RUN" 2>/dev/null
   wait 2>/dev/null
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
@@ -91,13 +97,36 @@ cpu_of() { awk '{ print ($14 + $15) / 100 }' "/proc/$1/stat"; }
 SAMPLER=$!
 
 LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+# The host's steal time so far, in clock ticks (the 8th value of the cpu line).
+steal_ticks() { awk '/^cpu / { print $9 }' /proc/stat; }
+STEAL0=$(steal_ticks)
 SIM_CPU0=$(cpu_of "$SIM")
 set +e
 # shellcheck disable=SC2086 # RUN_PREFIX is a command line to split (perf record -g, strace -f ...)
-/usr/bin/time -v -o "$WORK/time" ${RUN_PREFIX:-} "$BIN" --quiet run "$P" 2>"$WORK/run.log"
+/usr/bin/time -v -o "$WORK/time" ${RUN_PREFIX:-} "$BIN" --quiet run "$P" 2>"$WORK/run.log" &
+TIMED=$!
+STOPS=0
+if [ -n "${STEAL:-}" ]; then
+  STOP_MS=${STEAL%/*}
+  EVERY_MS=${STEAL#*/}
+  ms() { printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }
+  until RUN=$(pgrep -n -P "$TIMED"); do
+    kill -0 "$TIMED" 2>/dev/null || break
+    sleep 0.05
+  done
+  while kill -0 "$RUN" 2>/dev/null; do
+    sleep "$(ms $((EVERY_MS * 3 / 4 - STOP_MS + RANDOM % (EVERY_MS / 2 + 1))))"
+    kill -STOP "$RUN" 2>/dev/null || break
+    sleep "$(ms "$STOP_MS")"
+    kill -CONT "$RUN" 2>/dev/null
+    STOPS=$((STOPS + 1))
+  done
+fi
+wait "$TIMED"
 CODE=$?
 set -e
 SIM_CPU1=$(cpu_of "$SIM")
+HOST_STEAL_S=$(awk -v a="$STEAL0" -v b="$(steal_ticks)" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz }')
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 SIM_HWM_KB=$(awk '/^VmHWM:/ { print $2 }' "/proc/$SIM/status")
 curl -sf "http://127.0.0.1:$PORT/_sim/stats" >"$WORK/stats.json"
@@ -108,7 +137,7 @@ if [ "$CODE" != 0 ]; then
   tail -20 "$WORK/run.log" >&2
 fi
 
-python3 - "$WORK" "$L" "$N" "$LIMIT" "$FORMAT" "$CODE" "$SIM_CPU0" "$SIM_CPU1" "$SIM_HWM_KB" "$LOAD0" "$LOAD1" <<'EOF'
+python3 - "$WORK" "$L" "$N" "$LIMIT" "$FORMAT" "$CODE" "$SIM_CPU0" "$SIM_CPU1" "$SIM_HWM_KB" "$LOAD0" "$LOAD1" "$HOST_STEAL_S" "${STEAL:-}" "$STOPS" <<'EOF'
 import json, re, statistics, sys
 
 work, L, N, limit, fmt, code = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
@@ -166,7 +195,9 @@ cores = (user + sys_) / wall
 print(f"\nAgency scale: {L} locations x {N} contacts, {fmt}, {limit}/10s per location "
       f"({L * per_s:.0f} requests/s together); pipeline exit code {code}, "
       f"{complete} of {L} locations complete, {contacts} contacts; load average "
-      f"{sys.argv[10]} before, {sys.argv[11]} after (other processes share the cores)\n")
+      f"{sys.argv[10]} before, {sys.argv[11]} after (other processes share the cores); host steal time "
+      f"{sys.argv[12]} s (all CPUs)"
+      + (f"; exporter stopped {sys.argv[14]} times (STEAL={sys.argv[13]} ms)" if sys.argv[13] else "") + "\n")
 print("| locations | contacts per location | wall s | requests | steady requests/s (server) | exporter CPU s | exporter cores | peak RSS MB | peak RSS MB per location | sim CPU s | sim cores | sim peak RSS MB | 429s (client) | 429s (server) | busiest 10 s of a location | share of limit min / median / max | paced share (server) min / median / max |")
 print("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|---|")
 pq = f"{min(paced):.1%} / {statistics.median(paced):.1%} / {max(paced):.1%}" if paced else "—"

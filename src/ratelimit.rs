@@ -244,6 +244,13 @@ impl RateLimiter {
             if !self.paused() {
                 match self.window_guard() {
                     None => return (start.elapsed(), held),
+                    // The request gives up its slot and takes the next free one after the
+                    // wait. That costs the location a slot whenever a request one window
+                    // earlier went more than 10 ms late (a busy thread), about 1% of its limit
+                    // on a host losing a tenth of its CPU; the slack it leaves is what keeps
+                    // arrivals jittered beyond `GUARD_JITTER` within the limit. Keeping the
+                    // slot instead filled every window to the guard, and then a sliding 10 s
+                    // of arrivals held 101 to 103 (BENCHMARKS.md, "Share, seventh pass").
                     Some(until) => {
                         drop(held);
                         tokio::time::sleep_until(until).await;
