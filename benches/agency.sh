@@ -13,10 +13,12 @@
 #        RUN_PREFIX='perf record -g -o /tmp/agency.perf' benches/agency.sh ...   profiles the exporter
 #        (the figures then include the profiler's cost)
 #        STEAL=50/500 benches/agency.sh ...   a busy host, reproducibly: the exporter is stopped
-#        (SIGSTOP) for 50 ms about every 500 ms (375 to 625), as a virtual machine whose CPU the
-#        host gives to others (steal time); the simulator, the server, runs undisturbed. The
-#        figures also give the host's own steal time during the run (/proc/stat), which
-#        lowers the shares as well: compare runs with little of it.
+#        (SIGSTOP) for 50 ms about every 500 ms (375 to 625; the stop at most 3/4 of the
+#        period), as a virtual machine whose CPU the host gives to others (steal time): about a
+#        tenth of its time (215 stops in a 113 s run). The simulator, the server, runs
+#        undisturbed. The figures also give the host's own steal time during the run
+#        (/proc/stat, summed over the CPUs), which lowers the shares as well: compare runs
+#        with little of it.
 #
 # The simulator is a separate process (`contacts-etl sim`) serving every location with its own
 # rate limit and daily quota; each location has its own token (HL_TOKEN_<n>, from the
@@ -34,6 +36,21 @@ LIMIT=100 # requests per 10 s per location: the API's limit
 BIN=$PWD/target/release/contacts-etl
 cargo build --release --locked --bin contacts-etl >&2
 [ -x /usr/bin/time ] || { echo "agency.sh needs /usr/bin/time (GNU time)" >&2; exit 2; }
+STOP_MS=0
+EVERY_MS=0
+if [ -n "${STEAL:-}" ]; then
+  [[ $STEAL =~ ^([0-9]+)/([0-9]+)$ ]] || {
+    echo "STEAL=$STEAL: expected STOP_MS/EVERY_MS, such as 50/500" >&2
+    exit 2
+  }
+  STOP_MS=$((10#${BASH_REMATCH[1]}))
+  EVERY_MS=$((10#${BASH_REMATCH[2]}))
+  if [ "$EVERY_MS" -eq 0 ] || [ $((STOP_MS * 4)) -gt $((EVERY_MS * 3)) ]; then
+    echo "STEAL=$STEAL: the stop must be at most 3/4 of the period, such as 50/500" >&2
+    exit 2
+  fi
+  command -v pgrep >/dev/null || { echo "STEAL needs pgrep (procps)" >&2; exit 2; }
+fi
 
 WORK=$(mktemp -d)
 SIM=""
@@ -41,7 +58,8 @@ SAMPLER=""
 cleanup() {
   [ -n "$SAMPLER" ] && kill "$SAMPLER" 2>/dev/null
   [ -n "$SIM" ] && kill "$SIM" 2>/dev/null
-  [ -n "${RUN:-}" ] && kill -CONT "$RUN" 2>/dev/null
+  # A run interrupted while its exporter was stopped does not leave it stopped.
+  if [ -n "${RUN:-}" ]; then kill -CONT "$RUN" 2>/dev/null || true; fi
   wait 2>/dev/null
   if [ -n "${KEEP:-}" ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
@@ -106,11 +124,11 @@ set +e
 /usr/bin/time -v -o "$WORK/time" ${RUN_PREFIX:-} "$BIN" --quiet run "$P" 2>"$WORK/run.log" &
 TIMED=$!
 STOPS=0
+RUN=""
 if [ -n "${STEAL:-}" ]; then
-  STOP_MS=${STEAL%/*}
-  EVERY_MS=${STEAL#*/}
   ms() { printf '%d.%03d' $(($1 / 1000)) $(($1 % 1000)); }
-  until RUN=$(pgrep -n -P "$TIMED"); do
+  # The exporter itself, not /usr/bin/time or a RUN_PREFIX profiler around it.
+  until RUN=$(pgrep -n -f "^$BIN --quiet run "); do
     kill -0 "$TIMED" 2>/dev/null || break
     sleep 0.05
   done
@@ -124,6 +142,7 @@ if [ -n "${STEAL:-}" ]; then
 fi
 wait "$TIMED"
 CODE=$?
+RUN=""
 set -e
 SIM_CPU1=$(cpu_of "$SIM")
 HOST_STEAL_S=$(awk -v a="$STEAL0" -v b="$(steal_ticks)" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", (b - a) / hz }')

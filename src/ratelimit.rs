@@ -143,7 +143,9 @@ const GUARD_MARGIN: f64 = 1.01;
 /// arrivals, and a request released earlier can reach it after one released later (a slower
 /// connection, a busy thread on either side): releases that fit a window stretched by the
 /// arrival jitter also fit every window of arrivals. Under 0.5% of a 10 s window, so the
-/// even spacing (98.5 per window) never meets the guard: it only holds catch-up bursts.
+/// even spacing clears the guard, narrowly: at 100 per 10 s, 99 slots span 10.0485 s, 8.5 ms
+/// more than the guard's window. It holds catch-up bursts, and a request whose predecessor
+/// one window earlier went out more than those 8.5 ms late.
 const GUARD_JITTER: Duration = Duration::from_millis(40);
 /// Most the 429 penalty may slow the pace.
 const MAX_PENALTY: f64 = 8.0;
@@ -246,11 +248,12 @@ impl RateLimiter {
                     None => return (start.elapsed(), held),
                     // The request gives up its slot and takes the next free one after the
                     // wait. That costs the location a slot whenever a request one window
-                    // earlier went more than 10 ms late (a busy thread), about 1% of its limit
-                    // on a host losing a tenth of its CPU; the slack it leaves is what keeps
-                    // arrivals jittered beyond `GUARD_JITTER` within the limit. Keeping the
-                    // slot instead filled every window to the guard, and then a sliding 10 s
-                    // of arrivals held 101 to 103 (BENCHMARKS.md, "Share, seventh pass").
+                    // earlier went out late (by more than 8.5 ms at 100 per 10 s: a busy
+                    // thread, a stopped process), at most about one a window, 1% of its limit.
+                    // The slack it leaves is what keeps arrivals jittered beyond
+                    // `GUARD_JITTER` mostly within the limit. Keeping the slot instead filled
+                    // every window to the guard, and then a sliding 10 s of arrivals held 101
+                    // to 103 (BENCHMARKS.md, "Share, seventh pass").
                     Some(until) => {
                         drop(held);
                         tokio::time::sleep_until(until).await;
